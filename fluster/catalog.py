@@ -1,0 +1,243 @@
+"""A consistent, always-one-revision view of `{prefix}/services/`: list, then watch.
+
+The catalog is what the reloader renders from and what `fluster ls` prints. It holds
+exactly the state of etcd at one revision, never a mix: a watch response is applied
+whole before anything sees it. After a transient error it resumes from the last
+revision + 1 (nothing missed, nothing twice); when etcd has compacted that history it
+lists everything again, because skipping ahead would silently lose deletes.
+
+Records that fail validation are skipped with one log line and a counter; they never
+reach a Snapshot and never hide the valid records beside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import structlog
+
+from fluster import keys
+from fluster.records import (
+    Instance,
+    RecordError,
+    ServiceSpec,
+    validate_instance_name,
+    validate_service_name,
+)
+from fluster.runtime import Backoff
+from fluster.store import Compacted, Event, KeyValue, Store, Unavailable
+
+log = structlog.get_logger("fluster.catalog")
+
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    spec: ServiceSpec = field(default_factory=ServiceSpec)
+    has_spec: bool = False  # False: no (valid) spec in etcd, defaults apply
+    instances: Mapping[str, Instance] = field(default_factory=dict)  # instance name -> Instance, sorted by name
+    spec_revision: int = 0  # mod revision of the spec key, for compare-and-swap writes
+
+    def routed(self) -> dict[str, Instance]:
+        """Instances that should take traffic: `up` and of a version the spec routes."""
+        return {
+            name: inst
+            for name, inst in self.instances.items()
+            if inst.state == "up" and self.spec.routes_version(inst.version)
+        }
+
+    def versions(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for inst in self.instances.values():
+            counts[inst.version] = counts.get(inst.version, 0) + 1
+        return dict(sorted(counts.items()))
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The registry at one etcd revision."""
+
+    revision: int = 0
+    services: Mapping[str, Service] = field(default_factory=dict)  # sorted by name
+    rejected: Mapping[str, str] = field(default_factory=dict)  # key -> why, right now
+
+    @property
+    def instance_count(self) -> int:
+        return sum(len(s.instances) for s in self.services.values())
+
+
+class _Building:
+    """Mutable per-service state, frozen into a Service only when it changed."""
+
+    __slots__ = ("instances", "spec", "spec_revision")
+
+    def __init__(self) -> None:
+        self.spec: ServiceSpec | None = None
+        self.spec_revision = 0
+        self.instances: dict[str, Instance] = {}
+
+    def freeze(self, name: str) -> Service:
+        return Service(
+            name=name,
+            spec=self.spec or ServiceSpec(),
+            has_spec=self.spec is not None,
+            instances=MappingProxyType(dict(sorted(self.instances.items()))),
+            spec_revision=self.spec_revision,
+        )
+
+
+class Catalog:
+    """List-then-watch of the services prefix into Snapshots.
+
+    `run(on_change)` runs until cancelled, calling `on_change(snapshot)` after the
+    initial list, after each watch response that changed something and after each
+    resync. AuthError and WatchRefused propagate: retrying cannot fix them.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        prefix: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        progress_every: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.clock = clock
+        self.progress_every = progress_every
+        self.snapshot = Snapshot()
+        self.last_sync: float | None = None  # clock() when etcd last confirmed our state
+        self.rejected_total = 0
+        self.resyncs = 0
+        self.reconnects = 0
+        self._building: dict[str, _Building] = {}
+        self._frozen: dict[str, Service] = {}
+        self._rejected: dict[str, str] = {}
+
+    @property
+    def revision(self) -> int:
+        return self.snapshot.revision
+
+    def sync_age(self) -> float | None:
+        """Seconds since etcd last confirmed the state we hold; None before the first."""
+        return None if self.last_sync is None else self.clock() - self.last_sync
+
+    # -- loading ------------------------------------------------------------------------
+
+    async def load(self) -> Snapshot:
+        """Replace all state with a fresh consistent read of the prefix."""
+        revision, kvs = await self.store.get_prefix(keys.services_prefix(self.prefix))
+        self._building.clear()
+        self._frozen.clear()
+        self._rejected.clear()
+        for kv in kvs:
+            self._put(kv, revision)
+        return self._publish(revision, set(self._building))
+
+    async def run(self, on_change: Callable[[Snapshot], None]) -> None:
+        backoff = Backoff(base=0.1, cap=5.0)
+        need_list = True
+        while True:
+            try:
+                if need_list:
+                    on_change(await self.load())
+                    need_list = False
+                    backoff.reset()
+                watch = self.store.watch(
+                    keys.services_prefix(self.prefix),
+                    self.revision + 1,
+                    progress_every=self.progress_every,
+                )
+                async for batch in watch:
+                    backoff.reset()
+                    self.last_sync = self.clock()
+                    touched = {self._apply(ev, batch.revision) for ev in batch.events}
+                    touched.discard(None)
+                    if batch.revision > self.revision or touched:
+                        snapshot = self._publish(max(batch.revision, self.revision), touched)
+                        if touched:
+                            on_change(snapshot)
+            except Compacted as exc:
+                self.resyncs += 1
+                need_list = True
+                log.warning("watch history compacted, listing again",
+                            revision=self.revision, compact_revision=exc.compact_revision)
+            except Unavailable as exc:
+                self.reconnects += 1
+                delay = backoff.next_delay()
+                log.warning("watch interrupted, resuming", revision=self.revision,
+                            error=str(exc), attempt=backoff.attempt, retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
+
+    # -- applying records ---------------------------------------------------------------
+
+    def _apply(self, event: Event, revision: int) -> str | None:
+        """Apply one event; returns the service it touched, if any."""
+        if event.type == "put":
+            return self._put(event.kv, revision)
+        return self._delete(event.kv.key)
+
+    def _put(self, kv: KeyValue, revision: int) -> str | None:
+        parsed = keys.parse_key(self.prefix, kv.key)
+        if parsed is None:
+            return None  # a key outside the layout (another tool's): not ours to judge
+        try:
+            validate_service_name(parsed.service)
+            if parsed.kind == "spec":
+                spec = ServiceSpec.parse(kv.value)
+            else:
+                validate_instance_name(parsed.instance)
+                instance = Instance.parse(kv.value)
+        except RecordError as exc:
+            self._reject(kv, revision, exc)
+            # The key now holds something invalid: whatever it held before is gone.
+            return self._delete(kv.key, keep_rejection=True)
+        self._rejected.pop(kv.key, None)
+        svc = self._building.setdefault(parsed.service, _Building())
+        if parsed.kind == "spec":
+            svc.spec, svc.spec_revision = spec, kv.mod_revision
+        else:
+            svc.instances[parsed.instance] = instance
+        return parsed.service
+
+    def _delete(self, key: str, *, keep_rejection: bool = False) -> str | None:
+        if not keep_rejection:
+            self._rejected.pop(key, None)
+        parsed = keys.parse_key(self.prefix, key)
+        svc = self._building.get(parsed.service) if parsed else None
+        if parsed is None or svc is None:
+            return None
+        if parsed.kind == "spec":
+            svc.spec, svc.spec_revision = None, 0
+        else:
+            svc.instances.pop(parsed.instance, None)
+        if svc.spec is None and not svc.instances:
+            del self._building[parsed.service]
+        return parsed.service
+
+    def _reject(self, kv: KeyValue, revision: int, exc: RecordError) -> None:
+        self.rejected_total += 1
+        self._rejected[kv.key] = str(exc)
+        log.warning("invalid record skipped", key=kv.key[:300], field=exc.field,
+                    reason=exc.reason[:300], revision=revision)
+
+    def _publish(self, revision: int, touched: set[str]) -> Snapshot:
+        for name in touched:
+            building = self._building.get(name)
+            if building is None:
+                self._frozen.pop(name, None)
+            else:
+                self._frozen[name] = building.freeze(name)
+        self.snapshot = Snapshot(
+            revision=revision,
+            services=MappingProxyType(dict(sorted(self._frozen.items()))),
+            rejected=MappingProxyType(dict(self._rejected)),
+        )
+        self.last_sync = self.clock()
+        return self.snapshot

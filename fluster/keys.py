@@ -1,0 +1,66 @@
+"""The etcd key layout (a contract shared with every component, see DESIGN.md).
+
+    {prefix}/services/{service}/instances/{instance}   Instance JSON, leased
+    {prefix}/services/{service}/spec                   ServiceSpec JSON, permanent
+    {prefix}/reloaders/{id}                            ReloaderStatus JSON, leased
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+DEFAULT_PREFIX = "/fluster"
+
+
+def normalise_prefix(prefix: str) -> str:
+    """`fluster`, `/fluster/` and `/fluster` all mean `/fluster`."""
+    return "/" + prefix.strip("/") if prefix.strip("/") else ""
+
+
+def services_prefix(prefix: str) -> str:
+    return f"{prefix}/services/"
+
+
+def service_prefix(prefix: str, service: str) -> str:
+    return f"{prefix}/services/{service}/"
+
+
+def instance_key(prefix: str, service: str, instance: str) -> str:
+    return f"{prefix}/services/{service}/instances/{instance}"
+
+
+def spec_key(prefix: str, service: str) -> str:
+    return f"{prefix}/services/{service}/spec"
+
+
+def reloaders_prefix(prefix: str) -> str:
+    return f"{prefix}/reloaders/"
+
+
+def reloader_key(prefix: str, reloader_id: str) -> str:
+    return f"{prefix}/reloaders/{reloader_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedKey:
+    service: str
+    kind: Literal["instance", "spec"]
+    instance: str = ""
+
+
+def parse_key(prefix: str, key: str) -> ParsedKey | None:
+    """Split a key under `services/`; None for keys outside the layout.
+
+    Names are not validated here: the catalog validates them with the value so that
+    a bad name is reported like any other bad record.
+    """
+    root = services_prefix(prefix)
+    if not key.startswith(root):
+        return None
+    parts = key[len(root) :].split("/")
+    if len(parts) == 2 and parts[1] == "spec":
+        return ParsedKey(parts[0], "spec")
+    if len(parts) == 3 and parts[1] == "instances":
+        return ParsedKey(parts[0], "instance", parts[2])
+    return None

@@ -1,0 +1,177 @@
+"""What every fluster process needs around its loop: logs, signals, tasks, retries.
+
+- `setup_logging`: structlog, JSON lines when stdout is not a terminal.
+- `run`: one asyncio loop (uvloop when installed) around a component's main coroutine.
+- `capture_signals`: SIGTERM/SIGINT only set an event; the work happens in tasks.
+- `Supervisor`: named long-lived tasks; one that ends or fails stops the process loudly.
+- `Backoff`: the one retry delay policy (exponential, capped, full jitter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import structlog
+
+T = TypeVar("T")
+log = structlog.get_logger("fluster.runtime")
+
+
+def setup_logging(level: str = "info", *, json: bool | None = None) -> None:
+    """Configure structlog; `json=None` picks JSON unless stdout is a TTY."""
+    as_json = not sys.stdout.isatty() if json is None else json
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info if as_json else structlog.processors.StackInfoRenderer(),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+def run(main: Coroutine[Any, Any, int]) -> int:
+    """Run `main` on uvloop when it is installed, else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+@contextlib.contextmanager
+def capture_signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set `stop`; a second SIGINT is left to kill the process.
+
+    Handlers are restored on exit so tests and embedding callers are left as found.
+    """
+    loop = asyncio.get_running_loop()
+    sigs = (signal.SIGTERM, signal.SIGINT)
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set() and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.info("signal received, stopping", signal=sig.name)
+        stop.set()
+
+    for sig in sigs:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        yield
+    finally:
+        for sig in sigs:
+            loop.remove_signal_handler(sig)
+
+
+class TaskDied(Exception):
+    """A task that should have run until shutdown returned or raised."""
+
+
+class Supervisor:
+    """Owns the named long-lived tasks of a process.
+
+    `wait()` returns when `stop` is set and raises TaskDied as soon as any task ends
+    on its own: a background loop that quietly stops is how a discovery daemon ends up
+    serving stale state for days, so we prefer to exit and let systemd/Docker restart us.
+    """
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, asyncio.Task[Any]] = {}
+
+    def start(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self.tasks[name] = task
+        return task
+
+    async def wait(self, stop: asyncio.Event) -> None:
+        stopper = asyncio.create_task(stop.wait(), name="stop-signal")
+        try:
+            done, _ = await asyncio.wait(
+                [stopper, *self.tasks.values()], return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stopper.cancel()
+        for task in done:
+            if task is stopper:
+                continue
+            exc = None if task.cancelled() else task.exception()
+            log.error("task ended unexpectedly", task=task.get_name(), error=repr(exc))
+            raise TaskDied(f"task {task.get_name()} ended: {exc!r}") from exc
+
+    async def cancel_all(self, timeout: float = 5.0) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks.values(), timeout=timeout)
+        self.tasks.clear()
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter: delay n is uniform in [0, min(cap, base*2^n)].
+
+    `attempt` counts calls since the last `reset()`, so logs can say "attempt n".
+    """
+
+    base: float = 0.1
+    cap: float = 5.0
+    attempt: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.base * (2 ** min(self.attempt, 32)))
+        self.attempt += 1
+        return self.rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+    async def sleep(self, stop: asyncio.Event | None = None) -> None:
+        """Sleep the next delay, waking early if `stop` is set."""
+        delay = self.next_delay()
+        if stop is None:
+            await asyncio.sleep(delay)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+
+
+async def retry(
+    what: str,
+    fn: Callable[[], Awaitable[T]],
+    *,
+    retry_on: tuple[type[BaseException], ...],
+    backoff: Backoff | None = None,
+    attempts: int | None = None,
+) -> T:
+    """Call `fn` until it succeeds; `attempts=None` means forever."""
+    backoff = backoff or Backoff()
+    while True:
+        try:
+            return await fn()
+        except retry_on as exc:
+            if attempts is not None and backoff.attempt + 1 >= attempts:
+                raise
+            total = "∞" if attempts is None else attempts
+            log.warning(f"{what} failed, retrying", attempt=f"{backoff.attempt + 1}/{total}",
+                        error=str(exc))
+            await backoff.sleep()

@@ -1,0 +1,5 @@
+"""Fixtures shared by every test module live in tests/support/, one module per real part."""
+
+pytest_plugins = [
+    "tests.support.etcd",
+]
