@@ -1,0 +1,46 @@
+# One command each: `make test` sets up and runs the tests, `make demo` the local cluster.
+# Both work on a fresh Debian machine: as root they install what is missing from the
+# distribution's packages (scripts/setup-host.sh); otherwise they say what to install.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help setup test lint demo demo-down bench clean
+
+help:
+	@echo "make test       set up (venv, etcd, HAProxy, Docker) and run every test"
+	@echo "make demo       bring up the local cluster (etcd, HAProxy+reloader, sidekick, demo app)"
+	@echo "make demo-down  stop it"
+	@echo "make bench      run the benchmarks, write docs/BENCHMARKS.md"
+	@echo "make lint       ruff + mypy"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+	scripts/setup-host.sh
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: setup lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: setup
+	scripts/demo.sh up
+
+demo-down:
+	scripts/demo.sh down
+
+bench: setup
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

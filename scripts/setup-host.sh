@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the real parts the tests and the demo use, from Debian's packages, when they
+# are missing: etcd, HAProxy, the Docker engine and compose, wrk/hey, mmdebstrap, chromium.
+set -euo pipefail
+
+need=()
+want() { command -v "$1" >/dev/null 2>&1 || need+=("$2"); }
+want etcd etcd-server
+want etcdctl etcd-client
+want haproxy haproxy
+want dockerd docker.io
+want docker-compose docker-compose
+want wrk wrk
+want hey hey
+want mmdebstrap mmdebstrap
+want openssl openssl
+want systemd-analyze systemd
+want chromium chromium
+want ip iproute2
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing: ${need[*]}; install them (Debian: apt-get install ${need[*]}) or run as root" >&2
+  exit 1
+fi
+echo "installing from Debian packages: ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
