@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Makes `debian:bookworm-slim` available to `docker build` on a machine that may have no
+# container registry. In order:
+#   1. the image is already there (pulled earlier, or built by an earlier run): done;
+#   2. a registry answers `docker pull debian:bookworm-slim`: use the real image, and the
+#      Dockerfiles `apt-get install` what it lacks;
+#   3. otherwise build a bookworm rootfs with mmdebstrap (or debootstrap) from the Debian
+#      mirror this machine's apt already uses, with the packages the fluster images need
+#      pre-installed, cache it as a tarball and `docker import` it under the same name.
+#
+# The mirror is read from the apt sources at run time and never written anywhere: the
+# rootfs ships with an empty sources list (every package the Dockerfiles want is already
+# inside, so their `command -v X || apt-get install X` steps are no-ops on it).
+#
+#   FLUSTER_CACHE      cache dir (default <repo>/.cache); the tarball lives in base/
+#   FLUSTER_BASE_PULL  0 skips step 2 (no registry here; saves the pull's timeout)
+#   FLUSTER_BASE_FORCE 1 re-imports even if the image exists (after changing PACKAGES)
+#   BASE_IMAGE         the name to provide (default debian:bookworm-slim)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+DOCKER=${DOCKER:-$(command -v /usr/bin/docker || command -v docker)}
+image=${BASE_IMAGE:-debian:bookworm-slim}
+cache=${FLUSTER_CACHE:-$repo/.cache}/base
+suite=bookworm
+
+# What the images need: python3-venv for the wheel installs, haproxy for the edge image,
+# etcd-server/etcd-client for the compose etcd, curl for HEALTHCHECKs, tini as PID 1.
+PACKAGES=(ca-certificates curl tini python3 python3-venv haproxy etcd-server etcd-client)
+
+log() { echo "base-image: $*" >&2; }
+
+if [ "${FLUSTER_BASE_FORCE:-0}" != 1 ] && "$DOCKER" image inspect "$image" >/dev/null 2>&1; then
+  log "$image is present"
+  exit 0
+fi
+if [ "${FLUSTER_BASE_PULL:-1}" != 0 ] && [ "${FLUSTER_BASE_FORCE:-0}" != 1 ] &&
+  timeout "${FLUSTER_PULL_TIMEOUT:-60}" "$DOCKER" pull -q "$image" >/dev/null 2>&1; then
+  log "pulled $image from a registry"
+  exit 0
+fi
+
+# The mirror URIs of the Debian suites apt uses here: deb822 *.sources first, then one-line
+# *.list files. Prints "URI SUITE" lines for the main archive and the security archive.
+mirrors() {
+  python3 - "$suite" <<'PY'
+import glob, re, sys
+
+suite = sys.argv[1]
+found = {}  # "main" | "security" -> uri
+
+def take(uri, suites, components):
+    if "main" not in components:
+        return
+    for s in suites:
+        if s == suite:
+            found.setdefault("main", uri)
+        elif s == f"{suite}-security" or s == f"{suite}/updates":
+            found.setdefault("security", uri)
+
+for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+    for stanza in re.split(r"\n\s*\n", open(path).read()):
+        fields, key = {}, None
+        for line in stanza.splitlines():
+            if line.startswith("#") or not line.strip():
+                continue
+            if line[0].isspace() and key:
+                fields[key] += " " + line.strip()
+                continue
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            fields[key] = value.strip()
+        if fields.get("enabled", "yes").lower() == "no" or "deb" not in fields.get("types", "").split():
+            continue
+        for uri in fields.get("uris", "").split():
+            take(uri, fields.get("suites", "").split(), fields.get("components", "").split())
+
+for path in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]:
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        continue
+    for line in lines:
+        line = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
+        if len(line) >= 4 and line[0] == "deb":
+            take(line[1], [line[2]], line[3:])
+
+if "main" not in found:
+    sys.exit(f"no 'deb ... {suite} main' source in /etc/apt; cannot build a {suite} rootfs")
+print(found["main"], suite)
+print(found["main"], f"{suite}-updates")
+if "security" in found:
+    print(found["security"], f"{suite}-security")
+PY
+}
+
+key=$(printf '%s\n' "$suite" "${PACKAGES[@]}" | sha256sum | cut -c1-12)
+tarball=$cache/debian-$suite-$key.tar
+if [ ! -s "$tarball" ]; then
+  mkdir -p "$cache"
+  work=$(mktemp -d "$cache/.build.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  mirrors | while read -r uri s; do
+    echo "deb $uri $s main"
+  done >"$work/sources.list"
+  start=$SECONDS
+  # Trim like the real -slim image: no docs, man pages or locales.
+  slim=(
+    --dpkgopt=path-exclude=/usr/share/doc/*
+    --dpkgopt=path-include=/usr/share/doc/*/copyright
+    --dpkgopt=path-exclude=/usr/share/man/*
+    --dpkgopt=path-exclude=/usr/share/info/*
+    --dpkgopt=path-exclude=/usr/share/locale/*
+    --dpkgopt=path-include=/usr/share/locale/locale.alias
+  )
+  if command -v mmdebstrap >/dev/null; then
+    log "building a $suite rootfs with mmdebstrap (${#PACKAGES[@]} extra packages)"
+    # The customize hooks leave no trace of the mirror and no apt caches in the image.
+    mmdebstrap --quiet --variant=apt --format=tar "${slim[@]}" \
+      --include="$(IFS=,; echo "${PACKAGES[*]}")" \
+      --customize-hook='rm -f "$1"/etc/apt/sources.list "$1"/etc/apt/sources.list.d/*' \
+      --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin' \
+      "$suite" "$work/rootfs.tar" "$work/sources.list"
+  elif command -v debootstrap >/dev/null; then
+    [ "$(id -u)" -eq 0 ] || { log "debootstrap needs root"; exit 1; }
+    uri=$(head -n1 "$work/sources.list" | cut -d' ' -f2)
+    log "building a $suite rootfs with debootstrap"
+    debootstrap --variant=minbase --include="$(IFS=,; echo "${PACKAGES[*]}")" \
+      "$suite" "$work/rootfs" "$uri" >"$work/debootstrap.log" ||
+      { tail -n 30 "$work/debootstrap.log" >&2; exit 1; }
+    rm -rf "$work/rootfs"/etc/apt/sources.list "$work/rootfs"/etc/apt/sources.list.d/* \
+      "$work/rootfs"/var/lib/apt/lists/* "$work/rootfs"/var/cache/apt/archives/*.deb \
+      "$work/rootfs"/usr/share/doc "$work/rootfs"/usr/share/man
+    tar -C "$work/rootfs" --numeric-owner -cf "$work/rootfs.tar" .
+  else
+    log "neither mmdebstrap nor debootstrap is installed (scripts/setup-host.sh installs mmdebstrap)"
+    exit 1
+  fi
+  mv "$work/rootfs.tar" "$tarball"
+  log "rootfs built in $((SECONDS - start))s: $tarball ($(du -h "$tarball" | cut -f1))"
+fi
+
+log "importing $tarball as $image"
+"$DOCKER" import \
+  --change 'CMD ["bash"]' \
+  --change 'ENV LANG=C.UTF-8' \
+  --change 'LABEL org.fluster.base=local-rootfs' \
+  "$tarball" "$image" >/dev/null
+log "$image ready"
