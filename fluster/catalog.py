@@ -34,13 +34,14 @@ from fluster.store import Compacted, Event, KeyValue, Store, Unavailable
 log = structlog.get_logger("fluster.catalog")
 
 
-
 @dataclass(frozen=True, slots=True)
 class Service:
     name: str
     spec: ServiceSpec = field(default_factory=ServiceSpec)
     has_spec: bool = False  # False: no (valid) spec in etcd, defaults apply
-    instances: Mapping[str, Instance] = field(default_factory=dict)  # instance name -> Instance, sorted by name
+    instances: Mapping[str, Instance] = field(
+        default_factory=dict
+    )  # instance name -> Instance, sorted by name
     spec_revision: int = 0  # mod revision of the spec key, for compare-and-swap writes
 
     def routed(self) -> dict[str, Instance]:
@@ -142,7 +143,7 @@ class Catalog:
 
     async def run(self, on_change: Callable[[Snapshot], None]) -> None:
         backoff = Backoff(base=0.1, cap=5.0)
-        need_list = True
+        need_list = self.snapshot.revision == 0  # a catalog run again resumes where it was
         while True:
             try:
                 if need_list:
@@ -157,8 +158,11 @@ class Catalog:
                 async for batch in watch:
                     backoff.reset()
                     self.last_sync = self.clock()
-                    touched = {self._apply(ev, batch.revision) for ev in batch.events}
-                    touched.discard(None)
+                    touched = {
+                        name
+                        for name in (self._apply(ev, batch.revision) for ev in batch.events)
+                        if name is not None
+                    }
                     if batch.revision > self.revision or touched:
                         snapshot = self._publish(max(batch.revision, self.revision), touched)
                         if touched:
@@ -166,13 +170,21 @@ class Catalog:
             except Compacted as exc:
                 self.resyncs += 1
                 need_list = True
-                log.warning("watch history compacted, listing again",
-                            revision=self.revision, compact_revision=exc.compact_revision)
+                log.warning(
+                    "watch history compacted, listing again",
+                    revision=self.revision,
+                    compact_revision=exc.compact_revision,
+                )
             except Unavailable as exc:
                 self.reconnects += 1
                 delay = backoff.next_delay()
-                log.warning("watch interrupted, resuming", revision=self.revision,
-                            error=str(exc), attempt=backoff.attempt, retry_in=round(delay, 2))
+                log.warning(
+                    "watch interrupted, resuming",
+                    revision=self.revision,
+                    error=str(exc),
+                    attempt=backoff.attempt,
+                    retry_in=round(delay, 2),
+                )
                 await asyncio.sleep(delay)
 
     # -- applying records ---------------------------------------------------------------
@@ -224,8 +236,13 @@ class Catalog:
     def _reject(self, kv: KeyValue, revision: int, exc: RecordError) -> None:
         self.rejected_total += 1
         self._rejected[kv.key] = str(exc)
-        log.warning("invalid record skipped", key=kv.key[:300], field=exc.field,
-                    reason=exc.reason[:300], revision=revision)
+        log.warning(
+            "invalid record skipped",
+            key=kv.key[:300],
+            field=exc.field,
+            reason=exc.reason[:300],
+            revision=revision,
+        )
 
     def _publish(self, revision: int, touched: set[str]) -> Snapshot:
         for name in touched:

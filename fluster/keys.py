@@ -1,8 +1,8 @@
 """The etcd key layout (a contract shared with every component, see DESIGN.md).
 
-    {prefix}/services/{service}/instances/{instance}   Instance JSON, leased
-    {prefix}/services/{service}/spec                   ServiceSpec JSON, permanent
-    {prefix}/reloaders/{id}                            ReloaderStatus JSON, leased
+{prefix}/services/{service}/instances/{instance}   Instance JSON, leased
+{prefix}/services/{service}/spec                   ServiceSpec JSON, permanent
+{prefix}/reloaders/{id}                            ReloaderStatus JSON, leased
 """
 
 from __future__ import annotations

@@ -38,7 +38,9 @@ def setup_logging(level: str = "info", *, json: bool | None = None) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info if as_json else structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info
+            if as_json
+            else structlog.processors.StackInfoRenderer(),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
@@ -117,17 +119,17 @@ class Supervisor:
             log.error("task ended unexpectedly", task=task.get_name(), error=repr(exc))
             raise TaskDied(f"task {task.get_name()} ended: {exc!r}") from exc
 
-    async def cancel_all(self, timeout: float = 5.0) -> None:
+    async def cancel_all(self, grace: float = 5.0) -> None:
         for task in self.tasks.values():
             task.cancel()
         if self.tasks:
-            await asyncio.wait(self.tasks.values(), timeout=timeout)
+            await asyncio.wait(self.tasks.values(), timeout=grace)
         self.tasks.clear()
 
 
 @dataclass
 class Backoff:
-    """Exponential backoff with full jitter: delay n is uniform in [0, min(cap, base*2^n)].
+    """Exponential backoff with jitter: delay n is uniform in [c/2, c], c = min(cap, base*2^n).
 
     `attempt` counts calls since the last `reset()`, so logs can say "attempt n".
     """
@@ -172,6 +174,7 @@ async def retry(
             if attempts is not None and backoff.attempt + 1 >= attempts:
                 raise
             total = "∞" if attempts is None else attempts
-            log.warning(f"{what} failed, retrying", attempt=f"{backoff.attempt + 1}/{total}",
-                        error=str(exc))
+            log.warning(
+                f"{what} failed, retrying", attempt=f"{backoff.attempt + 1}/{total}", error=str(exc)
+            )
             await backoff.sleep()

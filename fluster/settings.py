@@ -66,7 +66,9 @@ def option(
     """Add `flag`, defaulting to `$env` when set, and say so in --help."""
     value = environ.get(env, default) if env else default
     suffix = f" [env {env}]" if env else ""
-    shown = "" if default in (None, False, "") or "%(default)" in help else " (default: %(default)s)"
+    shown = (
+        "" if default in (None, False, "") or "%(default)" in help else " (default: %(default)s)"
+    )
     parser.add_argument(flag, default=value, help=help + shown + suffix, **kwargs)
 
 
@@ -116,23 +118,52 @@ def bind_address(text: Any) -> tuple[str, int]:
 
 def add_etcd_options(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
     group = parser.add_argument_group("etcd")
-    option(group, "--etcd-endpoints", "ETCD_ENDPOINTS", environ, default="127.0.0.1:2379",
-           help="comma-separated host:port or https://host:port of etcd members")
-    option(group, "--etcd-cacert", "ETCD_CACERT", environ, help="CA bundle to verify etcd (enables TLS)")
+    option(
+        group,
+        "--etcd-endpoints",
+        "ETCD_ENDPOINTS",
+        environ,
+        default="127.0.0.1:2379",
+        help="comma-separated host:port or https://host:port of etcd members",
+    )
+    option(
+        group,
+        "--etcd-cacert",
+        "ETCD_CACERT",
+        environ,
+        help="CA bundle to verify etcd (enables TLS)",
+    )
     option(group, "--etcd-cert", "ETCD_CERT", environ, help="client certificate for etcd")
     option(group, "--etcd-key", "ETCD_KEY", environ, help="client private key for etcd")
     option(group, "--etcd-user", "ETCD_USER", environ, help="etcd user name")
-    option(group, "--etcd-password", "ETCD_PASSWORD", environ,
-           help="etcd password (prefer the environment variable: flags show in ps)")
-    option(group, "--etcd-tls-server-name", "ETCD_TLS_SERVER_NAME", environ,
-           help="name to verify in etcd's certificate (default: the first endpoint's host)")
-    option(group, "--prefix", "FLUSTER_PREFIX", environ, default=DEFAULT_PREFIX,
-           help="etcd key prefix of the fluster registry")
+    option(
+        group,
+        "--etcd-password",
+        "ETCD_PASSWORD",
+        environ,
+        help="etcd password (prefer the environment variable: flags show in ps)",
+    )
+    option(
+        group,
+        "--etcd-tls-server-name",
+        "ETCD_TLS_SERVER_NAME",
+        environ,
+        help="name to verify in etcd's certificate (default: the first endpoint's host)",
+    )
+    option(
+        group,
+        "--prefix",
+        "FLUSTER_PREFIX",
+        environ,
+        default=DEFAULT_PREFIX,
+        help="etcd key prefix of the fluster registry",
+    )
 
 
 def etcd_settings(args: argparse.Namespace, problems: Problems) -> EtcdSettings:
+    fallback: tuple[str, ...] = ("127.0.0.1:2379",)
     endpoints = problems.convert(
-        "--etcd-endpoints", args.etcd_endpoints, endpoints_from_text, ("127.0.0.1:2379",)
+        "--etcd-endpoints", args.etcd_endpoints, endpoints_from_text, fallback
     )
 
     def path(name: str, value: str | None) -> Path | None:

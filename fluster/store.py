@@ -32,6 +32,7 @@ import grpc.aio
 from etcd3aio import _protobuf as pb
 
 T = TypeVar("T")
+_PROGRESS = pb.rpc_pb2.WatchProgressRequest()  # type: ignore[attr-defined]
 
 # Pings every 6 s, dead after 5 s more without an ack: a frozen member is noticed in ~11 s.
 # etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time), hence not lower.
@@ -332,7 +333,9 @@ class Store:
             "transaction", self._kv.Txn, pb.TxnRequest(compare=[compare], success=[op])
         )
         if not reply.succeeded:
-            raise Conflict(f"{key} changed since it was read (expected mod revision {mod_revision})")
+            raise Conflict(
+                f"{key} changed since it was read (expected mod revision {mod_revision})"
+            )
         return int(reply.header.revision)
 
     async def compact(self, revision: int) -> None:
@@ -352,14 +355,18 @@ class Store:
     # -- leases -------------------------------------------------------------------------
 
     async def grant(self, ttl: int) -> int:
-        reply = await self._call("lease grant", self._lease.LeaseGrant, pb.LeaseGrantRequest(TTL=ttl))
+        reply = await self._call(
+            "lease grant", self._lease.LeaseGrant, pb.LeaseGrantRequest(TTL=ttl)
+        )
         if reply.error:
             raise StoreError(f"lease grant: {reply.error}")
         return int(reply.ID)
 
     async def revoke(self, lease: int) -> None:
         with contextlib.suppress(LeaseLost):
-            await self._call("lease revoke", self._lease.LeaseRevoke, pb.LeaseRevokeRequest(ID=lease))
+            await self._call(
+                "lease revoke", self._lease.LeaseRevoke, pb.LeaseRevokeRequest(ID=lease)
+            )
 
     async def time_to_live(self, lease: int) -> int:
         """Seconds left on `lease`; -1 when it no longer exists."""
@@ -425,7 +432,7 @@ class Store:
             yield pb.WatchRequest(create_request=create)
             while True:
                 await asyncio.sleep(progress_every)
-                yield pb.WatchRequest(progress_request=pb.rpc_pb2.WatchProgressRequest())
+                yield pb.WatchRequest(progress_request=_PROGRESS)
 
         # `hasleader`: a member cut off from the quorum cancels this watch instead of
         # serving a stale stream forever.

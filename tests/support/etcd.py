@@ -39,10 +39,36 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
             value = predicate()
             if value:
                 return value
-        except Exception as exc:  # noqa: BLE001 - reported at the deadline
+        except Exception as exc:
             last_exc = exc
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})")
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})"
+    )
+
+
+async def eventually(
+    predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
+):  # type: ignore[no-untyped-def]
+    """Async `wait_for`: poll `predicate` (sync or async) on the running loop."""
+    import asyncio
+    import inspect
+
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - reported at the deadline
+            last_exc = exc
+        await asyncio.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})"
+    )
 
 
 @dataclass
@@ -70,26 +96,42 @@ class Member:
     def start(self, initial_cluster: str, state: str = "new") -> None:
         args = [
             ETCD,
-            "--name", self.name,
-            "--data-dir", str(self.data_dir),
-            "--listen-client-urls", f"{self.scheme}://{self.endpoint}",
-            "--advertise-client-urls", f"{self.scheme}://{self.endpoint}",
-            "--listen-peer-urls", self.peer_url,
-            "--initial-advertise-peer-urls", self.peer_url,
-            "--initial-cluster", initial_cluster,
-            "--initial-cluster-state", state,
-            "--initial-cluster-token", "fluster-test",
-            "--heartbeat-interval", "50",
-            "--election-timeout", "500",
-            "--log-level", "warn",
-            "--logger", "zap",
+            "--name",
+            self.name,
+            "--data-dir",
+            str(self.data_dir),
+            "--listen-client-urls",
+            f"{self.scheme}://{self.endpoint}",
+            "--advertise-client-urls",
+            f"{self.scheme}://{self.endpoint}",
+            "--listen-peer-urls",
+            self.peer_url,
+            "--initial-advertise-peer-urls",
+            self.peer_url,
+            "--initial-cluster",
+            initial_cluster,
+            "--initial-cluster-state",
+            state,
+            "--initial-cluster-token",
+            "fluster-test",
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
+            "--log-level",
+            "warn",
+            "--logger",
+            "zap",
             *self.extra,
         ]
         if self.pki:
             args += [
-                "--cert-file", str(self.pki.server_cert),
-                "--key-file", str(self.pki.server_key),
-                "--trusted-ca-file", str(self.pki.ca),
+                "--cert-file",
+                str(self.pki.server_cert),
+                "--key-file",
+                str(self.pki.server_key),
+                "--trusted-ca-file",
+                str(self.pki.ca),
                 "--client-cert-auth",
             ]
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -133,9 +175,7 @@ class Etcd:
     def __init__(self, root: Path, size: int = 1, pki: Pki | None = None) -> None:
         self.root = root
         self.pki = pki
-        self.members = [
-            Member(f"m{i}", root / f"m{i}.data", pki=pki) for i in range(size)
-        ]
+        self.members = [Member(f"m{i}", root / f"m{i}.data", pki=pki) for i in range(size)]
 
     @property
     def initial_cluster(self) -> str:
@@ -162,19 +202,35 @@ class Etcd:
     def wait_healthy(self, timeout: float = 20.0) -> None:
         live = [m for m in self.members if m.running]
         wait_for(
-            lambda: all(self.ctl("endpoint", "health", endpoints=m.endpoint).returncode == 0 for m in live),
+            lambda: all(
+                self.ctl("endpoint", "health", endpoints=m.endpoint).returncode == 0 for m in live
+            ),
             timeout=timeout,
             interval=0.1,
             what="etcd healthy",
         )
 
-    def ctl(self, *args: str, endpoints: str | None = None, check: bool = False,
-            user: str | None = None) -> subprocess.CompletedProcess[str]:
-        cmd = [ETCDCTL, "--endpoints", endpoints or self.endpoints, "--dial-timeout", "2s",
-               "--command-timeout", "5s"]
+    def ctl(
+        self, *args: str, endpoints: str | None = None, check: bool = False, user: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            ETCDCTL,
+            "--endpoints",
+            endpoints or self.endpoints,
+            "--dial-timeout",
+            "2s",
+            "--command-timeout",
+            "5s",
+        ]
         if self.pki:
-            cmd += ["--cacert", str(self.pki.ca), "--cert", str(self.pki.client_cert("root")),
-                    "--key", str(self.pki.client_key("root"))]
+            cmd += [
+                "--cacert",
+                str(self.pki.ca),
+                "--cert",
+                str(self.pki.client_cert("root")),
+                "--key",
+                str(self.pki.client_key("root")),
+            ]
         if user:
             cmd += ["--user", user]
         env = {**os.environ, "ETCDCTL_API": "3"}
@@ -197,8 +253,14 @@ class Etcd:
     def revision(self) -> int:
         import json
 
-        out = self.ctl("endpoint", "status", "-w", "json",
-                       endpoints=next(m.endpoint for m in self.members if m.running), check=True).stdout
+        out = self.ctl(
+            "endpoint",
+            "status",
+            "-w",
+            "json",
+            endpoints=next(m.endpoint for m in self.members if m.running),
+            check=True,
+        ).stdout
         return int(json.loads(out)[0]["Status"]["header"]["revision"])
 
     def compact(self, revision: int | None = None) -> int:

@@ -1,0 +1,136 @@
+"""The catalog against a real etcd: list then watch, in order, resync on compaction."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from fluster.catalog import Catalog, Snapshot
+from fluster.records import Instance
+from fluster.store import EtcdSettings, Store
+from tests.support.etcd import Etcd, eventually
+
+PREFIX = "/fluster"
+
+
+def ikey(service: str, instance: str) -> str:
+    return f"{PREFIX}/services/{service}/instances/{instance}"
+
+
+def state_of(snapshot: Snapshot) -> dict[str, dict[str, Instance]]:
+    return {name: dict(svc.instances) for name, svc in snapshot.services.items()}
+
+
+async def etcd_state(store: Store, revision: int = 0) -> dict[str, dict[str, Instance]]:
+    """What the catalog should hold, computed independently from a raw range read."""
+    _, kvs = await store.get_prefix(f"{PREFIX}/services/", revision=revision)
+    out: dict[str, dict[str, Instance]] = {}
+    for kv in kvs:
+        parts = kv.key.split("/")
+        if parts[4] == "instances":
+            out.setdefault(parts[3], {})[parts[5]] = Instance.parse(kv.value)
+    return out
+
+
+@pytest.fixture
+async def store(etcd: Etcd) -> AsyncIterator[Store]:
+    async with Store(EtcdSettings(endpoints=etcd.endpoint_list)) as st:
+        yield st
+
+
+@pytest.fixture
+async def running(store: Store) -> AsyncIterator[tuple[Catalog, list[Snapshot]]]:
+    catalog = Catalog(store, PREFIX, progress_every=0.5)
+    seen: list[Snapshot] = []
+    task = asyncio.create_task(catalog.run(seen.append))
+    await eventually(lambda: seen, what="first snapshot")
+    yield catalog, seen
+    task.cancel()
+
+
+async def test_list_then_watch_sees_every_change_in_order(
+    store: Store, running: tuple[Catalog, list[Snapshot]]
+) -> None:
+    catalog, seen = running
+    for i in range(60):
+        service = f"svc{i % 3}"
+        await store.put(ikey(service, f"i{i % 7}"), f"10.0.0.{i % 250 + 1}:{8000 + i}")
+        if i % 5 == 4:
+            await store.delete(ikey(service, f"i{(i + 3) % 7}"))
+    last = await store.put(f"{PREFIX}/services/marker/instances/end", "10.9.9.9:1")
+    await eventually(lambda: catalog.revision >= last, what="catalog catches up")
+
+    revisions = [s.revision for s in seen]
+    assert revisions == sorted(revisions) and len(set(revisions)) == len(revisions)
+    # Every snapshot the catalog ever published equals etcd at that revision.
+    for snapshot in seen:
+        assert state_of(snapshot) == await etcd_state(store, snapshot.revision)
+
+
+async def test_invalid_records_are_skipped_counted_and_hide_nothing(
+    store: Store, running: tuple[Catalog, list[Snapshot]]
+) -> None:
+    catalog, _ = running
+    await store.put(ikey("web", "good"), "10.0.0.1:80")
+    await store.put(ikey("web", "bad"), json.dumps({"host": "10.0.0.2\nbackend x", "port": 80}))
+    await store.put(ikey("web", "bad name!"), "10.0.0.3:80")
+    await store.put(f"{PREFIX}/services/Bad_Service/instances/a", "10.0.0.4:80")
+    last = await store.put(f"{PREFIX}/services/web/spec", "{'mode': nope}")
+    await eventually(lambda: catalog.revision >= last)
+
+    web = catalog.snapshot.services["web"]
+    assert list(web.instances) == ["good"]
+    assert not web.has_spec  # an invalid spec means defaults, never a half-read one
+    assert "Bad_Service" not in catalog.snapshot.services
+    assert len(catalog.snapshot.rejected) == 4
+    assert catalog.rejected_total == 4
+
+    # Overwriting a good record with garbage removes it; fixing it brings it back.
+    await store.put(ikey("web", "good"), "garbage")
+    # (web then has no valid record at all, so the service itself disappears)
+    await eventually(lambda: "web" not in catalog.snapshot.services)
+    await store.put(ikey("web", "good"), "10.0.0.1:81")
+    await eventually(lambda: "web" in catalog.snapshot.services)
+    assert catalog.snapshot.services["web"].instances["good"].port == 81
+    assert ikey("web", "good") not in catalog.snapshot.rejected
+
+
+async def test_compaction_during_watch_resyncs_to_etcds_state(store: Store) -> None:
+    """Changes on both sides of a compaction, including deletes, end equal to etcd."""
+    catalog = Catalog(store, PREFIX, progress_every=0.5)
+    for i in range(10):
+        await store.put(ikey("web", f"i{i}"), f"10.0.0.{i + 1}:80")
+    task = asyncio.create_task(catalog.run(lambda s: None))
+    await eventually(lambda: len(catalog.snapshot.services.get("web", {}).instances) == 10)  # type: ignore[union-attr]
+    task.cancel()
+
+    # While the catalog is away: deletes and puts, then the history is compacted.
+    for i in range(5):
+        await store.delete(ikey("web", f"i{i}"))
+    await store.put(ikey("api", "a"), "10.0.1.1:80")
+    rev = await store.put(ikey("web", "i9"), "10.0.0.99:80")
+    await store.compact(rev)
+    after = await store.put(ikey("api", "b"), "10.0.1.2:80")
+
+    task = asyncio.create_task(catalog.run(lambda s: None))
+    try:
+        await eventually(lambda: catalog.revision >= after, what="resync")
+        assert catalog.resyncs == 1
+        assert state_of(catalog.snapshot) == await etcd_state(store)
+        assert sorted(catalog.snapshot.services["web"].instances) == [f"i{i}" for i in range(5, 10)]
+    finally:
+        task.cancel()
+
+
+async def test_sync_age_is_refreshed_by_progress_notifications(
+    running: tuple[Catalog, list[Snapshot]],
+) -> None:
+    catalog, _ = running
+    # Nothing changes in etcd, yet the catalog hears from it every progress interval.
+    first = catalog.last_sync
+    await eventually(lambda: catalog.last_sync != first, timeout=5)
+    age = catalog.sync_age()
+    assert age is not None and age < 2
