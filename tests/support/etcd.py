@@ -63,7 +63,7 @@ async def eventually(
                 value = await value
             if value:
                 return value
-        except Exception as exc:  # noqa: BLE001 - reported at the deadline
+        except Exception as exc:
             last_exc = exc
         await asyncio.sleep(interval)
     raise AssertionError(
