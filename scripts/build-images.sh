@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Builds the wheels and the Docker images of the local cluster:
+#   fluster/haproxy   HAProxy + reloader (the edge)      Dockerfile, target haproxy
+#   fluster/sidekick  the host agent                      Dockerfile, target sidekick
+#   fluster/etcd      Debian's etcd-server                docker/etcd/
+#   fluster/demo-app  the demo service                    examples/demo-app/
+# all FROM debian:bookworm-slim (scripts/base-image.sh provides it where no registry does).
+#
+# Python code reaches the images only as wheels built here on the host, installed with
+# `pip install --no-index`: containers need no package index. The host's Python must match
+# bookworm's (3.11) for the compiled wheels; with any other host Python, pip downloads the
+# cp311 manylinux wheels for the image instead.
+#
+#   FLUSTER_TAG    image tag (default dev)
+#   FLUSTER_CACHE  where wheels are kept (default <repo>/.cache); .cache/wheels/ is the
+#                  only part of the repo the Docker build context sends (.dockerignore)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+cd "$repo"
+DOCKER=${DOCKER:-$(command -v /usr/bin/docker || command -v docker)}
+tag=${FLUSTER_TAG:-dev}
+wheels=$repo/.cache/wheels
+log() { echo "build-images: $*" >&2; }
+
+pip=(python3 -m pip)
+[ -x .venv/bin/pip ] && pip=(.venv/bin/python -m pip)
+# pip's "Location ... is ignored" warnings about find-links dirs a machine's pip config
+# names but lacks are noise here.
+quiet_pip() { "${pip[@]}" "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
+pyver=$("${pip[0]}" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+
+build_wheels() {
+  local stage start=$SECONDS
+  # Build from a copy of the sources: setuptools' in-tree build/ directory can carry stale
+  # modules into a wheel.
+  stage=$(mktemp -d)
+  trap 'rm -rf "$stage"' RETURN
+  cp -a pyproject.toml fluster sidekick reloader "$stage/"
+  [ -f README.md ] && cp README.md "$stage/"
+  find "$stage" -name __pycache__ -prune -exec rm -rf {} +
+  rm -rf "$wheels.new"
+  mkdir -p "$wheels.new/fluster" "$wheels.new/deps"
+  quiet_pip wheel -q --disable-pip-version-check --no-deps -w "$wheels.new/fluster" "$stage"
+  local app
+  app=$(ls "$wheels.new"/fluster/*.whl)
+  if [ "$pyver" = 3.11 ]; then
+    quiet_pip wheel -q --disable-pip-version-check -w "$wheels.new/deps" "$app"
+  else
+    log "host Python is $pyver; downloading cp311 wheels for the images"
+    local arch
+    arch=$(uname -m)
+    quiet_pip download -q --disable-pip-version-check --only-binary=:all: \
+      --implementation cp --python-version 3.11 --abi cp311 --abi abi3 --abi none \
+      --platform "manylinux_2_28_$arch" --platform "manylinux2014_$arch" \
+      --platform "manylinux2010_$arch" --platform "manylinux1_$arch" --platform any \
+      -d "$wheels.new/deps" "$app"
+  fi
+  rm -f "$wheels.new"/deps/fluster-*.whl
+  rm -rf "$wheels"
+  mv "$wheels.new" "$wheels"
+  log "wheels built in $((SECONDS - start))s: $(ls "$wheels/deps" | wc -l) dependencies + $(basename "$app")"
+}
+
+if ! build_wheels; then
+  # No package index reachable: the wheels of an earlier run still make working images.
+  if ls "$wheels"/fluster/*.whl >/dev/null 2>&1; then
+    log "could not build wheels; reusing the ones in $wheels"
+  else
+    log "could not build wheels and none are cached"
+    exit 1
+  fi
+fi
+
+"$here/base-image.sh"
+
+build() {
+  local name=$1
+  shift
+  local start=$SECONDS
+  # Host network for RUN steps: apt-get (real base image only) needs no bridge, and a build
+  # still works when the default bridge is unavailable.
+  "$DOCKER" build -q --network host -t "fluster/$name:$tag" "$@" >/dev/null
+  log "fluster/$name:$tag built in $((SECONDS - start))s"
+}
+build etcd docker/etcd
+build demo-app examples/demo-app
+build sidekick --target sidekick .
+build haproxy --target haproxy .
