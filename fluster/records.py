@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any, Final, Literal
 
 MAX_INSTANCE_BYTES: Final = 4096
@@ -119,6 +120,18 @@ def _tags(value: object) -> dict[str, str]:
         _match(TAG_KEY_RE, key, "tags", "keys must be 1-63 of [A-Za-z0-9._/-]")
         clean[key] = _match(TAG_VALUE_RE, val, f"tags.{key}", "must be printable, no spaces")
     return clean
+
+
+def _timestamp(value: object, name: str) -> str | None:
+    if value is None:
+        return None
+    text = _str(value, name)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise RecordError(name, f"must be an ISO-8601 time, got {text[:40]!r}") from None
+    _require(when.tzinfo is not None, name, "must carry a time zone")
+    return text
 
 
 def _object(raw: bytes | str, limit: int, what: str) -> dict[str, Any]:
@@ -259,6 +272,9 @@ class ServiceSpec:
     canary: Canary | None = None
     # Previous active versions, newest first, so `fluster rollback` knows where to go.
     history: tuple[str, ...] = ()
+    # Set by `fluster promote --keep-old`: before this UTC time `fluster gc` keeps the
+    # records of versions no longer routed, so a rollback still has somewhere to go.
+    keep_old_until: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -305,6 +321,7 @@ class ServiceSpec:
             active_version=None if active is None else validate_version(active, "active_version"),
             canary=None if canary is None else Canary.from_dict(canary),
             history=tuple(validate_version(v, "history") for v in history[:MAX_HISTORY]),
+            keep_old_until=_timestamp(obj.get("keep_old_until"), "keep_old_until"),
         )
 
     @classmethod

@@ -17,7 +17,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import structlog
 
@@ -25,13 +25,16 @@ T = TypeVar("T")
 log = structlog.get_logger("fluster.runtime")
 
 
-def setup_logging(level: str = "info", *, json: bool | None = None) -> None:
-    """Configure structlog; `json=None` picks JSON unless stdout is a TTY."""
-    as_json = not sys.stdout.isatty() if json is None else json
+def setup_logging(
+    level: str = "info", *, json: bool | None = None, stream: TextIO | None = None
+) -> None:
+    """Configure structlog; `json=None` picks JSON unless the stream is a TTY."""
+    stream = stream or sys.stdout
+    as_json = not stream.isatty() if json is None else json
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if as_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     structlog.configure(
         processors=[
@@ -46,7 +49,7 @@ def setup_logging(level: str = "info", *, json: bool | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
 

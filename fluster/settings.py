@@ -170,7 +170,9 @@ def etcd_settings(args: argparse.Namespace, problems: Problems) -> EtcdSettings:
         return None if not value else problems.convert(name, value, existing_file, None)
 
     cert, key = path("--etcd-cert", args.etcd_cert), path("--etcd-key", args.etcd_key)
-    problems.check((cert is None) == (key is None), "--etcd-cert and --etcd-key go together")
+    problems.check(
+        bool(args.etcd_cert) == bool(args.etcd_key), "--etcd-cert and --etcd-key go together"
+    )
     problems.check(
         not args.etcd_user or bool(args.etcd_password),
         "--etcd-user needs --etcd-password (or ETCD_PASSWORD)",

@@ -95,7 +95,7 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     """`host:port`, `http(s)://host:port` or `[v6]:port` -> (host, port). Raises ValueError."""
     text = endpoint.strip()
     url = urlsplit(text if "://" in text else f"//{text}")
-    if url.scheme not in ("", "http", "https") or not url.hostname:
+    if url.scheme not in ("", "http", "https") or not url.hostname or url.path or " " in text:
         raise ValueError(f"not an etcd endpoint: {endpoint!r} (want host:port)")
     try:
         port = url.port or 2379
@@ -487,8 +487,14 @@ def endpoints_from_text(text: str) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     if not parts:
         raise ValueError("no etcd endpoints given")
+    errors = []
     for part in parts:
-        parse_endpoint(part)
+        try:
+            parse_endpoint(part)
+        except ValueError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ValueError("; ".join(errors))
     return parts
 
 

@@ -1,0 +1,243 @@
+"""Operator actions on the registry: promote, canary, rollback, drain, gc, spec edits.
+
+Each action reads what it changes, decides, and writes back with a transaction that
+compares the mod revision it read (`Store.replace`), so two operators acting at once
+cannot silently overwrite each other: one wins, the other gets `Conflict`. The CLI in
+`fluster.cli` only parses arguments and prints; everything that decides is here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fluster import keys
+from fluster.catalog import Catalog, Service, Snapshot
+from fluster.records import Instance, RecordError, ReloaderStatus, ServiceSpec
+from fluster.store import Store
+
+
+class Refused(Exception):
+    """The action is not safe or not possible in the registry's current state."""
+
+
+class WaitTimeout(Exception):
+    """Reloaders did not all apply the change in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """The outcome of a spec write: what it is now, and the etcd revision that holds it."""
+
+    spec: ServiceSpec
+    revision: int
+
+
+async def snapshot(store: Store, prefix: str) -> Snapshot:
+    return await Catalog(store, prefix).load()
+
+
+def _service(snap: Snapshot, name: str) -> Service:
+    svc = snap.services.get(name)
+    if svc is None:
+        raise Refused(f"no service {name!r} in the registry (see `fluster ls`)")
+    return svc
+
+
+def up_count(svc: Service, version: str) -> int:
+    return sum(1 for i in svc.instances.values() if i.version == version and i.state == "up")
+
+
+async def write_spec(store: Store, prefix: str, svc: Service, spec: ServiceSpec) -> Written:
+    """Compare-and-swap the spec against the revision `svc` was read at."""
+    revision = await store.replace(
+        keys.spec_key(prefix, svc.name), spec.to_json(), mod_revision=svc.spec_revision
+    )
+    return Written(spec, revision)
+
+
+async def edit_spec(store: Store, prefix: str, service: str, changes: dict[str, Any]) -> Written:
+    """Validated edit of routing fields; creates the spec when the service has none."""
+    snap = await snapshot(store, prefix)
+    svc = snap.services.get(service) or Service(name=service)
+    spec = svc.spec.replace(**changes)  # raises RecordError naming the field
+    return await write_spec(store, prefix, svc, spec)
+
+
+async def promote(
+    store: Store,
+    prefix: str,
+    service: str,
+    version: str,
+    *,
+    min_instances: int = 1,
+    keep_old: timedelta = timedelta(minutes=10),
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> Written:
+    svc = _service(await snapshot(store, prefix), service)
+    have = up_count(svc, version)
+    if have < min_instances:
+        raise Refused(
+            f"{service} has {have} instance(s) of {version} up, fewer than --min-instances "
+            f"{min_instances}; versions registered: {_versions(svc)}"
+        )
+    old = svc.spec.active_version
+    history = svc.spec.history if old in (None, version) else (old, *svc.spec.history)
+    spec = svc.spec.replace(
+        active_version=version,
+        canary=None,
+        history=list(history),
+        keep_old_until=(now() + keep_old).isoformat(timespec="seconds"),
+    )
+    return await write_spec(store, prefix, svc, spec)
+
+
+async def canary(store: Store, prefix: str, service: str, version: str, weight: int) -> Written:
+    svc = _service(await snapshot(store, prefix), service)
+    if weight and not up_count(svc, version):
+        raise Refused(f"{service} has no instance of {version} up to send a canary share to")
+    if weight and version == svc.spec.active_version:
+        raise Refused(f"{version} is already the active version of {service}")
+    if weight and svc.spec.active_version is None:
+        raise Refused(
+            f"{service} routes every version (no active version): promote one first, "
+            "then send a canary share to another"
+        )
+    spec = svc.spec.replace(canary={"version": version, "weight": weight} if weight else None)
+    return await write_spec(store, prefix, svc, spec)
+
+
+async def rollback(store: Store, prefix: str, service: str) -> Written:
+    svc = _service(await snapshot(store, prefix), service)
+    if not svc.spec.history:
+        raise Refused(f"{service} has no previous active version to roll back to")
+    previous, *rest = svc.spec.history
+    if not up_count(svc, previous):
+        raise Refused(
+            f"{service}: no instance of the previous version {previous} is registered any more; "
+            f"start some, then roll back (registered: {_versions(svc)})"
+        )
+    spec = svc.spec.replace(active_version=previous, canary=None, history=rest)
+    return await write_spec(store, prefix, svc, spec)
+
+
+async def drain(store: Store, prefix: str, service: str, instance: str) -> int:
+    """Mark one instance draining, keeping its lease so it still expires with its owner."""
+    key = keys.instance_key(prefix, service, instance)
+    _, kv = await store.get(key)
+    if kv is None:
+        raise Refused(f"no instance {instance!r} of {service!r}")
+    try:
+        current = Instance.parse(kv.value)
+    except RecordError as exc:
+        raise Refused(f"{key} holds an invalid record ({exc}); delete it instead") from None
+    draining = current.replace(state="draining")
+    return await store.replace(
+        key, draining.to_json(), mod_revision=kv.mod_revision, lease=kv.lease
+    )
+
+
+async def gc(
+    store: Store,
+    prefix: str,
+    service: str,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> list[str]:
+    """Delete records of versions the spec no longer routes; returns their keys.
+
+    Waits for `keep_old_until` (set by promote) unless forced, so a rollback stays
+    possible for that long. Each delete compares the record's mod revision: an instance
+    that re-registered in the meantime is left alone.
+    """
+    snap = await snapshot(store, prefix)
+    svc = _service(snap, service)
+    if svc.spec.active_version is None:
+        return []  # every version is routed: nothing is old
+    until = svc.spec.keep_old_until
+    if until and not force and now() < datetime.fromisoformat(until):
+        raise Refused(f"{service}: old versions are kept until {until} (--force to remove now)")
+    _, kvs = await store.get_prefix(keys.service_prefix(prefix, service) + "instances/")
+    removed = []
+    for kv in kvs:
+        try:
+            version = Instance.parse(kv.value).version
+        except RecordError:
+            continue  # invalid records are not gc's to judge; they are never served anyway
+        if svc.spec.routes_version(version):
+            continue
+        if not dry_run:
+            await store.replace(kv.key, None, mod_revision=kv.mod_revision)
+        removed.append(kv.key)
+    return removed
+
+
+async def reloaders(store: Store, prefix: str) -> dict[str, ReloaderStatus | None]:
+    """Every live reloader's last applied revision (None for an unreadable record)."""
+    _, kvs = await store.get_prefix(keys.reloaders_prefix(prefix))
+    out: dict[str, ReloaderStatus | None] = {}
+    for kv in kvs:
+        name = kv.key.rsplit("/", 1)[-1]
+        try:
+            out[name] = ReloaderStatus.parse(kv.value)
+        except RecordError:
+            out[name] = None
+    return out
+
+
+async def wait_applied(
+    store: Store,
+    prefix: str,
+    revision: int,
+    *,
+    within: float,
+    progress: Callable[[int, int, list[str]], None] = lambda done, total, behind: None,
+) -> int:
+    """Wait until every live reloader has applied `revision`; returns how many there are.
+
+    Reloaders that vanish while we wait (their lease expired) stop counting.
+    """
+    deadline = time.monotonic() + within
+    reported = None
+    while True:
+        live = await reloaders(store, prefix)
+        behind = sorted(
+            name for name, st in live.items() if st is None or st.applied_revision < revision
+        )
+        state = (len(live) - len(behind), len(live))
+        if state != reported:
+            progress(state[0], state[1], behind)
+            reported = state
+        if not behind:
+            return len(live)
+        if time.monotonic() > deadline:
+            raise WaitTimeout(
+                f"{len(behind)} of {len(live)} reloader(s) had not applied revision {revision} "
+                f"after {within:g}s: {', '.join(behind)}"
+            )
+        await asyncio.sleep(0.1)
+
+
+def _versions(svc: Service) -> str:
+    return json.dumps(svc.versions()) if svc.instances else "none"
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90s`, `10m`, `2h`, `1d`, or plain seconds."""
+    text = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (e.g. 90s, 10m, 2h)") from None
+    if value < 0:
+        raise ValueError(f"duration must not be negative: {text!r}")
+    return timedelta(seconds=value * units[unit])

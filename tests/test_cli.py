@@ -1,0 +1,209 @@
+"""The `fluster` operator CLI against a real etcd (no reloader: see test_deploy.py for those).
+
+Commands run as real subprocesses where concurrency or exit codes matter, and through
+`fluster.cli.main` elsewhere for speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from fluster import ops
+from fluster.cli import main
+from fluster.records import ServiceSpec
+from fluster.store import Conflict, EtcdSettings, Store
+from tests.support.etcd import Etcd, wait_for
+
+PREFIX = "/fluster"
+FLUSTER = str(Path(sys.executable).with_name("fluster"))
+
+
+def register(etcd: Etcd, service: str, name: str, version: str, port: int = 80) -> None:
+    record = {"host": "10.0.0.1", "port": port, "version": version}
+    etcd.put(f"{PREFIX}/services/{service}/instances/{name}", json.dumps(record))
+
+
+def spec_of(etcd: Etcd, service: str) -> ServiceSpec:
+    out = etcd.ctl("get", "--print-value-only", f"{PREFIX}/services/{service}/spec", check=True)
+    return ServiceSpec.parse(out.stdout.strip() or "{}")
+
+
+def fluster(etcd: Etcd, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ETCD_ENDPOINTS": etcd.endpoints}
+    return subprocess.run([FLUSTER, *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.fixture
+def cli(etcd: Etcd, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    def call(*args: str) -> tuple[int, str, str]:
+        code = main(list(args), {"ETCD_ENDPOINTS": etcd.endpoints})
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
+
+
+def test_ls_shows_services_versions_and_skipped_records(etcd: Etcd, cli) -> None:  # type: ignore[no-untyped-def]
+    assert cli("ls")[1].startswith("no services")
+    register(etcd, "web", "a", "v1")
+    register(etcd, "web", "b", "v2")
+    etcd.put(f"{PREFIX}/services/web/instances/evil", '{"host": "1.2.3.4\\nbackend x"}')
+    code, out, _ = cli("ls")
+    assert code == 0
+    assert "web" in out and "v1:1 v2:1" in out and "1 invalid record(s) skipped" in out
+    code, out, _ = cli("ls", "web", "--json")
+    data = json.loads(out)
+    assert sorted(data["services"]["web"]["instances"]) == ["a", "b"]
+    assert list(data["rejected"]) == [f"{PREFIX}/services/web/instances/evil"]
+    assert cli("ls", "nope")[0] == 1
+
+
+def test_spec_edits_are_validated_and_nothing_is_written_on_error(etcd: Etcd, cli) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = cli("spec", "api", "--host", "api.example.com", "--check", "/health")
+    assert code == 0, out
+    spec = spec_of(etcd, "api")
+    assert spec.hosts == ("api.example.com",) and spec.check and spec.check.path == "/health"
+    code, _, err = cli("spec", "api", "--port", "70000")
+    assert code == 2 and "port" in err
+    code, _, err = cli("spec", "api", "--host", "evil.com\nbind :1")
+    assert code == 2
+    assert spec_of(etcd, "api") == spec
+
+
+def test_promote_refused_below_min_instances(etcd: Etcd, cli) -> None:  # type: ignore[no-untyped-def]
+    register(etcd, "web", "a", "v1")
+    register(etcd, "web", "b", "v2")
+    code, _, err = cli("promote", "web", "v2", "--min-instances", "2", "--no-wait")
+    assert code == 4 and "fewer than --min-instances 2" in err
+    assert spec_of(etcd, "web").active_version is None
+
+
+def test_promote_canary_rollback_and_gc(etcd: Etcd, cli) -> None:  # type: ignore[no-untyped-def]
+    for i in range(2):
+        register(etcd, "web", f"old{i}", "v1")
+        register(etcd, "web", f"new{i}", "v2")
+    assert cli("promote", "web", "v1", "--no-wait")[0] == 0
+    code, out, err = cli("canary", "web", "v2", "--weight", "10", "--no-wait")
+    assert code == 0, err
+    spec = spec_of(etcd, "web")
+    assert spec.active_version == "v1" and spec.canary and spec.canary.weight == 10
+
+    assert cli("promote", "web", "v2", "--keep-old", "1h", "--no-wait")[0] == 0
+    spec = spec_of(etcd, "web")
+    assert (spec.active_version, spec.canary, spec.history) == ("v2", None, ("v1",))
+
+    code, _, err = cli("gc", "web")
+    assert code == 4 and "kept until" in err  # --keep-old protects a rollback
+    assert cli("rollback", "web", "--no-wait")[0] == 0
+    assert spec_of(etcd, "web").active_version == "v1"
+
+    assert cli("promote", "web", "v2", "--keep-old", "0s", "--no-wait")[0] == 0
+    code, out, _ = cli("gc", "web")
+    assert code == 0 and "removed 2 record(s)" in out
+    left = etcd.ctl("get", "--prefix", "--keys-only", f"{PREFIX}/services/web/instances/").stdout
+    assert sorted(left.split()) == [f"{PREFIX}/services/web/instances/new{i}" for i in range(2)]
+    code, _, err = cli("rollback", "web", "--no-wait")
+    assert code == 4 and "no instance of the previous version v1" in err
+
+
+def test_drain_keeps_the_lease(etcd: Etcd, cli) -> None:  # type: ignore[no-untyped-def]
+    lease = etcd.grant(30)
+    key = f"{PREFIX}/services/web/instances/a"
+    etcd.put(key, "10.0.0.1:80", lease=lease)
+    assert cli("drain", "web", "a", "--no-wait")[0] == 0
+    out = etcd.ctl("get", key, "-w", "json", check=True).stdout
+    kv = json.loads(out)["kvs"][0]
+    assert format(kv["lease"], "x") == lease
+    assert json.loads(__import__("base64").b64decode(kv["value"]))["state"] == "draining"
+
+
+async def test_a_stale_write_is_a_conflict(etcd: Etcd) -> None:
+    register(etcd, "web", "a", "v1")
+    register(etcd, "web", "b", "v2")
+    async with Store(EtcdSettings(endpoints=etcd.endpoint_list)) as store:
+        stale = (await ops.snapshot(store, PREFIX)).services["web"]
+        await ops.promote(store, PREFIX, "web", "v1")  # another operator got there first
+        with pytest.raises(Conflict):
+            await ops.write_spec(store, PREFIX, stale, stale.spec.replace(active_version="v2"))
+    assert spec_of(etcd, "web").active_version == "v1"
+
+
+def test_concurrent_promotes_lose_no_update(etcd: Etcd) -> None:
+    """Eight operators promote at once: each either wins or exits 3, and no win is lost."""
+    versions = [f"v{i}" for i in range(8)]
+    for v in versions:
+        register(etcd, "web", f"i-{v}", v)
+    results: dict[str, subprocess.CompletedProcess[str]] = {}
+
+    def promote(version: str) -> None:
+        results[version] = fluster(etcd, "promote", "web", version, "--no-wait")
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in versions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = {v: r.returncode for v, r in results.items()}
+    assert set(codes.values()) <= {0, 3}, {v: r.stderr for v, r in results.items()}
+    winners = [v for v, c in codes.items() if c == 0]
+    spec = spec_of(etcd, "web")
+    # Each win pushed the previous active version onto the history: none overwritten.
+    assert len(spec.history) == len(winners) - 1
+    assert spec.active_version in winners
+    assert {spec.active_version, *spec.history} == set(winners)
+    for v, r in results.items():
+        if r.returncode == 3:
+            assert "conflict" in r.stderr, v
+
+
+def test_promote_waits_for_every_reloader(etcd: Etcd) -> None:
+    """Reloaders are stood in by their records (the real ones are tested in test_deploy)."""
+    register(etcd, "web", "a", "v2")
+    status = {"applied_revision": 1, "node": "edge", "at": "2026-01-01T00:00:00Z"}
+    etcd.put(f"{PREFIX}/reloaders/edge-1", json.dumps(status))
+    slow = fluster(etcd, "promote", "web", "v2", "--wait-timeout", "1")
+    assert slow.returncode == 5 and "edge-1" in slow.stderr
+
+    promoted = spec_revision(etcd)
+    proc = subprocess.Popen(
+        [FLUSTER, "canary", "web", "v2", "--weight", "0", "--wait-timeout", "20"],
+        env={**os.environ, "ETCD_ENDPOINTS": etcd.endpoints},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        target = wait_for(lambda: spec_revision(etcd) > promoted and spec_revision(etcd))
+        etcd.put(f"{PREFIX}/reloaders/edge-1", json.dumps({**status, "applied_revision": target}))
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        assert "reloaders applied: 0/1" in out and "reloaders applied: 1/1" in out
+    finally:
+        proc.kill()
+
+
+def spec_revision(etcd: Etcd) -> int:
+    out = etcd.ctl("get", f"{PREFIX}/services/web/spec", "-w", "json", check=True).stdout
+    kvs = json.loads(out).get("kvs", [])
+    return int(kvs[0]["mod_revision"]) if kvs else 0
+
+
+def test_bad_settings_are_all_reported_with_exit_2(etcd: Etcd) -> None:
+    env = {**os.environ, "ETCD_ENDPOINTS": "nope:port", "ETCD_CERT": "/missing.pem"}
+    proc = subprocess.run([FLUSTER, "ls"], capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode == 2
+    assert "--etcd-endpoints" in proc.stderr and "--etcd-cert" in proc.stderr
+    assert "--etcd-cert and --etcd-key go together" in proc.stderr
+
+
+def test_unreachable_etcd_is_exit_1_with_a_clear_message() -> None:
+    env = {**os.environ, "ETCD_ENDPOINTS": "127.0.0.1:1"}
+    proc = subprocess.run([FLUSTER, "ls"], capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode == 1
+    assert "etcd unreachable" in proc.stderr
