@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the wheels and the Docker images of the local cluster:
-#   fluster/haproxy   HAProxy + reloader (the edge)      Dockerfile, target haproxy
-#   fluster/sidekick  the host agent                      Dockerfile, target sidekick
+#   fluster/haproxy   HAProxy + reloader (the edge)      haproxy/Dockerfile, target haproxy
+#   fluster/sidekick  the host agent                      haproxy/Dockerfile, target sidekick
 #   fluster/etcd      Debian's etcd-server                docker/etcd/
 #   fluster/demo-app  the demo service                    examples/demo-app/
 # all FROM debian:bookworm-slim (scripts/base-image.sh provides it where no registry does).
@@ -86,5 +86,5 @@ build() {
 }
 build etcd docker/etcd
 build demo-app examples/demo-app
-build sidekick --target sidekick .
-build haproxy --target haproxy .
+build sidekick -f haproxy/Dockerfile --target sidekick .
+build haproxy -f haproxy/Dockerfile --target haproxy .
