@@ -2,4 +2,5 @@
 
 pytest_plugins = [
     "tests.support.etcd",
+    "tests.support.rbac",
 ]

@@ -1,0 +1,175 @@
+"""R7: least privilege on etcd. Each identity can do its job and nothing else.
+
+etcd runs with mutual TLS and `--client-cert-auth`; the test makes its own CA and
+certificates (tests/support/pki.py) and roles (tests/support/rbac.py). These checks go
+through `Store`, the same client every component uses, so "allowed" here means the
+component's real calls are allowed, and "forbidden" means the AuthError it would see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from fluster import keys
+from fluster.catalog import Catalog
+from fluster.records import Instance, ServiceSpec
+from fluster.store import (
+    AuthError,
+    EtcdSettings,
+    Store,
+    StoreError,
+    Unavailable,
+    WatchRefused,
+)
+from tests.support.etcd import eventually
+from tests.support.pki import Pki
+from tests.support.rbac import PREFIX, RELOADER_PASSWORD, RbacEtcd, sidekick_identity
+
+pytestmark = pytest.mark.slow
+
+WEB_1 = keys.instance_key(PREFIX, "web", "web-1")
+API_1 = keys.instance_key(PREFIX, "api", "api-1")
+INSTANCE = Instance(host="10.0.0.1", port=8080, version="v1").to_json()
+
+
+async def forbidden(what: Callable[[], Awaitable[object]]) -> None:
+    with pytest.raises(AuthError, match="permission denied"):
+        await what()
+
+
+async def watch_once(store: Store, prefix: str) -> None:
+    async for _ in store.watch(prefix, 1, progress_every=0.5):
+        return
+
+
+async def test_sidekick_identity_writes_only_its_own_instances(etcd_rbac: RbacEtcd) -> None:
+    etcd_rbac.etcd.ctl("put", keys.spec_key(PREFIX, "web"), ServiceSpec().to_json(), check=True)
+    async with Store(etcd_rbac.settings(sidekick_identity("web"))) as store:
+        # Its whole job: lease, leased record, keepalive, read its spec, watch its service.
+        lease = await store.grant(10)
+        await store.put(WEB_1, INSTANCE, lease=lease)
+        async for ttl in store.keepalive(lease, 0.2):
+            assert ttl > 0
+            break
+        assert (await store.get(WEB_1))[1] is not None
+        assert (await store.get(keys.spec_key(PREFIX, "web")))[1] is not None
+        _, kvs = await store.get_prefix(keys.service_prefix(PREFIX, "web"))
+        assert len(kvs) == 2
+        await asyncio.wait_for(watch_once(store, keys.service_prefix(PREFIX, "web")), 5)
+        await store.replace(WEB_1, INSTANCE, mod_revision=kvs[0].mod_revision or 0, lease=lease)
+
+        # Not its job: its service's routing, other services, the reloaders, the whole tree.
+        await forbidden(lambda: store.put(keys.spec_key(PREFIX, "web"), ServiceSpec().to_json()))
+        await forbidden(lambda: store.delete(keys.spec_key(PREFIX, "web")))
+        await forbidden(lambda: store.put(API_1, INSTANCE))
+        await forbidden(lambda: store.get(API_1))
+        await forbidden(lambda: store.get_prefix(keys.services_prefix(PREFIX)))
+        await forbidden(lambda: store.put(keys.reloader_key(PREFIX, "edge-1"), "{}"))
+        await forbidden(lambda: store.delete(keys.services_prefix(PREFIX), prefix=True))
+        await forbidden(lambda: store.put("/elsewhere", "x"))
+        # A watch is refused at creation (WatchRefused), not left hanging.
+        with pytest.raises((AuthError, WatchRefused), match="permission denied"):
+            await asyncio.wait_for(watch_once(store, keys.services_prefix(PREFIX)), 5)
+
+        await store.revoke(lease)  # needs write on every key under the lease: it has it
+        assert (await store.get(WEB_1))[1] is None
+
+
+async def test_reloader_identity_reads_services_and_writes_only_reloaders(
+    etcd_rbac: RbacEtcd,
+) -> None:
+    async with (
+        Store(etcd_rbac.settings("reloader")) as reloader,
+        Store(etcd_rbac.settings(sidekick_identity("web"))) as sidekick,
+    ):
+        catalog = Catalog(reloader, PREFIX, progress_every=0.5)
+        task = asyncio.create_task(catalog.run(lambda s: None))
+        try:
+            await eventually(lambda: catalog.revision > 0, what="catalog listed")
+            await sidekick.put(WEB_1, INSTANCE)
+            await eventually(lambda: "web" in catalog.snapshot.services, what="watch delivered")
+        finally:
+            task.cancel()
+
+        lease = await reloader.grant(10)
+        await reloader.put(
+            keys.reloader_key(PREFIX, "edge-1"), '{"applied_revision":1}', lease=lease
+        )
+        _, kvs = await reloader.get_prefix(keys.reloaders_prefix(PREFIX))
+        assert [kv.key for kv in kvs] == [keys.reloader_key(PREFIX, "edge-1")]
+
+        await forbidden(lambda: reloader.put(WEB_1, INSTANCE))
+        await forbidden(lambda: reloader.delete(WEB_1))
+        await forbidden(lambda: reloader.put(keys.spec_key(PREFIX, "web"), "{}"))
+        await forbidden(lambda: reloader.replace(API_1, INSTANCE, mod_revision=0))
+        await forbidden(lambda: reloader.get("/elsewhere"))
+        # (Not checked: etcd 3.4 lets any authenticated user compact; docs/OPERATIONS.md.)
+        await reloader.revoke(lease)
+
+
+async def test_password_identity_and_operator(etcd_rbac: RbacEtcd) -> None:
+    """A password user is the same role behind a different credential (token wins over CN)."""
+    with_password = etcd_rbac.settings("anyone", user="reloader-pw", password=RELOADER_PASSWORD)
+    async with Store(with_password) as store:
+        await store.get_prefix(keys.services_prefix(PREFIX))
+        await forbidden(lambda: store.put(WEB_1, INSTANCE))
+
+    wrong = etcd_rbac.settings("anyone", user="reloader-pw", password="guess")
+    with pytest.raises(AuthError, match="wrong user name or password"):
+        async with Store(wrong):
+            pass
+
+    async with Store(etcd_rbac.settings("fluster-operator")) as operator:
+        await operator.put(keys.spec_key(PREFIX, "web"), ServiceSpec().to_json())
+        await operator.get_prefix(keys.reloaders_prefix(PREFIX))
+        await forbidden(lambda: operator.put(keys.reloader_key(PREFIX, "edge-1"), "{}"))
+
+
+async def test_unknown_and_unauthenticated_clients_are_refused(
+    etcd_rbac: RbacEtcd, tmp_path: Path
+) -> None:
+    # A certificate from our CA whose CN is no etcd user: connected, but allowed nothing.
+    async with Store(etcd_rbac.settings("stranger")) as store:
+        await forbidden(lambda: store.get(WEB_1))
+        await forbidden(lambda: store.put(WEB_1, INSTANCE))
+
+    async def refused(settings: EtcdSettings) -> None:
+        async with Store(settings) as store:
+            with pytest.raises(Unavailable):
+                await store.get(WEB_1)
+
+    base = etcd_rbac.settings("reloader")
+    # TLS without a client certificate: the handshake fails (--client-cert-auth).
+    await refused(EtcdSettings(endpoints=base.endpoints, cacert=etcd_rbac.pki.ca, timeout=2.0))
+    # Plaintext to a TLS port.
+    await refused(EtcdSettings(endpoints=etcd_rbac.etcd.endpoint_list, timeout=2.0))
+    # A certificate named "reloader" but signed by another CA.
+    rogue = Pki(tmp_path / "rogue")
+    await refused(
+        EtcdSettings(
+            endpoints=base.endpoints,
+            cacert=etcd_rbac.pki.ca,
+            cert=rogue.client_cert("reloader"),
+            key=rogue.client_key("reloader"),
+            timeout=2.0,
+        )
+    )
+    # And the client side: a server whose certificate our CA did not sign is not trusted.
+    await refused(
+        EtcdSettings(
+            endpoints=base.endpoints, cacert=rogue.ca, cert=base.cert, key=base.key, timeout=2.0
+        )
+    )
+
+
+async def test_store_errors_never_carry_the_password(etcd_rbac: RbacEtcd) -> None:
+    settings = etcd_rbac.settings("anyone", user="reloader-pw", password=RELOADER_PASSWORD)
+    assert RELOADER_PASSWORD not in repr(settings)
+    async with Store(settings) as store:
+        with pytest.raises(StoreError) as info:
+            await store.put(WEB_1, INSTANCE)
+    assert RELOADER_PASSWORD not in str(info.value)
