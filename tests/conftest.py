@@ -3,4 +3,6 @@
 pytest_plugins = [
     "tests.support.etcd",
     "tests.support.rbac",
+    "tests.support.docker",
+    "tests.support.sidekick",
 ]

@@ -1,0 +1,278 @@
+"""The three modes on one core: which apps to register, and when, from Docker or flags.
+
+`Sidekick` owns the registrations of one process. Static mode adds one at start. The
+Docker modes follow the event stream: list running containers, then follow events
+from just before the listing (`since`), so nothing falls in the gap; when the stream
+breaks (dockerd restarting) they reconnect with backoff and resync, which deregisters
+containers that vanished meanwhile. A host agent also removes records of its node
+that name containers no longer running (left by an earlier run): no zombies.
+Registrations stay as they are while dockerd is down: the apps may well be running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from fluster.keys import instance_key, parse_key, services_prefix
+from fluster.records import Instance, RecordError
+from fluster.runtime import Backoff
+from fluster.store import Store, StoreError
+from sidekick.docker import ContainerGone, Docker, DockerEvent, DockerUnavailable
+from sidekick.health import HealthGate, Probe, make_probe, watch_health
+from sidekick.hub import Hub
+from sidekick.plan import OWN_NAME, Plan, PlanError, node_name, plan_container, plan_static
+from sidekick.registration import Registration
+from sidekick.settings import Settings
+
+log = structlog.get_logger("sidekick")
+
+STOP_SIGNALS = (None, 2, 3, 9, 15)  # `docker kill -s HUP` is a reload, not a stop
+
+
+@dataclass
+class Tracked:
+    plan: Plan
+    reg: Registration
+    health: asyncio.Task[None] | None = None
+
+
+class Sidekick:
+    def __init__(
+        self, settings: Settings, store: Store, docker: Docker | None, node: str, detected_ip: str
+    ) -> None:
+        self.s, self.store, self.docker = settings, store, docker
+        self.node, self.detected_ip = node, detected_ip
+        self.hub = Hub(store, settings.prefix, on_task=self.guard)
+        self.tracked: dict[str, Tracked] = {}  # container id (or "static") -> registration
+        self.leaving: dict[str, Registration] = {}  # draining after a stop
+        self.crashed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def registrations(self) -> list[Registration]:
+        return [t.reg for t in self.tracked.values()] + list(self.leaving.values())
+
+    def _crash(self, exc: BaseException) -> None:
+        if not self.crashed.done():
+            self.crashed.set_result(exc)
+
+    def guard(self, task: asyncio.Task[Any]) -> None:
+        """A task meant to run until cancelled that ends anyway stops the process."""
+
+        def done(task: asyncio.Task[Any]) -> None:
+            if not task.cancelled():
+                self._crash(task.exception() or RuntimeError(f"{task.get_name()} ended"))
+
+        task.add_done_callback(done)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+
+        def done(task: asyncio.Task[Any]) -> None:
+            self._background.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("background task failed", task=name, error=repr(task.exception()))
+
+        task.add_done_callback(done)
+
+    # -- adding and removing ------------------------------------------------------------
+
+    def add(self, key: str, plan: Plan, probe: Probe | None) -> None:
+        reg = Registration(
+            self.store,
+            instance_key(self.s.prefix, plan.service, plan.name),
+            plan.instance,
+            service=plan.service,
+            name=plan.name,
+            ttl=self.s.ttl,
+            drain_seconds=self.s.drain_seconds,
+            healthy=probe is None,
+        )
+        tracked = Tracked(plan, reg)
+        if probe is not None:
+            gate = HealthGate(self.s.rise, self.s.fall)
+            tracked.health = asyncio.create_task(
+                watch_health(probe, gate, self.s.check_interval, reg.set_healthy),
+                name=f"health {plan.name}",
+            )
+            self.guard(tracked.health)
+        if self.s.on_retire == "stop" and self.docker is not None and key != "static":
+            reg.on_retired = lambda: self._spawn(self._stop_container(key, reg), f"stop {key}")
+        self.tracked[key] = tracked
+        self.hub.add(reg)
+        reg.start(self._crash)
+        log.info(
+            "tracking",
+            service=plan.service,
+            instance=plan.name,
+            address=plan.instance.address,
+            check=str(plan.check),
+        )
+
+    def leave(self, key: str, *, died: bool) -> None:
+        """Stop tracking `key`: drain (cut short if the container died) and deregister."""
+        if key in self.leaving:
+            if died:
+                self.leaving[key].container_died()
+            return
+        tracked = self.tracked.pop(key, None)
+        if tracked is None:
+            return
+        if tracked.health is not None:
+            tracked.health.cancel()
+        self.leaving[key] = tracked.reg
+        if died:
+            tracked.reg.container_died()
+        self._spawn(self._close(key, tracked.reg), f"deregister {key}")
+
+    async def _close(self, key: str, reg: Registration) -> None:
+        try:
+            await reg.close()
+        finally:
+            await self.hub.remove(reg)
+            if self.leaving.get(key) is reg:
+                del self.leaving[key]
+
+    async def _stop_container(self, key: str, reg: Registration) -> None:
+        assert self.docker is not None
+        reg.log.info("stopping retired container", container=key[:12])
+        with contextlib.suppress(ContainerGone, DockerUnavailable):
+            await self.docker.stop(key)
+
+    async def shutdown(self) -> None:
+        """SIGTERM: drain and deregister everything, in parallel, bounded."""
+        for key in list(self.tracked):
+            self.leave(key, died=False)
+        pending = [t for t in self._background if t.get_name().startswith("deregister")]
+        if pending:
+            await asyncio.wait(pending, timeout=self.s.drain_seconds + 10)
+        for task in list(self._background):
+            task.cancel()
+        for reg in self.registrations():
+            await reg.cancel()
+        await self.hub.close()
+
+    # -- static -------------------------------------------------------------------------
+
+    def start_static(self) -> None:
+        plan = plan_static(self.s, self.node)
+        host, port = plan.instance.host, plan.instance.port
+        self.add("static", plan, make_probe(plan.check, host, port, self.s.check_timeout))
+
+    # -- Docker -------------------------------------------------------------------------
+
+    def _selected(self, cid: str, name: str, labels: dict[str, str] | Any) -> bool:
+        if self.s.mode == "all":
+            return "fluster.service" in labels
+        ref = self.s.container
+        return cid.startswith(ref) or name.lstrip("/") == ref.lstrip("/")
+
+    async def _track_container(self, cid: str) -> None:
+        assert self.docker is not None
+        try:
+            container = await self.docker.inspect(cid)
+        except ContainerGone:
+            self.leave(cid, died=True)
+            return
+        if not container.running:
+            return
+        try:
+            plan = plan_container(container, self.s, self.node, self.detected_ip)
+        except PlanError as exc:
+            log.error("cannot register container", container=container.name, error=str(exc))
+            return
+        current = self.tracked.get(container.id)
+        if current is not None and current.plan == plan:
+            return
+        if current is not None:
+            self.leave(container.id, died=False)  # its address changed: replace the record
+        docker = self.docker
+        probe = make_probe(
+            plan.check,
+            plan.instance.host,
+            plan.instance.port,
+            self.s.check_timeout,
+            lambda: docker.health(container.id),
+        )
+        self.add(container.id, plan, probe)
+
+    async def resync(self) -> None:
+        assert self.docker is not None
+        running = await self.docker.running()
+        for cid, (name, labels) in running.items():
+            if self._selected(cid, name, labels):
+                await self._track_container(cid)
+        for cid in list(self.tracked):
+            if cid not in running:
+                log.info("container gone while we were not looking", container=cid[:12])
+                self.leave(cid, died=True)
+        if self.s.mode == "all":
+            self._spawn(self.remove_zombies(set(running)), "remove zombies")
+
+    async def remove_zombies(self, running: set[str]) -> None:
+        """Delete records of this node naming containers that no longer run."""
+        ours = {r.key for r in self.registrations()}
+        backoff = Backoff(cap=5.0)
+        while True:
+            try:
+                _, kvs = await self.store.get_prefix(services_prefix(self.s.prefix))
+                for kv in kvs:
+                    parsed = parse_key(self.s.prefix, kv.key)
+                    match = OWN_NAME.fullmatch(parsed.instance) if parsed else None
+                    if not match or match["node"] != self.node or kv.key in ours:
+                        continue
+                    if any(cid.startswith(match["cid"]) for cid in running):
+                        continue
+                    with contextlib.suppress(RecordError):
+                        if Instance.parse(kv.value).node != self.node:
+                            continue
+                    log.info("removing record of a vanished container", key=kv.key)
+                    await self.store.delete(kv.key)
+                return
+            except StoreError as exc:
+                log.warning(
+                    "zombie cleanup failed, retrying", error=str(exc), attempt=backoff.attempt + 1
+                )
+                await backoff.sleep()
+
+    async def on_event(self, event: DockerEvent) -> None:
+        if not (
+            event.id in self.tracked
+            or event.id in self.leaving
+            or self._selected(event.id, event.name, event.labels)
+        ):
+            return
+        if event.action == "start":
+            await self._track_container(event.id)
+        elif event.action == "kill" and event.signal in STOP_SIGNALS:
+            self.leave(event.id, died=False)
+        elif event.action in ("die", "stop", "destroy"):
+            self.leave(event.id, died=True)
+
+    async def follow_docker(self) -> None:
+        """Resync, then follow events; again after every break. Runs forever."""
+        assert self.docker is not None
+        backoff = Backoff(base=0.2, cap=2.0)
+        while True:
+            try:
+                if not self.node:
+                    self.node = node_name("", await self.docker.node_name())
+                    log.info("node name from Docker", node=self.node)
+                since = time.time() - 1.0
+                await self.resync()
+                async for event in self.docker.events(since=since):
+                    backoff.reset()
+                    await self.on_event(event)
+            except DockerUnavailable as exc:
+                log.warning(
+                    "docker unreachable, retrying", error=str(exc), attempt=backoff.attempt + 1
+                )
+                await self.docker.close()
+                await backoff.sleep()

@@ -1,0 +1,126 @@
+"""`sidekick`: the entry point. Settings, logging, the loop, signals, orderly shutdown.
+
+Shutdown order (STYLE.md, habit 3): stop following Docker, drain and deregister every
+record (bounded by the drain period plus a margin), then close etcd. Exit 0 after a
+SIGTERM, 1 if a task that should run forever died, 2 for bad settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from fluster.runtime import Backoff, Supervisor, TaskDied, capture_signals, run, setup_logging
+from fluster.settings import SettingsError, exit_on_problems
+from fluster.store import Store, StoreError
+from sidekick import status
+from sidekick.agent import Sidekick
+from sidekick.docker import Docker
+from sidekick.plan import PlanError, detect_ip, node_name
+from sidekick.settings import Settings, build
+
+log = structlog.get_logger("sidekick")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings, status_check = build(argv, os.environ)
+    except SettingsError as exc:
+        exit_on_problems(exc)
+    if status_check:
+        ok, reason = status.check(
+            settings.state_dir / settings.status_name, max_age=max(settings.ttl, 3.0) * 2
+        )
+        print(reason, file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
+    setup_logging(settings.log_level)
+    return run(serve(settings))
+
+
+async def serve(s: Settings) -> int:
+    stop = asyncio.Event()
+    store = Store(s.etcd)
+    docker = Docker(s.docker_host) if s.mode != "static" else None
+    # Docker modes learn the node name from dockerd (the host's name even when the
+    # sidekick itself runs in a container) unless --node says otherwise.
+    node = node_name(s.node) if s.node or s.mode == "static" else ""
+    sidekick = Sidekick(s, store, docker, node, s.advertise_ip or detect_ip())
+    supervisor = Supervisor()
+    status_path = s.state_dir / s.status_name
+    code = 0
+    log.info(
+        "sidekick starting",
+        mode=s.mode,
+        node=node or "(from docker)",
+        ttl=s.ttl,
+        endpoints=",".join(s.etcd.endpoints),
+        prefix=s.prefix,
+    )
+    with capture_signals(stop):
+        try:
+            await connect(store, stop)
+            if s.mode == "static":
+                sidekick.start_static()
+            else:
+                supervisor.start("docker events", sidekick.follow_docker())
+            supervisor.start("status file", write_status(sidekick, status_path, s.ttl / 3))
+            supervisor.start("registrations", crashed(sidekick))
+            await supervisor.wait(stop)
+        except PlanError as exc:
+            log.error("cannot register", error=str(exc))
+            code = 2
+        except TaskDied:
+            code = 1
+        finally:
+            await supervisor.cancel_all()
+            await sidekick.shutdown()
+            with contextlib.suppress(OSError):
+                status_path.unlink()
+            if docker is not None:
+                await docker.close()
+            with contextlib.suppress(StoreError):
+                await store.close()
+    log.info("sidekick stopped", code=code)
+    return code
+
+
+async def connect(store: Store, stop: asyncio.Event) -> None:
+    """Set up the etcd channel; with a user, authenticate (retried: etcd may be down)."""
+    backoff = Backoff(cap=5.0)
+    while not stop.is_set():
+        try:
+            await store.connect()
+            return
+        except StoreError as exc:
+            log.warning(
+                "cannot connect to etcd, retrying", error=str(exc), attempt=backoff.attempt + 1
+            )
+            await backoff.sleep(stop)
+
+
+async def write_status(sidekick: Sidekick, path: os.PathLike[str], every: float) -> None:
+    """Refresh the `--check` status file forever (a local write, no etcd request)."""
+    from pathlib import Path
+
+    while True:
+        try:
+            status.write(Path(path), sidekick.registrations())
+        except OSError as exc:
+            log.warning("cannot write status file", path=str(path), error=str(exc))
+        await asyncio.sleep(every)
+
+
+async def crashed(sidekick: Sidekick) -> None:
+    """Ends (and so stops the process, loudly) if a registration or health task died."""
+    exc = await sidekick.crashed
+    log.error("registration task died", error=repr(exc))
+    raise exc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

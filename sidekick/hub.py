@@ -1,0 +1,148 @@
+"""One etcd watch per service, shared by every registration of that service.
+
+A sidekick must notice two things it did not do itself: its record deleted (`etcdctl
+del`, `fluster gc`) and its service's spec changed (a promotion that retires its
+version). Both live under `{prefix}/services/{service}/`, so one watch of that prefix
+answers both for any number of local instances of the service, and costs no request
+while nothing changes: progress requests are rare (`PROGRESS_EVERY`), since a frozen
+member is already detected by the channel's HTTP/2 keepalive pings.
+
+The watch starts from a snapshot (range-get) and resumes from the last revision after
+a broken stream; compaction means a new snapshot, so no delete is ever missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import structlog
+
+from fluster.keys import service_prefix, spec_key
+from fluster.records import RecordError, ServiceSpec
+from fluster.runtime import Backoff
+from fluster.store import Compacted, Event, Store, StoreError
+from sidekick.registration import RETRY_CAP, Registration
+
+log = structlog.get_logger("sidekick.hub")
+
+PROGRESS_EVERY = 120.0
+
+
+class ServiceWatch:
+    """Watches one service's keys and tells its registrations what changed."""
+
+    def __init__(self, store: Store, prefix: str, service: str) -> None:
+        self.store, self.service = store, service
+        self.prefix = service_prefix(prefix, service)
+        self.spec_key = spec_key(prefix, service)
+        self.spec: ServiceSpec | None = None
+        self.registrations: dict[str, Registration] = {}
+        self.log = log.bind(service=service)
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, reg: Registration) -> None:
+        self.registrations[reg.key] = reg
+        if self.spec is not None:
+            reg.observe_spec(self.spec)
+
+    async def run(self) -> None:
+        backoff = Backoff(base=0.1, cap=RETRY_CAP)
+        revision = 0
+        while True:
+            try:
+                if revision == 0:
+                    revision = await self._snapshot()
+                async for batch in self.store.watch(
+                    self.prefix, revision + 1, progress_every=PROGRESS_EVERY
+                ):
+                    for event in batch.events:
+                        self._apply(event)
+                    revision = max(revision, batch.revision)
+                    backoff.reset()
+            except Compacted:
+                self.log.info("watch history compacted, resyncing")
+                revision = 0
+            except StoreError as exc:
+                self.log.warning(
+                    "service watch failed, retrying", error=str(exc), attempt=backoff.attempt + 1
+                )
+                await backoff.sleep()
+
+    async def _snapshot(self) -> int:
+        revision, kvs = await self.store.get_prefix(self.prefix)
+        present = {kv.key for kv in kvs}
+        spec = ServiceSpec()
+        for kv in kvs:
+            if kv.key == self.spec_key:
+                spec = self._parse_spec(kv.value) or self.spec or ServiceSpec()
+        self._set_spec(spec)
+        for reg in self.registrations.values():
+            if reg.key not in present and reg.put_revision <= revision:
+                reg.key_deleted(revision)
+        return revision
+
+    def _apply(self, event: Event) -> None:
+        if event.kv.key == self.spec_key:
+            if event.type == "delete":
+                self._set_spec(ServiceSpec())
+            elif (spec := self._parse_spec(event.kv.value)) is not None:
+                self._set_spec(spec)
+            return
+        reg = self.registrations.get(event.kv.key)
+        if reg is not None and event.type == "delete":
+            reg.key_deleted(event.kv.mod_revision)
+
+    def _parse_spec(self, raw: bytes) -> ServiceSpec | None:
+        try:
+            return ServiceSpec.parse(raw)
+        except RecordError as exc:
+            # Keep the last good spec: a typo must not retire (or revive) anything.
+            self.log.error("invalid service spec ignored", error=str(exc))
+            return None
+
+    def _set_spec(self, spec: ServiceSpec) -> None:
+        self.spec = spec
+        for reg in list(self.registrations.values()):
+            reg.observe_spec(spec)
+
+
+class Hub:
+    """The service watches of one sidekick process; a watch lives while it has users."""
+
+    def __init__(
+        self, store: Store, prefix: str, on_task: Callable[[asyncio.Task[None]], None]
+    ) -> None:
+        self.store, self.prefix = store, prefix
+        self.on_task = on_task  # guards each watch task: one that ends stops the process
+        self.watches: dict[str, ServiceWatch] = {}
+
+    def add(self, reg: Registration) -> None:
+        watch = self.watches.get(reg.service)
+        if watch is None:
+            watch = self.watches[reg.service] = ServiceWatch(self.store, self.prefix, reg.service)
+            watch.task = asyncio.create_task(watch.run(), name=f"watch {watch.prefix}")
+            self.on_task(watch.task)
+        watch.add(reg)
+
+    async def remove(self, reg: Registration) -> None:
+        watch = self.watches.get(reg.service)
+        if watch is None or watch.registrations.get(reg.key) is not reg:
+            return
+        del watch.registrations[reg.key]
+        if not watch.registrations:
+            del self.watches[reg.service]
+            await _cancel(watch.task)
+
+    async def close(self) -> None:
+        watches, self.watches = list(self.watches.values()), {}
+        for watch in watches:
+            await _cancel(watch.task)
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,293 @@
+"""The registration core: one instance record in etcd, under its own lease.
+
+Every mode (companion, host agent, static) ends up here. A `Registration` is told what
+the world looks like (healthy? retired? shutting down? key deleted by someone?) and one
+task, `run`, makes etcd match it, so writes for a key never race each other:
+
+- wanted (healthy, not retired, not closing): grant a lease if there is none, put the
+  record with it; a second task keeps the lease alive over ONE stream, every TTL/3,
+  with no other request (the cost of a sidekick is that stream and nothing else);
+- not wanted: put `state: draining`, wait the drain period (cut short when the
+  container has already died), revoke the lease.
+
+Failures are retried forever with a capped backoff (<= 1 s, so a record is back within
+a second of etcd being reachable). A lost lease (expired in a partition, revoked) or a
+key deleted behind our back (the watch in `hub.py` tells us) means: grant again, put
+again. Nothing here ever touches the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Callable
+
+import structlog
+
+from fluster.records import Instance, ServiceSpec
+from fluster.runtime import Backoff
+from fluster.store import AuthError, LeaseLost, Store, StoreError
+
+log = structlog.get_logger("sidekick.registration")
+
+RETRY_CAP = 1.0  # seconds: the "back within 1 s of etcd being reachable" promise
+AUTH_RETRY_CAP = 10.0  # wrong credentials will not fix themselves quickly; do not hammer
+
+
+class Registration:
+    """Keeps `instance` under `key` while it is wanted; see the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        key: str,
+        instance: Instance,
+        *,
+        service: str,
+        name: str,
+        ttl: int,
+        drain_seconds: float,
+        healthy: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store, self.key, self.instance = store, key, instance
+        self.service, self.name = service, name
+        self.ttl, self.drain_seconds = ttl, drain_seconds
+        self.healthy = healthy
+        self.retired = False
+        self.closing = False
+        self.spec_seen = asyncio.Event()  # no put before we know whether we are retired
+        self.idle = asyncio.Event()  # set while nothing of ours is in etcd
+        self.idle.set()
+        self.on_retired: Callable[[], None] | None = None  # once, after deregistering
+        self.log = log.bind(service=service, instance=name)
+        self._clock = clock
+        self._was_routed = False
+        self._lease: int | None = None
+        self._written: Instance | None = None
+        self._put_revision = 0
+        self._last_refresh = -math.inf
+        self._wake = asyncio.Event()
+        self._cut_drain = asyncio.Event()
+        self._keeper: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- what the world says ------------------------------------------------------------
+
+    @property
+    def wanted(self) -> bool:
+        return self.healthy and not self.retired and not self.closing
+
+    @property
+    def lease(self) -> int | None:
+        return self._lease
+
+    @property
+    def put_revision(self) -> int:
+        return self._put_revision
+
+    @property
+    def written(self) -> bool:
+        return self._written is not None
+
+    @property
+    def current(self) -> bool:
+        """True unless the record should be in etcd and is not known to be (for --check)."""
+        if not self.wanted:
+            return True
+        fresh = self._clock() - self._last_refresh < self.ttl
+        return self._written == self.instance and fresh
+
+    def set_healthy(self, healthy: bool) -> None:
+        if healthy != self.healthy:
+            self.log.info("app healthy" if healthy else "app unhealthy: deregistering")
+        self.healthy = healthy
+        self._poke()
+
+    def key_deleted(self, revision: int) -> None:
+        """Our key was deleted at `revision` (watch or resync): put it back if wanted."""
+        if self._written is not None and revision > self._put_revision and not self.wanted:
+            self._written = None  # on its way out anyway (our own revoke, most likely)
+        elif self._written is not None and revision > self._put_revision:
+            self.log.warning("record deleted from etcd, registering again", revision=revision)
+            self._written = None
+            self._poke()
+
+    def observe_spec(self, spec: ServiceSpec) -> None:
+        """Retire when a promotion moved traffic away from a version we once served.
+
+        A version that was never routed (a new release started before its promotion)
+        must register, or it could never be promoted; one listed in the spec's history
+        was superseded while we were not looking, so it stays retired.
+        """
+        version = self.instance.version
+        if spec.routes_version(version):
+            self._was_routed = True
+        elif not self.retired and (self._was_routed or (version and version in spec.history)):
+            self.log.info(
+                "retired: traffic moved to another version",
+                version=version,
+                active_version=spec.active_version,
+            )
+            self.retired = True
+        self.spec_seen.set()
+        self._poke()
+
+    def container_died(self) -> None:
+        """Nothing left to drain: deregister without waiting the drain period."""
+        self._cut_drain.set()
+        self._poke()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self, on_crash: Callable[[BaseException], None]) -> None:
+        self._task = asyncio.create_task(self.run(), name=f"register {self.key}")
+
+        def done(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                on_crash(task.exception())  # type: ignore[arg-type]
+
+        self._task.add_done_callback(done)
+        self._poke()
+
+    async def close(self, *, limit: float | None = None) -> None:
+        """Drain and deregister, then stop; bounded by `limit` (default drain + 5 s)."""
+        self.closing = True
+        self._poke()
+        limit = limit if limit is not None else self.drain_seconds + 5.0
+        try:
+            async with asyncio.timeout(limit):
+                await self.idle.wait()
+        except TimeoutError:
+            self.log.warning(
+                "could not deregister in time; the record expires with its lease",
+                lease=_hex(self._lease),
+                ttl=self.ttl,
+            )
+        await self.cancel()
+
+    async def cancel(self) -> None:
+        """Stop both tasks without touching etcd (the lease then expires on its own)."""
+        for task in (self._task, self._keeper):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._keeper = None
+
+    def _poke(self) -> None:
+        self._wake.set()
+
+    # -- the one writer -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        backoff = Backoff(base=0.1, cap=RETRY_CAP)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                if self.wanted and self.spec_seen.is_set():
+                    await self._up()
+                elif not self.wanted and (self._written or self._lease):
+                    await self._down()
+                backoff.reset()
+            except LeaseLost:
+                self.log.warning("lease lost, registering again", lease=_hex(self._lease))
+                await self._forget_lease()
+                self._poke()
+            except StoreError as exc:
+                backoff.cap = AUTH_RETRY_CAP if isinstance(exc, AuthError) else RETRY_CAP
+                self.log.warning(
+                    "etcd write failed, retrying",
+                    error=str(exc),
+                    attempt=backoff.attempt + 1,
+                    lease=_hex(self._lease),
+                )
+                self._poke()
+                await backoff.sleep()
+            if not self._written and not self._lease:
+                self.idle.set()
+                if self.retired and self.on_retired is not None:
+                    callback, self.on_retired = self.on_retired, None
+                    callback()
+
+    async def _up(self) -> None:
+        self.idle.clear()
+        if self._lease is None:
+            self._lease = await self.store.grant(self.ttl)
+            self._keeper = asyncio.create_task(
+                self._keep(self._lease), name=f"keepalive {self.key}"
+            )
+        if self._written != self.instance:
+            self._put_revision = await self.store.put(
+                self.key, self.instance.to_json(), lease=self._lease
+            )
+            self._written = self.instance
+            self._last_refresh = self._clock()
+            self.log.info(
+                "registered",
+                address=self.instance.address,
+                lease=_hex(self._lease),
+                version=self.instance.version,
+                ttl=self.ttl,
+            )
+
+    async def _down(self) -> None:
+        """Draining record, drain period, revoke: resumable after an etcd error."""
+        lease = self._lease
+        fresh = self._written is not None and self._written.state != "draining"
+        if fresh and lease and self.drain_seconds > 0 and not self._cut_drain.is_set():
+            draining = self.instance.replace(state="draining")
+            self._put_revision = await self.store.put(self.key, draining.to_json(), lease=lease)
+            self._written = draining
+            self.log.info("draining", seconds=self.drain_seconds, lease=_hex(lease))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._cut_drain.wait(), self.drain_seconds)
+        if lease is not None:
+            await self.store.revoke(lease)  # takes the key with it
+        elif self._written is not None:
+            await self.store.delete(self.key)
+        self.log.info("deregistered", lease=_hex(lease))
+        await self._forget_lease()
+        self._cut_drain.clear()
+
+    async def _forget_lease(self) -> None:
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None and keeper is not asyncio.current_task():
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+        self._lease = None
+        self._written = None
+
+    async def _keep(self, lease: int) -> None:
+        """Refresh `lease` over one stream; reopen it after errors, report a lost lease."""
+        backoff = Backoff(base=0.1, cap=RETRY_CAP)
+        while True:
+            try:
+                async for _ttl in self.store.keepalive(lease, self.ttl / 3):
+                    self._last_refresh = self._clock()
+                    backoff.reset()
+            except LeaseLost:
+                if self._lease == lease:
+                    self.log.warning("lease expired, registering again", lease=_hex(lease))
+                    self._keeper = None  # we are it: let _forget_lease not cancel us
+                    self._lease = None
+                    self._written = None
+                    self._poke()
+                return
+            except StoreError as exc:
+                backoff.cap = AUTH_RETRY_CAP if isinstance(exc, AuthError) else RETRY_CAP
+                self.log.warning(
+                    "lease keepalive failed, retrying",
+                    error=str(exc),
+                    attempt=backoff.attempt + 1,
+                    lease=_hex(lease),
+                )
+                await backoff.sleep()
+
+
+def _hex(lease: int | None) -> str | None:
+    return None if lease is None else f"{lease:x}"

@@ -1,0 +1,243 @@
+"""A real Docker engine for tests, and small app containers on it.
+
+`docker_engine` makes sure dockerd answers (scripts/start-dockerd.sh starts it as root
+when it does not) and that the base image exists (scripts/base-image.sh builds it from
+Debian packages when no registry is reachable, which is the normal case here). Tests
+skip only when they cannot possibly run: not root and no engine, or no dockerd binary.
+
+`apps` runs throwaway containers of that image serving HTTP with `python3` (no image
+build needed), publishes their port on 127.0.0.1 with a Docker-assigned host port, and
+removes them after the test. `PrivateDockerd` is a second engine with its own socket and
+data root, for the tests that kill and restart dockerd without disturbing anyone else's
+containers on the shared one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support.etcd import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker")
+DOCKERD = shutil.which("dockerd") or "/usr/sbin/dockerd"
+BASE_IMAGE = os.environ.get("BASE_IMAGE", "debian:bookworm-slim")
+
+# The test app: an HTTP server that exits promptly on SIGTERM (as PID 1 it would
+# otherwise ignore it) and answers 503 on /health while /tmp/sick exists.
+APP = """
+import http.server, os, signal, sys
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        sick = self.path == "/health" and os.path.exists("/tmp/sick")
+        self.send_response(503 if sick else 200)
+        self.end_headers()
+        self.wfile.write(b"sick" if sick else b"ok")
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def docker_cmd(
+    *args: str, host: str | None = None, check: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    assert DOCKER is not None
+    cmd = [DOCKER, *(["-H", host] if host else []), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed: {result.stderr.strip()}")
+    return result
+
+
+@dataclass
+class Engine:
+    """One Docker engine (its API URL) and the test containers started on it."""
+
+    host: str = "unix:///var/run/docker.sock"
+    containers: list[str] = field(default_factory=list)
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 60) -> str:
+        return docker_cmd(*args, host=self.host, check=check, timeout=timeout).stdout.strip()
+
+    def run_app(
+        self,
+        port: int = 8000,
+        *,
+        labels: dict[str, str] | None = None,
+        name: str | None = None,
+        publish: bool = True,
+        extra: tuple[str, ...] = (),
+    ) -> str:
+        """Start the test app serving HTTP on `port`; returns the container id."""
+        name = name or f"fluster-test-{uuid.uuid4().hex[:10]}"
+        args = ["run", "-d", "--name", name, "--label", "fluster.test=1"]
+        for key, value in (labels or {}).items():
+            args += ["--label", f"{key}={value}"]
+        if publish:
+            args += ["-p", f"127.0.0.1::{port}"]
+        cid = self.docker(*args, *extra, BASE_IMAGE, "python3", "-c", APP, str(port))
+        self.containers.append(cid)
+        return cid
+
+    def host_port(self, cid: str, port: int = 8000) -> int:
+        out = self.docker("port", cid, f"{port}/tcp")  # "127.0.0.1:49153"
+        return int(out.splitlines()[0].rpartition(":")[2])
+
+    def inspect(self, cid: str) -> dict[str, object]:
+        data: list[dict[str, object]] = json.loads(self.docker("inspect", cid))
+        return data[0]
+
+    def running(self, cid: str) -> bool:
+        state = self.inspect(cid)["State"]
+        assert isinstance(state, dict)
+        return bool(state["Running"])
+
+    def cleanup(self) -> None:
+        for cid in self.containers:
+            docker_cmd("rm", "-f", cid, host=self.host, check=False)
+        self.containers.clear()
+
+
+def _usable() -> str | None:
+    """Why Docker tests cannot run here, or None."""
+    if DOCKER is None or not os.path.exists(DOCKERD):
+        return "Docker is not installed (apt-get install docker.io)"
+    if docker_cmd("info", check=False).returncode == 0:
+        return None
+    if os.geteuid() != 0:
+        return "the Docker engine does not answer and this is not root (cannot start dockerd)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Engine:
+    """The machine's Docker engine, started if needed, with the base image present."""
+    reason = _usable()
+    if reason:
+        pytest.skip(reason)
+    env = {**os.environ, "DOCKER": DOCKER or "docker"}
+    subprocess.run(
+        [str(REPO / "scripts/start-dockerd.sh")],
+        check=True,
+        env=env,
+        timeout=120,
+        capture_output=True,
+    )
+    subprocess.run(
+        [str(REPO / "scripts/base-image.sh")],
+        check=True,
+        timeout=1200,
+        env={**env, "FLUSTER_BASE_PULL": os.environ.get("FLUSTER_BASE_PULL", "0")},
+    )
+    return Engine()
+
+
+@pytest.fixture
+def apps(docker_engine: Engine) -> Iterator[Engine]:
+    """The engine, removing the containers a test started when it ends."""
+    engine = Engine(docker_engine.host)
+    try:
+        yield engine
+    finally:
+        engine.cleanup()
+
+
+class PrivateDockerd:
+    """A second dockerd: own socket, data and exec roots, no bridge, no iptables.
+
+    Containers on it use the host network (no bridge to publish ports on), which is all
+    the restart tests need. Killing it touches nobody else's containers.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.sock = root / "docker.sock"
+        self.host = f"unix://{self.sock}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        args = [
+            DOCKERD,
+            "--host",
+            self.host,
+            "--data-root",
+            str(self.root / "data"),
+            "--exec-root",
+            str(self.root / "exec"),
+            "--pidfile",
+            str(self.root / "pid"),
+            "--bridge",
+            "none",
+            "--iptables=false",
+            "--ip6tables=false",
+            "--ip-masq=false",
+        ]
+        with open(self.root / "dockerd.log", "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+        wait_for(
+            lambda: docker_cmd("info", host=self.host, check=False).returncode == 0,
+            timeout=60,
+            interval=0.2,
+            what="private dockerd",
+        )
+
+    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+        self.proc = None
+
+    def load_base_image(self) -> None:
+        """Copy the base image over from the main engine (docker save | docker load)."""
+        save = subprocess.Popen([DOCKER or "docker", "save", BASE_IMAGE], stdout=subprocess.PIPE)
+        subprocess.run(
+            [DOCKER or "docker", "-H", self.host, "load", "-q"],
+            stdin=save.stdout,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        save.wait(60)
+
+    def stop_all(self) -> None:
+        if self.proc is None:
+            return
+        ids = docker_cmd("ps", "-aq", host=self.host, check=False).stdout.split()
+        if ids:
+            docker_cmd("rm", "-f", *ids, host=self.host, check=False)
+        self.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def private_dockerd(
+    docker_engine: Engine,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[PrivateDockerd]:
+    # A short path: the unix socket path must fit in 108 bytes.
+    root = Path(f"/tmp/fl-dockerd-{uuid.uuid4().hex[:8]}")
+    engine = PrivateDockerd(root)
+    engine.start()
+    try:
+        engine.load_base_image()
+        yield engine
+    finally:
+        engine.stop_all()
+        # containerd-shims of killed containers may hold the mounts a moment longer.
+        deadline = time.monotonic() + 10
+        while root.exists() and time.monotonic() < deadline:
+            subprocess.run(["umount", "-R", str(root)], capture_output=True)
+            shutil.rmtree(root, ignore_errors=True)
