@@ -9,6 +9,8 @@ component's real calls are allowed, and "forbidden" means the AuthError it would
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -25,9 +27,10 @@ from fluster.store import (
     Unavailable,
     WatchRefused,
 )
-from tests.support.etcd import eventually
+from tests.support.etcd import eventually, wait_for
 from tests.support.pki import Pki
 from tests.support.rbac import PREFIX, RELOADER_PASSWORD, RbacEtcd, sidekick_identity
+from tests.support.sidekick import Sidekicks
 
 pytestmark = pytest.mark.slow
 
@@ -173,3 +176,85 @@ async def test_store_errors_never_carry_the_password(etcd_rbac: RbacEtcd) -> Non
         with pytest.raises(StoreError) as info:
             await store.put(WEB_1, INSTANCE)
     assert RELOADER_PASSWORD not in str(info.value)
+
+
+# -- real processes with those identities ---------------------------------------------
+
+TOKEN_RE = re.compile(r"\b[A-Za-z]{16}\.\d+\b")  # etcd's "simple" auth token format
+
+
+def assert_no_secrets(rbac: RbacEtcd, logs: dict[str, str]) -> None:
+    """No password, private key line or auth token in any line a component printed."""
+    assert logs and all(logs.values()), "nothing captured"
+    for name, text in logs.items():
+        for line in text.splitlines():
+            for secret in rbac.secrets():
+                assert secret not in line, f"{name} logged a secret: {line[:200]}"
+            assert "PRIVATE KEY" not in line, f"{name}: {line[:200]}"
+            assert not TOKEN_RE.search(line), f"{name} logged what looks like a token: {line}"
+
+
+def sidekick_env(rbac: RbacEtcd, identity: str, **extra: str) -> dict[str, str]:
+    env = rbac.env(identity)
+    wanted = ("ETCD_ENDPOINTS", "ETCD_CACERT", "ETCD_CERT", "ETCD_KEY", "FLUSTER_PREFIX")
+    return {**{k: env[k] for k in wanted}, **extra}
+
+
+def test_static_sidekicks_with_their_identities(etcd_rbac: RbacEtcd, tmp_path: Path) -> None:
+    runner = Sidekicks(etcd_rbac.etcd, tmp_path)
+    common = ("--node", "n1", "--ttl", "2", "--drain-seconds", "0.2", "--app-version", "v1")
+    try:
+        web = runner.start(
+            "--service",
+            "web",
+            "--address",
+            "127.0.0.1:8080",
+            *common,
+            **sidekick_env(etcd_rbac, sidekick_identity("web")),
+        )
+        # The web identity asked to register api: refused by etcd, retried, never crashes.
+        wrong = runner.start(
+            "--service",
+            "api",
+            "--address",
+            "127.0.0.1:8081",
+            *common,
+            **sidekick_env(etcd_rbac, sidekick_identity("web")),
+        )
+        # A password identity (the reloader's: may not write instances) and a wrong password.
+        pw = runner.start(
+            "--service",
+            "web",
+            "--address",
+            "127.0.0.1:8082",
+            *common,
+            **sidekick_env(
+                etcd_rbac, "anyone", ETCD_USER="reloader-pw", ETCD_PASSWORD=RELOADER_PASSWORD
+            ),
+        )
+        bad_pw = runner.start(
+            "--service",
+            "web",
+            "--address",
+            "127.0.0.1:8083",
+            *common,
+            **sidekick_env(etcd_rbac, "anyone", ETCD_USER="reloader-pw", ETCD_PASSWORD="nope"),
+        )
+        wait_for(lambda: "n1-127.0.0.1-8080" in runner.instances("web"), what="web registered")
+        wait_for(
+            lambda: "permission denied" in wrong.log() and "permission denied" in pw.log(),
+            timeout=15,
+            what="the refusals logged",
+        )
+        wait_for(lambda: "wrong user name or password" in bad_pw.log(), timeout=15)
+        time.sleep(3)  # past one TTL: the good one keeps its lease, the others stay out
+        assert set(runner.instances("web")) == {"n1-127.0.0.1-8080"}
+        assert runner.instances("api") == {}
+        for proc in (web, wrong, pw, bad_pw):
+            assert proc.proc.poll() is None, proc.log()[-2000:]
+        assert web.stop() == 0
+        assert runner.instances("web") == {}  # drained and revoked with its own identity
+    finally:
+        runner.close()
+    logs = {f"sidekick{i}": p.log() for i, p in enumerate(runner.procs)}
+    assert_no_secrets(etcd_rbac, logs)
