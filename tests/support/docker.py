@@ -203,15 +203,16 @@ class PrivateDockerd:
 
     def load_base_image(self) -> None:
         """Copy the base image over from the main engine (docker save | docker load)."""
-        save = subprocess.Popen([DOCKER or "docker", "save", BASE_IMAGE], stdout=subprocess.PIPE)
-        subprocess.run(
-            [DOCKER or "docker", "-H", self.host, "load", "-q"],
-            stdin=save.stdout,
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-        save.wait(60)
+        with subprocess.Popen(
+            [DOCKER or "docker", "save", BASE_IMAGE], stdout=subprocess.PIPE
+        ) as save:
+            subprocess.run(
+                [DOCKER or "docker", "-H", self.host, "load", "-q"],
+                stdin=save.stdout,
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
 
     def stop_all(self) -> None:
         if self.proc is None:
