@@ -1,0 +1,180 @@
+"""The two things being compared, behind one small interface.
+
+`Ours` runs `reloader run` (issue 4); `Naive` runs bench/baseline.py. Both are started as
+separate processes on their own etcd prefix, HTTP port and state directory, so a row
+measures whole processes (their CPU, their RSS) the way they run in production.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import adapter
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    applies: int = 0  # config changes applied in any way
+    reloads: int = 0  # of which: HAProxy reloads/restarts (new processes)
+    runtime: int = 0  # of which: through the runtime API only
+
+    def __sub__(self, other: Counts) -> Counts:
+        return Counts(
+            self.applies - other.applies,
+            self.reloads - other.reloads,
+            self.runtime - other.runtime,
+        )
+
+
+class Pipeline:
+    name = ""
+    label = ""
+
+    def __init__(
+        self, workdir: Path, etcd_endpoints: str, prefix: str, http_port: int, status_port: int
+    ) -> None:
+        self.workdir = workdir
+        self.state_dir = workdir / "state"
+        self.etcd_endpoints = etcd_endpoints
+        self.prefix = prefix
+        self.http_port = http_port
+        self.status_port = status_port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "pipeline.log"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=log, start_new_session=True
+            )
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        self.kill_leftover_haproxy()
+
+    def kill_leftover_haproxy(self) -> None:
+        """HAProxy processes started for this state dir must not outlive the row."""
+        for pid in haproxy_pids(self.state_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def config_text(self) -> str:
+        path = self.state_dir / "haproxy.cfg"
+        return path.read_text() if path.exists() else ""
+
+    def stats_socket(self) -> Path | None:
+        return adapter.stats_socket(self.config_text())
+
+    def counts(self) -> Counts:
+        raise NotImplementedError
+
+    def tail_log(self, lines: int = 20) -> str:
+        if not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+class Naive(Pipeline):
+    name = "baseline"
+    label = "naive confd-style: render, haproxy -c, haproxy -sf"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "bench.baseline",
+            "--etcd-endpoints",
+            self.etcd_endpoints,
+            "--prefix",
+            self.prefix,
+            "--state-dir",
+            str(self.state_dir),
+            "--http-bind",
+            f"127.0.0.1:{self.http_port}",
+        ]
+
+    def counts(self) -> Counts:
+        path = self.state_dir / "baseline.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return Counts()
+        return Counts(data["applies"], data["reloads"], 0)
+
+
+class Ours(Pipeline):
+    name = "fluster"
+    label = "reloader run"
+
+    def command(self) -> list[str]:
+        return adapter.reloader_command(self)
+
+    def counts(self) -> Counts:
+        return adapter.reloader_counts(self)
+
+
+def haproxy_pids(state_dir: Path) -> list[int]:
+    """Processes whose command line mentions a file in `state_dir` and that are haproxy."""
+    marker = str(state_dir).encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        is_haproxy = cmdline.startswith(b"/usr/sbin/haproxy") or b"haproxy\0" in cmdline[:40]
+        if is_haproxy and marker in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until(predicate: object, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"timed out after {within}s waiting for {what}")

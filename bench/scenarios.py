@@ -1,0 +1,532 @@
+"""The rows: each scenario drives etcd and HAProxy and returns raw figures.
+
+Shared by every row: one etcd (a real member, tests/support/etcd.py), one backend process
+(bench/backends.py), one bench-side Store for the writes. Every latency starts just
+before the etcd put is sent and ends when the probe's response body names the new
+backend, so it covers watch delivery, debounce, render, validation, apply and HAProxy
+picking the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import haproxy
+from bench.backends import Backends
+from bench.load import LoadResult, keepalive, new_connections
+from bench.pipelines import Counts, Naive, Ours, Pipeline, rss_kb
+from bench.probe import Probe
+from fluster import keys
+from fluster.store import Store
+from tests.support.etcd import Etcd, free_port
+
+BASE_SERVERS = 1000
+HEAVY, LIGHT = 256, 1  # new backend's weight vs the existing 1,000 (see P1 notes)
+
+
+@dataclass
+class Env:
+    work: Path
+    etcd: Etcd
+    store: Store
+    backends: Backends
+    quick: bool
+    base: list[int] = field(default_factory=list)  # the existing 1,000 servers
+    p1: list[int] = field(default_factory=list)  # new servers in P1, cycled
+    p2: list[int] = field(default_factory=list)  # new services in P2, cycled
+    load: list[int] = field(default_factory=list)  # the service under load in P3
+
+    def split_ports(self) -> None:
+        ports = self.backends.ports
+        self.base = ports[:BASE_SERVERS]
+        self.p1 = ports[BASE_SERVERS : BASE_SERVERS + 50]
+        self.p2 = ports[BASE_SERVERS + 50 : BASE_SERVERS + 100]
+        self.load = ports[BASE_SERVERS + 100 : BASE_SERVERS + 104]
+
+
+PORTS_NEEDED = BASE_SERVERS + 104
+
+
+def instance(port: int, weight: int = 100, host: str = "127.0.0.1") -> str:
+    return json.dumps({"host": host, "port": port, "weight": weight, "version": "v1"})
+
+
+async def put_many(store: Store, items: list[tuple[str, str]], concurrency: int = 64) -> None:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(key: str, value: str) -> None:
+        async with gate:
+            await store.put(key, value)
+
+    await asyncio.gather(*(one(k, v) for k, v in items))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+@dataclass
+class Latencies:
+    samples: list[float] = field(default_factory=list)
+    misses: int = 0  # trials where the new backend never answered within the limit
+
+    @property
+    def p50(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
+
+    @property
+    def p99(self) -> float | None:
+        return percentile(self.samples, 99) if self.samples else None
+
+    @property
+    def worst(self) -> float | None:
+        return max(self.samples) if self.samples else None
+
+
+# -- pipelines --------------------------------------------------------------------------
+
+
+def make_pipeline(kind: str, env: Env, prefix: str) -> Pipeline:
+    cls = Ours if kind == "fluster" else Naive
+    workdir = env.work / f"{kind}{prefix.replace('/', '-')}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    return cls(workdir, env.etcd.endpoints, prefix, free_port(), free_port())
+
+
+async def start(pipeline: Pipeline, within: float = 30.0) -> None:
+    pipeline.start()
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not pipeline.alive():
+            raise RuntimeError(f"{pipeline.name} exited:\n{pipeline.tail_log()}")
+        sock = pipeline.stats_socket()
+        if sock is not None and sock.exists():
+            try:
+                await haproxy.servers(sock)
+                return
+            except OSError:
+                pass
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"{pipeline.name}: HAProxy not up within {within}s\n{pipeline.tail_log()}")
+
+
+async def serving(pipeline: Pipeline, service: str) -> Counter[str]:
+    sock = pipeline.stats_socket()
+    if sock is None:
+        return Counter()
+    try:
+        return haproxy.serving(await haproxy.servers(sock), service)
+    except (OSError, TimeoutError, ValueError, KeyError):
+        return Counter()  # between two HAProxy processes: ask again
+
+
+async def converge(
+    pipeline: Pipeline, service: str, want: Counter[str], within: float, every: float = 0.01
+) -> float | None:
+    """Monotonic time at which HAProxy serves exactly `want` for `service`; None if never."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await serving(pipeline, service) == want:
+            return time.monotonic()
+        await asyncio.sleep(every)
+    return None
+
+
+async def wait_counts(pipeline: Pipeline, done: object, within: float) -> Counts | None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        counts = pipeline.counts()
+        if done(counts):  # type: ignore[operator]
+            return counts
+        await asyncio.sleep(0.005)
+    return None
+
+
+# -- P1 / P2 ----------------------------------------------------------------------------
+
+
+async def setup_base(env: Env, pipeline: Pipeline) -> None:
+    """Service p1 with 1,000 servers, served by HAProxy before any trial starts."""
+    prefix = pipeline.prefix
+    await put_many(
+        env.store,
+        [
+            (keys.instance_key(prefix, "p1", f"base-{i:04d}"), instance(port, LIGHT))
+            for i, port in enumerate(env.base)
+        ],
+    )
+    want = Counter(f"127.0.0.1:{p}" for p in env.base)
+    if await converge(pipeline, "p1", want, within=60, every=0.1) is None:
+        got = await serving(pipeline, "p1")
+        raise RuntimeError(
+            f"{pipeline.name}: p1 never reached 1,000 servers (has {sum(got.values())})\n"
+            + pipeline.tail_log()
+        )
+
+
+async def p1_trials(env: Env, pipeline: Pipeline, trials: int) -> Latencies:
+    """Membership change: one new server into the 1,000-server backend, then removed again."""
+    result = Latencies()
+    probe = Probe(pipeline.http_port, "p1.localhost")
+    prefix = pipeline.prefix
+    base = Counter(f"127.0.0.1:{p}" for p in env.base)
+    try:
+        for k in range(trials):
+            port = env.p1[k % len(env.p1)]
+            key = keys.instance_key(prefix, "p1", f"new-{k:04d}")
+            t0 = time.monotonic()
+            await env.store.put(key, instance(port, HEAVY))
+            seen = await probe.until(str(port).encode(), within=5.0)
+            if seen is None:
+                result.misses += 1
+            else:
+                result.samples.append(seen - t0)
+            await env.store.delete(key)
+            # The next trial starts from the same 1,000 servers, not from a pending removal.
+            await converge(pipeline, "p1", base, within=10.0)
+            await asyncio.sleep(0.02)
+    finally:
+        probe.close()
+    return result
+
+
+async def p2_trials(env: Env, pipeline: Pipeline, trials: int) -> Latencies:
+    """Structural change: a new service (new backend and route), one instance."""
+    result = Latencies()
+    prefix = pipeline.prefix
+    for k in range(trials):
+        port = env.p2[k % len(env.p2)]
+        service = f"n{k:04d}"
+        probe = Probe(pipeline.http_port, f"{service}.localhost")
+        try:
+            t0 = time.monotonic()
+            await env.store.put(keys.instance_key(prefix, service, "i0"), instance(port))
+            seen = await probe.until(str(port).encode(), within=10.0)
+        finally:
+            probe.close()
+        if seen is None:
+            result.misses += 1
+        else:
+            result.samples.append(seen - t0)
+        await asyncio.sleep(0.05)  # let the reload finish (old worker handed over)
+    return result
+
+
+# -- P3 ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ReloadSafety:
+    reloads: int
+    results: list[LoadResult]
+    seconds: float
+
+    @property
+    def requests(self) -> int:
+        return sum(r.requests for r in self.results)
+
+    @property
+    def failures(self) -> int:
+        return sum(r.failures for r in self.results)
+
+
+async def p3_reloads(env: Env, pipeline: Pipeline, reloads: int) -> ReloadSafety:
+    prefix = pipeline.prefix
+    await put_many(
+        env.store,
+        [(keys.instance_key(prefix, "load", f"l{i}"), instance(p)) for i, p in enumerate(env.load)],
+    )
+    want = Counter(f"127.0.0.1:{p}" for p in env.load)
+    if await converge(pipeline, "load", want, within=30) is None:
+        raise RuntimeError(f"{pipeline.name}: service 'load' never served")
+    url = f"http://127.0.0.1:{pipeline.http_port}/"
+    loads = [
+        keepalive(url, "load.localhost", connections=4).start(),
+        new_connections(url, "load.localhost", workers=4, rate=250).start(),
+    ]
+    t0 = time.monotonic()
+    done = 0
+    try:
+        await asyncio.sleep(1.0)
+        for k in range(reloads):
+            before = pipeline.counts().reloads
+            key = keys.instance_key(prefix, f"r{k:03d}", "i0")
+            await env.store.put(key, instance(env.p2[k % len(env.p2)]))
+            if await wait_counts(pipeline, lambda c, b=before: c.reloads > b, 10.0) is None:
+                raise RuntimeError(f"{pipeline.name}: reload {k} never happened")
+            done += 1
+            await asyncio.sleep(0.1)  # the old process drains while the load goes on
+        await asyncio.sleep(1.0)
+    finally:
+        results = [load.stop() for load in loads]
+    return ReloadSafety(done, results, time.monotonic() - t0)
+
+
+# -- P4 ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Storm:
+    applies: int
+    reloads: int
+    runtime: int
+    after_last: float | None  # s from the last put until HAProxy equals etcd
+    after_first: float | None
+    spread: float  # s between the first and the last put
+
+
+async def p4_storm(env: Env, pipeline: Pipeline, count: int = 1000) -> Storm:
+    prefix = pipeline.prefix
+    first_key = keys.instance_key(prefix, "storm", "s-seed")
+    await env.store.put(first_key, instance(env.load[0]))
+    seed = Counter([f"127.0.0.1:{env.load[0]}"])
+    if await converge(pipeline, "storm", seed, within=30) is None:
+        raise RuntimeError(f"{pipeline.name}: service 'storm' never served")
+    await asyncio.sleep(1.0)  # let any debounce settle before counting
+    before = pipeline.counts()
+    items = [
+        (keys.instance_key(prefix, "storm", f"s-{i:04d}"), instance(port))
+        for i, port in enumerate(env.base[:count])
+    ]
+    ticks = 100  # 10 puts every 10 ms: the registrations spread over one second
+    per_tick = len(items) // ticks
+    t_first = time.monotonic()
+    for tick in range(ticks):
+        target = t_first + tick * 0.01
+        await asyncio.sleep(max(0.0, target - time.monotonic()))
+        await put_many(env.store, items[tick * per_tick : (tick + 1) * per_tick], 16)
+    t_last = time.monotonic()
+    want = seed + Counter(f"127.0.0.1:{p}" for p in env.base[:count])
+    seen = await converge(pipeline, "storm", want, within=60.0, every=0.02)
+    await asyncio.sleep(2.0)  # applies still queued would show up in the counters now
+    delta = pipeline.counts() - before
+    return Storm(
+        applies=delta.applies,
+        reloads=delta.reloads,
+        runtime=delta.runtime,
+        after_last=None if seen is None else seen - t_last,
+        after_first=None if seen is None else seen - t_first,
+        spread=t_last - t_first,
+    )
+
+
+# -- P1-P4 for one pipeline ---------------------------------------------------------------
+
+
+@dataclass
+class Compared:
+    p1: Latencies | None = None
+    p2: Latencies | None = None
+    p3: ReloadSafety | None = None
+    p4: Storm | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+async def run_pipeline(
+    env: Env, kind: str, only: set[str], trials: int, p2_trials_n: int, reloads: int
+) -> Compared:
+    out = Compared()
+    pipeline = make_pipeline(kind, env, f"/bench-{kind}")
+    try:
+        await start(pipeline)
+        if only & {"P1", "P2"}:
+            await setup_base(env, pipeline)
+        if "P1" in only:
+            out.p1 = await p1_trials(env, pipeline, trials)
+        if "P2" in only:
+            out.p2 = await p2_trials(env, pipeline, p2_trials_n)
+        if "P3" in only:
+            out.p3 = await p3_reloads(env, pipeline, reloads)
+        if "P4" in only:
+            out.p4 = await p4_storm(env, pipeline)
+    except Exception as exc:
+        out.errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+    finally:
+        pipeline.stop()
+    return out
+
+
+# -- P5 ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Scale:
+    snapshot: float
+    render: float
+    validate: float
+    rss_kb: int | None = None
+    peak_kb: int | None = None
+    first_apply: float | None = None
+    config_bytes: int = 0
+    error: str = ""
+
+    @property
+    def total(self) -> float:
+        return self.snapshot + self.render + self.validate
+
+
+async def p5_scale(env: Env, services: int = 500, per_service: int = 20) -> Scale:
+    from bench import adapter
+    from fluster.catalog import Catalog
+
+    prefix = "/bench-p5"
+    items = [
+        (
+            keys.instance_key(prefix, f"s{s:03d}", f"i{i:02d}"),
+            instance(env.base[(s * per_service + i) % len(env.base)]),
+        )
+        for s in range(services)
+        for i in range(per_service)
+    ]
+    await put_many(env.store, items, 128)
+    runs = []
+    state = env.work / "p5"
+    state.mkdir(exist_ok=True)
+    for _ in range(1 if env.quick else 3):
+        t0 = time.monotonic()
+        snapshot = await Catalog(env.store, prefix).load()
+        t1 = time.monotonic()
+        text = adapter.render(snapshot, state_dir=state, http_bind="127.0.0.1:1")
+        t2 = time.monotonic()
+        cfg = state / "haproxy.cfg"
+        cfg.write_text(text)
+        check = await asyncio.create_subprocess_exec(
+            "haproxy", "-c", "-q", "-f", str(cfg), stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await check.communicate()
+        t3 = time.monotonic()
+        if check.returncode != 0:
+            raise RuntimeError(f"haproxy -c refused the 10,000-server config: {err[-500:]!r}")
+        runs.append((t1 - t0, t2 - t1, t3 - t2, len(text)))
+    runs.sort(key=lambda r: r[0] + r[1] + r[2])
+    snap, render, validate, size = runs[len(runs) // 2]
+    result = Scale(snap, render, validate, config_bytes=size)
+    # The reloader itself on the same 10,000 instances: time to first apply, its RSS.
+    pipeline = make_pipeline("fluster", env, prefix)
+    try:
+        t0 = time.monotonic()
+        await start(pipeline, within=60)
+        total = Counter()  # type: Counter[str]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            sock = pipeline.stats_socket()
+            if sock is not None and sock.exists():
+                with contextlib.suppress(OSError, TimeoutError):
+                    total = Counter(s.backend for s in await haproxy.servers(sock) if s.serving)
+            if sum(total.values()) >= len(items):
+                result.first_apply = time.monotonic() - t0
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2.0)
+        result.rss_kb = rss_kb(pipeline.pid)
+        result.peak_kb = rss_kb(pipeline.pid, "VmHWM")
+    except Exception as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        pipeline.stop()
+    return result
+
+
+# -- P6 ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Footprint:
+    rss_kb: int
+    cpu_percent: float
+    window: float
+    requests_per_min: float
+    by_method: dict[str, float]
+    ttl: int
+    command: str
+
+
+def console_script(name: str) -> str:
+    """The venv's console script (the venv's bin is not necessarily on PATH)."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else name
+
+
+def spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+
+
+def etcd_messages(env: Env) -> Counter[str]:
+    """gRPC messages etcd has received, by method (etcd's own /metrics)."""
+    import urllib.request
+
+    url = f"http://{env.etcd.members[0].endpoint}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:  # loopback only
+        text = reply.read().decode()
+    counts: Counter[str] = Counter()
+    for line in text.splitlines():
+        if line.startswith("grpc_server_msg_received_total{"):
+            labels, value = line.rsplit(" ", 1)
+            method = labels.split('grpc_method="', 1)[1].split('"', 1)[0]
+            counts[method] += int(float(value))
+    return counts
+
+
+async def p6_sidekick(env: Env, window: float, ttl: int = 10) -> Footprint:
+    from bench.pipelines import cpu_seconds
+
+    prefix = "/bench-p6"
+    state = env.work / "p6"
+    state.mkdir(exist_ok=True)
+    argv = [
+        console_script("sidekick"),
+        "--service", "p6",
+        "--address", f"127.0.0.1:{env.load[0]}",
+        "--instance", "p6-0",
+        "--ttl", str(ttl),
+        "--check", "none",
+        "--etcd-endpoints", env.etcd.endpoints,
+        "--prefix", prefix,
+        "--state-dir", str(state),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    proc = spawn(argv, state / "sidekick.log")
+    try:
+        key = keys.instance_key(prefix, "p6", "p6-0")
+        deadline = time.monotonic() + 30
+        while (await env.store.get(key))[1] is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    "sidekick never registered:\n" + (state / "sidekick.log").read_text()[-800:]
+                )
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.0)  # start-up done: measure the steady state only
+        m0, c0, t0 = etcd_messages(env), cpu_seconds(proc.pid), time.monotonic()
+        await asyncio.sleep(window)
+        m1, c1, t1 = etcd_messages(env), cpu_seconds(proc.pid), time.monotonic()
+        rss = rss_kb(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    elapsed = t1 - t0
+    delta = {m: (m1[m] - m0[m]) * 60 / elapsed for m in m1 if m1[m] != m0[m]}
+    return Footprint(
+        rss_kb=rss,
+        cpu_percent=100 * (c1 - c0) / elapsed,
+        window=elapsed,
+        requests_per_min=sum(delta.values()),
+        by_method=delta,
+        ttl=ttl,
+        command=" ".join(argv[:11]) + " ...",
+    )
