@@ -33,9 +33,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         exit_on_problems(exc)
     if status_check:
-        ok, reason = status.check(
-            settings.state_dir / settings.status_name, max_age=max(settings.ttl, 3.0) * 2
-        )
+        if settings.mode_given:
+            ok, reason = status.check(settings.state_dir / settings.status_name)
+        else:
+            ok, reason = status.check_all(settings.state_dir)
         print(reason, file=sys.stdout if ok else sys.stderr)
         return 0 if ok else 1
     setup_logging(settings.log_level)
@@ -109,7 +110,7 @@ async def write_status(sidekick: Sidekick, path: os.PathLike[str], every: float)
 
     while True:
         try:
-            status.write(Path(path), sidekick.registrations())
+            status.write(Path(path), sidekick.registrations(), every)
         except OSError as exc:
             log.warning("cannot write status file", path=str(path), error=str(exc))
         await asyncio.sleep(every)

@@ -52,6 +52,7 @@ DEFAULT_DOCKER = "unix:///var/run/docker.sock"
 class Settings:
     mode: Mode
     etcd: EtcdSettings
+    mode_given: bool = True  # False only for a bare `sidekick --check`
     prefix: str = "/fluster"
     container: str = ""
     service: str = ""
@@ -320,6 +321,7 @@ def build(argv: Sequence[str] | None, environ: Mapping[str, str]) -> tuple[Setti
     fall = conv("--fall", args.fall, positive_int, 3)
     settings = Settings(
         mode=mode,
+        mode_given=bool(modes),
         etcd=etcd_settings(args, problems),
         prefix=prefix_setting(args, problems),
         container=args.container or "",

@@ -17,7 +17,7 @@ from pathlib import Path
 from sidekick.registration import Registration
 
 
-def snapshot(regs: Iterable[Registration]) -> dict[str, object]:
+def snapshot(regs: Iterable[Registration], every: float) -> dict[str, object]:
     items = [
         {
             "service": r.service,
@@ -33,26 +33,40 @@ def snapshot(regs: Iterable[Registration]) -> dict[str, object]:
     return {
         "pid": os.getpid(),
         "at": time.time(),
+        "every": every,
         "ok": all(i["current"] for i in items),
         "registrations": items,
     }
 
 
-def write(path: Path, regs: Iterable[Registration]) -> None:
-    """Atomically replace `path` (a reader never sees half a file)."""
+def write(path: Path, regs: Iterable[Registration], every: float) -> None:
+    """Atomically replace `path` (a reader never sees half a file); `every` is how often
+    it is rewritten, so `check` knows when it is stale."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(snapshot(regs)))
+    tmp.write_text(json.dumps(snapshot(regs, every)))
     tmp.replace(path)
 
 
-def check(path: Path, max_age: float, now: float | None = None) -> tuple[bool, str]:
-    """(ok, reason) for the status file at `path`."""
+def check_all(state_dir: Path) -> tuple[bool, str]:
+    """A bare `sidekick --check` (a HEALTHCHECK knows no mode): every sidekick's file."""
+    paths = sorted(state_dir.glob("*.json"))
+    if not paths:
+        return False, f"no status from a running sidekick in {state_dir}"
+    results = [check(path) for path in paths]
+    failed = [reason for ok, reason in results if not ok]
+    return (False, "; ".join(failed)) if failed else (True, "; ".join(r for _, r in results))
+
+
+def check(path: Path, max_age: float | None = None, now: float | None = None) -> tuple[bool, str]:
+    """(ok, reason) for the status file at `path`; stale after 3 missed rewrites."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         return False, f"no status from a running sidekick ({path}: {exc})"
     age = (time.time() if now is None else now) - float(data.get("at", 0))
+    if max_age is None:
+        max_age = max(3 * float(data.get("every", 10)), 5.0)
     if age > max_age:
         return False, f"status is {age:.0f}s old: sidekick stuck or stopped"
     stale = [

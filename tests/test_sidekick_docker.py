@@ -7,6 +7,7 @@ labelled containers) may share the engine, and must not confuse the assertions.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import uuid
@@ -227,8 +228,6 @@ def test_dockerd_restart_resyncs_without_zombies(
         # dockerd dies without a word; A's process dies while nobody is watching.
         pid_a = int(engine.docker("inspect", "-f", "{{.State.Pid}}", a))
         private_dockerd.kill()
-        import os
-
         os.kill(pid_a, signal.SIGKILL)
         time.sleep(3)  # longer than the TTL: the sidekick must keep both leases alive
         assert set(sidekicks.instances(service)) == {name_a, name_b}

@@ -62,6 +62,7 @@ def test_registers_with_a_lease_and_checks_ok(sidekicks: Sidekicks) -> None:
     time.sleep(4.5)  # the TTL passing is the point here, not synchronisation
     assert name in sidekicks.instances("web")
     assert wait_for(lambda: proc.check().returncode == 0, what="sidekick --check ok")
+    assert proc.check(bare=True).returncode == 0
 
 
 def test_key_deleted_comes_back_within_a_second(sidekicks: Sidekicks, etcd: Etcd) -> None:

@@ -46,10 +46,12 @@ class SidekickProcess:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 
-    def check(self) -> subprocess.CompletedProcess[str]:
-        """`sidekick --check` with the same flags and environment."""
+    def check(self, *, bare: bool = False) -> subprocess.CompletedProcess[str]:
+        """`sidekick --check` with the same flags and environment (`bare`: no flags, as a
+        HEALTHCHECK in the sidekick's image runs it)."""
+        args = [] if bare else self.args
         return subprocess.run(
-            [sys.executable, "-m", "sidekick.cli", *self.args, "--check"],
+            [sys.executable, "-m", "sidekick.cli", *args, "--check"],
             env=self.env,
             capture_output=True,
             text=True,
