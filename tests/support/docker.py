@@ -156,17 +156,32 @@ def apps(docker_engine: Engine) -> Iterator[Engine]:
 
 
 class PrivateDockerd:
-    """A second dockerd: own socket, data and exec roots, no bridge, no iptables.
+    """A second dockerd: own socket, data and exec roots, own bridge, no iptables.
 
-    Containers on it use the host network (no bridge to publish ports on), which is all
-    the restart tests need. Killing it touches nobody else's containers.
+    Never `--bridge none`: a dockerd started so deletes the host's docker0 interface,
+    breaking the shared engine. It gets a bridge of its own instead, made here and
+    removed afterwards. Test containers on it use the host network, which is all the
+    restart tests need. Killing it touches nobody else's containers.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.sock = root / "docker.sock"
         self.host = f"unix://{self.sock}"
+        self.bridge = "fl" + uuid.uuid4().hex[:8]
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def make_bridge(self) -> None:
+        subnet = f"10.254.{uuid.uuid4().int % 250 + 1}.1/24"
+        for cmd in (
+            ["ip", "link", "add", self.bridge, "type", "bridge"],
+            ["ip", "addr", "add", subnet, "dev", self.bridge],
+            ["ip", "link", "set", self.bridge, "up"],
+        ):
+            subprocess.run(cmd, check=True, capture_output=True, timeout=10)
+
+    def remove_bridge(self) -> None:
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=10)
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -181,8 +196,9 @@ class PrivateDockerd:
             "--pidfile",
             str(self.root / "pid"),
             "--bridge",
-            "none",
+            self.bridge,
             "--iptables=false",
+            "--ip-forward=false",
             "--ip6tables=false",
             "--ip-masq=false",
         ]
@@ -224,19 +240,18 @@ class PrivateDockerd:
 
 
 @pytest.fixture
-def private_dockerd(
-    docker_engine: Engine,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[PrivateDockerd]:
+def private_dockerd(docker_engine: Engine) -> Iterator[PrivateDockerd]:
     # A short path: the unix socket path must fit in 108 bytes.
     root = Path(f"/tmp/fl-dockerd-{uuid.uuid4().hex[:8]}")
     engine = PrivateDockerd(root)
-    engine.start()
     try:
+        engine.make_bridge()
+        engine.start()
         engine.load_base_image()
         yield engine
     finally:
         engine.stop_all()
+        engine.remove_bridge()
         # containerd-shims of killed containers may hold the mounts a moment longer.
         deadline = time.monotonic() + 10
         while root.exists() and time.monotonic() < deadline:
