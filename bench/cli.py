@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shlex
 import sys
 import tempfile
@@ -44,10 +45,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def row_command(args: argparse.Namespace, key: str) -> str:
-    parts = [".venv/bin/python -m bench", f"--only {key}"]
+    """The command that reproduces one row with the same settings as this run."""
+    parts = [".venv/bin/python", "-m", "bench"]
     if args.quick:
-        parts.insert(1, "--quick")
-    return " ".join(parts)
+        parts.append("--quick")
+    parts += ["--only", key]
+    defaults = parse_args(["--quick"] if args.quick else [])
+    for flag, value in (
+        ("--trials", args.trials),
+        ("--reloads", args.reloads),
+        ("--idle", args.idle),
+    ):
+        if value != getattr(defaults, flag[2:]):
+            parts += [flag, str(value)]
+    return shlex.join(parts)
 
 
 def verdict(ok: bool | None) -> str:
@@ -342,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_fd_limit()
     started_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     with tempfile.TemporaryDirectory(prefix="fluster-bench-") as tmp:
         work = Path(tmp)
@@ -349,6 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.keep:
             print(f"[bench] work directory kept: {work}")
     took = time.monotonic() - started
+    notes.append(
+        f"1-minute load average {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the "
+        "end (2 cores): above ~0.5 at the start means something else was running too."
+    )
     print(report.table(rows))
     for note in notes:
         print(f"- {note}")

@@ -9,7 +9,9 @@ connection per request, so nothing is hidden by Go's retry of reused connections
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ class Load:
 
     @property
     def command(self) -> str:
-        return " ".join(self.argv)
+        return shlex.join(self.argv)
 
     def start(self) -> Load:
         self.proc = subprocess.Popen(
@@ -57,7 +59,8 @@ class Load:
 
 
 def keepalive(url: str, host: str, connections: int) -> Load:
-    argv = ["wrk", "-t1", f"-c{connections}", "-d600s", "-s", str(WRK_DELAY)]
+    script = os.path.relpath(WRK_DELAY)  # shorter in the doc when run from the repo
+    argv = ["wrk", "-t1", f"-c{connections}", "-d600s", "-s", script]
     return Load([*argv, "-H", f"Host: {host}", url], "wrk")
 
 

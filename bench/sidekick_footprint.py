@@ -1,0 +1,164 @@
+"""What one sidekick costs at rest: memory, CPU, and etcd requests per minute.
+
+    python -m bench.sidekick_footprint [--window 60] [--ttl 10] [--docker]
+
+Starts a private etcd, one static sidekick (and with --docker a host agent following one
+labelled container, which loads the Docker client too), waits for the registration,
+then measures over the window: RSS and PSS (/proc), CPU (utime+stime), and the gRPC
+messages etcd received (its /metrics, `grpc_server_msg_received_total`), per method.
+The goal (issue 3): RSS <= 40 MB, one LeaseKeepAlive per TTL/3 and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+from tests.support.etcd import Etcd
+
+SIDEKICK = [sys.executable, "-m", "sidekick.cli"]
+
+
+def etcd_messages(etcd: Etcd) -> Counter[str]:
+    url = f"http://{etcd.members[0].endpoint}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:  # loopback only
+        text = reply.read().decode()
+    counts: Counter[str] = Counter()
+    for line in text.splitlines():
+        if line.startswith("grpc_server_msg_received_total{"):
+            labels, value = line.rsplit(" ", 1)
+            method = labels.split('grpc_method="', 1)[1].split('"', 1)[0]
+            counts[method] += int(float(value))
+    return counts
+
+
+def memory_kb(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in kB: PSS shares library pages fairly between processes."""
+    rss = pss = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Rss:"):
+            rss = int(line.split()[1])
+        elif line.startswith("Pss:"):
+            pss = int(line.split()[1])
+    return rss, pss
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    etcd: Etcd, name: str, argv: list[str], key: str, window: float, work: Path
+) -> dict[str, object]:
+    env = {
+        **os.environ,
+        "ETCD_ENDPOINTS": etcd.endpoints,
+        "SIDEKICK_STATE_DIR": str(work / name),
+        "SIDEKICK_LOG_LEVEL": "warning",
+    }
+    with open(work / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen([*SIDEKICK, *argv], env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while not etcd.ctl("get", "--prefix", key, "--keys-only").stdout.strip():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} never registered: {(work / f'{name}.log').read_text()}")
+            time.sleep(0.1)
+        time.sleep(3)  # start-up done: the steady state only
+        m0, c0, t0 = etcd_messages(etcd), cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(window)
+        m1, c1, t1 = etcd_messages(etcd), cpu_seconds(proc.pid), time.monotonic()
+        rss, pss = memory_kb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    minutes = (t1 - t0) / 60
+    per_min = {m: (m1[m] - m0[m]) / minutes for m in m1 if m1[m] != m0[m]}
+    return {
+        "mode": name,
+        "rss_mb": rss / 1024,
+        "pss_mb": pss / 1024,
+        "cpu_pct": 100 * (c1 - c0) / (t1 - t0),
+        "per_min": per_min,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--window", type=float, default=60.0, help="seconds measured")
+    parser.add_argument("--ttl", type=int, default=10)
+    parser.add_argument("--docker", action="store_true", help="also the host agent (--all)")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="sidekick-bench-") as tmp:
+        work = Path(tmp)
+        etcd = Etcd(work / "etcd").start()
+        try:
+            rows.append(
+                measure(
+                    etcd,
+                    "static",
+                    ["--service", "bench", "--address", "127.0.0.1:9", "--ttl", str(args.ttl)],
+                    "/fluster/services/bench/",
+                    args.window,
+                    work,
+                )
+            )
+            if args.docker:
+                rows.append(docker_row(etcd, args, work))
+        finally:
+            etcd.stop()
+    print(f"| mode | RSS MB | PSS MB | idle CPU % | etcd msgs/min (TTL {args.ttl} s) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        per_min = r["per_min"]
+        assert isinstance(per_min, dict)
+        methods = ", ".join(f"{m} {v:.1f}" for m, v in sorted(per_min.items())) or "none"
+        print(
+            f"| {r['mode']} | {r['rss_mb']:.1f} | {r['pss_mb']:.1f} | {r['cpu_pct']:.2f} "
+            f"| {sum(per_min.values()):.1f} ({methods}) |"
+        )
+    return 0
+
+
+def docker_row(etcd: Etcd, args: argparse.Namespace, work: Path) -> dict[str, object]:
+    from tests.support.docker import BASE_IMAGE, docker_cmd
+
+    cid = docker_cmd(
+        "run",
+        "-d",
+        "--label",
+        "fluster.service=benchdocker",
+        "--label",
+        "fluster.port=8000",
+        "-p",
+        "127.0.0.1::8000",
+        BASE_IMAGE,
+        "python3",
+        "-m",
+        "http.server",
+        "8000",
+    ).stdout.strip()
+    try:
+        return measure(
+            etcd,
+            "host agent (--all, 1 container)",
+            ["--all", "--ttl", str(args.ttl), "--check", "none"],
+            "/fluster/services/benchdocker/",
+            args.window,
+            work,
+        )
+    finally:
+        docker_cmd("rm", "-f", cid, check=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
