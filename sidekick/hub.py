@@ -93,6 +93,8 @@ class ServiceWatch:
         reg = self.registrations.get(event.kv.key)
         if reg is not None and event.type == "delete":
             reg.key_deleted(event.kv.mod_revision)
+        elif reg is not None:
+            reg.foreign_put(event.kv.value, event.kv.mod_revision)
 
     def _parse_spec(self, raw: bytes) -> ServiceSpec | None:
         try:

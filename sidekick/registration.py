@@ -23,10 +23,11 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import structlog
 
-from fluster.records import Instance, ServiceSpec
+from fluster.records import Instance, RecordError, ServiceSpec
 from fluster.runtime import Backoff
 from fluster.store import AuthError, LeaseLost, Store, StoreError
 
@@ -51,6 +52,7 @@ class Registration:
         drain_seconds: float,
         healthy: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store, self.key, self.instance = store, key, instance
         self.service, self.name = service, name
@@ -65,6 +67,9 @@ class Registration:
         self.log = log.bind(service=service, instance=name)
         self._clock = clock
         self._was_routed = False
+        self._spec: ServiceSpec | None = None
+        self._retire_timer: asyncio.TimerHandle | None = None
+        self._wall = wall
         self._lease: int | None = None
         self._written: Instance | None = None
         self._put_revision = 0
@@ -122,18 +127,51 @@ class Registration:
         must register, or it could never be promoted; one listed in the spec's history
         was superseded while we were not looking, so it stays retired.
         """
+        self._spec = spec
+        if self._retire_timer is not None:
+            self._retire_timer.cancel()
+            self._retire_timer = None
         version = self.instance.version
         if spec.routes_version(version):
             self._was_routed = True
         elif not self.retired and (self._was_routed or (version and version in spec.history)):
-            self.log.info(
-                "retired: traffic moved to another version",
-                version=version,
-                active_version=spec.active_version,
-            )
-            self.retired = True
+            # `fluster promote --keep-old D` keeps old records for D so that a rollback
+            # finds instances to roll back to; they retire when that time is up.
+            wait = _seconds_until(spec.keep_old_until, self._wall())
+            if wait > 0:
+                self.log.info(
+                    "superseded, kept for a rollback", version=version, until=spec.keep_old_until
+                )
+                loop = asyncio.get_running_loop()
+                self._retire_timer = loop.call_later(wait, self._recheck)
+            else:
+                self.log.info(
+                    "retired: traffic moved to another version",
+                    version=version,
+                    active_version=spec.active_version,
+                )
+                self.retired = True
         self.spec_seen.set()
         self._poke()
+
+    def _recheck(self) -> None:
+        self._retire_timer = None
+        if self._spec is not None:
+            self.observe_spec(self._spec)
+
+    def foreign_put(self, raw: bytes, revision: int) -> None:
+        """Someone else wrote our key. `fluster drain` marks it draining: keep it so,
+        including after a re-registration, instead of silently undoing the operator."""
+        # Not while we drain: our own draining put may be seen before put() returns.
+        if revision <= self._put_revision or self._written is None or not self.wanted:
+            return
+        with contextlib.suppress(RecordError):
+            record = Instance.parse(raw)
+            if record.state == "draining" and self.instance.state != "draining":
+                self.log.info("drained by an operator; staying draining")
+                self.instance = self.instance.replace(state="draining")
+                self._written = self.instance
+                self._put_revision = revision
 
     def container_died(self) -> None:
         """Nothing left to drain: deregister without waiting the drain period."""
@@ -170,6 +208,8 @@ class Registration:
 
     async def cancel(self) -> None:
         """Stop both tasks without touching etcd (the lease then expires on its own)."""
+        if self._retire_timer is not None:
+            self._retire_timer.cancel()
         for task in (self._task, self._keeper):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
@@ -287,6 +327,15 @@ class Registration:
                     lease=_hex(lease),
                 )
                 await backoff.sleep()
+
+
+def _seconds_until(when: str | None, now: datetime) -> float:
+    if not when:
+        return 0.0
+    try:
+        return (datetime.fromisoformat(when) - now).total_seconds()
+    except (ValueError, TypeError):  # validated by ServiceSpec; a naive time slips past
+        return 0.0
 
 
 def _hex(lease: int | None) -> str | None:

@@ -8,10 +8,12 @@ retirement and SIGTERM draining are all tested here once, with real processes.
 from __future__ import annotations
 
 import http.server
+import json
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -245,3 +247,27 @@ def test_canary_version_is_not_retired(sidekicks: Sidekicks, etcd: Etcd) -> None
     time.sleep(1)
     assert name in sidekicks.instances("web")
     assert not proc.logged("retired: traffic moved to another version")
+
+
+def test_promotion_with_keep_old_retires_when_the_time_is_up(
+    sidekicks: Sidekicks, etcd: Etcd
+) -> None:
+    name, proc = static(sidekicks, version="v1")
+    wait_for(lambda: name in sidekicks.instances("web"), what="registration")
+    until = (datetime.now(UTC) + timedelta(seconds=3)).isoformat(timespec="seconds")
+    spec = {"active_version": "v2", "history": ["v1"], "keep_old_until": until}
+    etcd.put("/fluster/services/web/spec", json.dumps(spec))
+    wait_for(lambda: proc.logged("superseded, kept for a rollback"), what="kept for rollback")
+    assert name in sidekicks.instances("web")  # a rollback still finds it
+    wait_for(lambda: name not in sidekicks.instances("web"), timeout=8, what="retired later")
+
+
+def test_operator_drain_is_not_undone(sidekicks: Sidekicks, etcd: Etcd) -> None:
+    name, _ = static(sidekicks)
+    inst = wait_for(lambda: sidekicks.instances("web").get(name), what="registration")
+    lease = sidekicks.lease_of(KEY + name)
+    etcd.put(KEY + name, inst.replace(state="draining").to_json(), lease=f"{lease:x}")
+    time.sleep(0.5)  # let the sidekick see the operator's write
+    etcd.delete(KEY + name)  # the sidekick puts it back, still draining
+    back = wait_for(lambda: sidekicks.instances("web").get(name), what="re-registration")
+    assert back.state == "draining"
