@@ -1,45 +1,42 @@
-"""Everything the bench knows about the reloader's API, in one place.
+"""Everything the bench knows about the reloader's interfaces, in one place.
 
-The reloader (issue 4) is being written alongside the bench. Until its render function
-can be imported, `render` falls back to a stand-in template below so the harness and the
-baseline can run; every result produced that way says so (`RENDERER`).
+- its render function (`reloader.render.Renderer`), which the baseline reuses so the
+  comparison is about applying a config, not about templating it;
+- its command line (`reloader run ...`, the console script);
+- its counters, read from `/metrics` (`reloader_applies_total{kind=...}`): /status would
+  do too, but it lists every instance, too heavy to poll every few milliseconds;
+- the admin stats socket and backend names of the configs it renders.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+import sys
+import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fluster.catalog import Snapshot
+from reloader.model import RenderSettings, backend_name
+from reloader.render import Renderer
 
-RENDERER = "stand-in"
+if TYPE_CHECKING:
+    from bench.pipelines import Counts, Pipeline
+
+_APPLIES = re.compile(r'^reloader_applies_total\{kind="(\w+)"\} (\S+)$', re.M)
+_DURATION = re.compile(r"^reloader_apply_duration_seconds_(sum|count) (\S+)$", re.M)
 
 
-def _standin(snapshot: Snapshot, *, state_dir: Path, http_bind: str) -> str:
-    lines = [
-        "global",
-        "    maxconn 4096",
-        f"    stats socket {state_dir}/haproxy.sock mode 600 level admin",
-        "    hard-stop-after 30s",
-        "defaults",
-        "    mode http",
-        "    timeout connect 5s",
-        "    timeout client 30s",
-        "    timeout server 30s",
-        "    option idle-close-on-response",
-        "frontend http",
-        f"    bind {http_bind}",
-    ]
-    for name in snapshot.services:
-        lines.append(f"    use_backend be_{name} if {{ hdr(host) -i {name}.localhost }}")
-    for name, svc in snapshot.services.items():
-        lines += [f"backend be_{name}", f"    balance {svc.spec.balance}"]
-        for inst_name, inst in svc.routed().items():
-            lines.append(f"    server {inst_name} {inst.host}:{inst.port} weight {inst.weight}")
-    return "\n".join(lines) + "\n"
+@functools.cache
+def _renderer() -> Renderer:
+    return Renderer()
 
 
 def render(snapshot: Snapshot, *, state_dir: Path, http_bind: str) -> str:
-    return _standin(snapshot, state_dir=state_dir, http_bind=http_bind)
+    host, _, port = http_bind.rpartition(":")
+    settings = RenderSettings(state_dir=state_dir, http_bind=(host, int(port)))
+    return _renderer().render(snapshot, settings).text
 
 
 def stats_socket(config_text: str) -> Path | None:
@@ -52,12 +49,39 @@ def stats_socket(config_text: str) -> Path | None:
 
 
 def service_of_backend(backend: str) -> str:
-    return backend.removeprefix("be_")
+    prefix = backend_name("")  # "be_"
+    return backend.removeprefix(prefix)
 
 
-def reloader_command(pipeline: object) -> list[str]:
-    raise NotImplementedError("the reloader has not landed yet")
+def reloader_command(p: Pipeline) -> list[str]:
+    return [
+        str(Path(sys.executable).with_name("reloader")),
+        "run",
+        "--state-dir", str(p.state_dir),
+        "--http-bind", f"127.0.0.1:{p.http_port}",
+        "--status-bind", f"127.0.0.1:{p.status_port}",
+        "--etcd-endpoints", p.etcd_endpoints,
+        "--prefix", p.prefix,
+        "--log-level", "warning",
+    ]  # fmt: skip
 
 
-def reloader_counts(pipeline: object) -> object:
-    raise NotImplementedError("the reloader has not landed yet")
+def reloader_counts(p: Pipeline) -> Counts:
+    from bench.pipelines import Counts
+
+    url = f"http://127.0.0.1:{p.status_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:  # loopback only
+            text = reply.read().decode()
+    except OSError:
+        return Counts()
+    kinds = {kind: int(float(value)) for kind, value in _APPLIES.findall(text)}
+    runtime, reload = kinds.get("runtime", 0), kinds.get("reload", 0)
+    timing = dict(_DURATION.findall(text))
+    return Counts(
+        applies=runtime + reload,
+        reloads=reload,
+        runtime=runtime,
+        apply_seconds=float(timing.get("sum", 0)),
+        timed=int(float(timing.get("count", 0))),
+    )

@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class Baseline:
             "reloads": 0,
             "applies": 0,
             "revision": 0,
+            "apply_seconds": 0.0,
         }
         self.latest: Snapshot | None = None
         self.changed = asyncio.Event()
@@ -63,11 +65,13 @@ class Baseline:
             self.changed.clear()
             assert self.latest is not None
             snapshot = self.latest
+            started = time.monotonic()
             text = adapter.render(snapshot, state_dir=self.state_dir, http_bind=self.http_bind)
             self.counters["renders"] += 1
             if text != self.last_text:
                 await self.apply(text)
                 self.last_text = text
+                self.counters["apply_seconds"] += time.monotonic() - started
             self.counters["revision"] = snapshot.revision
             self.save()
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import adapter, report, scenarios
+from bench import report, scenarios
 from bench.backends import Backends, raise_fd_limit
 from bench.report import Row, ms, ratio
 from fluster.store import EtcdSettings, Store
@@ -102,11 +102,6 @@ async def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], list[str
         await store.close()
         backends.stop()
         etcd.stop()
-    if adapter.RENDERER != "reloader":
-        notes.append(
-            "The baseline rendered with the bench's stand-in template "
-            "(reloader.render was not importable): its figures are indicative only."
-        )
     return rows, notes
 
 
@@ -182,6 +177,14 @@ def latency_row(
                 f"p50 {ms(lat.p50)}, p90 {ms(scenarios.percentile(lat.samples, 90))}, "
                 f"p99 {ms(lat.p99)}, max {ms(lat.worst)}, missed (none within the limit) "
                 f"{lat.misses}"
+            )
+        a = lat.applied if lat else None
+        if a is not None and a.mean_apply is not None:
+            notes.append(
+                f"{name}: its own counters over the trials: {a.applies} applies "
+                f"({a.runtime} runtime API, {a.reloads} reloads), mean apply time "
+                f"{ms(a.mean_apply)} (from the settled change to HAProxy having it; "
+                "the rest of the latency is etcd watch delivery, debounce and the probe)"
             )
     return Row(
         key,

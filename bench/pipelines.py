@@ -25,13 +25,21 @@ class Counts:
     applies: int = 0  # config changes applied in any way
     reloads: int = 0  # of which: HAProxy reloads/restarts (new processes)
     runtime: int = 0  # of which: through the runtime API only
+    apply_seconds: float = 0.0  # total time spent applying (render -> HAProxy has it)
+    timed: int = 0  # applies that apply_seconds covers
 
     def __sub__(self, other: Counts) -> Counts:
         return Counts(
             self.applies - other.applies,
             self.reloads - other.reloads,
             self.runtime - other.runtime,
+            self.apply_seconds - other.apply_seconds,
+            self.timed - other.timed,
         )
+
+    @property
+    def mean_apply(self) -> float | None:
+        return self.apply_seconds / self.timed if self.timed else None
 
 
 class Pipeline:
@@ -128,7 +136,7 @@ class Naive(Pipeline):
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             return Counts()
-        return Counts(data["applies"], data["reloads"], 0)
+        return Counts(data["applies"], data["reloads"], 0, data["apply_seconds"], data["applies"])
 
 
 class Ours(Pipeline):

@@ -80,6 +80,7 @@ def percentile(values: list[float], q: float) -> float:
 class Latencies:
     samples: list[float] = field(default_factory=list)
     misses: int = 0  # trials where the new backend never answered within the limit
+    applied: Counts | None = None  # the pipeline's own counters over the trials
 
     @property
     def p50(self) -> float | None:
@@ -181,6 +182,7 @@ async def p1_trials(env: Env, pipeline: Pipeline, trials: int) -> Latencies:
     probe = Probe(pipeline.http_port, "p1.localhost")
     prefix = pipeline.prefix
     base = Counter(f"127.0.0.1:{p}" for p in env.base)
+    before = pipeline.counts()
     try:
         for k in range(trials):
             port = env.p1[k % len(env.p1)]
@@ -198,6 +200,7 @@ async def p1_trials(env: Env, pipeline: Pipeline, trials: int) -> Latencies:
             await asyncio.sleep(0.02)
     finally:
         probe.close()
+    result.applied = pipeline.counts() - before
     return result
 
 
@@ -205,6 +208,7 @@ async def p2_trials(env: Env, pipeline: Pipeline, trials: int) -> Latencies:
     """Structural change: a new service (new backend and route), one instance."""
     result = Latencies()
     prefix = pipeline.prefix
+    before = pipeline.counts()
     for k in range(trials):
         port = env.p2[k % len(env.p2)]
         service = f"n{k:04d}"
@@ -220,6 +224,7 @@ async def p2_trials(env: Env, pipeline: Pipeline, trials: int) -> Latencies:
         else:
             result.samples.append(seen - t0)
         await asyncio.sleep(0.05)  # let the reload finish (old worker handed over)
+    result.applied = pipeline.counts() - before
     return result
 
 
