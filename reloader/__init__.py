@@ -1,0 +1,9 @@
+"""The reloader: keeps HAProxy in step with the fluster registry in etcd."""
+
+import os
+
+# The reloader forks HAProxy (and `haproxy -c`) from a process whose gRPC threads are
+# busy with the etcd watch. gRPC's fork handlers then log "skipping fork() handlers" and
+# the child has been seen to die with SIGSEGV before exec; the children never use gRPC,
+# so the handlers are switched off before grpc is first imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")

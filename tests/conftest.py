@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.support.etcd",
+    "tests.support.haproxy",
     "tests.support.rbac",
     "tests.support.docker",
     "tests.support.sidekick",

@@ -1,0 +1,240 @@
+"""The reloader process: catalog -> debounce -> guard -> render -> apply, and around it
+HAProxy supervision, the status key in etcd and the status HTTP server.
+
+Tasks (each named; one that ends takes the process down, see fluster.runtime):
+catalog (list + watch), pipeline (apply loop), haproxy (restart on death), publisher
+(status key + lease), plus the aiohttp server. Shutdown order: stop applying, stop
+HAProxy gracefully (it finishes in-flight requests), revoke the lease, close etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from fluster.catalog import Catalog, Snapshot
+from fluster.runtime import Supervisor, TaskDied
+from fluster.store import Store
+from reloader.apply import Applier, ApplyFailed, Rejected
+from reloader.debounce import Debouncer
+from reloader.guard import RemovalGuard
+from reloader.haproxy import Haproxy, StartFailed
+from reloader.publish import Publisher
+from reloader.render import Renderer, RenderError
+from reloader.settings import Settings
+from reloader.status import Stats, StatusServer
+
+log = structlog.get_logger("reloader")
+
+FIRST_SNAPSHOT_WAIT = 5.0
+
+
+class Reloader:
+    def __init__(self, settings: Settings, renderer: Renderer) -> None:
+        self.settings = settings
+        self.renderer = renderer
+        rs = settings.render
+        self.store = Store(settings.etcd)
+        self.catalog = Catalog(self.store, settings.prefix)
+        self.debouncer = Debouncer(settings.quiet, settings.max_wait)
+        self.guard = RemovalGuard(settings.max_removal_pct, settings.removal_hold, settings.guard)
+        self.haproxy = Haproxy(
+            settings.haproxy, rs.config_file, rs.master_socket, rs.state_dir / "haproxy.pid"
+        )
+        self.applier = Applier(self.haproxy, settings.haproxy, rs.state_dir, rs.admin_socket)
+        self.publisher = Publisher(self.store, settings.prefix, settings.reloader_id, settings.node)
+        self.stats = Stats()
+        self.latest: Snapshot | None = None
+        self.applied: Snapshot | None = None
+        self._restarts_seen = 0
+
+    # -- catalog -> pipeline -------------------------------------------------------------
+
+    def on_snapshot(self, snapshot: Snapshot) -> None:
+        self.latest = snapshot
+        self.debouncer.poke()
+
+    async def pipeline(self) -> None:
+        while True:
+            timeout = self._next_wakeup()
+            settled = await self.debouncer.settled(timeout)
+            if self.latest is None:
+                continue
+            if settled or self.guard.held or self.applier.runtime.pending_deletes:
+                await self.apply(self.latest)
+
+    def _next_wakeup(self) -> float | None:
+        if self.applier.runtime.pending_deletes:
+            return 1.0
+        release = self.guard.next_release()
+        return None if release is None else max(0.0, release - time.monotonic()) + 0.01
+
+    async def apply(self, snapshot: Snapshot) -> None:
+        if self.haproxy.restarts != self._restarts_seen:
+            self._restarts_seen = self.haproxy.restarts
+            self.applier.restarted()
+        started = time.monotonic()
+        entry: dict[str, Any] = {
+            "revision": snapshot.revision,
+            "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        }
+        try:
+            guarded = self.guard.filter(snapshot, self.applied)
+            rendered = self.renderer.render(guarded, self.settings.render)
+            kind = await self.applier.apply(rendered)
+        except (Rejected, RenderError, ApplyFailed) as exc:
+            reason = {Rejected: "rejected", RenderError: "render"}.get(type(exc), "reload")
+            self.stats.failures[reason] += 1
+            self.stats.last_error = f"{reason}: {exc}"[:2000]
+            entry.update(kind="failed", reason=reason, error=str(exc)[:500])
+            self.stats.record(entry)
+            log.error(
+                "change not applied, live config keeps serving",
+                reason=reason,
+                error=str(exc)[:2000],
+                revision=snapshot.revision,
+            )
+            return
+        elapsed = time.monotonic() - started
+        self.applied = guarded
+        self.stats.applies[kind] += 1
+        if kind != "noop":
+            self.stats.apply_seconds_sum += elapsed
+            self.stats.apply_seconds_count += 1
+            self.stats.last_apply_seconds = elapsed
+            entry.update(kind=kind, seconds=round(elapsed, 4), servers=rendered.model.server_count)
+            self.stats.record(entry)
+            log.info(
+                "applied",
+                kind=kind,
+                revision=snapshot.revision,
+                seconds=round(elapsed, 4),
+                servers=rendered.model.server_count,
+            )
+        for skipped in rendered.model.skipped:
+            log.warning("service not routed", reason=skipped, revision=snapshot.revision)
+        self.publisher.publish(snapshot.revision)
+
+    # -- status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        snap = self.applied or Snapshot()
+        live = self.applier.live
+        age = self.catalog.sync_age()
+        return {
+            "id": self.settings.reloader_id,
+            "node": self.settings.node,
+            "revision": self.catalog.revision,
+            "applied_revision": snap.revision,
+            "sync_age_seconds": None if age is None else round(age, 3),
+            "haproxy_up": self.haproxy.up,
+            "haproxy_pid": self.haproxy.proc.pid if self.haproxy.proc else None,
+            "haproxy_restarts": self.haproxy.restarts,
+            "backends": len(live.model.backends) if live else 0,
+            "servers": live.model.server_count if live else 0,
+            "rejected_records": len(self.catalog.snapshot.rejected),
+            "rejected": dict(self.catalog.snapshot.rejected),
+            "held_removals": len(self.guard.held),
+            "skipped_services": list(live.model.skipped) if live else [],
+            "applies": dict(self.stats.applies),
+            "failures": dict(self.stats.failures),
+            "last_error": self.stats.last_error,
+            "recent_applies": self.stats.recent,
+            "services": {
+                name: {
+                    "active_version": svc.spec.active_version,
+                    "mode": svc.spec.mode,
+                    "instances": {
+                        i: {
+                            "address": inst.address,
+                            "version": inst.version,
+                            "state": inst.state,
+                            "weight": inst.weight,
+                        }
+                        for i, inst in svc.instances.items()
+                    },
+                    "routed": sorted(svc.routed()),
+                }
+                for name, svc in snap.services.items()
+            },
+        }
+
+    def healthy(self) -> tuple[bool, str]:
+        if not self.haproxy.up:
+            return False, "haproxy is down"
+        age = self.catalog.sync_age()
+        if age is None or age > self.settings.sync_max_age:
+            return False, f"etcd state is stale (last sync {age} s ago)"
+        return True, "ok"
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def _first_snapshot(self) -> Snapshot:
+        deadline = time.monotonic() + FIRST_SNAPSHOT_WAIT
+        while self.latest is None and time.monotonic() < deadline:
+            await self.debouncer.settled(0.05)
+        if self.latest is None:
+            log.warning(
+                "no etcd state yet, starting HAProxy with an empty config",
+                wait_s=FIRST_SNAPSHOT_WAIT,
+            )
+            return Snapshot()
+        return self.latest
+
+    async def run(self, stop: asyncio.Event) -> int:
+        self.settings.render.state_dir.mkdir(parents=True, exist_ok=True)
+        supervisor = Supervisor()
+        status = StatusServer(self.status, self.stats, self.healthy)
+        try:
+            await self.store.connect()
+            supervisor.start("catalog", self.catalog.run(self.on_snapshot))
+            first = await self._first_snapshot()
+            self.debouncer.due()  # the first snapshot is applied right here
+            try:
+                await self.applier.initial(self.renderer.render(first, self.settings.render))
+            except (Rejected, RenderError) as exc:
+                log.error("the first config is invalid, cannot start HAProxy", error=str(exc))
+                return 1
+            self.applied = first
+            try:
+                await self.haproxy.start()
+            except StartFailed as exc:
+                log.error("cannot start HAProxy", error=str(exc))
+                return 1
+            if first.revision:
+                self.publisher.publish(first.revision)
+            (self.settings.render.state_dir / "haproxy.pid").write_text(
+                f"{self.haproxy.proc.pid}\n" if self.haproxy.proc else ""
+            )
+            supervisor.start("haproxy", self.haproxy.supervise())
+            supervisor.start("pipeline", self.pipeline())
+            supervisor.start("publisher", self.publisher.run())
+            await status.start(*self.settings.status_bind)
+            log.info(
+                "reloader running", status_bind=self.settings.status_bind, revision=first.revision
+            )
+            try:
+                await supervisor.wait(stop)
+            except TaskDied:
+                return 1
+            return 0
+        finally:
+            await self._shutdown(supervisor, status)
+
+    async def _shutdown(self, supervisor: Supervisor, status: StatusServer) -> None:
+        for name in ("pipeline", "catalog"):
+            task = supervisor.tasks.pop(name, None)
+            if task is not None:
+                task.cancel()
+        await self.haproxy.stop()
+        await supervisor.cancel_all()
+        with contextlib.suppress(Exception):
+            await status.close()
+        await self.publisher.close()
+        await self.store.close()
+        log.info("reloader stopped")

@@ -1,0 +1,175 @@
+"""Rendered config -> running HAProxy: nothing, the runtime API, or a checked reload.
+
+The order is what keeps a bad change from ever serving:
+
+1. same text as live: nothing;
+2. write the candidate, `haproxy -c` it (the exit code is the verdict); an invalid one
+   is kept as `haproxy.cfg.rejected` with the error in `haproxy.cfg.rejected.txt`, and
+   the live config keeps serving;
+3. same structure, server changes only: runtime API, then the candidate replaces the
+   live file so that any later reload or restart reproduces the state;
+4. otherwise: dump server state, rename the candidate over the live file (atomic), ask
+   the master to reload, wait for the new worker; on failure put the last good file
+   back and reload that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import structlog
+
+from reloader.haproxy import Haproxy, HaproxyError, check_config, cli
+from reloader.model import Model
+from reloader.render import Rendered
+from reloader.runtime_api import RuntimeApi, plan
+
+log = structlog.get_logger("reloader.apply")
+
+Kind = Literal["noop", "runtime", "reload"]
+
+
+class Rejected(Exception):
+    """The candidate config failed `haproxy -c`; nothing was changed."""
+
+
+class ApplyFailed(Exception):
+    """HAProxy did not take a valid config; the last good one was restored."""
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    rendered: Rendered
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def filter_server_state(dump: str, model: Model) -> str:
+    """Keep state lines only for servers the new config has with the same address and
+    weight: for the others the state file would override the new config's values."""
+    wanted = {
+        (b.name, s.name): (s.host, str(s.port), str(s.weight))
+        for b in model.backends
+        for s in b.servers
+    }
+    out: list[str] = []
+    for line in dump.splitlines():
+        fields = line.split()
+        if not line.strip() or line.startswith("#") or len(fields) < 19:
+            out.append(line)
+            continue
+        backend, server, addr, uweight, port = (
+            fields[1],
+            fields[3],
+            fields[4],
+            fields[7],
+            fields[18],
+        )
+        if wanted.get((backend, server)) == (addr, port, uweight):
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+class Applier:
+    def __init__(self, haproxy: Haproxy, binary: str, state_dir: Path, admin_socket: Path) -> None:
+        self.haproxy = haproxy
+        self.binary = binary
+        self.state_dir = state_dir
+        self.admin_socket = admin_socket
+        self.live_file = state_dir / "haproxy.cfg"
+        self.candidate = state_dir / "haproxy.cfg.candidate"
+        self.rejected = state_dir / "haproxy.cfg.rejected"
+        self.last_good = state_dir / "haproxy.cfg.last-good"
+        self.state_file = state_dir / "server-state"
+        self.runtime = RuntimeApi(self.admin)
+        self.live: Rendered | None = None
+
+    async def admin(self, command: str) -> str:
+        return await cli(self.admin_socket, command)
+
+    async def validate(self, text: str) -> None:
+        write_atomic(self.candidate, text)
+        error = await check_config(self.binary, self.candidate)
+        if error is None:
+            return
+        write_atomic(self.rejected, text)
+        write_atomic(self.rejected.with_name(self.rejected.name + ".txt"), error + "\n")
+        raise Rejected(error)
+
+    async def initial(self, rendered: Rendered) -> None:
+        """Before HAProxy starts: validate and install the first config."""
+        if not self.state_file.exists():
+            self.state_file.write_text("1\n")  # the format version, no servers
+        await self.validate(rendered.text)
+        os.replace(self.candidate, self.live_file)
+        write_atomic(self.last_good, rendered.text)
+        self.live = rendered
+
+    async def apply(self, rendered: Rendered) -> Kind:
+        live = self.live
+        assert live is not None, "initial() first"
+        if rendered.text == live.text:
+            await self._retry_pending()
+            return "noop"
+        await self.validate(rendered.text)
+        if rendered.skeleton == live.skeleton:
+            changes = plan(live.model, rendered.model)
+            if changes is not None:
+                try:
+                    await self._retry_pending()
+                    await self.runtime.apply(changes)
+                except HaproxyError as exc:
+                    log.warning("runtime API apply failed, reloading instead", error=str(exc))
+                else:
+                    os.replace(self.candidate, self.live_file)
+                    write_atomic(self.last_good, rendered.text)
+                    self.live = rendered
+                    return "runtime"
+        await self._reload(rendered)
+        return "reload"
+
+    async def _retry_pending(self) -> None:
+        with contextlib.suppress(HaproxyError):
+            await self.runtime.retry_pending()
+
+    async def _save_server_state(self, model: Model) -> None:
+        try:
+            dump = await self.admin("show servers state")
+        except HaproxyError as exc:
+            log.warning("could not save server state before reload", error=str(exc))
+            return
+        write_atomic(self.state_file, filter_server_state(dump, model))
+
+    async def _reload(self, rendered: Rendered) -> None:
+        assert self.live is not None
+        await self._save_server_state(rendered.model)
+        os.replace(self.candidate, self.live_file)
+        try:
+            await self.haproxy.reload()
+        except HaproxyError as exc:
+            log.error("reload failed, restoring the last good config", error=str(exc))
+            write_atomic(self.live_file, self.live.text)
+            try:
+                await self.haproxy.reload()
+            except HaproxyError as again:
+                log.error("reload of the last good config failed too", error=str(again))
+            raise ApplyFailed(str(exc)) from exc
+        finally:
+            self.runtime.forget()
+        write_atomic(self.last_good, rendered.text)
+        self.live = rendered
+
+    def restarted(self) -> None:
+        """HAProxy was restarted from the live file: nothing is pending any more."""
+        self.runtime.forget()

@@ -1,0 +1,220 @@
+"""HAProxy as a supervised child: start, watch, restart, reload, stop; and its two CLIs.
+
+The reloader is HAProxy's entrypoint, so it owns the master process: `-Ws` keeps the
+master in the foreground (our child), `-S master.sock` gives us the master CLI for
+`reload` and `show proc`. A master that dies is started again within a second; a
+master that cannot be started at all is a fatal error for the process.
+
+Reloads are judged by the master's own counters in `show proc` ("N [failed: F]") and
+the worker pids, never by sleeping: success is a new worker while `failed` stays put.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from fluster.runtime import Backoff
+
+log = structlog.get_logger("reloader.haproxy")
+
+START_TIMEOUT = 10.0
+RELOAD_TIMEOUT = 15.0
+STOP_GRACE = 10.0
+CLI_TIMEOUT = 5.0
+
+
+class HaproxyError(Exception):
+    """HAProxy refused, failed, or could not be reached."""
+
+
+class StartFailed(HaproxyError):
+    pass
+
+
+class ReloadFailed(HaproxyError):
+    pass
+
+
+async def cli(socket: Path, command: str, limit: float = CLI_TIMEOUT) -> str:
+    """Send one command over a CLI socket (stats or master) and return the reply."""
+    try:
+        async with asyncio.timeout(limit):
+            reader, writer = await asyncio.open_unix_connection(str(socket))
+            try:
+                writer.write(command.encode() + b"\n")
+                await writer.drain()
+                # The master CLI waits for more input until our side is closed.
+                if writer.can_write_eof():
+                    writer.write_eof()
+                data = await reader.read()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except (OSError, TimeoutError) as exc:
+        raise HaproxyError(f"{socket.name}: {command.split()[0]}: {exc!r}") from exc
+    return data.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True, slots=True)
+class Processes:
+    """What `show proc` says: the master's reload counters and current worker pids."""
+
+    reloads: int
+    failed: int
+    workers: tuple[int, ...]
+
+
+_MASTER = re.compile(r"^\d+\s+master\s+(\d+)\s+\[failed:\s*(\d+)\]", re.M)
+
+
+def parse_show_proc(text: str) -> Processes:
+    match = _MASTER.search(text)
+    if match is None:
+        raise HaproxyError(f"unexpected show proc reply: {text[:200]!r}")
+    workers: list[int] = []
+    section = ""
+    for line in text.splitlines():
+        if line.startswith("#"):
+            section = line
+            continue
+        fields = line.split()
+        if section == "# workers" and len(fields) > 1 and fields[1] == "worker":
+            workers.append(int(fields[0]))
+    return Processes(int(match[1]), int(match[2]), tuple(workers))
+
+
+async def check_config(haproxy: str, path: Path) -> str | None:
+    """`haproxy -c -f path`: None when valid, else the error text (exit code decides)."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            haproxy,
+            "-c",
+            "-q",
+            "-f",
+            str(path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    except OSError as exc:
+        return f"cannot run {haproxy}: {exc}"
+    out, _ = await proc.communicate()
+    if proc.returncode == 0:
+        return None
+    return out.decode("utf-8", "replace").strip() or f"exit status {proc.returncode}"
+
+
+class Haproxy:
+    """The master process: `start()`, then `supervise()` as a task, `stop()` at the end."""
+
+    def __init__(
+        self, binary: str, config: Path, master_socket: Path, pid_file: Path | None = None
+    ) -> None:
+        self.binary = binary
+        self.pid_file = pid_file
+        self.config = config
+        self.master_socket = master_socket
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self.stopping = False
+        self.up = False
+
+    @property
+    def argv(self) -> Sequence[str]:
+        return (self.binary, "-Ws", "-S", f"{self.master_socket},mode,600", "-f", str(self.config))
+
+    async def start(self) -> None:
+        """Start the master and wait for its first worker; StartFailed if it never comes."""
+        with contextlib.suppress(FileNotFoundError):
+            self.master_socket.unlink()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
+            )
+        except OSError as exc:
+            raise StartFailed(f"cannot run {self.binary}: {exc}") from exc
+        proc = self.proc
+        deadline = asyncio.get_running_loop().time() + START_TIMEOUT
+        while asyncio.get_running_loop().time() < deadline:
+            if proc.returncode is not None:
+                raise StartFailed(f"haproxy exited with status {proc.returncode} at start")
+            with contextlib.suppress(HaproxyError):
+                if (await self.processes()).workers:
+                    self.up = True
+                    if self.pid_file is not None:
+                        # For operators: the master outlives a SIGKILL of the reloader.
+                        self.pid_file.write_text(f"{proc.pid}\n")
+                    log.info("haproxy started", pid=proc.pid)
+                    return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 0.05)
+        await self._terminate(proc, 0)
+        raise StartFailed(f"haproxy did not start a worker within {START_TIMEOUT}s")
+
+    async def supervise(self) -> None:
+        """Run forever: when the master dies, start it again (first retry within 0.1 s)."""
+        backoff = Backoff(base=0.1, cap=1.0)
+        while True:
+            assert self.proc is not None
+            status = await self.proc.wait()
+            self.up = False
+            if self.stopping:
+                return
+            log.error("haproxy exited, restarting", status=status, restarts=self.restarts + 1)
+            while not self.stopping:
+                self.restarts += 1
+                try:
+                    await self.start()
+                    backoff.reset()
+                    break
+                except StartFailed as exc:
+                    log.error("haproxy restart failed", error=str(exc), attempt=backoff.attempt + 1)
+                    await asyncio.sleep(backoff.next_delay())
+
+    async def processes(self) -> Processes:
+        return parse_show_proc(await cli(self.master_socket, "show proc"))
+
+    async def reload(self) -> Processes:
+        """Ask the master to reload the config file; return once a new worker serves."""
+        before = await self.processes()
+        await cli(self.master_socket, "reload")
+        deadline = asyncio.get_running_loop().time() + RELOAD_TIMEOUT
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                now = await self.processes()
+            except HaproxyError:
+                # The master re-executes itself: its socket is briefly away.
+                await asyncio.sleep(0.02)
+                continue
+            if now.failed > before.failed:
+                raise ReloadFailed(f"haproxy reload failed ({now.failed} failures so far)")
+            if now.reloads > before.reloads and set(now.workers) - set(before.workers):
+                return now
+            await asyncio.sleep(0.02)
+        raise ReloadFailed(f"no new haproxy worker within {RELOAD_TIMEOUT}s of the reload")
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Soft stop (SIGUSR1: finish current requests), then SIGTERM, then SIGKILL."""
+        self.stopping = True
+        if self.proc is not None:
+            await self._terminate(self.proc, grace)
+        self.up = False
+
+    @staticmethod
+    async def _terminate(proc: asyncio.subprocess.Process, grace: float) -> None:
+        for sig, wait in ((signal.SIGUSR1, grace), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+            if proc.returncode is not None:
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, sig)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), wait)

@@ -1,0 +1,234 @@
+"""The routing model: a catalog Snapshot turned into frontends, backends and servers.
+
+Templates only ever see this model, never raw records, so every decision about what
+HAProxy gets (which instances route, canary split, names, ordering) is made here in
+plain Python where it is testable. The model is a pure function of the snapshot and
+the settings; building it twice gives equal models, which is what makes rendering
+byte-identical for the same catalog.
+
+Server names are the instance names (the last part of the etcd key): they are unique
+within a service, stable across reloads, and a character set HAProxy accepts as-is.
+That stability is what lets the runtime API (add/del server by name) and the config
+file describe the same servers, so a reload reproduces what the runtime API did.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Final
+
+from fluster.catalog import Service, Snapshot
+from fluster.records import Instance
+
+# Balance algorithms that accept dynamic servers and runtime weight changes.
+DYNAMIC_BALANCES: Final = frozenset({"roundrobin", "leastconn", "first", "random"})
+# Everything printed into haproxy.cfg is re-checked against this, whatever the records
+# module let through: a second lock on the door, because a bad line takes down routing.
+SAFE_TOKEN: Final = re.compile(r"[A-Za-z0-9._:/%~+=&?\[\]*-]{1,253}")
+
+
+class ModelError(ValueError):
+    """A value that must never be printed into haproxy.cfg reached the model."""
+
+
+def safe(value: str) -> str:
+    if not SAFE_TOKEN.fullmatch(value):
+        raise ModelError(f"refusing to render {value[:80]!r}")
+    return value
+
+
+def format_bind(host: str, port: int) -> str:
+    """HAProxy bind syntax: `*:80`, `127.0.0.1:80`, `::1:80` (last colon is the port)."""
+    return f"{safe(host) if host else '*'}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RenderSettings:
+    """What the config depends on besides the catalog."""
+
+    state_dir: Path = Path("/var/lib/reloader")
+    http_bind: tuple[str, int] = ("", 80)
+    domain: str = "localhost"
+    stats_bind: tuple[str, int] | None = None
+    hard_stop_after_s: int = 60
+    max_reloads: int = 50
+    maxconn: int | None = None  # None: HAProxy derives it from the file descriptor limit
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.state_dir / "admin.sock"
+
+    @property
+    def master_socket(self) -> Path:
+        return self.state_dir / "master.sock"
+
+    @property
+    def server_state_file(self) -> Path:
+        return self.state_dir / "server-state"
+
+    @property
+    def config_file(self) -> Path:
+        return self.state_dir / "haproxy.cfg"
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    name: str
+    host: str
+    port: int
+    weight: int
+    check_inter_ms: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def options(self) -> str:
+        """Everything after the address; the runtime API's `add server` uses the same."""
+        check = f" check inter {self.check_inter_ms}" if self.check_inter_ms else ""
+        return f"weight {self.weight}{check}"
+
+    @property
+    def line(self) -> str:
+        return f"{self.name} {self.address} {self.options}"
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    name: str
+    service: str
+    mode: str
+    balance: str
+    check_path: str | None = None
+    servers: tuple[Server, ...] = ()
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether servers can be added, removed and re-weighted without a reload."""
+        return self.balance in DYNAMIC_BALANCES
+
+
+@dataclass(frozen=True, slots=True)
+class Canary:
+    backend: str
+    weight: int  # percent of requests/connections
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How traffic reaches one service: by Host (+ path) on the HTTP frontend, or a port."""
+
+    service: str
+    backend: str
+    hosts: tuple[str, ...] = ()
+    path_prefix: str = "/"
+    port: int | None = None
+    canary: Canary | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    settings: RenderSettings
+    http_routes: tuple[Route, ...] = ()
+    tcp_routes: tuple[Route, ...] = ()
+    backends: tuple[Backend, ...] = ()
+    skipped: tuple[str, ...] = ()  # services left out, with the reason
+
+    def without_servers(self) -> Model:
+        """The same model with every backend emptied: the config's structure."""
+        return replace(self, backends=tuple(replace(b, servers=()) for b in self.backends))
+
+    @property
+    def server_count(self) -> int:
+        return sum(len(b.servers) for b in self.backends)
+
+    def backend_map(self) -> dict[str, Backend]:
+        return {b.name: b for b in self.backends}
+
+
+@dataclass
+class _Ports:
+    taken: dict[int, str] = field(default_factory=dict)
+
+
+def backend_name(service: str, canary: bool = False) -> str:
+    return f"be_{service}_canary" if canary else f"be_{service}"
+
+
+def _servers(instances: dict[str, Instance], check_ms: int | None) -> tuple[Server, ...]:
+    return tuple(
+        Server(safe(name), safe(inst.host), inst.port, inst.weight, check_ms)
+        for name, inst in sorted(instances.items())
+    )
+
+
+def _service(svc: Service, settings: RenderSettings) -> tuple[Route, list[Backend]]:
+    spec = svc.spec
+    routed = svc.routed()
+    check_ms = spec.check.interval_ms if spec.check else None
+    check_path = safe(spec.check.path) if spec.check and spec.mode == "http" else None
+    canary = spec.canary
+    split = (
+        canary is not None
+        and canary.weight > 0
+        and spec.active_version is not None
+        and canary.version != spec.active_version
+    )
+    main = {n: i for n, i in routed.items() if not split or i.version == spec.active_version}
+
+    def backend(name: str, instances: dict[str, Instance]) -> Backend:
+        return Backend(
+            name, svc.name, spec.mode, spec.balance, check_path, _servers(instances, check_ms)
+        )
+
+    backends = [backend(backend_name(svc.name), main)]
+    route_canary = None
+    if split:
+        assert canary is not None
+        rest = {n: i for n, i in routed.items() if n not in main}
+        backends.append(backend(backend_name(svc.name, canary=True), rest))
+        route_canary = Canary(backend_name(svc.name, canary=True), canary.weight)
+    hosts = spec.hosts or (f"{svc.name}.{settings.domain}",)
+    route = Route(
+        service=svc.name,
+        backend=backend_name(svc.name),
+        hosts=tuple(safe(h) for h in hosts),
+        path_prefix=safe(spec.path_prefix),
+        port=spec.port if spec.mode == "tcp" else None,
+        canary=route_canary,
+    )
+    return route, backends
+
+
+def build_model(snapshot: Snapshot, settings: RenderSettings) -> Model:
+    """Snapshot + settings -> Model; deterministic, no I/O."""
+    http: list[Route] = []
+    tcp: list[Route] = []
+    backends: list[Backend] = []
+    skipped: list[str] = []
+    reserved = {settings.http_bind[1]: "the HTTP frontend"}
+    if settings.stats_bind:
+        reserved[settings.stats_bind[1]] = "the stats page"
+    ports = _Ports(dict(reserved))
+    for name, svc in sorted(snapshot.services.items()):
+        try:
+            route, svc_backends = _service(svc, settings)
+        except ModelError as exc:
+            skipped.append(f"{name}: {exc}")
+            continue
+        if route.port is not None:
+            owner = ports.taken.get(route.port)
+            if owner is not None:
+                skipped.append(f"{name}: port {route.port} already used by {owner}")
+                continue
+            ports.taken[route.port] = f"service {name}"
+            tcp.append(route)
+        else:
+            http.append(route)
+        backends.extend(svc_backends)
+    # Longest path prefix first, so /api/v2 wins over /api on a shared host.
+    http.sort(key=lambda r: (-len(r.path_prefix), r.service))
+    return Model(settings, tuple(http), tuple(tcp), tuple(backends), tuple(skipped))

@@ -1,0 +1,152 @@
+"""Server membership changes through HAProxy's runtime API, without a reload.
+
+`plan()` decides whether a change can go this way at all: the config structure must be
+identical (see `Rendered.skeleton`) and every difference must be one the API can make
+(add, delete, address/port, weight) on a backend whose balance algorithm accepts
+dynamic servers. Anything else returns None and the caller reloads.
+
+Every reply is checked against what HAProxy says on success; an unexpected reply raises
+and the caller falls back to a reload of the (already validated) config file, which
+describes the target state and so repairs whatever half-applied state we left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from reloader.haproxy import HaproxyError
+from reloader.model import Model, Server
+
+log = structlog.get_logger("reloader.runtime_api")
+
+Send = Callable[[str], Awaitable[str]]
+
+
+class RuntimeApiError(HaproxyError):
+    pass
+
+
+@dataclass
+class Plan:
+    """The changes to make, per backend: servers to add, delete, and update."""
+
+    add: list[tuple[str, Server]] = field(default_factory=list)
+    delete: list[tuple[str, str]] = field(default_factory=list)
+    update: list[tuple[str, Server, Server]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.add or self.delete or self.update)
+
+    @property
+    def size(self) -> int:
+        return len(self.add) + len(self.delete) + len(self.update)
+
+
+def plan(live: Model, target: Model) -> Plan | None:
+    """The runtime changes that turn `live` into `target`, or None if a reload is needed.
+
+    The caller has already established that both configs have the same structure.
+    """
+    live_backends, target_backends = live.backend_map(), target.backend_map()
+    if live_backends.keys() != target_backends.keys():
+        return None
+    result = Plan()
+    for name, want in target_backends.items():
+        have = live_backends[name]
+        old = {s.name: s for s in have.servers}
+        new = {s.name: s for s in want.servers}
+        if old == new:
+            continue
+        if not want.dynamic:
+            return None
+        for sname in sorted(old.keys() - new.keys()):
+            result.delete.append((name, sname))
+        for sname in sorted(new.keys() - old.keys()):
+            result.add.append((name, new[sname]))
+        for sname in sorted(old.keys() & new.keys()):
+            a, b = old[sname], new[sname]
+            if a == b:
+                continue
+            if a.check_inter_ms != b.check_inter_ms:
+                return None  # check settings cannot change at runtime
+            result.update.append((name, a, b))
+    return result
+
+
+def _expect(reply: str, command: str, *accepted: str) -> None:
+    text = reply.strip()
+    if text == "" and "" in accepted:
+        return
+    if any(a and text.startswith(a) for a in accepted):
+        return
+    raise RuntimeApiError(f"{command!r} -> {text[:200]!r}")
+
+
+class RuntimeApi:
+    """Applies a Plan over the admin socket. Deletions that HAProxy refuses (a server
+    still holding connections) are left in maintenance, which takes no new traffic, and
+    retried on the next apply."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.pending_deletes: set[tuple[str, str]] = set()
+
+    async def run(self, command: str, *accepted: str) -> None:
+        _expect(await self.send(command), command, *accepted)
+
+    async def apply(self, changes: Plan) -> None:
+        # Removals first: a lost instance must stop taking traffic as soon as possible.
+        for backend, name in changes.delete:
+            await self.run(f"set server {backend}/{name} state maint", "")
+            await self.delete(backend, name)
+        for backend, server in changes.add:
+            if (backend, server.name) in self.pending_deletes:
+                # Still there in maintenance: bring it back with its new settings.
+                self.pending_deletes.discard((backend, server.name))
+                await self.update(backend, server)
+                await self.run(f"set server {backend}/{server.name} state ready", "")
+                continue
+            await self.run(
+                f"add server {backend}/{server.name} {server.address} {server.options}",
+                "New server registered.",
+            )
+            if server.check_inter_ms:
+                await self.run(f"enable health {backend}/{server.name}", "")
+            await self.run(f"enable server {backend}/{server.name}", "")
+        for backend, _old, new in changes.update:
+            await self.update(backend, new)
+
+    async def update(self, backend: str, server: Server) -> None:
+        ref = f"{backend}/{server.name}"
+        await self.run(
+            f"set server {ref} addr {server.host} port {server.port}",
+            "IP changed from",
+            "no need to change",
+            "port changed from",
+        )
+        await self.run(f"set server {ref} weight {server.weight}", "")
+
+    async def delete(self, backend: str, name: str) -> bool:
+        reply = (await self.send(f"del server {backend}/{name}")).strip()
+        if reply.startswith("Server deleted.") or reply.startswith("No such server"):
+            self.pending_deletes.discard((backend, name))
+            return True
+        log.info(
+            "server still busy, left in maintenance",
+            backend=backend,
+            server=name,
+            reply=reply[:200],
+        )
+        self.pending_deletes.add((backend, name))
+        return False
+
+    async def retry_pending(self) -> None:
+        for backend, name in sorted(self.pending_deletes):
+            await self.delete(backend, name)
+
+    def forget(self) -> None:
+        """After a reload or restart HAProxy has only what the config file says."""
+        self.pending_deletes.clear()

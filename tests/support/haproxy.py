@@ -1,0 +1,248 @@
+"""Real HTTP backends and a real reloader (with its real HAProxy) on loopback ports.
+
+`backends(n)` starts threaded HTTP/1.1 servers that answer every request with their own
+id, so a test can tell which instance served it. `start_reloader(...)` runs the
+`reloader` console entry point as a child process (signals, supervision and uvloop as
+in production) with a private state dir and free ports, and stops it, and any HAProxy
+it left behind, at teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.etcd import Etcd, free_port, wait_for
+
+HAPROXY = "/usr/sbin/haproxy"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = self.server.ident.encode()  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # HAProxy resets idle server connections; that is not a test failure
+
+
+class HttpBackend:
+    """One instance of an app: answers `ident` on 127.0.0.1:`port`."""
+
+    def __init__(self, ident: str) -> None:
+        self.ident = ident
+        self.server = _Server(("127.0.0.1", 0), _Handler)
+        self.server.ident = ident  # type: ignore[attr-defined]
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def json(self, **extra: Any) -> str:
+        return json.dumps({"host": "127.0.0.1", "port": self.port, **extra})
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def backends() -> Iterator[Callable[..., list[HttpBackend]]]:
+    started: list[HttpBackend] = []
+
+    def start(count: int = 1, prefix: str = "app") -> list[HttpBackend]:
+        new = [HttpBackend(f"{prefix}-{len(started) + i}") for i in range(count)]
+        started.extend(new)
+        return new
+
+    yield start
+    for backend in started:
+        backend.stop()
+
+
+def unix_command(path: Path, command: str, timeout: float = 5.0) -> str:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(command.encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+class ReloaderProcess:
+    def __init__(self, etcd: Etcd, root: Path, *args: str, prefix: str = "/fluster") -> None:
+        self.etcd = etcd
+        self.state_dir = root / "state"
+        self.http_port = free_port()
+        self.status_port = free_port()
+        self.prefix = prefix
+        self.args = args
+        self.log_path = root / "reloader.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config(self) -> str:
+        return (self.state_dir / "haproxy.cfg").read_text()
+
+    def start(self, wait: bool = True) -> ReloaderProcess:
+        env = {
+            **os.environ,
+            "ETCD_ENDPOINTS": self.etcd.endpoints,
+            "FLUSTER_PREFIX": self.prefix,
+            "RELOADER_STATE_DIR": str(self.state_dir),
+            "RELOADER_HTTP_BIND": f"127.0.0.1:{self.http_port}",
+            "RELOADER_STATUS_BIND": f"127.0.0.1:{self.status_port}",
+            "RELOADER_HAPROXY": HAPROXY,
+            "RELOADER_ID": "edge-test",
+        }
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "reloader", "run", *self.args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        if wait:
+            wait_for(self._up, timeout=20, what="reloader up")
+        return self
+
+    def _up(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"reloader exited {self.proc.returncode}:\n{self.log()[-3000:]}")
+        return bool(self.status().get("haproxy_up"))
+
+    def status(self) -> dict[str, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.status_port, timeout=5)
+        try:
+            conn.request("GET", "/status")
+            return dict(json.loads(conn.getresponse().read()))
+        finally:
+            conn.close()
+
+    def http_get(self, path: str) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.status_port, timeout=5)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode()
+        finally:
+            conn.close()
+
+    def get(self, host: str, path: str = "/", port: int | None = None) -> tuple[int, str]:
+        """One request through HAProxy with `Host: host`."""
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.http_port, timeout=5)
+        try:
+            conn.request("GET", path, headers={"Host": host})
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode()
+        finally:
+            conn.close()
+
+    def served_by(self, host: str, rounds: int = 8) -> set[str]:
+        """Bodies of `rounds` requests that were answered 200."""
+        out = set()
+        for _ in range(rounds):
+            status, body = self.get(host)
+            if status == 200:
+                out.add(body)
+        return out
+
+    def wait_served(self, host: str, expected: set[str], timeout: float = 10.0) -> None:
+        wait_for(
+            lambda: self.served_by(host, 3 * len(expected) + 2) == expected,
+            timeout=timeout,
+            what=f"{host} served by {sorted(expected)}",
+        )
+
+    def master(self, command: str) -> str:
+        # The master re-executes itself on reload: its socket is briefly away.
+        return str(
+            wait_for(
+                lambda: unix_command(self.state_dir / "master.sock", command),
+                timeout=5,
+                interval=0.01,
+                what="master CLI",
+            )
+        )
+
+    def admin(self, command: str) -> str:
+        return unix_command(self.state_dir / "admin.sock", command)
+
+    def workers(self) -> list[int]:
+        out, section = [], ""
+        for line in self.master("show proc").splitlines():
+            if line.startswith("#"):
+                section = line
+            elif section == "# workers" and line.split()[1:2] == ["worker"]:
+                out.append(int(line.split()[0]))
+        return out
+
+    def haproxy_pid(self) -> int:
+        return int((self.state_dir / "haproxy.pid").read_text())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int | None:
+        code = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        elif self.proc is not None:
+            code = self.proc.returncode
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(self.haproxy_pid(), signal.SIGKILL)  # only if it outlived us
+        return code
+
+
+@pytest.fixture
+def start_reloader(etcd: Etcd, tmp_path: Path) -> Iterator[Callable[..., ReloaderProcess]]:
+    """`start_reloader(*extra_args)` -> a running reloader against the `etcd` fixture."""
+    started: list[ReloaderProcess] = []
+
+    def start(*args: str, wait: bool = True) -> ReloaderProcess:
+        proc = ReloaderProcess(etcd, tmp_path / f"reloader{len(started)}", *args)
+        started.append(proc)
+        return proc.start(wait=wait)
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,94 @@
+"""The reloader against real etcd, real HAProxy and real HTTP backends on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.support.etcd import Etcd, wait_for
+from tests.support.haproxy import HttpBackend, ReloaderProcess
+
+Start = Callable[..., ReloaderProcess]
+Backends = Callable[..., list[HttpBackend]]
+KEY = "/fluster/services/{}/instances/{}"
+
+
+async def test_leased_record_serves_and_plain_address_works(
+    etcd: Etcd, start_reloader: Start, backends: Backends
+) -> None:
+    a, b = backends(2)
+    lease = etcd.grant(30)
+    etcd.put(KEY.format("web", "a"), a.json(version="v1"), lease=lease)
+    reloader = start_reloader()
+    reloader.wait_served("web.localhost", {a.ident})
+    # A Host header with a port routes the same way.
+    assert reloader.get(f"web.localhost:{reloader.http_port}") == (200, a.ident)
+    etcd.put(KEY.format("web", "b"), b.address)  # plain ip:port, as a shell sidekick writes
+    reloader.wait_served("web.localhost", {a.ident, b.ident})
+    assert reloader.get("nope.localhost")[0] == 404
+    etcd.ctl("lease", "revoke", lease, check=True)
+    reloader.wait_served("web.localhost", {b.ident})
+
+
+async def test_membership_change_uses_the_runtime_api_new_service_reloads(
+    etcd: Etcd, start_reloader: Start, backends: Backends
+) -> None:
+    a, b, c = backends(3)
+    etcd.put(KEY.format("web", "a"), a.json())
+    reloader = start_reloader()
+    reloader.wait_served("web.localhost", {a.ident})
+    workers = reloader.workers()
+    etcd.put(KEY.format("web", "b"), b.json())
+    reloader.wait_served("web.localhost", {a.ident, b.ident})
+    etcd.delete(KEY.format("web", "a"))
+    reloader.wait_served("web.localhost", {b.ident})
+    assert reloader.workers() == workers, "a membership change must not reload"
+    assert "server b 127.0.0.1:" in reloader.config  # a later reload reproduces it
+    assert "server a " not in reloader.config
+    assert reloader.status()["applies"]["runtime"] >= 2
+
+    etcd.put(KEY.format("api", "c"), c.json())
+    reloader.wait_served("api.localhost", {c.ident})
+    assert reloader.workers() != workers, "a new service needs a reload"
+    wait_for(lambda: reloader.status()["applies"]["reload"] >= 1, what="reload counted")
+    # The reload reproduced the runtime API's work.
+    reloader.wait_served("web.localhost", {b.ident})
+
+
+async def test_haproxy_killed_is_back_within_a_second(
+    etcd: Etcd, start_reloader: Start, backends: Backends
+) -> None:
+    (a,) = backends(1)
+    etcd.put(KEY.format("web", "a"), a.json())
+    reloader = start_reloader()
+    reloader.wait_served("web.localhost", {a.ident})
+    old = reloader.haproxy_pid()
+    os.kill(old, signal.SIGKILL)
+    started = time.monotonic()
+    wait_for(
+        lambda: reloader.haproxy_pid() != old and reloader.get("web.localhost")[1] == a.ident,
+        timeout=5,
+        interval=0.01,
+        what="haproxy restarted",
+    )
+    assert time.monotonic() - started < 1.0
+    assert reloader.status()["haproxy_restarts"] == 1
+
+
+async def test_sigterm_stops_gracefully_and_a_missing_haproxy_exits_non_zero(
+    etcd: Etcd, start_reloader: Start
+) -> None:
+    reloader = start_reloader()
+    assert reloader.http_get("/healthz")[0] == 200
+    pid = reloader.haproxy_pid()
+    assert reloader.stop() == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    broken = start_reloader("--haproxy", "/nonexistent/haproxy", wait=False)
+    assert broken.proc is not None
+    assert broken.proc.wait(20) == 1
+    assert "cannot start HAProxy" in broken.log()
