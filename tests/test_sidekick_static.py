@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -271,3 +272,33 @@ def test_operator_drain_is_not_undone(sidekicks: Sidekicks, etcd: Etcd) -> None:
     etcd.delete(KEY + name)  # the sidekick puts it back, still draining
     back = wait_for(lambda: sidekicks.instances("web").get(name), what="re-registration")
     assert back.state == "draining"
+
+
+def test_waits_for_etcd_that_is_down_at_start(sidekicks: Sidekicks, etcd: Etcd) -> None:
+    member = etcd.members[0]
+    member.stop()
+    name, proc = static(sidekicks)
+    wait_for(lambda: proc.logged("tracking"), what="sidekick running")
+    time.sleep(2)  # several failed attempts
+    assert proc.proc.poll() is None
+    assert proc.check().returncode != 0  # not registered: --check says so
+    member.start(etcd.initial_cluster, state="existing")
+    etcd.wait_healthy()
+    wait_for(lambda: name in sidekicks.instances("web"), timeout=5, what="registered")
+    wait_for(lambda: proc.check().returncode == 0, what="--check ok")
+
+
+def test_three_member_cluster_losing_the_leader(etcd3: Etcd, tmp_path: Path) -> None:
+    runner = Sidekicks(etcd3, tmp_path)
+    try:
+        name, proc = static(runner)
+        wait_for(lambda: name in runner.instances("web"), what="registration")
+        leader = etcd3.leader()
+        leader.stop()
+        time.sleep(4.5)  # two TTLs without that member: keepalives go to the others
+        assert name in runner.instances("web")
+        etcd3.delete(KEY + name)
+        wait_for(lambda: name in runner.instances("web"), timeout=3, what="re-registration")
+        assert proc.proc.poll() is None
+    finally:
+        runner.close()
