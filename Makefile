@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup test lint demo demo-down bench clean
+.PHONY: help setup test lint demo demo-down bench clean images e2e
 
 help:
 	@echo "make test       set up (venv, etcd, HAProxy, Docker) and run every test"
@@ -15,6 +15,8 @@ help:
 	@echo "make demo-down  stop it"
 	@echo "make bench      run the benchmarks, write docs/BENCHMARKS.md"
 	@echo "make lint       ruff + mypy"
+	@echo "make images     build the wheels and Docker images (base image too, without a registry)"
+	@echo "make e2e        the end-to-end test on the Docker engine (compose, scale, promote)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +40,13 @@ demo: setup
 
 demo-down:
 	scripts/demo.sh down
+
+images: $(VENV)/.installed
+	scripts/start-dockerd.sh
+	scripts/build-images.sh
+
+e2e: setup
+	$(VENV)/bin/pytest tests/test_e2e_compose.py $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)

@@ -37,7 +37,8 @@ build_wheels() {
   # modules into a wheel.
   stage=$(mktemp -d)
   trap 'rm -rf "$stage"' RETURN
-  cp -a pyproject.toml fluster sidekick reloader "$stage/"
+  # -L: reloader/templates is a link to haproxy/templates; the wheel needs the files.
+  cp -R -L pyproject.toml fluster sidekick reloader "$stage/"
   [ -f README.md ] && cp README.md "$stage/"
   find "$stage" -name __pycache__ -prune -exec rm -rf {} +
   rm -rf "$wheels.new"

@@ -63,7 +63,7 @@ fluster demo is up ($seen instances of web answering):
   app           http://web.localhost:$http_port/
                   curl -H 'Host: web.localhost' http://127.0.0.1:$http_port/
   status page   http://127.0.0.1:$status_port/   (JSON: /status, metrics: /metrics)
-  HAProxy stats http://127.0.0.1:$stats_port/stats
+  HAProxy stats http://127.0.0.1:$stats_port/
   etcd          ETCD_ENDPOINTS=$etcd .venv/bin/fluster ls
                   or: ${compose[*]} exec sidekick fluster ls
 Try: ${compose[*]} up -d --scale web=5

@@ -1,0 +1,301 @@
+"""The local cluster end to end, on a real Docker engine: what `make demo` promises.
+
+Builds the images (scripts/build-images.sh: wheels, the base image from Debian packages
+when no registry answers, the four images), brings the compose project up under a name of
+its own on free host ports, then, while a bounded request loop runs through HAProxy:
+scales web 1 -> 3 -> 1, starts web v2 beside v1 and promotes it with `fluster promote`.
+Not one request may fail and every instance must have served. The reloader's status page,
+opened in headless Chromium, must show the service. The project is always torn down.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support.etcd import free_port, wait_for
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKER = "/usr/bin/docker" if os.access("/usr/bin/docker", os.X_OK) else shutil.which("docker")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def compose_command() -> list[str]:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    probe = subprocess.run(
+        ["docker", "compose", "version"], capture_output=True, check=False, timeout=30
+    )
+    if probe.returncode == 0:
+        return ["docker", "compose"]
+    pytest.skip("neither docker-compose nor the Compose v2 plugin is installed")
+
+
+def run(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120) -> str:
+    proc = subprocess.run(
+        args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert proc.returncode == 0, f"{args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@dataclass
+class Project:
+    """One compose project on its own name and host ports."""
+
+    compose: list[str]
+    name: str
+    http_port: int
+    status_port: int
+    stats_port: int
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "COMPOSE_PROJECT_NAME": self.name,
+            "FLUSTER_HTTP_PORT": str(self.http_port),
+            "FLUSTER_STATUS_PORT": str(self.status_port),
+            "FLUSTER_STATS_PORT": str(self.stats_port),
+        }
+
+    def __call__(self, *args: str, timeout: float = 120) -> str:
+        return run([*self.compose, *args], env=self.env, timeout=timeout)
+
+    def containers(self, service: str) -> set[str]:
+        """Ids (12 characters, the containers' hostnames) of the service's containers."""
+        assert DOCKER is not None
+        out = run(
+            [
+                DOCKER,
+                "ps",
+                "-q",
+                "--filter",
+                f"label=com.docker.compose.project={self.name}",
+                "--filter",
+                f"label=com.docker.compose.service={service}",
+            ]
+        )
+        return {line[:12] for line in out.split()}
+
+
+def get(port: int, timeout: float = 5.0) -> dict[str, str]:
+    """One request through HAProxy on a new connection; the app's JSON answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/", headers={"Host": "web.localhost", "Accept": "application/json"})
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {body[:200]!r}")
+        answer: dict[str, str] = json.loads(body)
+        return answer
+    finally:
+        conn.close()
+
+
+@dataclass
+class Load:
+    """A bounded request loop: `workers` threads, each one request after another on fresh
+    connections, until stopped or `limit` requests in all. Records who answered."""
+
+    port: int
+    workers: int = 2
+    limit: int = 200_000
+    answers: list[tuple[str, str]] = field(default_factory=list)  # (instance, version)
+    failures: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> None:
+        for i in range(self.workers):
+            thread = threading.Thread(target=self._loop, name=f"load-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if len(self.answers) + len(self.failures) >= self.limit:
+                    return
+            try:
+                answer = get(self.port)
+            except Exception as exc:  # every failure is the finding
+                with self._lock:
+                    self.failures.append(f"{time.strftime('%H:%M:%S')} {exc!r}")
+            else:
+                with self._lock:
+                    self.answers.append((answer["instance"], answer["version"]))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def recent(self, n: int) -> list[tuple[str, str]]:
+        with self._lock:
+            return self.answers[-n:]
+
+    def seen(self) -> set[str]:
+        with self._lock:
+            return {instance for instance, _ in self.answers}
+
+    def total(self) -> int:
+        with self._lock:
+            return len(self.answers) + len(self.failures)
+
+
+@pytest.fixture(scope="module")
+def images() -> None:
+    if DOCKER is None:
+        pytest.skip("Docker is not installed")
+    if subprocess.run([DOCKER, "info"], capture_output=True, check=False).returncode != 0:
+        if os.geteuid() != 0:
+            pytest.skip("the Docker engine does not answer and this is not root")
+        run([str(REPO / "scripts/start-dockerd.sh")], timeout=120)
+    start = time.monotonic()
+    run([str(REPO / "scripts/build-images.sh")], timeout=420)
+    print(f"images built in {time.monotonic() - start:.0f}s")
+
+
+@pytest.fixture(scope="module")
+def project(images: None) -> Iterator[Project]:
+    proj = Project(
+        compose=compose_command(),
+        name=f"fluster-e2e-{uuid.uuid4().hex[:8]}",
+        http_port=free_port(),
+        status_port=free_port(),
+        stats_port=free_port(),
+    )
+    try:
+        proj("up", "-d", "--no-build", "--scale", "web=1", timeout=180)
+        wait_for(lambda: get(proj.http_port, timeout=2), timeout=90, what="web through HAProxy")
+        yield proj
+    finally:
+        logs = subprocess.run(
+            [*proj.compose, "logs", "--no-color", "--tail=40"],
+            cwd=REPO,
+            env=proj.env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        print(logs.stdout[-20_000:])
+        # Always tear down, and fail if that did not work: a left-over project holds ports.
+        proj("down", "--volumes", "--remove-orphans", "--timeout", "30", timeout=180)
+
+
+def scale(project: Project, service: str, n: int) -> None:
+    project(
+        "up", "-d", "--no-build", "--no-deps", "--scale", f"{service}={n}", service, timeout=120
+    )
+
+
+@pytest.mark.timeout(600)
+def test_scale_and_promote_without_a_failed_request(project: Project) -> None:
+    load = Load(project.http_port)
+    served: set[str] = set()
+    load.start()
+    try:
+        scale(project, "web", 3)
+        v1 = project.containers("web")
+        assert len(v1) == 3
+        wait_for(lambda: v1 <= load.seen(), timeout=60, what="all three v1 instances answering")
+
+        scale(project, "web", 1)  # returns once the two stopped containers are gone
+        (survivor,) = project.containers("web")
+        wait_for(
+            lambda: {i for i, _ in load.recent(40)} == {survivor},
+            timeout=60,
+            what="only the remaining v1 instance answering",
+        )
+
+        scale(project, "web-v2", 2)
+        v2 = project.containers("web-v2")
+        assert len(v2) == 2
+        # No spec yet: v1 and v2 serve side by side.
+        wait_for(lambda: v2 <= load.seen(), timeout=60, what="both v2 instances answering")
+
+        project(
+            "exec",
+            "-T",
+            "sidekick",
+            "fluster",
+            "promote",
+            "web",
+            "v2",
+            "--min-instances",
+            "2",
+            "--wait-timeout",
+            "60",
+            timeout=90,
+        )
+        wait_for(
+            lambda: {v for _, v in load.recent(40)} == {"v2"},
+            timeout=60,
+            what="only v2 answering after the promotion",
+        )
+        served = v1 | v2
+    finally:
+        load.stop()
+    counts: dict[str, int] = {}
+    for instance, version in load.answers:
+        counts[f"{version}/{instance}"] = counts.get(f"{version}/{instance}", 0) + 1
+    print(f"requests: {load.total()}, failed: {len(load.failures)}, per instance: {counts}")
+    assert load.failures == [], (
+        f"{len(load.failures)} of {load.total()} failed: {load.failures[:10]}"
+    )
+    assert served <= load.seen()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_status_page_in_headless_chromium(project: Project) -> None:
+    assert CHROMIUM is not None
+    url = f"http://127.0.0.1:{project.status_port}/"
+    web = project.containers("web") | project.containers("web-v2")
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+
+        def dom() -> str:
+            proc = subprocess.run(
+                [
+                    CHROMIUM,
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--no-first-run",
+                    "--disable-dev-shm-usage",
+                    f"--user-data-dir={profile}",
+                    "--dump-dom",
+                    url,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            return proc.stdout
+
+        page = wait_for(lambda: (d := dom()) and "web" in d and d, timeout=60, what="status page")
+    assert "web" in page
+    # The instances the page lists are this project's containers (their hostnames).
+    assert any(cid in page for cid in web) or "web.localhost" in page, page[:2000]
