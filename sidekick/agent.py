@@ -25,7 +25,7 @@ from fluster.records import Instance, RecordError
 from fluster.runtime import Backoff
 from fluster.store import Store, StoreError
 from sidekick.docker import ContainerGone, Docker, DockerEvent, DockerUnavailable
-from sidekick.health import HealthGate, Probe, make_probe, watch_health
+from sidekick.health import HealthGate, Probe, docker_healthy, make_probe, watch_health
 from sidekick.hub import Hub
 from sidekick.plan import OWN_NAME, Plan, PlanError, node_name, plan_container, plan_static
 from sidekick.registration import Registration
@@ -93,7 +93,7 @@ class Sidekick:
             name=plan.name,
             ttl=self.s.ttl,
             drain_seconds=self.s.drain_seconds,
-            healthy=probe is None,
+            healthy=probe is None and plan.check.kind != "docker",
         )
         tracked = Tracked(plan, reg)
         if probe is not None:
@@ -190,18 +190,15 @@ class Sidekick:
             return
         current = self.tracked.get(container.id)
         if current is not None and current.plan == plan:
+            if plan.check.kind == "docker":  # events may have been missed (resync)
+                current.reg.set_healthy(docker_healthy(container.health))
             return
         if current is not None:
             self.leave(container.id, died=False)  # its address changed: replace the record
-        docker = self.docker
-        probe = make_probe(
-            plan.check,
-            plan.instance.host,
-            plan.instance.port,
-            self.s.check_timeout,
-            lambda: docker.health(container.id),
-        )
+        probe = make_probe(plan.check, plan.instance.host, plan.instance.port, self.s.check_timeout)
         self.add(container.id, plan, probe)
+        if plan.check.kind == "docker":
+            self.tracked[container.id].reg.set_healthy(docker_healthy(container.health))
 
     async def resync(self) -> None:
         assert self.docker is not None
@@ -255,6 +252,10 @@ class Sidekick:
             self.leave(event.id, died=False)
         elif event.action in ("die", "stop", "destroy"):
             self.leave(event.id, died=True)
+        elif event.action == "health_status" and event.id in self.tracked:
+            tracked = self.tracked[event.id]
+            if tracked.plan.check.kind == "docker":
+                tracked.reg.set_healthy(docker_healthy(event.status))
 
     async def follow_docker(self) -> None:
         """Resync, then follow events; again after every break. Runs forever."""

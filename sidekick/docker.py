@@ -80,13 +80,14 @@ class DockerEvent:
     name: str
     labels: Mapping[str, str]
     signal: int | None = None
+    status: str = ""  # health_status: "healthy" | "unhealthy" | "starting"
 
 
 def parse_event(data: Mapping[str, Any]) -> DockerEvent | None:
     """A container event we follow, or None."""
     if data.get("Type") != "container":
         return None
-    action = str(data.get("Action", "")).split(":")[0]
+    action, _, status = str(data.get("Action", "")).partition(":")
     if action not in EVENTS:
         return None
     attrs = dict((data.get("Actor") or {}).get("Attributes") or {})
@@ -99,6 +100,7 @@ def parse_event(data: Mapping[str, Any]) -> DockerEvent | None:
         name=name,
         labels=attrs,  # the rest of the attributes are the container's labels
         signal=int(sig) if str(sig).isdigit() else None,
+        status=status.strip(),
     )
 
 
@@ -151,15 +153,6 @@ class Docker:
             c["Id"]: ((c.get("Names") or [""])[0].lstrip("/"), dict(c.get("Labels") or {}))
             for c in await self._json("containers/json")
         }
-
-    async def health(self, ref: str) -> str | None:
-        """The container's HEALTHCHECK status; None when Docker cannot say right now."""
-        try:
-            return (await self.inspect(ref)).health
-        except ContainerGone:
-            return "unhealthy"
-        except DockerUnavailable:
-            return None
 
     async def stop(self, ref: str, grace: int = 10) -> None:
         import aiodocker

@@ -3,8 +3,8 @@
 The rise/fall counting is a pure class (`HealthGate`) so flapping is tested without
 clocks or sockets. The probes are deliberately tiny: HTTP is one HTTP/1.0 GET on a raw
 stream (importing an HTTP client costs more memory than the whole check loop), TCP is a
-connect, and `docker` reads the container's own HEALTHCHECK status through a callable
-the Docker side provides.
+connect, and `docker` takes the container's own HEALTHCHECK status from Docker's
+events (Docker has already counted its retries, so no rise/fall on top).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any, Literal
 from fluster.records import CHECK_PATH_RE
 
 Kind = Literal["http", "tcp", "docker", "none"]
-# A probe answers healthy/unhealthy, or None for "cannot tell now" (Docker restarting):
-# an unknown result must not deregister a healthy app.
+# A probe answers healthy/unhealthy, or None for "cannot tell now": an unknown result
+# must not deregister a healthy app.
 Probe = Callable[[], Awaitable[bool | None]]
 
 
@@ -100,30 +100,19 @@ async def probe_http(host: str, port: int, path: str, limit: float) -> bool:
     return len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1][:1] in (b"2", b"3")
 
 
-def make_probe(
-    spec: CheckSpec,
-    host: str,
-    port: int,
-    timeout: float,
-    docker_status: Callable[[], Awaitable[str | None]] | None = None,
-) -> Probe | None:
-    """The probe for `spec` against `host:port`; None when there is nothing to check."""
+def make_probe(spec: CheckSpec, host: str, port: int, timeout: float) -> Probe | None:
+    """The probe for `spec` against `host:port`; None when we do not probe ourselves
+    (`none`, and `docker`, which follows Docker's health_status events instead)."""
     if spec.kind == "http":
         return lambda: probe_http(host, port, spec.path, timeout)
     if spec.kind == "tcp":
         return lambda: probe_tcp(host, port, timeout)
-    if spec.kind == "docker":
-        if docker_status is None:
-            raise ValueError("the docker check needs a container")
-        status = docker_status
-
-        async def docker() -> bool | None:
-            state = await status()
-            # "none": the image has no HEALTHCHECK, so Docker has no opinion to veto with.
-            return None if state is None else state in ("healthy", "none")
-
-        return docker
     return None
+
+
+def docker_healthy(status: str) -> bool:
+    """Docker already counted retries; "none" (no HEALTHCHECK) has no veto."""
+    return status in ("healthy", "none")
 
 
 async def watch_health(

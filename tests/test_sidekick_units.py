@@ -217,6 +217,7 @@ def test_parse_event() -> None:
     }
     event = parse_event(raw)
     assert event is not None
+    assert event.status == "healthy"
     assert (event.action, event.id, event.name, dict(event.labels)) == (
         "health_status",
         "abc",
