@@ -246,11 +246,11 @@ class Sidekick:
             or self._selected(event.id, event.name, event.labels)
         ):
             return
-        if event.action == "start":
+        if event.action in ("start", "unpause"):
             await self._track_container(event.id)
         elif event.action == "kill" and event.signal in STOP_SIGNALS:
             self.leave(event.id, died=False)
-        elif event.action in ("die", "stop", "destroy"):
+        elif event.action in ("die", "stop", "destroy", "pause"):  # nothing left to drain
             self.leave(event.id, died=True)
         elif event.action == "health_status" and event.id in self.tracked:
             tracked = self.tracked[event.id]

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 # What we follow. `kill` arrives when `docker stop` sends SIGTERM, before the app exits,
 # which is the moment to start draining; the others mean it is over (or starting).
-EVENTS = frozenset({"start", "die", "stop", "kill", "destroy", "health_status"})
+EVENTS = frozenset({"start", "die", "stop", "kill", "destroy", "health_status", "pause", "unpause"})
 
 
 class DockerUnavailable(Exception):
@@ -63,7 +63,10 @@ class Container:
         return cls(
             id=data["Id"],
             name=str(data.get("Name", "")).lstrip("/"),
-            running=bool(state.get("Running")) and not state.get("Restarting"),
+            # A paused container answers nothing: as good as stopped for a load balancer.
+            running=bool(state.get("Running"))
+            and not state.get("Restarting")
+            and not state.get("Paused"),
             image=config.get("Image", ""),
             labels=dict(config.get("Labels") or {}),
             ports=ports,

@@ -311,6 +311,10 @@ def build(argv: Sequence[str] | None, environ: Mapping[str, str]) -> tuple[Setti
         "--port is required with --container",
     )
     problems.check(mode != "all" or not args.service, "--service does not go with --all")
+    problems.check(
+        mode != "all" or not args.instance,
+        "--instance does not go with --all (each container gets NODE-CONTAINERID12)",
+    )
 
     conv = problems.convert
     service = (

@@ -100,6 +100,14 @@ def test_host_agent_follows_run_and_rm(sidekicks: Sidekicks, apps: Engine) -> No
         what="removed container deregistered",
     )
     assert time.monotonic() - removed < 2
+    # A paused container answers nothing: out while paused, back when unpaused.
+    apps.docker("pause", second)
+    wait_for(lambda: not sidekicks.instances(service), timeout=3, what="paused: deregistered")
+    apps.docker("unpause", second)
+    wait_for(
+        lambda: set(sidekicks.instances(service)) == {f"{node}-{second[:12]}"},
+        what="unpaused: registered again",
+    )
 
 
 def test_docker_healthcheck_gates_registration(sidekicks: Sidekicks, apps: Engine) -> None:
