@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +91,7 @@ def fleet(
     backends,
     sidekicks: Sidekicks,
     start_reloader,  # type: ignore[no-untyped-def]
-) -> Iterator[tuple[ReloaderProcess, dict[str, list[HttpBackend]]]]:
+) -> tuple[ReloaderProcess, dict[str, list[HttpBackend]]]:
     apps = {"v1": backends(2, "v1"), "v2": backends(2, "v2")}
     for version, group in apps.items():
         for backend in group:
@@ -111,8 +110,7 @@ def fleet(
                 "http:/",
             )
     wait_for(lambda: len(sidekicks.instances("web")) == 4, timeout=20, what="4 registered")
-    reloader = start_reloader()
-    yield reloader, apps
+    return start_reloader(), apps
 
 
 def idents(apps: dict[str, list[HttpBackend]], *versions: str) -> set[str]:
