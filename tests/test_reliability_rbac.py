@@ -9,7 +9,6 @@ component's real calls are allowed, and "forbidden" means the AuthError it would
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -29,7 +28,14 @@ from fluster.store import (
 )
 from tests.support.etcd import eventually, wait_for
 from tests.support.pki import Pki
-from tests.support.rbac import PREFIX, RELOADER_PASSWORD, RbacEtcd, sidekick_identity
+from tests.support.rbac import (
+    PREFIX,
+    RELOADER_PASSWORD,
+    RbacEtcd,
+    assert_no_secrets,
+    component_env,
+    sidekick_identity,
+)
 from tests.support.sidekick import Sidekicks
 
 pytestmark = pytest.mark.slow
@@ -180,25 +186,6 @@ async def test_store_errors_never_carry_the_password(etcd_rbac: RbacEtcd) -> Non
 
 # -- real processes with those identities ---------------------------------------------
 
-TOKEN_RE = re.compile(r"\b[A-Za-z]{16}\.\d+\b")  # etcd's "simple" auth token format
-
-
-def assert_no_secrets(rbac: RbacEtcd, logs: dict[str, str]) -> None:
-    """No password, private key line or auth token in any line a component printed."""
-    assert logs and all(logs.values()), "nothing captured"
-    for name, text in logs.items():
-        for line in text.splitlines():
-            for secret in rbac.secrets():
-                assert secret not in line, f"{name} logged a secret: {line[:200]}"
-            assert "PRIVATE KEY" not in line, f"{name}: {line[:200]}"
-            assert not TOKEN_RE.search(line), f"{name} logged what looks like a token: {line}"
-
-
-def sidekick_env(rbac: RbacEtcd, identity: str, **extra: str) -> dict[str, str]:
-    env = rbac.env(identity)
-    wanted = ("ETCD_ENDPOINTS", "ETCD_CACERT", "ETCD_CERT", "ETCD_KEY", "FLUSTER_PREFIX")
-    return {**{k: env[k] for k in wanted}, **extra}
-
 
 def test_static_sidekicks_with_their_identities(etcd_rbac: RbacEtcd, tmp_path: Path) -> None:
     runner = Sidekicks(etcd_rbac.etcd, tmp_path)
@@ -210,7 +197,7 @@ def test_static_sidekicks_with_their_identities(etcd_rbac: RbacEtcd, tmp_path: P
             "--address",
             "127.0.0.1:8080",
             *common,
-            **sidekick_env(etcd_rbac, sidekick_identity("web")),
+            **component_env(etcd_rbac, sidekick_identity("web")),
         )
         # The web identity asked to register api: refused by etcd, retried, never crashes.
         wrong = runner.start(
@@ -219,7 +206,7 @@ def test_static_sidekicks_with_their_identities(etcd_rbac: RbacEtcd, tmp_path: P
             "--address",
             "127.0.0.1:8081",
             *common,
-            **sidekick_env(etcd_rbac, sidekick_identity("web")),
+            **component_env(etcd_rbac, sidekick_identity("web")),
         )
         # A password identity (the reloader's: may not write instances) and a wrong password.
         pw = runner.start(
@@ -228,7 +215,7 @@ def test_static_sidekicks_with_their_identities(etcd_rbac: RbacEtcd, tmp_path: P
             "--address",
             "127.0.0.1:8082",
             *common,
-            **sidekick_env(
+            **component_env(
                 etcd_rbac, "anyone", ETCD_USER="reloader-pw", ETCD_PASSWORD=RELOADER_PASSWORD
             ),
         )
@@ -238,7 +225,7 @@ def test_static_sidekicks_with_their_identities(etcd_rbac: RbacEtcd, tmp_path: P
             "--address",
             "127.0.0.1:8083",
             *common,
-            **sidekick_env(etcd_rbac, "anyone", ETCD_USER="reloader-pw", ETCD_PASSWORD="nope"),
+            **component_env(etcd_rbac, "anyone", ETCD_USER="reloader-pw", ETCD_PASSWORD="nope"),
         )
         wait_for(lambda: "n1-127.0.0.1-8080" in runner.instances("web"), what="web registered")
         wait_for(

@@ -22,6 +22,7 @@ certificate CN, so tests can check that a password never reaches a log line.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,28 @@ class RbacEtcd:
             lines = [ln for ln in key.read_text().splitlines() if ln and "-----" not in ln]
             out += [ln for ln in lines if len(ln) >= 32]
         return out
+
+
+TOKEN_RE = re.compile(r"\b[A-Za-z]{16}\.\d+\b")  # etcd's "simple" auth token format
+
+
+def assert_no_secrets(rbac: RbacEtcd, logs: dict[str, str]) -> None:
+    """No password, private key line or auth token in any line a component printed."""
+    assert logs and all(logs.values()), "nothing captured"
+    secrets = rbac.secrets()
+    for name, text in logs.items():
+        for line in text.splitlines():
+            for secret in secrets:
+                assert secret not in line, f"{name} logged a secret: {line[:200]}"
+            assert "PRIVATE KEY" not in line, f"{name}: {line[:200]}"
+            assert not TOKEN_RE.search(line), f"{name} logged what looks like a token: {line}"
+
+
+def component_env(rbac: RbacEtcd, identity: str, **extra: str) -> dict[str, str]:
+    """Only the contract's etcd variables of `rbac.env` (to add to a process's env)."""
+    env = rbac.env(identity)
+    wanted = ("ETCD_ENDPOINTS", "ETCD_CACERT", "ETCD_CERT", "ETCD_KEY", "FLUSTER_PREFIX")
+    return {**{k: env[k] for k in wanted}, **extra}
 
 
 def start_rbac_etcd(root: Path, size: int = 1, services: Iterable[str] = RBAC_SERVICES) -> RbacEtcd:
