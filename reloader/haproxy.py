@@ -99,7 +99,6 @@ async def check_config(haproxy: str, path: Path) -> str | None:
         proc = await asyncio.create_subprocess_exec(
             haproxy,
             "-c",
-            "-q",
             "-f",
             str(path),
             stdout=asyncio.subprocess.PIPE,

@@ -1,0 +1,158 @@
+"""What must not break the edge: bad templates, bad options, hostile records, compaction."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from reloader.render import DEFAULT_TEMPLATES
+from tests.support.etcd import Etcd, wait_for
+from tests.support.haproxy import HttpBackend, ReloaderProcess
+
+Start = Callable[..., ReloaderProcess]
+Backends = Callable[..., list[HttpBackend]]
+KEY = "/fluster/services/{}/instances/{}"
+
+
+def test_invalid_template_output_is_rejected_and_the_old_config_keeps_serving(
+    etcd: Etcd, start_reloader: Start, backends: Backends, tmp_path: Path
+) -> None:
+    a, b, c = backends(3)
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    # Valid with one backend, invalid HAProxy config as soon as there are two.
+    defaults = (DEFAULT_TEMPLATES / "defaults.j2").read_text()
+    (templates / "defaults.j2").write_text(
+        defaults + "{% if backends | length > 1 %}\n    no-such-keyword\n{% endif %}\n"
+    )
+    etcd.put(KEY.format("web", "a"), a.json())
+    reloader = start_reloader("--templates", str(templates))
+    reloader.wait_served("web.localhost", {a.ident})
+    live = reloader.config
+
+    etcd.put(KEY.format("api", "c"), c.json())
+    wait_for(lambda: reloader.status()["failures"]["rejected"] >= 1, what="rejection")
+    state = reloader.state_dir
+    assert "no-such-keyword" in (state / "haproxy.cfg.rejected").read_text()
+    assert "no-such-keyword" in (state / "haproxy.cfg.rejected.txt").read_text()
+    assert reloader.config == live
+    assert reloader.get("web.localhost") == (200, a.ident)
+    assert reloader.get("api.localhost")[0] == 404
+
+    # The next change retries; once the catalog renders valid again, it applies.
+    etcd.delete(KEY.format("api", "c"))
+    etcd.put(KEY.format("web", "b"), b.json())
+    reloader.wait_served("web.localhost", {a.ident, b.ident})
+    status, text = reloader.http_get("/metrics")
+    assert status == 200
+    assert 'reloader_apply_failures_total{reason="rejected"}' in text
+
+
+def test_bad_options_exit_2_listing_every_problem(tmp_path: Path) -> None:
+    env = {**os.environ, "RELOADER_STATUS_BIND": "nowhere", "RELOADER_STATE_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reloader",
+            "--http-bind",
+            "x",
+            "--max-removal-pct",
+            "500",
+            "--templates",
+            str(tmp_path / "missing"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    for name in ("--http-bind", "--status-bind", "--max-removal-pct", "--templates"):
+        assert name in result.stderr
+
+
+HOSTILE = {
+    KEY.format("web", "nl"): '{"host": "127.0.0.1\\nserver evil 6.6.6.6:80", "port": 80}',
+    KEY.format("web", "hash"): '{"host": "127.0.0.1#evil", "port": 80}',
+    KEY.format("web", "quote"): '{"host": "127.0.0.1", "port": 80, "version": "v\\"evil"}',
+    KEY.format("web", "port0"): '{"host": "127.0.0.1", "port": 0}',
+    KEY.format("web", "port-big"): "127.0.0.1:65536",
+    KEY.format("web", "huge"): json.dumps({"host": "127.0.0.1", "port": 80, "node": "e" * 9000}),
+    KEY.format("web", "evil name"): '{"host": "127.0.0.1", "port": 80}',
+    KEY.format("Evil_Service", "x"): '{"host": "127.0.0.1", "port": 80}',
+    "/fluster/services/api/spec": '{"hosts": ["api.example.com\\n    bind :1"]}',
+    KEY.format("web", "weight"): '{"host": "127.0.0.1", "port": 80, "weight": 1000}',
+}
+
+
+def test_hostile_records_never_reach_haproxy_cfg(
+    etcd: Etcd, start_reloader: Start, backends: Backends
+) -> None:
+    (a,) = backends(1)
+    etcd.put(KEY.format("web", "good"), a.json())
+    for key, value in HOSTILE.items():
+        etcd.put(key, value)
+    reloader = start_reloader()
+    reloader.wait_served("web.localhost", {a.ident})
+    wait_for(lambda: reloader.status()["rejected_records"] == len(HOSTILE), what="rejections")
+    config = reloader.config
+    for needle in ("evil", "6.6.6.6", "65536", "eeee", "bind :1", "1000", "Evil"):
+        assert needle not in config
+    assert config.count("\n    server ") == 1
+
+
+def test_compaction_while_away_resyncs_to_exactly_etcd(
+    etcd: Etcd, start_reloader: Start, backends: Backends
+) -> None:
+    a, b, c = backends(3)
+    etcd.put(KEY.format("web", "a"), a.json())
+    etcd.put(KEY.format("web", "b"), b.json())
+    reloader = start_reloader()
+    reloader.wait_served("web.localhost", {a.ident, b.ident})
+    assert reloader.proc is not None
+    reloader.proc.send_signal(signal.SIGSTOP)
+    try:
+        etcd.restart(etcd.members[0])  # breaks the watch stream before the changes
+        etcd.wait_healthy()
+        etcd.delete(KEY.format("web", "a"))  # a delete the resync must not miss
+        etcd.put(KEY.format("web", "c"), c.json())
+        etcd.compact()
+    finally:
+        reloader.proc.send_signal(signal.SIGCONT)
+    reloader.wait_served("web.localhost", {b.ident, c.ident}, timeout=30)
+    revision = etcd.revision()
+    wait_for(lambda: reloader.status()["revision"] == revision, what="resynced revision")
+    assert sorted(reloader.status()["services"]["web"]["instances"]) == ["b", "c"]
+    servers = reloader.admin("show servers state be_web")
+    assert " b 127.0.0.1 " in servers and " c 127.0.0.1 " in servers
+    # Out of rotation at once; deleted once HAProxy has let go of its idle connections.
+    wait_for(
+        lambda: " a 127.0.0.1 " not in reloader.admin("show servers state be_web"),
+        timeout=15,
+        what="server a deleted",
+    )
+    assert "listing again" in reloader.log()
+
+
+def test_render_once_prints_the_config(etcd: Etcd, backends: Backends, tmp_path: Path) -> None:
+    (a,) = backends(1)
+    etcd.put(KEY.format("web", "a"), a.json())
+    env = {**os.environ, "ETCD_ENDPOINTS": etcd.endpoints, "RELOADER_STATE_DIR": str(tmp_path)}
+    exe = shutil.which("reloader", path=str(Path(sys.executable).parent)) or "reloader"
+    result = subprocess.run(
+        [exe, "render", "--once", "--http-bind", "127.0.0.1:8080"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"server a 127.0.0.1:{a.port} weight 100" in result.stdout
+    assert "bind 127.0.0.1:8080" in result.stdout

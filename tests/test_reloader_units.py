@@ -1,0 +1,158 @@
+"""Timing and policy logic of the reloader, on an injected clock: no sleeps, no I/O."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+from fluster.catalog import Service, Snapshot
+from fluster.records import Instance, ServiceSpec
+from reloader.apply import filter_server_state
+from reloader.debounce import Debouncer
+from reloader.guard import RemovalGuard
+from reloader.haproxy import parse_show_proc
+from reloader.model import Backend, Model, RenderSettings, Server
+from reloader.runtime_api import plan
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_debounce_waits_for_quiet() -> None:
+    clock = Clock()
+    d = Debouncer(quiet=0.05, max_wait=0.5, clock=clock)
+    assert d.deadline() is None and not d.due()
+    d.poke()
+    clock.now += 0.04
+    assert not d.due()
+    d.poke()  # another change restarts the quiet period
+    clock.now += 0.04
+    assert not d.due()
+    clock.now += 0.011
+    assert d.due()
+    assert not d.pending and not d.due()  # consumed
+
+
+def test_debounce_max_wait_bounds_a_steady_trickle() -> None:
+    clock = Clock()
+    d = Debouncer(quiet=0.05, max_wait=0.5, clock=clock)
+    start = clock.now
+    fired = None
+    for _ in range(1000):  # a change every 10 ms, forever quiet-less
+        d.poke()
+        clock.now += 0.01
+        if d.due():
+            fired = clock.now
+            break
+    assert fired is not None
+    assert 0.5 <= fired - start < 0.52
+
+
+async def test_debounce_settled_returns_false_when_nothing_happens() -> None:
+    d = Debouncer(quiet=0.0, max_wait=0.0)
+    assert await d.settled(0.0) is False
+    d.poke()
+    assert await d.settled(1.0) is True
+
+
+def svc(name: str, spec: dict[str, object] | None = None, **instances: Instance) -> Service:
+    return Service(
+        name,
+        spec=ServiceSpec.from_dict(spec or {}),
+        instances=MappingProxyType(dict(sorted(instances.items()))),
+    )
+
+
+def snap(*services: Service, revision: int = 1) -> Snapshot:
+    return Snapshot(revision, MappingProxyType({s.name: s for s in services}))
+
+
+def insts(n: int, version: str = "") -> dict[str, Instance]:
+    return {f"i{k}": Instance("10.0.0.1", 1000 + k, version=version) for k in range(n)}
+
+
+def test_guard_holds_mass_removal_then_releases_it() -> None:
+    clock = Clock()
+    guard = RemovalGuard(max_removal_pct=50, hold=30, clock=clock)
+    before = snap(svc("web", **insts(4)))
+    after = snap(svc("web", **dict(list(insts(4).items())[:1])))  # 3 of 4 gone: 75 %
+    held = guard.filter(after, before)
+    assert sorted(held.services["web"].instances) == ["i0", "i1", "i2", "i3"]
+    assert guard.next_release() == clock.now + 30
+    clock.now += 29
+    assert len(guard.filter(after, held).services["web"].instances) == 4
+    clock.now += 1
+    released = guard.filter(after, held)
+    assert sorted(released.services["web"].instances) == ["i0"]
+    assert not guard.held
+
+
+def test_guard_lets_small_removals_through_and_holds_a_vanished_service() -> None:
+    clock = Clock()
+    guard = RemovalGuard(max_removal_pct=50, hold=30, clock=clock)
+    before = snap(svc("web", **insts(4)), svc("api", **insts(2)))
+    after = snap(svc("web", **dict(list(insts(4).items())[:2])))  # web: 50 %, api: all gone
+    out = guard.filter(after, before)
+    assert sorted(out.services["web"].instances) == ["i0", "i1"]
+    assert sorted(out.services["api"].instances) == ["i0", "i1"]
+
+
+def test_guard_ignores_promotion_draining_and_can_be_disabled() -> None:
+    clock = Clock()
+    guard = RemovalGuard(max_removal_pct=50, hold=30, clock=clock)
+    before = snap(svc("web", {"active_version": "v1"}, **insts(4, "v1")))
+    promoted = snap(svc("web", {"active_version": "v2"}, **insts(1, "v2")))
+    assert guard.filter(promoted, before) is promoted
+    draining = {n: i.replace(state="draining") for n, i in insts(4).items()}
+    assert (
+        guard.filter(snap(svc("web", **draining)), snap(svc("web", **insts(4))))
+        .services["web"]
+        .instances
+        == draining
+    )
+    off = RemovalGuard(enabled=False, clock=clock)
+    empty = snap()
+    assert off.filter(empty, before) is empty
+
+
+def model(*servers: Server, balance: str = "roundrobin") -> Model:
+    return Model(
+        RenderSettings(), backends=(Backend("be_web", "web", "http", balance, None, servers),)
+    )
+
+
+def test_runtime_plan_add_delete_update_or_reload() -> None:
+    a, b = Server("a", "10.0.0.1", 1, 100), Server("b", "10.0.0.2", 2, 100)
+    changes = plan(model(a), model(b, a.__class__("a", "10.0.0.1", 1, 50)))
+    assert changes is not None
+    assert [s.name for _, s in changes.add] == ["b"]
+    assert [(o.weight, n.weight) for _, o, n in changes.update] == [(100, 50)]
+    assert plan(model(a, b), model(a)).delete == [("be_web", "b")]  # type: ignore[union-attr]
+    assert plan(model(a, balance="static-rr"), model(b, balance="static-rr")) is None
+    checked = Server("a", "10.0.0.1", 1, 100, 2000)
+    assert plan(model(a), model(checked)) is None
+
+
+def test_show_proc_and_server_state_parsing() -> None:
+    text = (
+        "#<PID>          <type>          <reloads>       <uptime>        <version>\n"
+        "6890            master          3 [failed: 1]   0d00h11m05s     2.6.12\n"
+        "# workers\n15563           worker          0               0d00h00m01s     2.6.12\n"
+        "# old workers\n14948           worker          1               0d00h00m09s     2.6.12\n"
+        "# programs\n\n"
+    )
+    procs = parse_show_proc(text)
+    assert (procs.reloads, procs.failed, procs.workers) == (3, 1, (15563,))
+    dump = (
+        "1\n# be_id be_name srv_id srv_name srv_addr ...\n"
+        "3 be_web 1 a 10.0.0.1 2 0 100 100 3 1 0 2 0 0 0 0 - 1 - 0 0 - - 0\n"
+        "3 be_web 2 b 10.0.0.2 2 0 100 100 3 1 0 2 0 0 0 0 - 2 - 0 0 - - 0\n"
+    )
+    kept = filter_server_state(
+        dump, model(Server("a", "10.0.0.1", 1, 100), Server("b", "10.0.0.9", 2, 100))
+    )
+    assert " a 10.0.0.1 " in kept and " b " not in kept

@@ -1,0 +1,173 @@
+"""Rendering is pure: snapshot + settings in, text out; no etcd, no HAProxy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from fluster.catalog import Service, Snapshot
+from fluster.records import Instance, ServiceSpec
+from reloader.model import ModelError, RenderSettings, build_model, safe
+from reloader.render import Renderer, RenderError, render
+
+SETTINGS = RenderSettings(state_dir=Path("/run/reloader"), http_bind=("127.0.0.1", 8080))
+
+
+def service(name: str, spec: dict[str, object] | None = None, **instances: Instance) -> Service:
+    return Service(
+        name,
+        spec=ServiceSpec.from_dict(spec or {}),
+        has_spec=spec is not None,
+        instances=MappingProxyType(dict(sorted(instances.items()))),
+    )
+
+
+def snapshot(*services: Service, revision: int = 7) -> Snapshot:
+    return Snapshot(
+        revision, MappingProxyType({s.name: s for s in sorted(services, key=lambda s: s.name)})
+    )
+
+
+def inst(port: int, version: str = "", **kw: object) -> Instance:
+    return Instance.from_dict({"host": "10.0.0.1", "port": port, "version": version, **kw})
+
+
+def backend_block(text: str, name: str) -> str:
+    return text.split(f"\nbackend {name}\n", 1)[1].split("\n\n", 1)[0]
+
+
+def test_same_catalog_renders_byte_identical_text() -> None:
+    snap = snapshot(service("web", b=inst(2), a=inst(1)), service("api", x=inst(3)))
+    # Same content built in another order (and another revision) -> same bytes.
+    again = snapshot(service("api", x=inst(3)), service("web", a=inst(1), b=inst(2)), revision=9)
+    assert render(snap, SETTINGS) == render(again, SETTINGS)
+    text = render(snap, SETTINGS)
+    assert text.index("server a 10.0.0.1:1") < text.index("server b 10.0.0.1:2")
+
+
+def test_defaults_and_sockets() -> None:
+    text = render(snapshot(), SETTINGS)
+    assert "option idle-close-on-response" in text
+    assert "hard-stop-after 60s" in text
+    assert "mworker-max-reloads 50" in text
+    assert "server-state-file /run/reloader/server-state" in text
+    assert "load-server-state-from-file global" in text
+    assert "stats socket /run/reloader/admin.sock mode 600 level admin" in text
+    assert "bind 127.0.0.1:8080" in text
+    assert "frontend stats" not in text
+    with_stats = render(snapshot(), RenderSettings(stats_bind=("127.0.0.1", 8404)))
+    assert "bind *:80" in with_stats
+    assert "bind 127.0.0.1:8404" in with_stats
+
+
+def test_http_routing_by_host_with_or_without_port_and_by_spec() -> None:
+    snap = snapshot(
+        service("web", a=inst(1)),
+        service(
+            "api", {"hosts": ["api.example.com", "b.example.com"], "path_prefix": "/v1"}, a=inst(2)
+        ),
+        service("docs", {"hosts": ["api.example.com"], "path_prefix": "/v1/docs/"}, a=inst(3)),
+    )
+    text = render(snap, RenderSettings(domain="example.net"))
+    # field(1,:) drops a port from the Host header before the exact match.
+    assert "acl host_web req.hdr(host),field(1,:),lower -m str web.example.net" in text
+    assert "-m str api.example.com b.example.com" in text
+    assert "acl path_api path -m str /v1\n" in text
+    assert "acl path_api path -m beg /v1/\n" in text
+    assert "acl path_docs path -m beg /v1/docs/\n" in text
+    # The longest prefix is matched first.
+    assert text.index("use_backend be_docs") < text.index("use_backend be_api")
+    assert "use_backend be_api if host_api path_api\n" in text
+
+
+def test_tcp_service_on_its_port_and_port_conflicts_skipped() -> None:
+    snap = snapshot(
+        service("db", {"mode": "tcp", "port": 5432}, a=inst(1)),
+        service("db2", {"mode": "tcp", "port": 5432}, a=inst(2)),
+        service("clash", {"mode": "tcp", "port": 8080}, a=inst(3)),
+    )
+    model = build_model(snap, SETTINGS)
+    assert [r.service for r in model.tcp_routes] == ["db"]
+    assert len(model.skipped) == 2
+    text = render(snap, SETTINGS)
+    assert "frontend tcp_db\n    mode tcp\n    bind 127.0.0.1:5432\n" in text
+    assert "backend be_db\n    mode tcp\n" in text
+    assert "be_db2" not in text
+
+
+def test_weights_health_checks_and_draining() -> None:
+    snap = snapshot(
+        service(
+            "web",
+            {"check": {"path": "/health", "interval_ms": 500}, "balance": "leastconn"},
+            a=inst(1, weight=5),
+            b=inst(2, state="draining"),
+        )
+    )
+    block = backend_block(render(snap, SETTINGS), "be_web")
+    assert "balance leastconn" in block
+    assert "option httpchk GET /health" in block
+    assert "server a 10.0.0.1:1 weight 5 check inter 500" in block
+    assert "server b " not in block
+
+
+def test_active_version_and_canary_split() -> None:
+    spec = {"active_version": "v2", "canary": {"version": "v3", "weight": 10}}
+    snap = snapshot(service("web", spec, a=inst(1, "v1"), b=inst(2, "v2"), c=inst(3, "v3")))
+    text = render(snap, SETTINGS)
+    main, canary = backend_block(text, "be_web"), backend_block(text, "be_web_canary")
+    assert "server b " in main and "server a " not in main and "server c " not in main
+    assert "server c " in canary and "server b " not in canary
+    assert (
+        "use_backend be_web_canary if host_web { rand(100) lt 10 } { nbsrv(be_web_canary) gt 0 }"
+    ) in text
+    only_active = snapshot(
+        service("web", {"active_version": "v2"}, a=inst(1, "v1"), b=inst(2, "v2"))
+    )
+    text = render(only_active, SETTINGS)
+    assert "be_web_canary" not in text
+    assert "server a " not in backend_block(text, "be_web")
+
+
+def test_skeleton_ignores_servers_only() -> None:
+    renderer = Renderer()
+    one = renderer.render(snapshot(service("web", a=inst(1))), SETTINGS)
+    two = renderer.render(snapshot(service("web", a=inst(1), b=inst(2))), SETTINGS)
+    other = renderer.render(snapshot(service("web", {"balance": "first"}, a=inst(1))), SETTINGS)
+    assert one.text != two.text and one.skeleton == two.skeleton
+    assert other.skeleton != one.skeleton
+
+
+def test_user_templates_override_file_by_file(tmp_path: Path) -> None:
+    (tmp_path / "defaults.j2").write_text("defaults\n    mode http\n    # custom\n")
+    text = render(snapshot(service("web", a=inst(1))), SETTINGS, tmp_path)
+    assert "# custom" in text
+    assert "server a 10.0.0.1:1" in text  # other files still come from the defaults
+
+
+def test_strict_undefined_and_sandbox_fail_the_render(tmp_path: Path) -> None:
+    (tmp_path / "defaults.j2").write_text("{{ no_such_variable }}\n")
+    with pytest.raises(RenderError, match="no_such_variable"):
+        render(snapshot(), SETTINGS, tmp_path)
+    (tmp_path / "defaults.j2").write_text("{{ settings.__class__.__init__.__globals__ }}\n")
+    with pytest.raises(RenderError):
+        render(snapshot(), SETTINGS, tmp_path)
+    (tmp_path / "haproxy.cfg.j2").write_text("{% if %}\n")
+    with pytest.raises(RenderError):
+        Renderer(tmp_path)
+
+
+def test_values_are_rechecked_before_rendering() -> None:
+    for bad in ("a\nb", "a b", "a#b", 'a"b', "", "x" * 300):
+        with pytest.raises(ModelError):
+            safe(bad)
+    # A record object built past validation still cannot reach the text.
+    evil = Instance.__new__(Instance)
+    fields = {"host": "1.2.3.4\n  bind :1", "port": 80, "version": "", "weight": 1}
+    for name, value in {**fields, "state": "up", "node": "", "tags": {}}.items():
+        object.__setattr__(evil, name, value)
+    model = build_model(snapshot(service("web", a=evil), service("ok", a=inst(1))), SETTINGS)
+    assert [b.name for b in model.backends] == ["be_ok"]
+    assert model.skipped and "web" in model.skipped[0]
