@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -26,8 +26,10 @@ from fluster import keys
 from fluster.catalog import Catalog, Snapshot
 from fluster.records import Instance, ServiceSpec
 from fluster.store import EtcdSettings, Store
-from tests.support.etcd import Etcd, eventually
+from tests.support.etcd import Etcd, eventually, wait_for
+from tests.support.faults import Load, haproxy_servers
 from tests.support.fuzz import Fuzzer, Record, known_escapes
+from tests.support.haproxy import HttpBackend, ReloaderProcess
 
 PREFIX = "/fluster"
 SEED = int(os.environ.get("FLUSTER_FUZZ_SEED", "20261127"))
@@ -174,3 +176,127 @@ async def test_known_validator_escapes(store: Store, name: str) -> None:
         assert set(catalog.snapshot.services["web"].instances) == {"good", "after"}
     finally:
         task.cancel()
+
+
+# -- the same records under a running reloader and HAProxy -------------------------------
+
+
+def served(reloader: ReloaderProcess, service: str) -> set[str]:
+    servers = haproxy_servers(reloader.state_dir / "admin.sock").get(f"be_{service}", set())
+    return {f"{host}:{port}" for host, port in servers}
+
+
+@pytest.mark.timeout(300)
+async def test_fuzz_under_a_running_reloader_changes_nothing_served(
+    store: Store,
+    start_reloader: Callable[..., ReloaderProcess],
+    backends: Callable[..., list[HttpBackend]],
+) -> None:
+    """0 invalid configs, 0 failed reloads, 0 failed requests, valid changes still
+    applied, and every rejected record accounted for in the reloader's status."""
+    apps = backends(6)
+    valid: dict[str, dict[str, str]] = {"web": {}, "api": {}}
+
+    async def put_valid(service: str, name: str, app: HttpBackend) -> int:
+        rev = await store.put(keys.instance_key(PREFIX, service, name), app.json(version="v1"))
+        valid[service][name] = app.address
+        return rev
+
+    await store.put(keys.spec_key(PREFIX, "web"), ServiceSpec(hosts=("web.localhost",)).to_json())
+    for i in range(3):
+        await put_valid("web", f"i{i}", apps[i])
+    for i in range(2):
+        await put_valid("api", f"i{i}", apps[3 + i])
+    reloader = await asyncio.to_thread(start_reloader)
+    await asyncio.to_thread(
+        reloader.wait_served, "web.localhost", {apps[i].ident for i in range(3)}
+    )
+    applies_before = reloader.status()["applies"]
+
+    records = list(Fuzzer(PREFIX, SEED + 1).records(COUNT))
+    rejects = {r.key.decode("utf-8", "replace") for r in records if r.verdict == "reject"}
+    load = Load(reloader.http_port, "web.localhost", threads=2, max_seconds=240).start()
+    try:
+        sem = asyncio.Semaphore(CONCURRENCY)
+        last = 0
+
+        async def put(i: int, record: Record) -> None:
+            nonlocal last
+            async with sem:
+                last = max(last, await raw_put(store, record.key, record.value))
+                if i % 1000 == 999:  # valid changes keep flowing in between
+                    app = apps[(i // 1000) % 6]
+                    last = max(last, await put_valid("web", f"i{(i // 1000) % 3}", app))
+
+        await asyncio.gather(*(put(i, r) for i, r in enumerate(records)))
+        await eventually(
+            lambda: reloader.status()["revision"] >= last, timeout=120, what="caught up"
+        )
+        await eventually(
+            lambda: all(served(reloader, s) == set(valid[s].values()) for s in valid),
+            timeout=20,
+            what="HAProxy serves exactly the valid records",
+        )
+    finally:
+        load.stop()
+
+    status = reloader.status()
+    assert load.failures == [], load.summary()
+    assert load.ok > 100
+    assert status["failures"] == {"rejected": 0, "reload": 0, "render": 0}, status["last_error"]
+    assert status["skipped_services"] == []
+    assert status["rejected_records"] == len(rejects)
+    assert set(status["rejected"]) == rejects
+    _, metrics = reloader.http_get("/metrics")
+    assert f"reloader_rejected_records {len(rejects)}\n" in metrics
+    assert status["applies"]["runtime"] + status["applies"]["reload"] > sum(
+        applies_before[k] for k in ("runtime", "reload")
+    )
+    config = reloader.config
+    assert config.count("\n    server ") == sum(len(v) for v in valid.values())
+    for needle in ("fz", "evil", "6.6.6.6", "%[", "{{", "\\"):
+        assert needle not in config, needle
+    assert reloader.proc is not None and reloader.proc.poll() is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            "deep-json-instance",
+            marks=pytest.mark.xfail(strict=True, reason="the catalog task dies: reloader exits"),
+        ),
+        pytest.param(
+            "ipv6-scope-host",
+            marks=pytest.mark.xfail(
+                strict=True, reason="accepted; the model then refuses the whole service"
+            ),
+        ),
+    ],
+)
+def test_known_escapes_under_a_running_reloader(
+    etcd: Etcd,
+    start_reloader: Callable[..., ReloaderProcess],
+    backends: Callable[..., list[HttpBackend]],
+    name: str,
+) -> None:
+    """What one such record does to an edge today: the valid instance beside it must
+    keep serving and the record must be counted as rejected."""
+    (app,) = backends(1)
+    etcd.put(keys.instance_key(PREFIX, "web", "good"), app.json())
+    reloader = start_reloader()
+    reloader.wait_served("web.localhost", {app.ident})
+    record = known_escapes(PREFIX)[name]
+    etcd.put(record.key.decode(), record.value.decode())
+    marker = keys.instance_key(PREFIX, "api", "marker")
+    etcd.put(marker, app.json())
+    wait_for(
+        lambda: (
+            reloader.proc is not None
+            and (reloader.proc.poll() is not None or "api" in reloader.status()["services"])
+        ),
+        what="the reloader took the change (or died of it)",
+    )
+    assert reloader.proc is not None and reloader.proc.poll() is None, "reloader exited"
+    assert reloader.get("web.localhost") == (200, app.ident)
+    assert reloader.status()["rejected_records"] == 1
