@@ -56,7 +56,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def measure(
-    etcd: Etcd, name: str, argv: list[str], key: str, window: float, work: Path
+    etcd: Etcd, name: str, argv: list[str], key: str, window: float, work: Path, expect: int = 1
 ) -> dict[str, object]:
     env = {
         **os.environ,
@@ -68,7 +68,7 @@ def measure(
         proc = subprocess.Popen([*SIDEKICK, *argv], env=env, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 60
-        while not etcd.ctl("get", "--prefix", key, "--keys-only").stdout.strip():
+        while len(etcd.ctl("get", "--prefix", key, "--keys-only").stdout.split()) < expect:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{name} never registered: {(work / f'{name}.log').read_text()}")
             time.sleep(0.1)
@@ -84,6 +84,7 @@ def measure(
     per_min = {m: (m1[m] - m0[m]) / minutes for m in m1 if m1[m] != m0[m]}
     return {
         "mode": name,
+        "instances": expect,
         "rss_mb": rss / 1024,
         "pss_mb": pss / 1024,
         "cpu_pct": 100 * (c1 - c0) / (t1 - t0),
@@ -96,6 +97,7 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=60.0, help="seconds measured")
     parser.add_argument("--ttl", type=int, default=10)
     parser.add_argument("--docker", action="store_true", help="also the host agent (--all)")
+    parser.add_argument("--containers", type=int, default=1, help="for the host agent")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="sidekick-bench-") as tmp:
@@ -116,15 +118,17 @@ def main() -> int:
                 rows.append(docker_row(etcd, args, work))
         finally:
             etcd.stop()
-    print(f"| mode | RSS MB | PSS MB | idle CPU % | etcd msgs/min (TTL {args.ttl} s) |")
+    print(
+        f"| mode | RSS MB | PSS MB | idle CPU % | etcd msgs/min per instance (TTL {args.ttl} s) |"
+    )
     print("|---|---|---|---|---|")
     for r in rows:
-        per_min = r["per_min"]
-        assert isinstance(per_min, dict)
-        methods = ", ".join(f"{m} {v:.1f}" for m, v in sorted(per_min.items())) or "none"
+        per_min, n = r["per_min"], r["instances"]
+        assert isinstance(per_min, dict) and isinstance(n, int)
+        methods = ", ".join(f"{m} {v / n:.1f}" for m, v in sorted(per_min.items())) or "none"
         print(
             f"| {r['mode']} | {r['rss_mb']:.1f} | {r['pss_mb']:.1f} | {r['cpu_pct']:.2f} "
-            f"| {sum(per_min.values()):.1f} ({methods}) |"
+            f"| {sum(per_min.values()) / n:.1f} ({methods}) |"
         )
     return 0
 
@@ -132,32 +136,19 @@ def main() -> int:
 def docker_row(etcd: Etcd, args: argparse.Namespace, work: Path) -> dict[str, object]:
     from tests.support.docker import BASE_IMAGE, docker_cmd
 
-    cid = docker_cmd(
-        "run",
-        "-d",
-        "--label",
-        "fluster.service=benchdocker",
-        "--label",
-        "fluster.port=8000",
-        "-p",
-        "127.0.0.1::8000",
-        BASE_IMAGE,
-        "python3",
-        "-m",
-        "http.server",
-        "8000",
-    ).stdout.strip()
+    ids = [
+        docker_cmd("run", "-d", "--label", "fluster.service=benchdocker", "--label",
+                   "fluster.port=8000", "-p", "127.0.0.1::8000", BASE_IMAGE, "python3", "-m",
+                   "http.server", "8000").stdout.strip()
+        for _ in range(args.containers)
+    ]  # fmt: skip
     try:
-        return measure(
-            etcd,
-            "host agent (--all, 1 container)",
-            ["--all", "--ttl", str(args.ttl), "--check", "none"],
-            "/fluster/services/benchdocker/",
-            args.window,
-            work,
-        )
+        return measure(etcd, f"host agent (--all, {args.containers} containers)",
+                       ["--all", "--ttl", str(args.ttl), "--check", "none"],
+                       "/fluster/services/benchdocker/", args.window, work,
+                       expect=args.containers)  # fmt: skip
     finally:
-        docker_cmd("rm", "-f", cid, check=False)
+        docker_cmd("rm", "-f", *ids, check=False)
 
 
 if __name__ == "__main__":
