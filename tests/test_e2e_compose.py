@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,48 +93,109 @@ class Project:
         return {line[:12] for line in out.split()}
 
 
+HEADERS = {"Host": "web.localhost", "Accept": "application/json"}
+# What a reused keep-alive connection that the server closed meanwhile looks like: every
+# HTTP client retries an idempotent request once on a fresh connection then (RFC 9110
+# 9.2.2), so a stale connection is a retry, not a failed request.
+STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
+def answer_of(resp: http.client.HTTPResponse) -> dict[str, str]:
+    body = resp.read()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {body[:200]!r}")
+    answer: dict[str, str] = json.loads(body)
+    return answer
+
+
 def get(port: int, timeout: float = 5.0) -> dict[str, str]:
     """One request through HAProxy on a new connection; the app's JSON answer."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("GET", "/", headers={"Host": "web.localhost", "Accept": "application/json"})
-        resp = conn.getresponse()
-        body = resp.read()
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {body[:200]!r}")
-        answer: dict[str, str] = json.loads(body)
-        return answer
+        conn.request("GET", "/", headers=HEADERS)
+        return answer_of(conn.getresponse())
     finally:
         conn.close()
 
 
 @dataclass
-class Load:
-    """A bounded request loop: `workers` threads, each one request after another on fresh
-    connections, until stopped or `limit` requests in all. Records who answered."""
+class KeepAlive:
+    """A client holding one connection to HAProxy across requests, like a browser."""
 
     port: int
-    workers: int = 2
+    timeout: float = 5.0
+    retries: int = 0
+    connections: int = 0
+    conn: http.client.HTTPConnection | None = None
+    used: int = 0  # requests completed on `conn`
+
+    def get(self) -> dict[str, str]:
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+            self.connections += 1
+            self.used = 0
+        try:
+            self.conn.request("GET", "/", headers=HEADERS)
+            resp = self.conn.getresponse()
+        except STALE:
+            self.close()
+            if not self.used:
+                raise
+            self.retries += 1
+            return self.get()
+        except Exception:
+            self.close()
+            raise
+        try:
+            answer = answer_of(resp)
+        finally:
+            if resp.will_close:
+                self.close()
+        self.used += 1
+        return answer
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None
+
+
+@dataclass
+class Load:
+    """A bounded request loop until stopped or `limit` requests in all: `fresh` threads
+    sending one request per connection, `keepalive` threads reusing theirs. Records who
+    answered each request, and every failure."""
+
+    port: int
+    fresh: int = 2
+    keepalive: int = 1
     limit: int = 200_000
     answers: list[tuple[str, str]] = field(default_factory=list)  # (instance, version)
     failures: list[str] = field(default_factory=list)
+    clients: list[KeepAlive] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self) -> None:
-        for i in range(self.workers):
-            thread = threading.Thread(target=self._loop, name=f"load-{i}", daemon=True)
+        senders = [lambda: get(self.port)] * self.fresh
+        for _ in range(self.keepalive):
+            client = KeepAlive(self.port)
+            self.clients.append(client)
+            senders.append(client.get)
+        for i, send in enumerate(senders):
+            thread = threading.Thread(target=self._loop, args=(send,), name=f"load-{i}")
+            thread.daemon = True
             thread.start()
             self._threads.append(thread)
 
-    def _loop(self) -> None:
+    def _loop(self, send: Callable[[], dict[str, str]]) -> None:
         while not self._stop.is_set():
             with self._lock:
                 if len(self.answers) + len(self.failures) >= self.limit:
                     return
             try:
-                answer = get(self.port)
+                answer = send()
             except Exception as exc:  # every failure is the finding
                 with self._lock:
                     self.failures.append(f"{time.strftime('%H:%M:%S')} {exc!r}")
@@ -146,6 +207,8 @@ class Load:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=30)
+        for client in self.clients:
+            client.close()
 
     def recent(self, n: int) -> list[tuple[str, str]]:
         with self._lock:
@@ -257,7 +320,12 @@ def test_scale_and_promote_without_a_failed_request(project: Project) -> None:
     counts: dict[str, int] = {}
     for instance, version in load.answers:
         counts[f"{version}/{instance}"] = counts.get(f"{version}/{instance}", 0) + 1
-    print(f"requests: {load.total()}, failed: {len(load.failures)}, per instance: {counts}")
+    retries = sum(c.retries for c in load.clients)
+    connections = sum(c.connections for c in load.clients)
+    print(
+        f"requests: {load.total()}, failed: {len(load.failures)}, keep-alive client: "
+        f"{connections} connections, {retries} retries on a stale one; per instance: {counts}"
+    )
     assert load.failures == [], (
         f"{len(load.failures)} of {load.total()} failed: {load.failures[:10]}"
     )
