@@ -1,16 +1,16 @@
 """Rendered config -> running HAProxy: nothing, the runtime API, or a checked reload.
 
-The order is what keeps a bad change from ever serving:
-
 1. same text as live: nothing;
-2. write the candidate, `haproxy -c` it (the exit code is the verdict); an invalid one
-   is kept as `haproxy.cfg.rejected` with the error in `haproxy.cfg.rejected.txt`, and
-   the live config keeps serving;
-3. same structure, server changes only: runtime API, then the candidate replaces the
-   live file so that any later reload or restart reproduces the state;
-4. otherwise: dump server state, rename the candidate over the live file (atomic), ask
-   the master to reload, wait for the new worker; on failure put the last good file
-   back and reload that.
+2. same structure, server changes only: the runtime API (HAProxy vets every server it
+   is asked to add), then `haproxy -c` on the candidate, which then replaces the live
+   file so that any later reload or restart reproduces the state. A refused file undoes
+   the API's changes by reloading the live file;
+3. otherwise: `haproxy -c` first (the exit code is the verdict), dump server state,
+   rename the candidate over the live file (atomic), ask the master to reload, wait for
+   the new worker; on failure put the last good file back and reload that.
+
+An invalid candidate is kept as `haproxy.cfg.rejected` with HAProxy's error text in
+`haproxy.cfg.rejected.txt`; the live config keeps serving and the next change retries.
 """
 
 from __future__ import annotations
@@ -122,22 +122,44 @@ class Applier:
         if rendered.text == live.text:
             await self._retry_pending()
             return "noop"
-        await self.validate(rendered.text)
+        touched = False
         if rendered.skeleton == live.skeleton:
             changes = plan(live.model, rendered.model)
             if changes is not None:
+                # Same structure as a validated config, servers from re-checked values, and
+                # HAProxy checks every server the API adds: the API goes first, `haproxy -c`
+                # (a fork and a full parse, ~100 ms on a busy host) only guards the file.
+                touched = True
                 try:
                     await self._retry_pending()
                     await self.runtime.apply(changes)
                 except HaproxyError as exc:
                     log.warning("runtime API apply failed, reloading instead", error=str(exc))
                 else:
+                    await self._validate_or_restore(rendered.text)
                     os.replace(self.candidate, self.live_file)
                     write_atomic(self.last_good, rendered.text)
                     self.live = rendered
                     return "runtime"
+        if touched:
+            await self._validate_or_restore(rendered.text)
+        else:
+            await self.validate(rendered.text)
         await self._reload(rendered)
         return "reload"
+
+    async def _validate_or_restore(self, text: str) -> None:
+        """Validate after runtime changes; if invalid, reload the live file to undo them."""
+        try:
+            await self.validate(text)
+        except Rejected:
+            assert self.live is not None
+            log.error("config refused after runtime changes, reloading the live config")
+            write_atomic(self.live_file, self.live.text)
+            with contextlib.suppress(HaproxyError):
+                await self.haproxy.reload()
+            self.runtime.forget()
+            raise
 
     async def _retry_pending(self) -> None:
         with contextlib.suppress(HaproxyError):

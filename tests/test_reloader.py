@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -47,8 +48,9 @@ async def test_membership_change_uses_the_runtime_api_new_service_reloads(
     etcd.delete(KEY.format("web", "a"))
     reloader.wait_served("web.localhost", {b.ident})
     assert reloader.workers() == workers, "a membership change must not reload"
-    assert "server b 127.0.0.1:" in reloader.config  # a later reload reproduces it
-    assert "server a " not in reloader.config
+    # The file follows, so that a later reload reproduces the state.
+    wait_for(lambda: "server a " not in reloader.config, what="config file written")
+    assert "server b 127.0.0.1:" in reloader.config
     assert reloader.status()["applies"]["runtime"] >= 2
 
     etcd.put(KEY.format("api", "c"), c.json())
@@ -57,6 +59,22 @@ async def test_membership_change_uses_the_runtime_api_new_service_reloads(
     wait_for(lambda: reloader.status()["applies"]["reload"] >= 1, what="reload counted")
     # The reload reproduced the runtime API's work.
     reloader.wait_served("web.localhost", {b.ident})
+    # `fluster promote` learns from this key that the edge applied the change.
+    last = etcd.ctl("get", "-w", "json", KEY.format("api", "c")).stdout
+    revision = int(json.loads(last)["kvs"][0]["mod_revision"])
+
+    def published() -> int:
+        out = etcd.ctl("get", "--print-value-only", "/fluster/reloaders/edge-test").stdout
+        return int(json.loads(out)["applied_revision"]) if out.strip() else 0
+
+    wait_for(lambda: published() >= revision, what="applied revision published")
+    lease = etcd.ctl("get", "-w", "json", "/fluster/reloaders/edge-test").stdout
+    assert json.loads(lease)["kvs"][0].get("lease"), "the status key is bound to a lease"
+    status, metrics = reloader.http_get("/metrics")
+    assert status == 200
+    assert 'reloader_applies_total{kind="runtime"}' in metrics
+    assert "reloader_applied_revision " in metrics
+    assert reloader.http_get("/")[1].count("web") >= 1
 
 
 async def test_haproxy_killed_is_back_within_a_second(

@@ -127,9 +127,17 @@ def test_compaction_while_away_resyncs_to_exactly_etcd(
     finally:
         reloader.proc.send_signal(signal.SIGCONT)
     reloader.wait_served("web.localhost", {b.ident, c.ident}, timeout=30)
-    revision = etcd.revision()
-    wait_for(lambda: reloader.status()["revision"] == revision, what="resynced revision")
-    assert sorted(reloader.status()["services"]["web"]["instances"]) == ["b", "c"]
+    in_etcd = sorted(
+        key.rsplit("/", 1)[1]
+        for key in etcd.ctl(
+            "get", "--prefix", "--keys-only", "/fluster/services/web/"
+        ).stdout.split()
+    )
+    assert in_etcd == ["b", "c"]
+    wait_for(
+        lambda: sorted(reloader.status()["services"]["web"]["instances"]) == in_etcd,
+        what="reloader state equal to etcd",
+    )
     servers = reloader.admin("show servers state be_web")
     assert " b 127.0.0.1 " in servers and " c 127.0.0.1 " in servers
     # Out of rotation at once; deleted once HAProxy has let go of its idle connections.

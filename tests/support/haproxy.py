@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,7 +35,10 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        body = self.server.ident.encode()  # type: ignore[attr-defined]
+        server: Any = self.server
+        if server.first_request_at is None:
+            server.first_request_at = time.monotonic()
+        body = server.ident.encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
@@ -59,6 +63,8 @@ class HttpBackend:
         self.ident = ident
         self.server = _Server(("127.0.0.1", 0), _Handler)
         self.server.ident = ident  # type: ignore[attr-defined]
+        # When the first request arrived: registration -> served latency for benchmarks.
+        self.server.first_request_at = None  # type: ignore[attr-defined]
         self.port = int(self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -66,6 +72,10 @@ class HttpBackend:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def first_request_at(self) -> float | None:
+        return self.server.first_request_at  # type: ignore[attr-defined, no-any-return]
 
     def json(self, **extra: Any) -> str:
         return json.dumps({"host": "127.0.0.1", "port": self.port, **extra})
