@@ -162,18 +162,25 @@ def component_env(rbac: RbacEtcd, identity: str, **extra: str) -> dict[str, str]
     return {**{k: env[k] for k in wanted}, **extra}
 
 
-def start_rbac_etcd(root: Path, size: int = 1, services: Iterable[str] = RBAC_SERVICES) -> RbacEtcd:
-    pki = Pki(root / "pki")
+def start_rbac_etcd(
+    root: Path, pki: Pki, size: int = 1, services: Iterable[str] = RBAC_SERVICES
+) -> RbacEtcd:
     etcd = Etcd(root / "etcd", size=size, pki=pki).start()
     for args in rbac_commands(PREFIX, services):
         etcd.ctl(*args, check=True)
     return RbacEtcd(etcd, pki)
 
 
+@pytest.fixture(scope="session")
+def rbac_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """One CA and its certificates for the whole run: making RSA keys is the slow part."""
+    return Pki(tmp_path_factory.mktemp("rbac-pki"))
+
+
 @pytest.fixture
-def etcd_rbac(tmp_path: Path) -> Iterator[RbacEtcd]:
-    """A single TLS member with the roles above; root is only for the test itself."""
-    cluster = start_rbac_etcd(tmp_path)
+def etcd_rbac(tmp_path: Path, rbac_pki: Pki) -> Iterator[RbacEtcd]:
+    """A fresh single TLS member with the roles above; root is only for the test itself."""
+    cluster = start_rbac_etcd(tmp_path, rbac_pki)
     try:
         yield cluster
     finally:
