@@ -52,15 +52,10 @@ def test_companion_registers_the_published_port_and_drains_on_stop(
     assert (inst.version, inst.node, inst.state) == ("v1", node, "up")
     wait_for(lambda: proc.check().returncode == 0, what="--check ok")
 
-    stopped = time.monotonic()
+    stopped = time.time()
     apps.docker("stop", "-t", "10", cid)
-    wait_for(
-        lambda: name not in sidekicks.instances(service),
-        timeout=3.5,
-        interval=0.05,
-        what="deregistration",
-    )
-    assert time.monotonic() - stopped <= 2 + 1
+    wait_for(lambda: name not in sidekicks.instances(service), what="deregistration")
+    assert proc.logged_at("deregistered") - stopped <= 2 + 1
     assert proc.logged("draining")
     # The companion follows its container: started again, registered again (new port).
     apps.docker("start", cid)
@@ -70,7 +65,7 @@ def test_companion_registers_the_published_port_and_drains_on_stop(
 
 def test_host_agent_follows_run_and_rm(sidekicks: Sidekicks, apps: Engine) -> None:
     service, node = names()
-    sidekicks.start("--all", "--node", node, "--drain-seconds", "1", *COMMON)
+    agent = sidekicks.start("--all", "--node", node, "--drain-seconds", "1", *COMMON)
     labels = {
         "fluster.service": service,
         "fluster.port": "8000",
@@ -91,15 +86,13 @@ def test_host_agent_follows_run_and_rm(sidekicks: Sidekicks, apps: Engine) -> No
     assert (inst.version, inst.weight, dict(inst.tags)) == ("v7", 50, {"zone": "a"})
     assert not any(unlabelled[:12] in n for n in sidekicks.instances(service))
 
-    removed = time.monotonic()
+    removed = time.time()
     apps.docker("rm", "-f", first)
     wait_for(
         lambda: set(sidekicks.instances(service)) == {f"{node}-{second[:12]}"},
-        timeout=3,
-        interval=0.05,
         what="removed container deregistered",
     )
-    assert time.monotonic() - removed < 2
+    assert agent.logged_at("deregistered") - removed < 2
     # A paused container answers nothing: out while paused, back when unpaused.
     apps.docker("pause", second)
     wait_for(lambda: not sidekicks.instances(service), timeout=3, what="paused: deregistered")

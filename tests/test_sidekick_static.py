@@ -69,17 +69,13 @@ def test_registers_with_a_lease_and_checks_ok(sidekicks: Sidekicks) -> None:
 
 
 def test_key_deleted_comes_back_within_a_second(sidekicks: Sidekicks, etcd: Etcd) -> None:
-    name, _ = static(sidekicks)
+    name, proc = static(sidekicks)
     wait_for(lambda: name in sidekicks.instances("web"), what="registration")
+    deleted = time.time()
     etcd.delete(KEY + name)
-    deleted = time.monotonic()
-    wait_for(
-        lambda: name in sidekicks.instances("web"),
-        timeout=1.5,
-        interval=0.02,
-        what="re-registration",
-    )
-    assert time.monotonic() - deleted < 1.5
+    wait_for(lambda: name in sidekicks.instances("web"), timeout=5, what="re-registration")
+    # The sidekick's own timestamps: a loaded machine slows etcdctl, not the sidekick.
+    assert proc.logged_at("registered") - deleted < 1.0
 
 
 def test_lease_revoked_gets_a_new_lease(sidekicks: Sidekicks, etcd: Etcd) -> None:
@@ -137,14 +133,8 @@ def test_sigterm_drains_then_deregisters_and_exits_0(sidekicks: Sidekicks) -> No
         interval=0.02,
         what="state draining",
     )
-    sent = time.monotonic()
-    wait_for(
-        lambda: name not in sidekicks.instances("web"),
-        timeout=4,
-        interval=0.05,
-        what="deregistration",
-    )
-    assert time.monotonic() - sent < 2.5
+    wait_for(lambda: name not in sidekicks.instances("web"), what="deregistration")
+    assert 1.5 <= proc.logged_at("deregistered") - proc.logged_at("draining") < 1.5 + 1
     assert proc.proc.wait(10) == 0
     assert proc.check().returncode != 0  # nothing running any more
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,13 @@ class SidekickProcess:
 
     def logged(self, event: str) -> bool:
         return any(e.get("event") == event for e in self.events())
+
+    def logged_at(self, event: str) -> float:
+        """Unix time of the last `event` in the log: when the sidekick did it, free of
+        the delay with which a loaded machine lets a polling test notice."""
+        stamps = [str(e["timestamp"]) for e in self.events() if e.get("event") == event]
+        assert stamps, f"{event!r} never logged"
+        return datetime.fromisoformat(stamps[-1].replace("Z", "+00:00")).timestamp()
 
     def send(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
