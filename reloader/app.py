@@ -174,17 +174,25 @@ class Reloader:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def _first_snapshot(self) -> Snapshot:
+    async def _first_snapshot(self) -> Snapshot | None:
         deadline = time.monotonic() + FIRST_SNAPSHOT_WAIT
         while self.latest is None and time.monotonic() < deadline:
             await self.debouncer.settled(0.05)
-        if self.latest is None:
-            log.warning(
-                "no etcd state yet, starting HAProxy with an empty config",
-                wait_s=FIRST_SNAPSHOT_WAIT,
-            )
-            return Snapshot()
         return self.latest
+
+    async def _install_first_config(self) -> Snapshot | None:
+        """The config HAProxy starts with: etcd's state, or without etcd, the config we
+        served last time (an edge restarting during an etcd outage keeps its routes)."""
+        first = await self._first_snapshot()
+        self.debouncer.due()  # the first snapshot is applied right here
+        if first is None:
+            log.warning("no etcd state yet", wait_s=FIRST_SNAPSHOT_WAIT)
+        rendered = self.renderer.render(first or Snapshot(), self.settings.render)
+        if first is None and await self.applier.initial_from_file(rendered):
+            log.warning("starting HAProxy with the config of the previous run")
+        else:
+            await self.applier.initial(rendered)
+        return first
 
     async def run(self, stop: asyncio.Event) -> int:
         self.settings.render.state_dir.mkdir(parents=True, exist_ok=True)
@@ -193,10 +201,8 @@ class Reloader:
         try:
             await self.store.connect()
             supervisor.start("catalog", self.catalog.run(self.on_snapshot))
-            first = await self._first_snapshot()
-            self.debouncer.due()  # the first snapshot is applied right here
             try:
-                await self.applier.initial(self.renderer.render(first, self.settings.render))
+                first = await self._install_first_config()
             except (Rejected, RenderError) as exc:
                 log.error("the first config is invalid, cannot start HAProxy", error=str(exc))
                 return 1
@@ -206,17 +212,16 @@ class Reloader:
             except StartFailed as exc:
                 log.error("cannot start HAProxy", error=str(exc))
                 return 1
-            if first.revision:
+            if first is not None and first.revision:
                 self.publisher.publish(first.revision)
-            (self.settings.render.state_dir / "haproxy.pid").write_text(
-                f"{self.haproxy.proc.pid}\n" if self.haproxy.proc else ""
-            )
             supervisor.start("haproxy", self.haproxy.supervise())
             supervisor.start("pipeline", self.pipeline())
             supervisor.start("publisher", self.publisher.run())
             await status.start(*self.settings.status_bind)
             log.info(
-                "reloader running", status_bind=self.settings.status_bind, revision=first.revision
+                "reloader running",
+                status_bind=self.settings.status_bind,
+                revision=first.revision if first else None,
             )
             try:
                 await supervisor.wait(stop)

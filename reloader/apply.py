@@ -116,6 +116,19 @@ class Applier:
         write_atomic(self.last_good, rendered.text)
         self.live = rendered
 
+    async def initial_from_file(self, placeholder: Rendered) -> bool:
+        """Adopt the live file of a previous run if it is still valid.
+
+        Its structure is unknown to us, so the first real apply is a reload.
+        """
+        if not self.live_file.is_file():
+            return False
+        if await check_config(self.binary, self.live_file) is not None:
+            return False
+        text = self.live_file.read_text()
+        self.live = Rendered(text, "(a previous run's config)", placeholder.model)
+        return True
+
     async def apply(self, rendered: Rendered) -> Kind:
         live = self.live
         assert live is not None, "initial() first"

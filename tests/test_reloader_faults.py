@@ -164,3 +164,21 @@ def test_render_once_prints_the_config(etcd: Etcd, backends: Backends, tmp_path:
     assert result.returncode == 0, result.stderr
     assert f"server a 127.0.0.1:{a.port} weight 100" in result.stdout
     assert "bind 127.0.0.1:8080" in result.stdout
+
+
+def test_restart_without_etcd_serves_the_previous_config(
+    etcd: Etcd, start_reloader: Start, backends: Backends
+) -> None:
+    a, b = backends(2)
+    etcd.put(KEY.format("web", "a"), a.json())
+    reloader = start_reloader()
+    reloader.wait_served("web.localhost", {a.ident})
+    assert reloader.stop() == 0
+    etcd.stop()
+    reloader.start()  # same state dir; etcd is down
+    reloader.wait_served("web.localhost", {a.ident})
+    assert "config of the previous run" in reloader.log()
+    etcd.members[0].start(etcd.initial_cluster, state="existing")
+    etcd.wait_healthy()
+    etcd.put(KEY.format("web", "b"), b.json())
+    reloader.wait_served("web.localhost", {a.ident, b.ident}, timeout=20)
