@@ -110,3 +110,29 @@ async def test_sigterm_stops_gracefully_and_a_missing_haproxy_exits_non_zero(
     assert broken.proc is not None
     assert broken.proc.wait(20) == 1
     assert "cannot start HAProxy" in broken.log()
+
+
+async def test_blast_radius_guard_holds_mass_removals_but_not_promotions(
+    etcd: Etcd, start_reloader: Start, backends: Backends
+) -> None:
+    apps = backends(4)
+    for n, app in enumerate(apps):
+        etcd.put(KEY.format("web", f"i{n}"), app.json(version="v1"))
+    reloader = start_reloader("--removal-hold", "2")
+    everyone = {app.ident for app in apps}
+    reloader.wait_served("web.localhost", everyone)
+    for n in (1, 2, 3):
+        etcd.delete(KEY.format("web", f"i{n}"))
+    wait_for(lambda: reloader.status()["held_removals"] == 3, what="removals held")
+    assert reloader.served_by("web.localhost", 12) == everyone
+    assert "blast-radius guard" in reloader.log()
+    reloader.wait_served("web.localhost", {apps[0].ident})  # released after the hold
+
+    # A promotion removes most servers at once, on purpose: applied without a hold.
+    for n in (1, 2, 3):
+        etcd.put(KEY.format("web", f"i{n}"), apps[n].json(version="v2"))
+    reloader.wait_served("web.localhost", everyone)
+    etcd.put("/fluster/services/web/spec", json.dumps({"active_version": "v2"}))
+    reloader.wait_served("web.localhost", {apps[1].ident, apps[2].ident, apps[3].ident})
+    etcd.put("/fluster/services/web/spec", json.dumps({"active_version": "v1"}))
+    reloader.wait_served("web.localhost", {apps[0].ident}, timeout=1.5)
