@@ -23,7 +23,7 @@ import structlog
 from fluster.keys import instance_key, parse_key, services_prefix
 from fluster.records import Instance, RecordError
 from fluster.runtime import Backoff
-from fluster.store import Store, StoreError
+from fluster.store import AuthError, Store, StoreError
 from sidekick.docker import ContainerGone, Docker, DockerEvent, DockerUnavailable
 from sidekick.health import HealthGate, Probe, docker_healthy, make_probe, watch_health
 from sidekick.hub import Hub
@@ -232,6 +232,11 @@ class Sidekick:
                             continue
                     log.info("removing record of a vanished container", key=kv.key)
                     await self.store.delete(kv.key)
+                return
+            except AuthError as exc:
+                # A per-service identity may not list every service: then leftovers only
+                # go when their leases expire (one TTL), which is the guarantee anyway.
+                log.error("cannot clean up records of vanished containers", error=str(exc))
                 return
             except StoreError as exc:
                 log.warning(

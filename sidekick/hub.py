@@ -22,8 +22,8 @@ import structlog
 from fluster.keys import service_prefix, spec_key
 from fluster.records import RecordError, ServiceSpec
 from fluster.runtime import Backoff
-from fluster.store import Compacted, Event, Store, StoreError
-from sidekick.registration import RETRY_CAP, Registration
+from fluster.store import AuthError, Compacted, Event, Store, StoreError
+from sidekick.registration import AUTH_RETRY_CAP, RETRY_CAP, Registration
 
 log = structlog.get_logger("sidekick.hub")
 
@@ -65,6 +65,8 @@ class ServiceWatch:
                 self.log.info("watch history compacted, resyncing")
                 revision = 0
             except StoreError as exc:
+                # Refused (no permission on this service): retrying fast will not help.
+                backoff.cap = AUTH_RETRY_CAP if isinstance(exc, AuthError) else RETRY_CAP
                 self.log.warning(
                     "service watch failed, retrying", error=str(exc), attempt=backoff.attempt + 1
                 )
