@@ -92,7 +92,7 @@ class Applier:
         self.rejected = state_dir / "haproxy.cfg.rejected"
         self.last_good = state_dir / "haproxy.cfg.last-good"
         self.state_file = state_dir / "server-state"
-        self.runtime = RuntimeApi(self.admin)
+        self.runtime = RuntimeApi(admin_socket)
         self.live: Rendered | None = None
 
     async def admin(self, command: str) -> str:
@@ -144,7 +144,6 @@ class Applier:
                 # (a fork and a full parse, ~100 ms on a busy host) only guards the file.
                 touched = True
                 try:
-                    await self._retry_pending()
                     await self.runtime.apply(changes)
                 except HaproxyError as exc:
                     log.warning("runtime API apply failed, reloading instead", error=str(exc))

@@ -65,6 +65,55 @@ async def cli(socket: Path, command: str, limit: float = CLI_TIMEOUT) -> str:
     return data.decode("utf-8", "replace")
 
 
+class CliSession:
+    """One interactive (`prompt` mode) connection to the stats socket for a batch of
+    commands: a storm of runtime changes then costs a round trip per command instead of
+    a connection per command. Opened per batch, never kept: after a reload the old
+    connection would still talk to the old, exiting worker."""
+
+    PROMPT = b"\n> "
+
+    def __init__(self, socket: Path, limit: float = CLI_TIMEOUT) -> None:
+        self.socket = socket
+        self.limit = limit
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def __aenter__(self) -> CliSession:
+        try:
+            async with asyncio.timeout(self.limit):
+                self._reader, self._writer = await asyncio.open_unix_connection(
+                    str(self.socket), limit=1 << 20
+                )
+        except (OSError, TimeoutError) as exc:
+            raise HaproxyError(f"{self.socket.name}: {exc!r}") from exc
+        await self.send("prompt")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError):
+                await self._writer.wait_closed()
+
+    async def send(self, command: str) -> str:
+        """The reply to `command`, without the prompt."""
+        assert self._reader is not None and self._writer is not None
+        try:
+            async with asyncio.timeout(self.limit):
+                self._writer.write(command.encode() + b"\n")
+                await self._writer.drain()
+                data = await self._reader.readuntil(self.PROMPT)
+        except (
+            OSError,
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ) as exc:
+            raise HaproxyError(f"{self.socket.name}: {command.split()[0]}: {exc!r}") from exc
+        return data[: -len(self.PROMPT)].decode("utf-8", "replace") + "\n"
+
+
 @dataclass(frozen=True, slots=True)
 class Processes:
     """What `show proc` says: the master's reload counters and current worker pids."""

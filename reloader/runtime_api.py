@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
-from reloader.haproxy import HaproxyError
+from reloader.haproxy import CliSession, HaproxyError
 from reloader.model import Model, Server
 
 log = structlog.get_logger("reloader.runtime_api")
@@ -90,14 +91,31 @@ class RuntimeApi:
     still holding connections) are left in maintenance, which takes no new traffic, and
     retried on the next apply."""
 
-    def __init__(self, send: Send) -> None:
-        self.send = send
+    def __init__(self, socket: Path) -> None:
+        self.socket = socket
+        self.send: Send = self._closed
         self.pending_deletes: set[tuple[str, str]] = set()
+
+    @staticmethod
+    async def _closed(command: str) -> str:
+        raise RuntimeApiError(f"no session for {command!r}")
+
+    async def _batch(self, work: Callable[[], Awaitable[None]]) -> None:
+        async with CliSession(self.socket) as session:
+            self.send = session.send
+            try:
+                await work()
+            finally:
+                self.send = self._closed
 
     async def run(self, command: str, *accepted: str) -> None:
         _expect(await self.send(command), command, *accepted)
 
     async def apply(self, changes: Plan) -> None:
+        await self._batch(lambda: self._apply(changes))
+
+    async def _apply(self, changes: Plan) -> None:
+        await self._retry_pending()
         # Removals first: a lost instance must stop taking traffic as soon as possible.
         for backend, name in changes.delete:
             await self.run(f"set server {backend}/{name} state maint", "")
@@ -144,6 +162,10 @@ class RuntimeApi:
         return False
 
     async def retry_pending(self) -> None:
+        if self.pending_deletes:
+            await self._batch(self._retry_pending)
+
+    async def _retry_pending(self) -> None:
         for backend, name in sorted(self.pending_deletes):
             await self.delete(backend, name)
 
