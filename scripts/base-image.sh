@@ -16,11 +16,14 @@
 #   FLUSTER_BASE_PULL  0 skips step 2 (no registry here; saves the pull's timeout)
 #   FLUSTER_BASE_FORCE 1 re-imports even if the image exists (after changing PACKAGES)
 #   BASE_IMAGE         the name to provide (default debian:bookworm-slim)
+#   APT_ETC            where apt's sources are read (default /etc/apt)
+#
+# `base-image.sh --print-sources` prints the sources.list the rootfs would be built from.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
-DOCKER=${DOCKER:-$(command -v /usr/bin/docker || command -v docker)}
+DOCKER=${DOCKER:-$(command -v /usr/bin/docker || command -v docker || echo docker)}
 image=${BASE_IMAGE:-debian:bookworm-slim}
 cache=${FLUSTER_CACHE:-$repo/.cache}/base
 suite=bookworm
@@ -29,37 +32,33 @@ suite=bookworm
 # etcd-server/etcd-client for the compose etcd, curl for HEALTHCHECKs, tini as PID 1.
 PACKAGES=(ca-certificates curl tini python3 python3-venv haproxy etcd-server etcd-client)
 
-log() { echo "base-image: $*" >&2; }
+apt_etc=${APT_ETC:-/etc/apt}
 
-if [ "${FLUSTER_BASE_FORCE:-0}" != 1 ] && "$DOCKER" image inspect "$image" >/dev/null 2>&1; then
-  log "$image is present"
-  exit 0
-fi
-if [ "${FLUSTER_BASE_PULL:-1}" != 0 ] && [ "${FLUSTER_BASE_FORCE:-0}" != 1 ] &&
-  timeout "${FLUSTER_PULL_TIMEOUT:-60}" "$DOCKER" pull -q "$image" >/dev/null 2>&1; then
-  log "pulled $image from a registry"
-  exit 0
-fi
+log() { echo "base-image: $*" >&2; }
 
 # The mirror URIs of the Debian suites apt uses here: deb822 *.sources first, then one-line
 # *.list files. Prints "URI SUITE" lines for the main archive and the security archive.
 mirrors() {
-  python3 - "$suite" <<'PY'
+  python3 - "$suite" "$apt_etc" <<'PY'
 import glob, re, sys
 
-suite = sys.argv[1]
-found = {}  # "main" | "security" -> uri
+suite, etc = sys.argv[1], sys.argv[2]
+# A host on another Debian release names other suites; its mirror still serves ours.
+DEBIAN = {"oldoldstable", "oldstable", "stable", "testing", "unstable", "sid", "experimental",
+          "buster", "bullseye", "bookworm", "trixie", "forky", "duke"}
+found = {}  # (rank, "main" | "security") -> uri; rank 0: our suite, 1: another Debian one
 
 def take(uri, suites, components):
     if "main" not in components:
         return
     for s in suites:
-        if s == suite:
-            found.setdefault("main", uri)
-        elif s == f"{suite}-security" or s == f"{suite}/updates":
-            found.setdefault("security", uri)
+        base, _, pocket = s.replace("/updates", "-security").partition("-")
+        if base not in DEBIAN or pocket not in ("", "updates", "security"):
+            continue
+        kind = "security" if pocket == "security" else "main"
+        found.setdefault((0 if base == suite else 1, kind), uri)
 
-for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+for path in sorted(glob.glob(f"{etc}/sources.list.d/*.sources")):
     for stanza in re.split(r"\n\s*\n", open(path).read()):
         fields, key = {}, None
         for line in stanza.splitlines():
@@ -76,7 +75,7 @@ for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
         for uri in fields.get("uris", "").split():
             take(uri, fields.get("suites", "").split(), fields.get("components", "").split())
 
-for path in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]:
+for path in [f"{etc}/sources.list", *sorted(glob.glob(f"{etc}/sources.list.d/*.list"))]:
     try:
         lines = open(path).read().splitlines()
     except OSError:
@@ -86,14 +85,38 @@ for path in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d
         if len(line) >= 4 and line[0] == "deb":
             take(line[1], [line[2]], line[3:])
 
-if "main" not in found:
-    sys.exit(f"no 'deb ... {suite} main' source in /etc/apt; cannot build a {suite} rootfs")
-print(found["main"], suite)
-print(found["main"], f"{suite}-updates")
-if "security" in found:
-    print(found["security"], f"{suite}-security")
+def best(kind):
+    return found.get((0, kind)) or found.get((1, kind))
+
+if not best("main"):
+    sys.exit(f"no Debian 'deb ... main' source in {etc}; cannot build a {suite} rootfs")
+print(best("main"), suite)
+print(best("main"), f"{suite}-updates")
+if best("security"):
+    print(best("security"), f"{suite}-security")
 PY
 }
+
+sources_list() {
+  mirrors | while read -r uri s; do
+    echo "deb $uri $s main"
+  done
+}
+
+if [ "${1:-}" = --print-sources ]; then
+  sources_list
+  exit 0
+fi
+
+if [ "${FLUSTER_BASE_FORCE:-0}" != 1 ] && "$DOCKER" image inspect "$image" >/dev/null 2>&1; then
+  log "$image is present"
+  exit 0
+fi
+if [ "${FLUSTER_BASE_PULL:-1}" != 0 ] && [ "${FLUSTER_BASE_FORCE:-0}" != 1 ] &&
+  timeout "${FLUSTER_PULL_TIMEOUT:-60}" "$DOCKER" pull -q "$image" >/dev/null 2>&1; then
+  log "pulled $image from a registry"
+  exit 0
+fi
 
 key=$(printf '%s\n' "$suite" "${PACKAGES[@]}" | sha256sum | cut -c1-12)
 tarball=$cache/debian-$suite-$key.tar
@@ -101,9 +124,7 @@ if [ ! -s "$tarball" ]; then
   mkdir -p "$cache"
   work=$(mktemp -d "$cache/.build.XXXXXX")
   trap 'rm -rf "$work"' EXIT
-  mirrors | while read -r uri s; do
-    echo "deb $uri $s main"
-  done >"$work/sources.list"
+  sources_list >"$work/sources.list"
   start=$SECONDS
   # Trim like the real -slim image: no docs, man pages or locales.
   slim=(
