@@ -9,6 +9,7 @@
 #   COMPOSE_PROJECT_NAME  (default fluster)   FLUSTER_HTTP_PORT (8080)
 #   FLUSTER_STATUS_PORT   (9090)              FLUSTER_STATS_PORT (8404)
 #   DEMO_SCALE            instances of web (3)   DEMO_TIMEOUT  seconds to wait (120)
+#   FLUSTER_COMPOSE       the compose command (default docker-compose, else docker compose)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -21,8 +22,11 @@ stats_port=${FLUSTER_STATS_PORT:-8404}
 scale=${DEMO_SCALE:-3}
 timeout=${DEMO_TIMEOUT:-120}
 
-# Debian's docker-compose 1.29, else the Compose v2 plugin.
-if command -v docker-compose >/dev/null; then
+# Debian's docker-compose 1.29, else the Compose v2 plugin; FLUSTER_COMPOSE="docker compose"
+# chooses.
+if [ -n "${FLUSTER_COMPOSE:-}" ]; then
+  read -r -a compose <<<"$FLUSTER_COMPOSE"
+elif command -v docker-compose >/dev/null; then
   compose=(docker-compose)
 elif docker compose version >/dev/null 2>&1; then
   compose=(docker compose)

@@ -35,6 +35,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def compose_command() -> list[str]:
+    """docker-compose 1.29, else Compose v2; FLUSTER_COMPOSE="docker compose" chooses."""
+    if os.environ.get("FLUSTER_COMPOSE"):
+        return os.environ["FLUSTER_COMPOSE"].split()
     if shutil.which("docker-compose"):
         return ["docker-compose"]
     probe = subprocess.run(
