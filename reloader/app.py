@@ -44,14 +44,17 @@ class Reloader:
         self.debouncer = Debouncer(settings.quiet, settings.max_wait)
         self.guard = RemovalGuard(settings.max_removal_pct, settings.removal_hold, settings.guard)
         self.haproxy = Haproxy(
-            settings.haproxy, rs.config_file, rs.master_socket, rs.state_dir / "haproxy.pid"
+            settings.haproxy,
+            rs.config_file,
+            rs.master_socket,
+            rs.state_dir / "haproxy.pid",
+            on_restart=self._haproxy_restarted,
         )
         self.applier = Applier(self.haproxy, settings.haproxy, rs.state_dir, rs.admin_socket)
         self.publisher = Publisher(self.store, settings.prefix, settings.reloader_id, settings.node)
         self.stats = Stats()
         self.latest: Snapshot | None = None
         self.applied: Snapshot | None = None
-        self._restarts_seen = 0
 
     # -- catalog -> pipeline -------------------------------------------------------------
 
@@ -74,10 +77,13 @@ class Reloader:
         release = self.guard.next_release()
         return None if release is None else max(0.0, release - time.monotonic()) + 0.01
 
+    def _haproxy_restarted(self) -> None:
+        # HAProxy came back from the live file, which may lag the runtime API by one
+        # apply: reconcile now rather than at the next change.
+        self.applier.restarted()
+        self.debouncer.poke()
+
     async def apply(self, snapshot: Snapshot) -> None:
-        if self.haproxy.restarts != self._restarts_seen:
-            self._restarts_seen = self.haproxy.restarts
-            self.applier.restarted()
         started = time.monotonic()
         entry: dict[str, Any] = {
             "revision": snapshot.revision,

@@ -205,5 +205,9 @@ class Applier:
         self.live = rendered
 
     def restarted(self) -> None:
-        """HAProxy was restarted from the live file: nothing is pending any more."""
+        """HAProxy was restarted from the live file: nothing is pending any more, and
+        what runs is that file, which the next apply reloads if it differs."""
         self.runtime.forget()
+        if self.live is not None and self.live_file.read_text() != self.live.text:
+            text = self.live_file.read_text()
+            self.live = Rendered(text, "(restarted from the live file)", self.live.model)

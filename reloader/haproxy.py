@@ -16,7 +16,7 @@ import contextlib
 import os
 import re
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,9 +165,15 @@ class Haproxy:
     """The master process: `start()`, then `supervise()` as a task, `stop()` at the end."""
 
     def __init__(
-        self, binary: str, config: Path, master_socket: Path, pid_file: Path | None = None
+        self,
+        binary: str,
+        config: Path,
+        master_socket: Path,
+        pid_file: Path | None = None,
+        on_restart: Callable[[], None] | None = None,
     ) -> None:
         self.binary = binary
+        self.on_restart = on_restart
         self.pid_file = pid_file
         self.config = config
         self.master_socket = master_socket
@@ -223,6 +229,8 @@ class Haproxy:
                 try:
                     await self.start()
                     backoff.reset()
+                    if self.on_restart is not None:
+                        self.on_restart()
                     break
                 except StartFailed as exc:
                     log.error("haproxy restart failed", error=str(exc), attempt=backoff.attempt + 1)

@@ -136,3 +136,19 @@ async def test_blast_radius_guard_holds_mass_removals_but_not_promotions(
     reloader.wait_served("web.localhost", {apps[1].ident, apps[2].ident, apps[3].ident})
     etcd.put("/fluster/services/web/spec", json.dumps({"active_version": "v1"}))
     reloader.wait_served("web.localhost", {apps[0].ident}, timeout=1.5)
+
+
+async def test_health_checked_servers_are_added_at_runtime(
+    etcd: Etcd, start_reloader: Start, backends: Backends
+) -> None:
+    a, b = backends(2)
+    etcd.put("/fluster/services/web/spec", json.dumps({"check": {"path": "/", "interval_ms": 200}}))
+    etcd.put(KEY.format("web", "a"), a.json())
+    reloader = start_reloader()
+    reloader.wait_served("web.localhost", {a.ident})
+    workers = reloader.workers()
+    etcd.put(KEY.format("web", "b"), b.json())
+    reloader.wait_served("web.localhost", {a.ident, b.ident})
+    assert reloader.workers() == workers
+    b.stop()  # the health check takes it out of rotation
+    reloader.wait_served("web.localhost", {a.ident})
