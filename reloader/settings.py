@@ -31,6 +31,15 @@ Keep HAProxy in step with the fluster registry in etcd.
 watches {prefix}/services/ and applies every change: through HAProxy's runtime API when
 only servers changed, by a validated seamless reload otherwise. `reloader render --once`
 prints the config for the current etcd state and exits.
+
+HTTP services are routed on --http-bind by Host SERVICE.DOMAIN (or the spec's hosts and
+path_prefix), TCP services on their spec port. The state dir holds haproxy.cfg (live),
+haproxy.cfg.last-good, haproxy.cfg.rejected(.txt) (the last config HAProxy refused, and
+why), master.sock and admin.sock (mode 600), server-state and haproxy.pid.
+--status-bind serves /healthz, /metrics (Prometheus), /status (JSON) and / (HTML).
+
+Exit status: 0 after SIGTERM/SIGINT (HAProxy stopped gracefully), 1 when HAProxy cannot
+be started or a component failed, 2 for invalid options (all of them listed).
 """
 
 
