@@ -243,3 +243,40 @@ def test_dockerd_restart_resyncs_without_zombies(
         wait_for(lambda: name_b in sidekicks.instances(service), timeout=10, what="B registered")
     finally:
         engine.cleanup()
+
+
+def test_internal_registers_the_container_ip(sidekicks: Sidekicks, apps: Engine) -> None:
+    service, node = names()
+    sidekicks.start("--all", "--internal", "--node", node, *COMMON)
+    cid = apps.run_app(
+        8000,
+        publish=False,
+        labels={
+            "fluster.service": service,
+            "fluster.port": "8000",
+            "fluster.check": "http:/health",
+        },
+    )
+    networks = apps.inspect(cid)["NetworkSettings"]
+    assert isinstance(networks, dict)
+    ip = next(iter(networks["Networks"].values()))["IPAddress"]
+    inst = wait_for(
+        lambda: sidekicks.instances(service).get(f"{node}-{cid[:12]}"),
+        what="registered (healthy via the container IP)",
+    )
+    assert (inst.host, inst.port) == (ip, 8000)
+
+
+def test_companion_started_before_its_container(sidekicks: Sidekicks, apps: Engine) -> None:
+    service, node = names()
+    container = f"fluster-test-{uuid.uuid4().hex[:10]}"
+    proc = sidekicks.start(
+        "--container", container, "--service", service, "--port", "8000", "--node", node, *COMMON
+    )
+    wait_for(lambda: proc.logged("sidekick starting"), what="sidekick running")
+    cid = apps.run_app(8000, name=container)
+    inst = wait_for(
+        lambda: sidekicks.instances(service).get(f"{node}-{cid[:12]}"),
+        what="registered once the container started",
+    )
+    assert inst.port == apps.host_port(cid)
