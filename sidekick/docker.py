@@ -163,8 +163,11 @@ class Docker:
 
         docker = await self._docker()
         try:
-            async with docker._query(f"containers/{ref}/stop", "POST", params={"t": grace}):
-                pass
+            # aiodocker's _query hands the response over without releasing it.
+            async with docker._query(
+                f"containers/{ref}/stop", "POST", params={"t": grace}
+            ) as response:
+                response.release()
         except aiodocker.DockerError as exc:
             if exc.status == 404:
                 raise ContainerGone(exc.message) from None
@@ -184,13 +187,16 @@ class Docker:
             params["since"] = f"{since:.3f}"
         try:
             async with docker._query("events", params=params, timeout=None) as response:
-                while True:
-                    line = await response.content.readline()
-                    if not line:
-                        break
-                    event = parse_event(json.loads(line))
-                    if event is not None:
-                        yield event
+                try:
+                    while True:
+                        line = await response.content.readline()
+                        if not line:
+                            break
+                        event = parse_event(json.loads(line))
+                        if event is not None:
+                            yield event
+                finally:
+                    response.close()  # not released by aiodocker; a broken one must not linger
         except aiodocker.DockerError as exc:
             raise DockerUnavailable(f"docker events: {exc.message}") from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:
