@@ -48,6 +48,9 @@ def stats_socket(config_text: str) -> Path | None:
     return None
 
 
+__all__ = ["backend_name"]
+
+
 def service_of_backend(backend: str) -> str:
     prefix = backend_name("")  # "be_"
     return backend.removeprefix(prefix)

@@ -80,6 +80,8 @@ def percentile(values: list[float], q: float) -> float:
 class Latencies:
     samples: list[float] = field(default_factory=list)
     misses: int = 0  # trials where the new backend never answered within the limit
+    budget_hit: bool = False  # stopped before the asked trials: the time budget ran out
+    check_seconds: float | None = None  # `haproxy -c` of the live config, median of 5
     applied: Counts | None = None  # the pipeline's own counters over the trials
 
     @property
@@ -176,15 +178,34 @@ async def setup_base(env: Env, pipeline: Pipeline) -> None:
         )
 
 
-async def p1_trials(env: Env, pipeline: Pipeline, trials: int) -> Latencies:
+async def check_time(pipeline: Pipeline, runs: int = 5) -> float:
+    """How long `haproxy -c` takes on the pipeline's live config: a floor for any path
+    that validates before applying."""
+    times = []
+    for _ in range(runs):
+        t0 = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            "haproxy", "-c", "-q", "-f", str(pipeline.state_dir / "haproxy.cfg"),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        await proc.wait()
+        times.append(time.monotonic() - t0)
+    return statistics.median(times)
+
+
+async def p1_trials(env: Env, pipeline: Pipeline, trials: int, budget: float) -> Latencies:
     """Membership change: one new server into the 1,000-server backend, then removed again."""
-    result = Latencies()
+    result = Latencies(check_seconds=await check_time(pipeline))
     probe = Probe(pipeline.http_port, "p1.localhost")
     prefix = pipeline.prefix
     base = Counter(f"127.0.0.1:{p}" for p in env.base)
     before = pipeline.counts()
+    stop_at = time.monotonic() + budget
     try:
         for k in range(trials):
+            if time.monotonic() > stop_at:
+                result.budget_hit = True
+                break
             port = env.p1[k % len(env.p1)]
             key = keys.instance_key(prefix, "p1", f"new-{k:04d}")
             t0 = time.monotonic()
@@ -204,12 +225,49 @@ async def p1_trials(env: Env, pipeline: Pipeline, trials: int) -> Latencies:
     return result
 
 
-async def p2_trials(env: Env, pipeline: Pipeline, trials: int) -> Latencies:
+async def haproxy_floor(env: Env, pipeline: Pipeline, trials: int = 20) -> Latencies:
+    """HAProxy's own share of P1: `add server` + `enable server` over the admin socket
+    straight to the first request served, with etcd and the reloader left out. Run
+    behind the reloader's back on the same live HAProxy, and undone after each trial."""
+    from bench import adapter
+
+    result = Latencies()
+    sock = pipeline.stats_socket()
+    if sock is None:
+        return result
+    backend = adapter.backend_name("p1")
+    probe = Probe(pipeline.http_port, "p1.localhost")
+    try:
+        for k in range(trials):
+            port = env.p1[k % len(env.p1)]
+            ref = f"{backend}/bench-floor-{k}"
+            t0 = time.monotonic()
+            await haproxy.command(sock, f"add server {ref} 127.0.0.1:{port} weight {HEAVY}")
+            await haproxy.command(sock, f"enable server {ref}")
+            seen = await probe.until(str(port).encode(), within=2.0)
+            if seen is None:
+                result.misses += 1
+            else:
+                result.samples.append(seen - t0)
+            await haproxy.command(sock, f"set server {ref} state maint")
+            probe.close()  # idle server-side connections would keep the server from going
+            await asyncio.sleep(0.02)
+            await haproxy.command(sock, f"del server {ref}")
+    finally:
+        probe.close()
+    return result
+
+
+async def p2_trials(env: Env, pipeline: Pipeline, trials: int, budget: float) -> Latencies:
     """Structural change: a new service (new backend and route), one instance."""
     result = Latencies()
     prefix = pipeline.prefix
     before = pipeline.counts()
+    stop_at = time.monotonic() + budget
     for k in range(trials):
+        if time.monotonic() > stop_at:
+            result.budget_hit = True
+            break
         port = env.p2[k % len(env.p2)]
         service = f"n{k:04d}"
         probe = Probe(pipeline.http_port, f"{service}.localhost")
@@ -246,7 +304,7 @@ class ReloadSafety:
         return sum(r.failures for r in self.results)
 
 
-async def p3_reloads(env: Env, pipeline: Pipeline, reloads: int) -> ReloadSafety:
+async def p3_reloads(env: Env, pipeline: Pipeline, reloads: int, budget: float) -> ReloadSafety:
     prefix = pipeline.prefix
     await put_many(
         env.store,
@@ -264,7 +322,10 @@ async def p3_reloads(env: Env, pipeline: Pipeline, reloads: int) -> ReloadSafety
     done = 0
     try:
         await asyncio.sleep(1.0)
+        stop_at = time.monotonic() + budget
         for k in range(reloads):
+            if time.monotonic() > stop_at:
+                break
             before = pipeline.counts().reloads
             key = keys.instance_key(prefix, f"r{k:03d}", "i0")
             await env.store.put(key, instance(env.p2[k % len(env.p2)]))
@@ -334,29 +395,53 @@ async def p4_storm(env: Env, pipeline: Pipeline, count: int = 1000) -> Storm:
 @dataclass
 class Compared:
     p1: Latencies | None = None
+    floor: Latencies | None = None
     p2: Latencies | None = None
     p3: ReloadSafety | None = None
     p4: Storm | None = None
     errors: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Budgets:
+    """Seconds each phase may take per pipeline, so a busy machine still ends in time."""
+
+    p1: float = 150.0
+    p2: float = 120.0
+    p3: float = 120.0
+
+
 async def run_pipeline(
-    env: Env, kind: str, only: set[str], trials: int, p2_trials_n: int, reloads: int
+    env: Env, kind: str, only: set[str], trials: int, reloads: int, budgets: Budgets
 ) -> Compared:
     out = Compared()
     pipeline = make_pipeline(kind, env, f"/bench-{kind}")
+    clock = time.monotonic()
+
+    def progress(what: str) -> None:
+        nonlocal clock
+        print(f"[bench] {kind} {what}: {time.monotonic() - clock:.0f}s", flush=True)
+        clock = time.monotonic()
+
     try:
         await start(pipeline)
         if only & {"P1", "P2"}:
             await setup_base(env, pipeline)
+            progress("1,000 servers up")
         if "P1" in only:
-            out.p1 = await p1_trials(env, pipeline, trials)
+            out.p1 = await p1_trials(env, pipeline, trials, budgets.p1)
+            if kind == "fluster":
+                out.floor = await haproxy_floor(env, pipeline)
+            progress("P1")
         if "P2" in only:
-            out.p2 = await p2_trials(env, pipeline, p2_trials_n)
+            out.p2 = await p2_trials(env, pipeline, trials, budgets.p2)
+            progress("P2")
         if "P3" in only:
-            out.p3 = await p3_reloads(env, pipeline, reloads)
+            out.p3 = await p3_reloads(env, pipeline, reloads, budgets.p3)
+            progress("P3")
         if "P4" in only:
             out.p4 = await p4_storm(env, pipeline)
+            progress("P4")
     except Exception as exc:
         out.errors.append(f"{kind}: {type(exc).__name__}: {exc}")
     finally:
