@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -254,8 +253,12 @@ def private_dockerd(docker_engine: Engine) -> Iterator[PrivateDockerd]:
     finally:
         engine.stop_all()
         engine.remove_bridge()
-        # containerd-shims of killed containers may hold the mounts a moment longer.
-        deadline = time.monotonic() + 10
-        while root.exists() and time.monotonic() < deadline:
-            subprocess.run(["umount", "-R", str(root)], capture_output=True)
-            shutil.rmtree(root, ignore_errors=True)
+        # dockerd leaves mounts under its roots (data bind mount, netns): lazily unmount
+        # them, deepest first, or the directory cannot be removed.
+        mounts = [
+            line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+            if line.split()[1].startswith(f"{root}/")
+        ]  # fmt: skip
+        for mount in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", mount], capture_output=True, timeout=10)
+        shutil.rmtree(root, ignore_errors=True)
