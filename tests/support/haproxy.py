@@ -239,7 +239,10 @@ class ReloaderProcess:
         elif self.proc is not None:
             code = self.proc.returncode
         with contextlib.suppress(OSError, ValueError):
-            os.kill(self.haproxy_pid(), signal.SIGKILL)  # only if it outlived us
+            pid = self.haproxy_pid()
+            # Only if it outlived us, and only if that pid is still our HAProxy.
+            if str(self.state_dir) in Path(f"/proc/{pid}/cmdline").read_text():
+                os.kill(pid, signal.SIGKILL)
         return code
 
 
