@@ -293,3 +293,15 @@ def test_three_member_cluster_losing_the_leader(etcd3: Etcd, tmp_path: Path) -> 
         assert proc.proc.poll() is None
     finally:
         runner.close()
+
+
+def test_sigterm_with_etcd_down_still_exits_in_bounded_time(
+    sidekicks: Sidekicks, etcd: Etcd
+) -> None:
+    name, proc = static(sidekicks, "--drain-seconds", "1")
+    wait_for(lambda: name in sidekicks.instances("web"), what="registration")
+    etcd.members[0].stop()
+    sent = time.monotonic()
+    proc.send(signal.SIGTERM)
+    assert proc.proc.wait(15) == 0
+    assert time.monotonic() - sent < 1 + 5 + 2  # drain period + the shutdown margin
