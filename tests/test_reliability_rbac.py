@@ -9,6 +9,9 @@ component's real calls are allowed, and "forbidden" means the AuthError it would
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -245,3 +248,35 @@ def test_static_sidekicks_with_their_identities(etcd_rbac: RbacEtcd, tmp_path: P
         runner.close()
     logs = {f"sidekick{i}": p.log() for i, p in enumerate(runner.procs)}
     assert_no_secrets(etcd_rbac, logs)
+
+
+def test_fluster_cli_as_operator_and_as_a_sidekick(etcd_rbac: RbacEtcd) -> None:
+    """The operator identity runs `fluster`; a sidekick's identity is refused (exit 1)."""
+
+    def fluster(identity: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(Path(sys.executable).with_name("fluster")), *args],
+            env=etcd_rbac.env(identity),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    ok = fluster("fluster-operator", "spec", "web", "--host", "web.example.com")
+    assert ok.returncode == 0, ok.stderr
+    listed = fluster("fluster-operator", "ls", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["services"]["web"]["has_spec"]
+    spec = fluster("fluster-operator", "spec", "web")
+    assert json.loads(spec.stdout)["hosts"] == ["web.example.com"]
+
+    refused = fluster(sidekick_identity("web"), "spec", "web", "--host", "evil.example.com")
+    assert refused.returncode == 1
+    assert "permission denied" in refused.stderr
+    refused_ls = fluster(sidekick_identity("web"), "ls")
+    assert refused_ls.returncode == 1
+    assert "permission denied" in refused_ls.stderr
+    assert_no_secrets(
+        etcd_rbac,
+        {"ok": ok.stdout + ok.stderr, "refused": refused.stderr, "ls": listed.stdout},
+    )
