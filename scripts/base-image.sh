@@ -137,7 +137,9 @@ if [ ! -s "$tarball" ]; then
   )
   if command -v mmdebstrap >/dev/null; then
     log "building a $suite rootfs with mmdebstrap (${#PACKAGES[@]} extra packages)"
-    # The customize hooks leave no trace of the mirror and no apt caches in the image.
+    # The customize hooks leave no trace of the mirror and no apt caches in the image
+    # ("$1" is the rootfs, expanded by mmdebstrap's shell, hence the single quotes).
+    # shellcheck disable=SC2016
     mmdebstrap --quiet --variant=apt --format=tar "${slim[@]}" \
       --include="$(IFS=,; echo "${PACKAGES[*]}")" \
       --customize-hook='rm -f "$1"/etc/apt/sources.list "$1"/etc/apt/sources.list.d/*' \

@@ -61,7 +61,7 @@ build_wheels() {
   rm -f "$wheels.new"/deps/fluster-*.whl
   rm -rf "$wheels"
   mv "$wheels.new" "$wheels"
-  log "wheels built in $((SECONDS - start))s: $(ls "$wheels/deps" | wc -l) dependencies + $(basename "$app")"
+  log "wheels built in $((SECONDS - start))s: $(find "$wheels/deps" -name '*.whl' | wc -l) dependencies + $(basename "$app")"
 }
 
 if ! build_wheels; then

@@ -37,8 +37,8 @@ fi
 
 # Answering instances of web, as seen through HAProxy: prints their distinct ids.
 instances() {
-  local i
-  for i in $(seq 1 $((scale * 6))); do
+  local _
+  for _ in $(seq 1 $((scale * 6))); do
     curl -fsS --max-time 2 -H 'Host: web.localhost' -H 'Accept: application/json' \
       "http://127.0.0.1:$http_port/" 2>/dev/null |
       sed -n 's/.*"instance": "\([^"]*\)".*/\1/p'
