@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
 from types import MappingProxyType
 
 from fluster.catalog import Service, Snapshot
@@ -11,7 +13,9 @@ from reloader.debounce import Debouncer
 from reloader.guard import RemovalGuard
 from reloader.haproxy import parse_show_proc
 from reloader.model import Backend, Model, RenderSettings, Server
+from reloader.render import Renderer
 from reloader.runtime_api import plan
+from tests.support.haproxy import HAPROXY
 
 
 class Clock:
@@ -156,3 +160,40 @@ def test_show_proc_and_server_state_parsing() -> None:
         dump, model(Server("a", "10.0.0.1", 1, 100), Server("b", "10.0.0.9", 2, 100))
     )
     assert " a 10.0.0.1 " in kept and " b " not in kept
+
+
+def test_every_routing_feature_renders_a_config_haproxy_accepts(tmp_path: Path) -> None:
+    canary = {"active_version": "v1", "canary": {"version": "v2", "weight": 10}}
+    snapshot = snap(
+        svc(
+            "web",
+            {**canary, "check": {"path": "/health?x=1", "interval_ms": 500}},
+            a=Instance("10.0.0.1", 80, version="v1"),
+            b=Instance("::1", 81, version="v2"),
+        ),
+        svc(
+            "api",
+            {
+                "hosts": ["api.example.com", "10.1.2.3"],
+                "path_prefix": "/v1",
+                "balance": "leastconn",
+            },
+            a=Instance("api.internal", 80),
+        ),
+        svc(
+            "db",
+            {"mode": "tcp", "port": 15432, **canary, "check": {}},
+            a=Instance("10.0.0.2", 5432, version="v1"),
+            b=Instance("10.0.0.3", 5432, version="v2"),
+        ),
+        svc("empty", {"balance": "static-rr"}),
+    )
+    settings = RenderSettings(
+        state_dir=tmp_path, http_bind=("127.0.0.1", 18080), stats_bind=("127.0.0.1", 18081)
+    )
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(Renderer().render(snapshot, settings).text.replace("api.internal", "127.0.0.1"))
+    (tmp_path / "server-state").write_text("1\n")
+    result = subprocess.run([HAPROXY, "-c", "-f", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "WARNING" not in result.stdout + result.stderr
