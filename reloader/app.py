@@ -51,6 +51,7 @@ class Reloader:
             on_restart=self._haproxy_restarted,
         )
         self.applier = Applier(self.haproxy, settings.haproxy, rs.state_dir, rs.admin_socket)
+        self.applier.on_late_rejection = self._late_rejection
         self.publisher = Publisher(self.store, settings.prefix, settings.reloader_id, settings.node)
         self.stats = Stats()
         self.latest: Snapshot | None = None
@@ -76,6 +77,10 @@ class Reloader:
             return 1.0
         release = self.guard.next_release()
         return None if release is None else max(0.0, release - time.monotonic()) + 0.01
+
+    def _late_rejection(self, error: str) -> None:
+        self.stats.failures["rejected"] += 1
+        self.stats.last_error = f"rejected after runtime changes (undone): {error}"[:2000]
 
     def _haproxy_restarted(self) -> None:
         # HAProxy came back from the live file, which may lag the runtime API by one
@@ -242,6 +247,9 @@ class Reloader:
             task = supervisor.tasks.pop(name, None)
             if task is not None:
                 task.cancel()
+        # The last runtime apply's file, so that the next start serves the same.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.applier.flush(), 10)
         await self.haproxy.stop()
         await supervisor.cancel_all()
         with contextlib.suppress(Exception):

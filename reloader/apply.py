@@ -2,9 +2,9 @@
 
 1. same text as live: nothing;
 2. same structure, server changes only: the runtime API (HAProxy vets every server it
-   is asked to add), then `haproxy -c` on the candidate, which then replaces the live
-   file so that any later reload or restart reproduces the state. A refused file undoes
-   the API's changes by reloading the live file;
+   is asked to add), then, in the background, `haproxy -c` on the candidate, which then
+   replaces the live file so that any later reload or restart reproduces the state (the
+   next apply waits for it). A refused file undoes the API's changes by a reload;
 3. otherwise: `haproxy -c` first (the exit code is the verdict), dump server state,
    rename the candidate over the live file (atomic), ask the master to reload, wait for
    the new worker; on failure put the last good file back and reload that.
@@ -15,8 +15,10 @@ An invalid candidate is kept as `haproxy.cfg.rejected` with HAProxy's error text
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -94,6 +96,8 @@ class Applier:
         self.state_file = state_dir / "server-state"
         self.runtime = RuntimeApi(admin_socket)
         self.live: Rendered | None = None
+        self.on_late_rejection: Callable[[str], None] | None = None
+        self._file_task: asyncio.Task[None] | None = None
 
     async def admin(self, command: str) -> str:
         return await cli(self.admin_socket, command)
@@ -130,6 +134,7 @@ class Applier:
         return True
 
     async def apply(self, rendered: Rendered) -> Kind:
+        await self.flush()
         live = self.live
         assert live is not None, "initial() first"
         if rendered.text == live.text:
@@ -140,18 +145,19 @@ class Applier:
             changes = plan(live.model, rendered.model)
             if changes is not None:
                 # Same structure as a validated config, servers from re-checked values, and
-                # HAProxy checks every server the API adds: the API goes first, `haproxy -c`
-                # (a fork and a full parse, ~100 ms on a busy host) only guards the file.
+                # HAProxy vets every server the API adds: the API goes first, and `haproxy
+                # -c` (a fork and a full parse, ~50-100 ms on a busy host) guards the file
+                # off the latency path, overlapping the next debounce period.
                 touched = True
                 try:
                     await self.runtime.apply(changes)
                 except HaproxyError as exc:
                     log.warning("runtime API apply failed, reloading instead", error=str(exc))
                 else:
-                    await self._validate_or_restore(rendered.text)
-                    os.replace(self.candidate, self.live_file)
-                    write_atomic(self.last_good, rendered.text)
                     self.live = rendered
+                    self._file_task = asyncio.create_task(
+                        self._install(rendered, live), name="install-config"
+                    )
                     return "runtime"
         if touched:
             await self._validate_or_restore(rendered.text)
@@ -160,14 +166,30 @@ class Applier:
         await self._reload(rendered)
         return "reload"
 
+    async def flush(self) -> None:
+        """Wait until the file of the last runtime apply is checked and installed."""
+        task, self._file_task = self._file_task, None
+        if task is not None:
+            await task
+
+    async def _install(self, rendered: Rendered, previous: Rendered) -> None:
+        try:
+            await self._validate_or_restore(rendered.text)
+        except Rejected as exc:
+            self.live = previous  # what HAProxy runs again after the restoring reload
+            if self.on_late_rejection is not None:
+                self.on_late_rejection(str(exc))
+            return
+        os.replace(self.candidate, self.live_file)
+        write_atomic(self.last_good, rendered.text)
+
     async def _validate_or_restore(self, text: str) -> None:
-        """Validate after runtime changes; if invalid, reload the live file to undo them."""
+        """Validate after runtime changes; if invalid, reload the live file (which still
+        holds the previous config) to undo them."""
         try:
             await self.validate(text)
         except Rejected:
-            assert self.live is not None
             log.error("config refused after runtime changes, reloading the live config")
-            write_atomic(self.live_file, self.live.text)
             with contextlib.suppress(HaproxyError):
                 await self.haproxy.reload()
             self.runtime.forget()
