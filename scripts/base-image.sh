@@ -17,6 +17,7 @@
 #   FLUSTER_BASE_FORCE 1 re-imports even if the image exists (after changing PACKAGES)
 #   BASE_IMAGE         the name to provide (default debian:bookworm-slim)
 #   APT_ETC            where apt's sources are read (default /etc/apt)
+#   FLUSTER_BOOTSTRAP  mmdebstrap | debootstrap (default: mmdebstrap when installed)
 #
 # `base-image.sh --print-sources` prints the sources.list the rootfs would be built from.
 set -euo pipefail
@@ -135,7 +136,8 @@ if [ ! -s "$tarball" ]; then
     --dpkgopt=path-exclude=/usr/share/locale/*
     --dpkgopt=path-include=/usr/share/locale/locale.alias
   )
-  if command -v mmdebstrap >/dev/null; then
+  tool=${FLUSTER_BOOTSTRAP:-$(command -v mmdebstrap >/dev/null && echo mmdebstrap || echo debootstrap)}
+  if [ "$tool" = mmdebstrap ]; then
     log "building a $suite rootfs with mmdebstrap (${#PACKAGES[@]} extra packages)"
     # The customize hooks leave no trace of the mirror and no apt caches in the image
     # ("$1" is the rootfs, expanded by mmdebstrap's shell, hence the single quotes).
@@ -145,8 +147,9 @@ if [ ! -s "$tarball" ]; then
       --customize-hook='rm -f "$1"/etc/apt/sources.list "$1"/etc/apt/sources.list.d/*' \
       --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin' \
       "$suite" "$work/rootfs.tar" "$work/sources.list"
-  elif command -v debootstrap >/dev/null; then
+  elif [ "$tool" = debootstrap ] && command -v debootstrap >/dev/null; then
     [ "$(id -u)" -eq 0 ] || { log "debootstrap needs root"; exit 1; }
+    # debootstrap takes one mirror: the main archive, without -updates and -security.
     uri=$(head -n1 "$work/sources.list" | cut -d' ' -f2)
     log "building a $suite rootfs with debootstrap"
     debootstrap --variant=minbase --include="$(IFS=,; echo "${PACKAGES[*]}")" \
