@@ -273,7 +273,7 @@ def scale(project: Project, service: str, n: int) -> None:
     )
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)  # includes building the images on a fresh machine
 def test_scale_and_promote_without_a_failed_request(project: Project) -> None:
     load = Load(project.http_port)
     served: set[str] = set()
@@ -335,7 +335,7 @@ def test_scale_and_promote_without_a_failed_request(project: Project) -> None:
     assert served <= load.seen()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # alone (-k), it sets the project up too
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 def test_status_page_in_headless_chromium(project: Project) -> None:
     assert CHROMIUM is not None
