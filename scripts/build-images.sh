@@ -24,6 +24,15 @@ tag=${FLUSTER_TAG:-dev}
 wheels=$repo/.cache/wheels
 log() { echo "build-images: $*" >&2; }
 
+# One build at a time per checkout: two test runs or a test and `make demo` would otherwise
+# replace .cache/wheels under each other's docker build.
+mkdir -p "$repo/.cache"
+exec 9>"$repo/.cache/build-images.lock"
+if ! flock -n 9; then
+  log "waiting for another build in this checkout"
+  flock 9
+fi
+
 pip=(python3 -m pip)
 [ -x .venv/bin/pip ] && pip=(.venv/bin/python -m pip)
 # pip's "Location ... is ignored" warnings about find-links dirs a machine's pip config
