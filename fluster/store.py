@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -265,10 +265,13 @@ class Store:
                 raise map_error(exc, "authenticate") from None
             self._token = reply.token
 
-    async def _call(self, what: str, call: Callable[..., Awaitable[T]], request: Any) -> T:
-        """One unary RPC with a deadline; an expired token is renewed and retried once."""
+    async def _call(self, what: str, method: str, request: Any) -> Any:
+        """One unary RPC (`method` is "stub.Method") with a deadline; an expired token is
+        renewed and retried once."""
         if self._channel is None:
             await self.connect()
+        stub, _, name = method.partition(".")
+        call = getattr(getattr(self, f"_{stub}"), name)
         for attempt in (1, 2):
             try:
                 return await call(request, metadata=self._metadata, timeout=self.settings.timeout)
@@ -284,27 +287,27 @@ class Store:
 
     async def get(self, key: str) -> tuple[int, KeyValue | None]:
         """(store revision, the key or None)."""
-        reply = await self._call("get", self._kv.Range, pb.RangeRequest(key=key.encode()))
+        reply = await self._call("get", "kv.Range", pb.RangeRequest(key=key.encode()))
         return reply.header.revision, (_kv(reply.kvs[0]) if reply.kvs else None)
 
     async def get_prefix(self, prefix: str, *, revision: int = 0) -> tuple[int, list[KeyValue]]:
         """(store revision, every key under `prefix`), one consistent read."""
         raw = prefix.encode()
         request = pb.RangeRequest(key=raw, range_end=prefix_end(raw), revision=revision)
-        reply = await self._call("get prefix", self._kv.Range, request)
+        reply = await self._call("get prefix", "kv.Range", request)
         return reply.header.revision, [_kv(kv) for kv in reply.kvs]
 
     async def put(self, key: str, value: str | bytes, *, lease: int = 0) -> int:
         data = value.encode() if isinstance(value, str) else value
         request = pb.PutRequest(key=key.encode(), value=data, lease=lease)
-        reply = await self._call("put", self._kv.Put, request)
+        reply = await self._call("put", "kv.Put", request)
         return int(reply.header.revision)
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:
         """Delete a key (or every key under it); returns how many went."""
         raw = key.encode()
         request = pb.DeleteRangeRequest(key=raw, range_end=prefix_end(raw) if prefix else b"")
-        reply = await self._call("delete", self._kv.DeleteRange, request)
+        reply = await self._call("delete", "kv.DeleteRange", request)
         return int(reply.deleted)
 
     async def replace(
@@ -330,7 +333,7 @@ class Store:
             data = value.encode() if isinstance(value, str) else value
             op = pb.RequestOp(request_put=pb.PutRequest(key=raw, value=data, lease=lease))
         reply = await self._call(
-            "transaction", self._kv.Txn, pb.TxnRequest(compare=[compare], success=[op])
+            "transaction", "kv.Txn", pb.TxnRequest(compare=[compare], success=[op])
         )
         if not reply.succeeded:
             raise Conflict(
@@ -340,11 +343,11 @@ class Store:
 
     async def compact(self, revision: int) -> None:
         request = pb.CompactionRequest(revision=revision, physical=True)
-        await self._call("compact", self._kv.Compact, request)
+        await self._call("compact", "kv.Compact", request)
 
     async def status(self) -> dict[str, Any]:
         """The member's view: revision, leader, raft term (for health output)."""
-        reply = await self._call("status", self._maint.Status, pb.StatusRequest())
+        reply = await self._call("status", "maint.Status", pb.StatusRequest())
         return {
             "revision": reply.header.revision,
             "leader": reply.leader,
@@ -355,23 +358,19 @@ class Store:
     # -- leases -------------------------------------------------------------------------
 
     async def grant(self, ttl: int) -> int:
-        reply = await self._call(
-            "lease grant", self._lease.LeaseGrant, pb.LeaseGrantRequest(TTL=ttl)
-        )
+        reply = await self._call("lease grant", "lease.LeaseGrant", pb.LeaseGrantRequest(TTL=ttl))
         if reply.error:
             raise StoreError(f"lease grant: {reply.error}")
         return int(reply.ID)
 
     async def revoke(self, lease: int) -> None:
         with contextlib.suppress(LeaseLost):
-            await self._call(
-                "lease revoke", self._lease.LeaseRevoke, pb.LeaseRevokeRequest(ID=lease)
-            )
+            await self._call("lease revoke", "lease.LeaseRevoke", pb.LeaseRevokeRequest(ID=lease))
 
     async def time_to_live(self, lease: int) -> int:
         """Seconds left on `lease`; -1 when it no longer exists."""
         request = pb.LeaseTimeToLiveRequest(ID=lease)
-        reply = await self._call("lease ttl", self._lease.LeaseTimeToLive, request)
+        reply = await self._call("lease ttl", "lease.LeaseTimeToLive", request)
         return int(reply.TTL)
 
     async def keepalive(self, lease: int, interval: float) -> AsyncIterator[int]:

@@ -64,3 +64,11 @@ async def test_watch_reports_compaction(store: Store, etcd: Etcd) -> None:
 
     with pytest.raises(Compacted):
         await asyncio.wait_for(drain(), 5)
+
+
+async def test_calls_connect_lazily(etcd: Etcd) -> None:
+    store = Store(EtcdSettings(endpoints=etcd.endpoint_list))
+    try:
+        assert (await store.get("/nothing"))[1] is None
+    finally:
+        await store.close()
