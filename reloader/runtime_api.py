@@ -116,10 +116,9 @@ class RuntimeApi:
 
     async def _apply(self, changes: Plan) -> None:
         await self._retry_pending()
-        # Removals first: a lost instance must stop taking traffic as soon as possible.
-        for backend, name in changes.delete:
-            await self.run(f"set server {backend}/{name} state maint", "")
-            await self.delete(backend, name)
+        # Additions before removals: when a promotion swaps every server of a backend,
+        # removing first leaves it empty for a moment and requests get 503. The few
+        # milliseconds a lost instance keeps its slot are covered by HAProxy's redispatch.
         for backend, server in changes.add:
             if (backend, server.name) in self.pending_deletes:
                 # Still there in maintenance: bring it back with its new settings.
@@ -136,6 +135,9 @@ class RuntimeApi:
             await self.run(f"enable server {backend}/{server.name}", "")
         for backend, _old, new in changes.update:
             await self.update(backend, new)
+        for backend, name in changes.delete:
+            await self.run(f"set server {backend}/{name} state maint", "")
+            await self.delete(backend, name)
 
     async def update(self, backend: str, server: Server) -> None:
         ref = f"{backend}/{server.name}"
