@@ -141,10 +141,10 @@ async def test_blast_radius_guard_holds_mass_removals_but_not_promotions(
     reloader.wait_served("web.localhost", {apps[0].ident}, timeout=1.5)
 
 
-async def test_health_checked_servers_are_added_at_runtime(
+async def test_health_checked_servers_are_added_and_changed_at_runtime(
     etcd: Etcd, start_reloader: Start, backends: Backends
 ) -> None:
-    a, b = backends(2)
+    a, b, c = backends(3)
     etcd.put("/fluster/services/web/spec", json.dumps({"check": {"path": "/", "interval_ms": 200}}))
     etcd.put(KEY.format("web", "a"), a.json())
     reloader = start_reloader()
@@ -153,5 +153,14 @@ async def test_health_checked_servers_are_added_at_runtime(
     etcd.put(KEY.format("web", "b"), b.json())
     reloader.wait_served("web.localhost", {a.ident, b.ident})
     assert reloader.workers() == workers
-    b.stop()  # the health check takes it out of rotation
+    # Weight and address changes of existing servers go through the runtime API too.
+    etcd.put(KEY.format("web", "a"), a.json(weight=7))
+    wait_for(
+        lambda: " a 127.0.0.1 2 0 7 " in reloader.admin("show servers state be_web"),
+        what="weight 7",
+    )
+    etcd.put(KEY.format("web", "b"), c.json())
+    reloader.wait_served("web.localhost", {a.ident, c.ident})
+    assert reloader.workers() == workers
+    c.stop()  # the health check takes it out of rotation
     reloader.wait_served("web.localhost", {a.ident})
