@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -182,3 +183,25 @@ def test_restart_without_etcd_serves_the_previous_config(
     etcd.wait_healthy()
     etcd.put(KEY.format("web", "b"), b.json())
     reloader.wait_served("web.localhost", {a.ident, b.ident}, timeout=20)
+
+
+def test_a_reload_haproxy_cannot_take_restores_the_last_good_config(
+    etcd: Etcd, start_reloader: Start, backends: Backends
+) -> None:
+    (a,) = backends(1)
+    etcd.put(KEY.format("web", "a"), a.json())
+    reloader = start_reloader()
+    reloader.wait_served("web.localhost", {a.ident})
+    live = reloader.config
+    with socket.socket() as busy:  # `haproxy -c` cannot see that this port is taken
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        etcd.put("/fluster/services/db/spec", json.dumps({"mode": "tcp", "port": port}))
+        etcd.put(KEY.format("db", "x"), a.json())
+        wait_for(
+            lambda: reloader.status()["failures"]["reload"] >= 1, timeout=30, what="failed reload"
+        )
+        assert reloader.config == live
+        assert reloader.get("web.localhost") == (200, a.ident)
+    assert reloader.status()["haproxy_up"]
