@@ -24,8 +24,9 @@ from reloader.apply import Applier, ApplyFailed, Rejected
 from reloader.debounce import Debouncer
 from reloader.guard import RemovalGuard
 from reloader.haproxy import Haproxy, StartFailed
+from reloader.model import with_servers_of
 from reloader.publish import Publisher
-from reloader.render import Renderer, RenderError
+from reloader.render import Rendered, Renderer, RenderError
 from reloader.settings import Settings
 from reloader.status import Stats, StatusServer
 
@@ -78,6 +79,28 @@ class Reloader:
         release = self.guard.next_release()
         return None if release is None else max(0.0, release - time.monotonic()) + 0.01
 
+    async def _apply_servers_only(self, rendered: Rendered, revision: int) -> None:
+        """After a refused structural change, apply what still can be: server changes of
+        the backends that exist now. The change as a whole stays unapplied (and
+        unpublished); the next change retries it."""
+        live = self.applier.live
+        if live is None:
+            return
+        try:
+            if self.renderer.text(live.model.without_servers()) != live.skeleton:
+                return  # live came from a previous run's file: its model is unknown
+            partial = self.renderer.render_model(with_servers_of(live.model, rendered.model))
+            if partial.text == live.text:
+                return
+            kind = await self.applier.apply(partial)
+        except (Rejected, RenderError, ApplyFailed) as exc:
+            log.error("server changes could not be applied either", error=str(exc)[:2000])
+            return
+        self.stats.applies[kind] += 1
+        log.warning(
+            "applied server changes only; the structural change waits", kind=kind, revision=revision
+        )
+
     def _late_rejection(self, error: str) -> None:
         self.stats.failures["rejected"] += 1
         self.stats.last_error = f"rejected after runtime changes (undone): {error}"[:2000]
@@ -94,6 +117,7 @@ class Reloader:
             "revision": snapshot.revision,
             "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
         }
+        rendered: Rendered | None = None
         try:
             guarded = self.guard.filter(snapshot, self.applied)
             rendered = self.renderer.render(guarded, self.settings.render)
@@ -110,6 +134,8 @@ class Reloader:
                 error=str(exc)[:2000],
                 revision=snapshot.revision,
             )
+            if rendered is not None:
+                await self._apply_servers_only(rendered, snapshot.revision)
             return
         elapsed = time.monotonic() - started
         self.applied = guarded

@@ -149,6 +149,20 @@ class Model:
         return {b.name: b for b in self.backends}
 
 
+def with_servers_of(live: Model, target: Model) -> Model:
+    """`live`'s structure with `target`'s servers for the backends both have.
+
+    When HAProxy refuses a structural change (say a TCP port another process holds),
+    the membership changes of every other service can still be applied on the live
+    structure, so one bad spec does not freeze the whole edge.
+    """
+    servers = {b.name: b.servers for b in target.backends}
+    return replace(
+        live,
+        backends=tuple(replace(b, servers=servers.get(b.name, b.servers)) for b in live.backends),
+    )
+
+
 @dataclass
 class _Ports:
     taken: dict[int, str] = field(default_factory=dict)

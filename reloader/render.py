@@ -77,7 +77,9 @@ class Renderer:
             raise RenderError(f"{type(exc).__name__}: {exc}") from exc
 
     def render(self, snapshot: Snapshot, settings: RenderSettings) -> Rendered:
-        model = build_model(snapshot, settings)
+        return self.render_model(build_model(snapshot, settings))
+
+    def render_model(self, model: Model) -> Rendered:
         return Rendered(self.text(model), self.text(model.without_servers()), model)
 
 

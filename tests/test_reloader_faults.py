@@ -188,7 +188,7 @@ def test_restart_without_etcd_serves_the_previous_config(
 def test_a_reload_haproxy_cannot_take_restores_the_last_good_config(
     etcd: Etcd, start_reloader: Start, backends: Backends
 ) -> None:
-    (a,) = backends(1)
+    a, b = backends(2)
     etcd.put(KEY.format("web", "a"), a.json())
     reloader = start_reloader()
     reloader.wait_served("web.localhost", {a.ident})
@@ -204,4 +204,11 @@ def test_a_reload_haproxy_cannot_take_restores_the_last_good_config(
         )
         assert reloader.config == live
         assert reloader.get("web.localhost") == (200, a.ident)
+        # One refused service does not freeze the edge: other membership changes apply.
+        etcd.put(KEY.format("web", "b"), b.json())
+        reloader.wait_served("web.localhost", {a.ident, b.ident}, timeout=20)
+        assert "tcp_db" not in reloader.config
+    # Once the port is free, the next change brings the TCP service in.
+    etcd.put(KEY.format("db", "y"), b.json())
+    wait_for(lambda: "frontend tcp_db" in reloader.config, timeout=20, what="db routed")
     assert reloader.status()["haproxy_up"]

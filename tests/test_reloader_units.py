@@ -12,7 +12,7 @@ from reloader.apply import filter_server_state
 from reloader.debounce import Debouncer
 from reloader.guard import RemovalGuard
 from reloader.haproxy import parse_show_proc
-from reloader.model import Backend, Model, RenderSettings, Server
+from reloader.model import Backend, Model, RenderSettings, Server, with_servers_of
 from reloader.render import Renderer
 from reloader.runtime_api import plan
 from tests.support.haproxy import HAPROXY
@@ -197,3 +197,19 @@ def test_every_routing_feature_renders_a_config_haproxy_accepts(tmp_path: Path) 
     result = subprocess.run([HAPROXY, "-c", "-f", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARNING" not in result.stdout + result.stderr
+
+
+def test_with_servers_of_keeps_the_live_structure() -> None:
+    a, b = Server("a", "10.0.0.1", 1, 100), Server("b", "10.0.0.2", 2, 100)
+    live = model(a)
+    target = Model(
+        RenderSettings(),
+        backends=(
+            Backend("be_web", "web", "http", "leastconn", None, (a, b)),
+            Backend("be_new", "new", "http", "roundrobin", None, (b,)),
+        ),
+    )
+    partial = with_servers_of(live, target)
+    assert [(x.name, x.balance, x.servers) for x in partial.backends] == [
+        ("be_web", "roundrobin", (a, b))
+    ]
