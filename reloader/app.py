@@ -254,7 +254,15 @@ class Reloader:
             supervisor.start("haproxy", self.haproxy.supervise())
             supervisor.start("pipeline", self.pipeline())
             supervisor.start("publisher", self.publisher.run())
-            await status.start(*self.settings.status_bind)
+            try:
+                await status.start(*self.settings.status_bind)
+            except OSError as exc:
+                log.error(
+                    "cannot serve the status address",
+                    error=str(exc),
+                    status_bind=self.settings.status_bind,
+                )
+                return 1
             log.info(
                 "reloader running",
                 status_bind=self.settings.status_bind,
