@@ -46,6 +46,11 @@ def _bind(address: tuple[str, int]) -> str:
     return format_bind(*address)
 
 
+def _host_header(host: str) -> str:
+    """How `host` appears in a Host header once the port is gone: IPv6 in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 class Renderer:
     def __init__(self, templates: Path | None = None) -> None:
         dirs = [str(templates)] if templates else []
@@ -60,6 +65,7 @@ class Renderer:
             auto_reload=False,
         )
         self.env.globals["bind"] = _bind
+        self.env.filters["host_header"] = _host_header
         try:
             self.template = self.env.get_template(MAIN_TEMPLATE)
         except jinja2.TemplateError as exc:

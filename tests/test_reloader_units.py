@@ -174,7 +174,7 @@ def test_every_routing_feature_renders_a_config_haproxy_accepts(tmp_path: Path) 
         svc(
             "api",
             {
-                "hosts": ["api.example.com", "10.1.2.3"],
+                "hosts": ["api.example.com", "10.1.2.3", "::1"],
                 "path_prefix": "/v1",
                 "balance": "leastconn",
             },
