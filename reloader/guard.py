@@ -66,6 +66,10 @@ class RemovalGuard:
             present = after.instances if after is not None else {}
             gone = {i: inst for i, inst in previous.items() if i not in present}
             if not previous or 100.0 * len(gone) / len(previous) <= self.max_removal_pct:
+                # Below the threshold now (some came back): running holds still run out.
+                for key, held in self.held.items():
+                    if key[0] == name and key[1] in gone and now - held.since < self.hold:
+                        keep[key] = held
                 continue
             for inst_name, inst in gone.items():
                 key = (name, inst_name)

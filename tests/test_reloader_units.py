@@ -213,3 +213,19 @@ def test_with_servers_of_keeps_the_live_structure() -> None:
     assert [(x.name, x.balance, x.servers) for x in partial.backends] == [
         ("be_web", "roundrobin", (a, b))
     ]
+
+
+def test_guard_holds_run_out_even_when_some_instances_come_back() -> None:
+    clock = Clock()
+    guard = RemovalGuard(max_removal_pct=50, hold=30, clock=clock)
+    before = snap(svc("web", **insts(4)))
+    one = dict(list(insts(4).items())[:1])
+    held = guard.filter(snap(svc("web", **one)), before)  # 3 of 4 gone: held
+    two = dict(list(insts(4).items())[:2])  # i1 is back: 2 of 4 gone is not over 50 %
+    out = guard.filter(snap(svc("web", **two)), held)
+    assert sorted(out.services["web"].instances) == ["i0", "i1", "i2", "i3"]
+    clock.now += 30
+    assert sorted(guard.filter(snap(svc("web", **two)), out).services["web"].instances) == [
+        "i0",
+        "i1",
+    ]
