@@ -407,6 +407,14 @@ def known_escapes(prefix: str) -> dict[str, Record]:
             "reject",
             "x",
         ),
+        # Even a well-formed scope id: HAProxy cannot resolve it, so every config fails
+        # `haproxy -c` while the record exists and the edge stops applying any change.
+        "ipv6-scope-valid": Record(
+            f"{root}/web/instances/scoped-valid".encode(),
+            json.dumps({"host": "fe80::1%eth0", "port": 80}).encode(),
+            "reject",
+            "x",
+        ),
         "ipv6-scope-plain": Record(
             f"{root}/web/instances/scoped-plain".encode(),
             b"[fe80::1%;disable frontend http]:80",  # ';' separates runtime API commands
