@@ -137,8 +137,10 @@ async def test_blast_radius_guard_holds_mass_removals_but_not_promotions(
     reloader.wait_served("web.localhost", everyone)
     etcd.put("/fluster/services/web/spec", json.dumps({"active_version": "v2"}))
     reloader.wait_served("web.localhost", {apps[1].ident, apps[2].ident, apps[3].ident})
+    guard_lines = reloader.log().count("blast-radius guard")
     etcd.put("/fluster/services/web/spec", json.dumps({"active_version": "v1"}))
-    reloader.wait_served("web.localhost", {apps[0].ident}, timeout=1.5)
+    reloader.wait_served("web.localhost", {apps[0].ident})
+    assert reloader.log().count("blast-radius guard") == guard_lines, "a promotion is not held"
 
 
 async def test_health_checked_servers_are_added_and_changed_at_runtime(
