@@ -95,6 +95,8 @@ def validate_version(value: object, name: str = "version") -> str:
 def validate_host(value: object, name: str = "host") -> str:
     """An IP literal or a DNS name; returns it normalised (IPv6 compressed, no brackets)."""
     text = _str(value, name)
+    # ipaddress accepts any IPv6 zone id ("fe80::1%anything"): never a server address.
+    _require("%" not in text, name, "IPv6 zone ids are not supported")
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
@@ -144,6 +146,10 @@ def _object(raw: bytes | str, limit: int, what: str) -> dict[str, Any]:
         raise RecordError(what, "not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise RecordError(what, f"not JSON ({exc.msg} at {exc.pos})") from None
+    except RecursionError:
+        raise RecordError(what, "nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+        raise RecordError(what, f"not acceptable JSON ({str(exc)[:80]})") from None
     _require(isinstance(obj, dict), what, f"must be a JSON object, not {type(obj).__name__}")
     assert isinstance(obj, dict)
     return obj

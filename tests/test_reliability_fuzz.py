@@ -161,20 +161,17 @@ async def test_ten_thousand_adversarial_records_are_rejected_counted_and_hide_no
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
-        for name, reason in {
-            "deep-json-instance": "RecursionError escapes records._object: stops the catalog",
-            "deep-json-spec": "RecursionError escapes records._object: stops the catalog",
-            "huge-int-spec": "int digit limit ValueError escapes records._object",
-            "ipv6-scope-host": "ipaddress accepts any IPv6 scope id: config injection",
-            "ipv6-scope-valid": "accepted; HAProxy cannot resolve it: every config rejected",
-            "ipv6-scope-plain": "ipaddress accepts any IPv6 scope id: runtime API injection",
-            "ipv6-scope-spec-host": "ipaddress accepts any IPv6 scope id in spec hosts",
-        }.items()
+        "deep-json-instance",
+        "deep-json-spec",
+        "huge-int-spec",
+        "ipv6-scope-host",
+        "ipv6-scope-valid",
+        "ipv6-scope-plain",
+        "ipv6-scope-spec-host",
     ],
 )
 async def test_known_validator_escapes(store: Store, raw_put: RawPut, name: str) -> None:
-    """Each of these once got past validation; the xfail marks go as the fixes land."""
+    """Each of these once got past validation (found by this fuzzing, fixed in records)."""
     record = known_escapes(PREFIX)[name]
     await store.put(keys.instance_key(PREFIX, "web", "good"), "10.1.0.1:80")
     catalog = Catalog(store, PREFIX, progress_every=1.0)
@@ -276,27 +273,7 @@ async def test_fuzz_under_a_running_reloader_changes_nothing_served(
     assert reloader.proc is not None and reloader.proc.poll() is None
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            "deep-json-instance",
-            marks=pytest.mark.xfail(strict=True, reason="the catalog task dies: reloader exits"),
-        ),
-        pytest.param(
-            "ipv6-scope-host",
-            marks=pytest.mark.xfail(
-                strict=True, reason="accepted; the model then refuses the whole service"
-            ),
-        ),
-        pytest.param(
-            "ipv6-scope-valid",
-            marks=pytest.mark.xfail(
-                strict=True, reason="accepted; haproxy -c then refuses every config"
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("name", ["deep-json-instance", "ipv6-scope-host", "ipv6-scope-valid"])
 def test_known_escapes_under_a_running_reloader(
     etcd: Etcd,
     start_reloader: Callable[..., ReloaderProcess],
@@ -331,9 +308,6 @@ def test_known_escapes_under_a_running_reloader(
     assert reloader.get("api.localhost") == (200, app.ident)  # later changes still apply
 
 
-@pytest.mark.xfail(
-    strict=True, reason="RecursionError escapes the spec parser: the sidekick deregisters, exits"
-)
 def test_known_escape_in_a_spec_under_a_running_sidekick(etcd: Etcd, sidekicks: Sidekicks) -> None:
     """A sidekick keeps its registration whatever is written to its service's spec."""
     proc = sidekicks.start(
