@@ -207,7 +207,8 @@ def latency_row(
         a = lat.applied if lat else None
         if a is not None and a.mean_apply is not None:
             notes.append(
-                f"{name}: its own counters over the trials: {a.applies} applies "
+                f"{name}: its own counters over the trials (in P1 one apply adds, one removes): "
+                f"{a.applies} applies "
                 f"({a.runtime} runtime API, {a.reloads} reloads), mean apply time "
                 f"{ms(a.mean_apply)} (from the settled change to HAProxy having it; "
                 "the rest of the latency is etcd watch delivery, debounce and the probe)"

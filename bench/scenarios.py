@@ -620,5 +620,5 @@ async def p6_sidekick(env: Env, window: float, ttl: int = 10) -> Footprint:
         requests_per_min=sum(delta.values()),
         by_method=delta,
         ttl=ttl,
-        command=" ".join(argv[:11]) + " ...",
+        command=" ".join(["sidekick", *argv[1:11]]) + " ...",
     )
