@@ -3,9 +3,11 @@
 When leases expire en masse (an etcd partition, a sidekick fleet restart, a stray
 `etcdctl del --prefix`), the registry briefly says most instances are gone while the
 containers are still serving. Removing them all from HAProxy turns an etcd hiccup into
-an outage. So when one apply would remove more than `max_removal_pct` percent of a
-service's routed instances, those removals are held (the instances stay in HAProxy)
-for `hold` seconds, loudly logged. Instances that come back end their hold.
+an outage. So when the removals of one apply, together with those applied in the last
+`hold` seconds (leases expire over a TTL, not at once), come to more than
+`max_removal_pct` percent of a service's routed instances, all of them are held (kept
+in, or put back into, HAProxy) for `hold` seconds, loudly logged. Instances that come
+back end their hold; a hold that ran out is final.
 
 Not guarded, because they are someone's deliberate decision:
 - removals from a changed `active_version`/`canary` (an operator promotion or rollback);
@@ -46,46 +48,60 @@ class RemovalGuard:
         self.enabled = enabled
         self.clock = clock
         self.held: dict[tuple[str, str], Held] = {}
+        self.removed: dict[tuple[str, str], Held] = {}  # removals applied within `hold`
 
     def next_release(self) -> float | None:
         """Clock time of the earliest hold expiry, so the caller can apply again then."""
         return min((h.since + self.hold for h in self.held.values()), default=None)
 
     def filter(self, snapshot: Snapshot, applied: Snapshot | None) -> Snapshot:
-        """`snapshot` with guarded removals put back, relative to the last `applied` one."""
+        """`snapshot` with guarded removals put back, relative to the last `applied` one
+        and to the removals applied within the last `hold` seconds."""
         if not self.enabled or applied is None:
             self.held.clear()
+            self.removed.clear()
             return snapshot
         now = self.clock()
+        self.removed = {k: r for k, r in self.removed.items() if now - r.since < self.hold}
         keep: dict[tuple[str, str], Held] = {}
-        for name, before in applied.services.items():
-            after = snapshot.services.get(name)
-            if after is not None and _promoted(before, after):
+        for name in sorted(set(applied.services) | {k[0] for k in self.removed}):
+            before, after = applied.services.get(name), snapshot.services.get(name)
+            if before is not None and after is not None and _promoted(before, after):
                 continue
-            previous = before.routed()
+            previous = before.routed() if before is not None else {}
             present = after.instances if after is not None else {}
             gone = {i: inst for i, inst in previous.items() if i not in present}
-            if not previous or 100.0 * len(gone) / len(previous) <= self.max_removal_pct:
+            # Leases expire over a TTL, not at once: removals applied a moment ago count.
+            earlier = {
+                i: r.instance
+                for (svc, i), r in self.removed.items()
+                if svc == name and i not in present and i not in previous
+            }
+            candidates = {**earlier, **gone}
+            base = len(previous) + len(earlier)
+            if not base or 100.0 * len(candidates) / base <= self.max_removal_pct:
                 # Below the threshold now (some came back): running holds still run out.
                 for key, held in self.held.items():
                     if key[0] == name and key[1] in gone and now - held.since < self.hold:
                         keep[key] = held
-                continue
-            for inst_name, inst in gone.items():
-                key = (name, inst_name)
-                held = self.held.get(key) or Held(inst, now)
-                if now - held.since < self.hold:
-                    keep[key] = held
-            if any(key[0] == name for key in keep):
+            else:
+                for inst_name, inst in candidates.items():
+                    held = self.held.get((name, inst_name)) or Held(inst, now)
+                    if now - held.since < self.hold:
+                        keep[(name, inst_name)] = held
                 log.error(
                     "blast-radius guard: holding removals",
                     service=name,
-                    removing=len(gone),
-                    of=len(previous),
+                    removing=len(candidates),
+                    of=base,
                     max_removal_pct=self.max_removal_pct,
                     hold_s=self.hold,
                     revision=snapshot.revision,
                 )
+            for inst_name, inst in gone.items():
+                key = (name, inst_name)
+                if key not in keep and key not in self.held:  # a released hold is final
+                    self.removed[key] = Held(inst, now)
         self.held = keep
         return _with_held(snapshot, applied, keep) if keep else snapshot
 
@@ -102,7 +118,10 @@ def _with_held(
 ) -> Snapshot:
     services = dict(snapshot.services)
     for (name, inst_name), h in sorted(held.items()):
-        svc = services.get(name) or replace(applied.services[name], instances={})
+        svc = services.get(name)
+        if svc is None:
+            kept = applied.services.get(name)
+            svc = replace(kept, instances={}) if kept is not None else Service(name)
         instances = dict(svc.instances)
         instances[inst_name] = h.instance
         services[name] = replace(svc, instances=MappingProxyType(dict(sorted(instances.items()))))

@@ -229,3 +229,24 @@ def test_guard_holds_run_out_even_when_some_instances_come_back() -> None:
         "i0",
         "i1",
     ]
+
+
+def test_guard_counts_removals_that_trickle_in_over_the_window() -> None:
+    clock = Clock()
+    guard = RemovalGuard(max_removal_pct=50, hold=30, clock=clock)
+    all4 = insts(4)
+    applied = snap(svc("web", **all4))
+    for left in (3, 2):  # one lease expires per apply: 25 %, then 50 %: let through
+        clock.now += 1
+        applied = guard.filter(snap(svc("web", **dict(list(all4.items())[:left]))), applied)
+        assert len(applied.services["web"].instances) == left
+    clock.now += 1
+    out = guard.filter(snap(svc("web", **dict(list(all4.items())[:1]))), applied)
+    assert sorted(out.services["web"].instances) == ["i0", "i1", "i2", "i3"]  # 75 %: held
+    clock.now += 30
+    final = guard.filter(snap(svc("web", **dict(list(all4.items())[:1]))), out)
+    assert sorted(final.services["web"].instances) == ["i0"]
+    clock.now += 1  # a hold that ran out is final: not held again
+    again = guard.filter(snap(svc("web", **dict(list(all4.items())[:1]))), final)
+    assert sorted(again.services["web"].instances) == ["i0"]
+    assert not guard.held
