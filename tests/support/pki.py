@@ -17,27 +17,66 @@ class Pki:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.ca, self.ca_key = root / "ca.pem", root / "ca-key.pem"
-        self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                      "-subj", "/CN=fluster-test-ca", "-keyout", self.ca_key, "-out", self.ca)
+        self._openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=fluster-test-ca",
+            "-keyout",
+            self.ca_key,
+            "-out",
+            self.ca,
+        )
         self.server_cert, self.server_key = self._issue("server", server=True)
 
     def _openssl(self, *args: object) -> None:
         subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
 
     def _issue(self, name: str, server: bool = False) -> tuple[Path, Path]:
-        key, csr, cert = (self.root / f"{name}-key.pem", self.root / f"{name}.csr",
-                          self.root / f"{name}.pem")
+        key, csr, cert = (
+            self.root / f"{name}-key.pem",
+            self.root / f"{name}.csr",
+            self.root / f"{name}.pem",
+        )
         if cert.exists():
             return cert, key
         ext = self.root / f"{name}.ext"
         usage = "serverAuth,clientAuth" if server else "clientAuth"
-        ext.write_text(
-            f"extendedKeyUsage={usage}\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        ext.write_text(f"extendedKeyUsage={usage}\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        self._openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            key,
+            "-out",
+            csr,
         )
-        self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                      "-keyout", key, "-out", csr)
-        self._openssl("x509", "-req", "-in", csr, "-CA", self.ca, "-CAkey", self.ca_key,
-                      "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", cert)
+        self._openssl(
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            self.ca,
+            "-CAkey",
+            self.ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+            "-out",
+            cert,
+        )
         return cert, key
 
     def client_cert(self, name: str) -> Path:
