@@ -59,6 +59,17 @@ async def raw_put(etcd: Etcd) -> AsyncIterator[RawPut]:
     await channel.close()
 
 
+def differences(
+    got: dict[str, dict[str, Instance]], want: dict[str, dict[str, Instance]]
+) -> list[str]:
+    return [
+        f"{svc}/{name}: {got.get(svc, {}).get(name)} != {want.get(svc, {}).get(name)}"
+        for svc in sorted({*got, *want})
+        for name in sorted({*got.get(svc, {}), *want.get(svc, {})})
+        if got.get(svc, {}).get(name) != want.get(svc, {}).get(name)
+    ]
+
+
 def state_of(snapshot: Snapshot) -> dict[str, dict[str, Instance]]:
     return {name: dict(svc.instances) for name, svc in snapshot.services.items()}
 
@@ -69,12 +80,14 @@ class ValidSet:
     def __init__(self) -> None:
         self.instances: dict[str, dict[str, Instance]] = {"web": {}, "api": {}}
         self.spec = ServiceSpec(hosts=("web.example.com",), active_version=None)
+        self.lock = asyncio.Lock()
 
     async def put(self, store: Store, service: str, name: str, port: int) -> None:
         inst = Instance(host="10.1.0.1", port=port, version="v1")
-        # The catalog reads the new value only once etcd has it: record it after.
-        await store.put(keys.instance_key(PREFIX, service, name), inst.to_json())
-        self.instances[service][name] = inst
+        # One at a time, recorded once etcd has it: etcd's order is the expected order.
+        async with self.lock:
+            await store.put(keys.instance_key(PREFIX, service, name), inst.to_json())
+            self.instances[service][name] = inst
 
     def names(self) -> dict[str, set[str]]:
         return {svc: set(insts) for svc, insts in self.instances.items()}
@@ -145,7 +158,9 @@ async def test_ten_thousand_adversarial_records_are_rejected_counted_and_hide_no
         task.cancel()
 
     assert violations == []
-    assert state_of(catalog.snapshot) == valid.instances
+    assert state_of(catalog.snapshot) == valid.instances, differences(
+        state_of(catalog.snapshot), valid.instances
+    )
     assert catalog.rejected_total == len(rejects)
     expected_keys = {r.key.decode("utf-8", "replace") for r in rejects}
     assert set(catalog.snapshot.rejected) == expected_keys
@@ -211,9 +226,13 @@ async def test_fuzz_under_a_running_reloader_changes_nothing_served(
     apps = backends(6)
     valid: dict[str, dict[str, str]] = {"web": {}, "api": {}}
 
+    lock = asyncio.Lock()
+
     async def put_valid(service: str, name: str, app: HttpBackend) -> int:
-        rev = await store.put(keys.instance_key(PREFIX, service, name), app.json(version="v1"))
-        valid[service][name] = app.address
+        async with lock:  # etcd's order is the expected order
+            key = keys.instance_key(PREFIX, service, name)
+            rev = await store.put(key, app.json(version="v1"))
+            valid[service][name] = app.address
         return rev
 
     await store.put(keys.spec_key(PREFIX, "web"), ServiceSpec(hosts=("web.localhost",)).to_json())

@@ -14,9 +14,10 @@ separators) in every string field, huge and empty values, non-UTF-8 bytes, malfo
 JSON, plain-text addresses with payloads, bad service/instance names including non-UTF-8
 key bytes, and invalid specs. Keys never repeat, so "counted" can be checked exactly.
 
-`CRASHERS` are records that the validator did not turn into a RecordError when this was
-written (deeply nested JSON, a 5000-digit integer): kept apart so the main fuzz stays
-meaningful while tests/test_reliability_fuzz.py tracks them separately.
+`escapes` are the shapes that once got past the validator (found by this fuzzing, fixed
+in records.py): JSON nested deeper than Python's recursion limit, integers beyond its
+digit limit, IPv6 literals with a zone id (`fe80::1%...`, with or without a payload).
+`known_escapes()` keeps one fixed instance of each for the targeted regression tests.
 """
 
 from __future__ import annotations
@@ -362,6 +363,29 @@ class Fuzzer:
             raw = self.rng.choice([b"", b"[]", b"{", raw[:-1], raw + b"\xff", b"x" * 16385])
         return key, raw, "reject"
 
+    def escapes(self) -> tuple[bytes, bytes, Verdict]:
+        kind = self.rng.choice(["deep", "deep_spec", "digits", "zone", "zone_plain", "zone_spec"])
+        good = self._good()
+        if kind == "deep":  # under the 4 KiB limit, deeper than the recursion limit
+            depth = self.rng.randint(1100, 2000)
+            value = json.dumps(good)[:-1] + ', "a": ' + "[" * depth + "]" * depth + "}"
+            return self._ikey(), value.encode(), "reject"
+        spec_key = f"{self.prefix}/services/fz{self.n}/spec".encode()
+        if kind == "deep_spec":
+            depth = self.rng.randint(1100, 8000)
+            return spec_key, ('{"a":' + "[" * depth + "]" * depth + "}").encode(), "reject"
+        if kind == "digits":  # over the 4300-digit limit, under the 16 KiB spec limit
+            digits = "9" * self.rng.randint(4301, 16000)
+            return spec_key, ('{"mode":"http","port":' + digits + "}").encode(), "reject"
+        zone = self.rng.choice(["eth0", "lo", "1", _inject(self.rng, "eth0")])
+        host = self.rng.choice(["fe80::1", "::1", "2001:db8::7"]) + "%" + zone
+        if kind == "zone":
+            good["host"] = host
+            return self._ikey(), json.dumps(good).encode(), "reject"
+        if kind == "zone_plain":
+            return self._ikey(), f"[{host}]:80".encode(), "reject"
+        return spec_key, json.dumps({"hosts": [host]}).encode(), "reject"
+
     CATEGORIES = (
         "wrong_type",
         "missing",
@@ -376,8 +400,9 @@ class Fuzzer:
         "odd_key",
         "empty_names",
         "bad_spec",
+        "escapes",
     )
-    WEIGHTS = (12, 3, 8, 25, 8, 2, 3, 6, 8, 10, 5, 1, 9)
+    WEIGHTS = (12, 3, 8, 25, 8, 2, 3, 6, 8, 10, 5, 1, 9, 3)
 
     def records(self, count: int) -> Iterator[Record]:
         for _ in range(count):
@@ -387,10 +412,10 @@ class Fuzzer:
             yield Record(key, value, verdict, category)
 
 
-# Records the validator let through when this was written: an exception other than
-# RecordError (which stops a catalog) or, worse, accepted with the payload intact. Kept
-# out of `Fuzzer` so the main fuzz stays green and meaningful; tracked one by one by
-# tests/test_reliability_fuzz.py::test_known_validator_escapes (strict xfail).
+# One fixed record of each shape that once escaped the validator: an exception other
+# than RecordError (which stopped a catalog) or accepted with the payload intact. The
+# regression tests in tests/test_reliability_fuzz.py put each one through a catalog, a
+# reloader and a sidekick.
 def known_escapes(prefix: str) -> dict[str, Record]:
     root = f"{prefix}/services"
     deep = b'{"a":' + b"[" * 2040 + b"]" * 2040 + b"}"  # under the 4 KiB instance limit
