@@ -270,9 +270,10 @@ def p3_row(
             )
         notes.append(
             f"{name}: {r.reloads} reloads in {r.seconds:.1f} s"
-            + (" (stopped by the 100 s time budget)" if r.reloads < args.reloads else "")
+            + (" (stopped by the time budget)" if r.reloads < args.reloads else "")
         )
     ok = None if ours is None else ours.failures == 0
+    partial = ours is not None and ours.reloads < args.reloads
     rt = "-"
     if ours and base:
         rt = ratio(ours.failures, base.failures) if base.failures else f"{ours.failures} vs 0"
@@ -283,7 +284,7 @@ def p3_row(
         p3_text(ours),
         p3_text(base),
         rt,
-        verdict(ok),
+        verdict(ok) + (f" (over {ours.reloads} reloads only)" if ours and partial else ""),
         row_command(args, "P3"),
         notes,
     )

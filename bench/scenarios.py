@@ -406,9 +406,9 @@ class Compared:
 class Budgets:
     """Seconds each phase may take per pipeline, so a busy machine still ends in time."""
 
-    p1: float = 130.0
+    p1: float = 120.0
     p2: float = 100.0
-    p3: float = 100.0
+    p3: float = 130.0
 
 
 async def run_pipeline(
