@@ -3,8 +3,9 @@
 The catalog asks etcd for a progress notification every `progress_every` seconds (proof
 the stream is alive) and takes the notification's revision as its own. etcd 3.4.23 (the
 Debian 12 package) can send that notification ahead of events still queued for the same
-watcher (etcd fixed this in 3.4.24 / 3.5.8). The catalog then publishes a snapshot that
-claims revision R while missing writes at or below R, which matters twice:
+watcher (etcd-io/etcd#15220, fixed in 3.5.8 and backported to 3.4). The catalog then
+publishes a snapshot that claims revision R while missing writes at or below R, which
+matters twice:
 
 - the reloader publishes that revision as applied, so `fluster promote` may stop waiting
   before the edge has the change;
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.xfail(
     reason="progress notifications advance the catalog's revision past unseen events "
-    "(etcd < 3.4.24); probabilistic, so not strict",
+    "(etcd-io/etcd#15220); probabilistic, so not strict",
 )
 async def test_snapshot_revision_never_runs_ahead_of_its_events(etcd: Etcd) -> None:
     settings = EtcdSettings(endpoints=etcd.endpoint_list)
