@@ -25,16 +25,38 @@ T = TypeVar("T")
 log = structlog.get_logger("fluster.runtime")
 
 
+class _Stdio:
+    """sys.stdout or sys.stderr as it is at each write, not as it was at configuration:
+    structlog caches loggers on first use, and whoever swaps the stream later (pytest's
+    capture, a daemoniser) must not leave them writing to a closed file."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def write(self, text: str) -> int:
+        return int(getattr(sys, self.name).write(text))
+
+    def flush(self) -> None:
+        getattr(sys, self.name).flush()
+
+    def isatty(self) -> bool:
+        return bool(getattr(sys, self.name).isatty())
+
+
 def setup_logging(
     level: str = "info", *, json: bool | None = None, stream: TextIO | None = None
 ) -> None:
     """Configure structlog; `json=None` picks JSON unless the stream is a TTY."""
-    stream = stream or sys.stdout
-    as_json = not stream.isatty() if json is None else json
+    out: Any = (
+        _Stdio("stderr" if stream is sys.stderr else "stdout")
+        if stream in (None, sys.stdout, sys.stderr)
+        else stream
+    )
+    as_json = not out.isatty() if json is None else json
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if as_json
-        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
     structlog.configure(
         processors=[
@@ -49,7 +71,7 @@ def setup_logging(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=True,
     )
 
