@@ -158,15 +158,19 @@ class Catalog:
                 async for batch in watch:
                     backoff.reset()
                     self.last_sync = self.clock()
+                    if not batch.events:
+                        # A progress notification proves the stream alive, but etcd 3.4
+                        # can send it ahead of events still queued for this watcher
+                        # (etcd-io/etcd#15220): its revision is not ours to claim.
+                        continue
                     touched = {
                         name
                         for name in (self._apply(ev, batch.revision) for ev in batch.events)
                         if name is not None
                     }
-                    if batch.revision > self.revision or touched:
-                        snapshot = self._publish(max(batch.revision, self.revision), touched)
-                        if touched:
-                            on_change(snapshot)
+                    snapshot = self._publish(max(batch.revision, self.revision), touched)
+                    if touched:
+                        on_change(snapshot)
             except Compacted as exc:
                 self.resyncs += 1
                 need_list = True

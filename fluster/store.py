@@ -445,9 +445,7 @@ class Store:
                     raise Unavailable(f"watch {prefix}: stream ended")
                 if reply.compact_revision:
                     raise Compacted(int(reply.compact_revision))
-                if reply.created and reply.watch_id == -1:
-                    raise WatchRefused(f"watch {prefix}: refused: {reply.cancel_reason}")
-                if reply.canceled:
+                if reply.canceled or (reply.created and reply.watch_id == -1):
                     raise self._cancelled(prefix, reply.cancel_reason)
                 if reply.created:
                     continue
@@ -473,7 +471,7 @@ class Store:
 
     @staticmethod
     def _cancelled(prefix: str, reason: str) -> StoreError:
-        reason = reason or "cancelled by the server"
+        reason = reason or "refused by the server"
         if "permission" in reason or "auth" in reason:
             return AuthError(f"watch {prefix}: {reason}")
         if "leader" in reason:

@@ -59,7 +59,8 @@ class ServiceWatch:
                 ):
                     for event in batch.events:
                         self._apply(event)
-                    revision = max(revision, batch.revision)
+                    if batch.events:  # not a progress notice: etcd-io/etcd#15220
+                        revision = max(revision, batch.revision)
                     backoff.reset()
             except Compacted:
                 self.log.info("watch history compacted, resyncing")

@@ -120,7 +120,7 @@ def test_drain_keeps_the_lease(etcd: Etcd, cli) -> None:  # type: ignore[no-unty
     assert cli("drain", "web", "a", "--no-wait")[0] == 0
     out = etcd.ctl("get", key, "-w", "json", check=True).stdout
     kv = json.loads(out)["kvs"][0]
-    assert format(kv["lease"], "x") == lease
+    assert kv["lease"] == int(lease, 16)
     assert json.loads(__import__("base64").b64decode(kv["value"]))["state"] == "draining"
 
 

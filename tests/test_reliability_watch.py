@@ -1,7 +1,7 @@
 """The catalog's revision must never run ahead of the events it has applied.
 
 The catalog asks etcd for a progress notification every `progress_every` seconds (proof
-the stream is alive) and takes the notification's revision as its own. etcd 3.4.23 (the
+the stream is alive); it used to take the notification's revision as its own. etcd 3.4.23 (the
 Debian 12 package) can send that notification ahead of events still queued for the same
 watcher (etcd-io/etcd#15220, fixed in 3.5.8 and backported to 3.4). The catalog then
 publishes a snapshot that claims revision R while missing writes at or below R, which
@@ -12,8 +12,8 @@ matters twice:
 - if the stream breaks right then, the catalog resumes from R + 1 and the missing events
   are never delivered: HAProxy stays out of step with etcd until a relist.
 
-Safe fix on fluster's side: a progress notification refreshes the sync age but does not
-advance the revision the catalog resumes from or publishes.
+Fix on fluster's side (fluster/catalog.py): a progress notification refreshes the sync
+age but does not advance the revision the catalog resumes from or publishes.
 """
 
 from __future__ import annotations
@@ -29,10 +29,6 @@ from tests.support.etcd import Etcd, eventually
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.xfail(
-    reason="progress notifications advance the catalog's revision past unseen events "
-    "(etcd-io/etcd#15220); probabilistic, so not strict",
-)
 async def test_snapshot_revision_never_runs_ahead_of_its_events(etcd: Etcd) -> None:
     settings = EtcdSettings(endpoints=etcd.endpoint_list)
     async with Store(settings) as reader, Store(settings) as writer:
