@@ -73,6 +73,24 @@ def metrics_text(status: dict[str, Any], stats: Stats) -> str:
         {"": status["rejected_records"]},
     )
     metric(
+        "rejections_total",
+        "counter",
+        "Invalid record writes seen (each bad put counts once).",
+        {"": status["rejections_total"]},
+    )
+    metric(
+        "catalog_resyncs_total",
+        "counter",
+        "Full relists of etcd after its history was compacted.",
+        {"": status["catalog_resyncs"]},
+    )
+    metric(
+        "catalog_reconnects_total",
+        "counter",
+        "Watch streams resumed after an error (member lost, no leader, timeout).",
+        {"": status["catalog_reconnects"]},
+    )
+    metric(
         "held_removals",
         "gauge",
         "Removals held by the blast-radius guard.",
