@@ -186,8 +186,19 @@ class Haproxy:
     def argv(self) -> Sequence[str]:
         return (self.binary, "-Ws", "-S", f"{self.master_socket},mode,600", "-f", str(self.config))
 
+    def _orphan(self) -> int | None:
+        """A master a SIGKILLed reloader left running on this same config, if any."""
+        try:
+            pid = int(self.pid_file.read_text()) if self.pid_file else 0
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        ours = self.proc is not None and self.proc.pid == pid
+        return pid if not ours and str(self.config).encode() in cmdline else None
+
     async def start(self) -> None:
         """Start the master and wait for its first worker; StartFailed if it never comes."""
+        orphan = self._orphan()
         with contextlib.suppress(FileNotFoundError):
             self.master_socket.unlink()
         try:
@@ -208,6 +219,12 @@ class Haproxy:
                         # For operators: the master outlives a SIGKILL of the reloader.
                         self.pid_file.write_text(f"{proc.pid}\n")
                     log.info("haproxy started", pid=proc.pid)
+                    if orphan is not None:
+                        # Both listen (SO_REUSEPORT) until the old one finishes its
+                        # requests and leaves: the takeover refuses no connection.
+                        log.warning("soft-stopping a haproxy left behind", pid=orphan)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(orphan, signal.SIGUSR1)
                     return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 0.05)

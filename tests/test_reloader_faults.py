@@ -212,3 +212,26 @@ def test_a_reload_haproxy_cannot_take_restores_the_last_good_config(
     etcd.put(KEY.format("db", "y"), b.json())
     wait_for(lambda: "frontend tcp_db" in reloader.config, timeout=20, what="db routed")
     assert reloader.status()["haproxy_up"]
+
+
+def test_a_haproxy_left_by_a_killed_reloader_is_taken_over(
+    etcd: Etcd,
+    start_reloader: Callable[..., ReloaderProcess],
+    backends: Callable[..., list[HttpBackend]],
+) -> None:
+    """SIGKILL of the reloader outside a cgroup leaves its HAProxy running; the next
+    reloader on the same state dir must not serve beside it forever."""
+    (a,) = backends(1)
+    etcd.put(KEY.format("web", "a"), a.json())
+    reloader = start_reloader()
+    reloader.wait_served("web.localhost", {a.ident})
+    orphan = reloader.haproxy_pid()
+    assert reloader.proc is not None
+    reloader.proc.kill()
+    reloader.proc.wait(10)
+    assert reloader.get("web.localhost") == (200, a.ident)  # the orphan still serves
+
+    reloader.start()
+    assert reloader.haproxy_pid() != orphan
+    wait_for(lambda: not Path(f"/proc/{orphan}").exists(), timeout=10, what="orphan gone")
+    assert reloader.get("web.localhost") == (200, a.ident)
