@@ -220,7 +220,9 @@ class Store:
             ("grpc.lb_policy_name", "round_robin"),
             ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-            ("grpc.keepalive_permit_without_calls", 1),
+            # etcd refuses pings on a connection with no open stream (GOAWAY
+            # "too_many_pings"); streams are what the pings guard anyway.
+            ("grpc.keepalive_permit_without_calls", 0),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2_000),
