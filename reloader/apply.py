@@ -3,8 +3,10 @@
 1. same text as live: nothing;
 2. same structure, server changes only: the runtime API (HAProxy vets every server it
    is asked to add), then, in the background, `haproxy -c` on the candidate, which then
-   replaces the live file so that any later reload or restart reproduces the state (the
-   next apply waits for it). A refused file undoes the API's changes by a reload;
+   replaces the live file so that any later reload or restart reproduces the state. A
+   newer apply supersedes a check still running (its file holds everything the older
+   one did), so a burst of changes never queues behind a full parse of a large config.
+   A refused file undoes the API's changes by a reload of the last installed file;
 3. otherwise: `haproxy -c` first (the exit code is the verdict), dump server state,
    rename the candidate over the live file (atomic), ask the master to reload, wait for
    the new worker; on failure put the last good file back and reload that.
@@ -98,18 +100,26 @@ class Applier:
         self.live: Rendered | None = None
         self.on_late_rejection: Callable[[str], None] | None = None
         self._file_task: asyncio.Task[None] | None = None
+        self._checking = False  # the file task is inside `haproxy -c`: safe to cancel
+        self._installed: Rendered | None = None  # what the live file holds
 
     async def admin(self, command: str) -> str:
         return await cli(self.admin_socket, command)
 
     async def validate(self, text: str) -> None:
-        write_atomic(self.candidate, text)
-        error = await check_config(self.binary, self.candidate)
+        error = await check_config(self.binary, self._write_candidate(text))
         if error is None:
             return
+        self._keep_rejected(text, error)
+        raise Rejected(error)
+
+    def _write_candidate(self, text: str) -> Path:
+        write_atomic(self.candidate, text)
+        return self.candidate
+
+    def _keep_rejected(self, text: str, error: str) -> None:
         write_atomic(self.rejected, text)
         write_atomic(self.rejected.with_name(self.rejected.name + ".txt"), error + "\n")
-        raise Rejected(error)
 
     async def initial(self, rendered: Rendered) -> None:
         """Before HAProxy starts: validate and install the first config."""
@@ -118,7 +128,7 @@ class Applier:
         await self.validate(rendered.text)
         os.replace(self.candidate, self.live_file)
         write_atomic(self.last_good, rendered.text)
-        self.live = rendered
+        self.live = self._installed = rendered
 
     async def initial_from_file(self, placeholder: Rendered) -> bool:
         """Adopt the live file of a previous run if it is still valid.
@@ -130,11 +140,11 @@ class Applier:
         if await check_config(self.binary, self.live_file) is not None:
             return False
         text = self.live_file.read_text()
-        self.live = Rendered(text, "(a previous run's config)", placeholder.model)
+        self.live = self._installed = Rendered(text, "(a previous run's config)", placeholder.model)
         return True
 
     async def apply(self, rendered: Rendered) -> Kind:
-        await self.flush()
+        await self._supersede()
         live = self.live
         assert live is not None, "initial() first"
         if rendered.text == live.text:
@@ -156,7 +166,7 @@ class Applier:
                 else:
                     self.live = rendered
                     self._file_task = asyncio.create_task(
-                        self._install(rendered, live), name="install-config"
+                        self._install(rendered), name="install-config"
                     )
                     return "runtime"
         if touched:
@@ -172,16 +182,39 @@ class Applier:
         if task is not None:
             await task
 
-    async def _install(self, rendered: Rendered, previous: Rendered) -> None:
+    async def _supersede(self) -> None:
+        """Before a new apply: drop a check still running (the new apply's file will hold
+        all it held), or wait for a file task past its check (installing or undoing)."""
+        task, self._file_task = self._file_task, None
+        if task is None:
+            return
+        if self._checking:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _install(self, rendered: Rendered) -> None:
         try:
-            await self._validate_or_restore(rendered.text)
+            self._checking = True
+            try:
+                error = await check_config(self.binary, self._write_candidate(rendered.text))
+            finally:
+                self._checking = False
+            if error is not None:
+                self._keep_rejected(rendered.text, error)
+                log.error("config refused after runtime changes, reloading the live config")
+                with contextlib.suppress(HaproxyError):
+                    await self.haproxy.reload()
+                self.runtime.forget()
+                raise Rejected(error)
         except Rejected as exc:
-            self.live = previous  # what HAProxy runs again after the restoring reload
+            self.live = self._installed  # what HAProxy runs again after the undoing reload
             if self.on_late_rejection is not None:
                 self.on_late_rejection(str(exc))
             return
         os.replace(self.candidate, self.live_file)
         write_atomic(self.last_good, rendered.text)
+        self._installed = rendered
 
     async def _validate_or_restore(self, text: str) -> None:
         """Validate after runtime changes; if invalid, reload the live file (which still
@@ -208,14 +241,15 @@ class Applier:
         write_atomic(self.state_file, filter_server_state(dump, model))
 
     async def _reload(self, rendered: Rendered) -> None:
-        assert self.live is not None
+        assert self._installed is not None
         await self._save_server_state(rendered.model)
         os.replace(self.candidate, self.live_file)
         try:
             await self.haproxy.reload()
         except HaproxyError as exc:
             log.error("reload failed, restoring the last good config", error=str(exc))
-            write_atomic(self.live_file, self.live.text)
+            write_atomic(self.live_file, self._installed.text)
+            self.live = self._installed
             try:
                 await self.haproxy.reload()
             except HaproxyError as again:
@@ -224,7 +258,7 @@ class Applier:
         finally:
             self.runtime.forget()
         write_atomic(self.last_good, rendered.text)
-        self.live = rendered
+        self.live = self._installed = rendered
 
     def restarted(self) -> None:
         """HAProxy was restarted from the live file: nothing is pending any more, and
@@ -233,3 +267,4 @@ class Applier:
         if self.live is not None and self.live_file.read_text() != self.live.text:
             text = self.live_file.read_text()
             self.live = Rendered(text, "(restarted from the live file)", self.live.model)
+        self._installed = self.live

@@ -5,6 +5,11 @@ would mean a thousand reloads. We apply once the stream has been quiet for `quie
 seconds, but never later than `max_wait` after the first change of a burst, so a
 steady trickle cannot starve the apply forever.
 
+The first change after the stream has been quiet anyway (nothing for `quiet` seconds)
+is due at once: a lone registration, the common case, should not pay the quiet period
+again, and whatever follows it closer than `quiet` is coalesced as above (so a storm
+costs one apply more: its first change).
+
 The timing decision (`deadline`, `due`) is pure over an injected clock, so it is tested
 without sleeping; `settled()` is the thin async wrapper the reloader awaits.
 """
@@ -19,21 +24,30 @@ from collections.abc import Callable
 
 class Debouncer:
     def __init__(
-        self, quiet: float, max_wait: float, clock: Callable[[], float] = time.monotonic
+        self,
+        quiet: float,
+        max_wait: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        leading: bool = True,
     ) -> None:
         self.quiet = quiet
         self.max_wait = max(max_wait, quiet)
         self.clock = clock
+        self.leading = leading
         self.first: float | None = None
         self.last: float | None = None
+        self.previous: float | None = None  # the last change ever, burst or not
         self._event = asyncio.Event()
 
     def poke(self) -> None:
         """A change arrived."""
         now = self.clock()
         if self.first is None:
-            self.first = now
-        self.last = now
+            idle = self.previous is None or now - self.previous >= self.quiet
+            # Leading edge: backdating the burst's start makes its max wait already over.
+            self.first = now - self.max_wait if self.leading and idle else now
+        self.last = self.previous = now
         self._event.set()
 
     @property

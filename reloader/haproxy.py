@@ -155,7 +155,13 @@ async def check_config(haproxy: str, path: Path) -> str | None:
         )
     except OSError as exc:
         return f"cannot run {haproxy}: {exc}"
-    out, _ = await proc.communicate()
+    try:
+        out, _ = await proc.communicate()
+    except asyncio.CancelledError:  # superseded by a newer config: no orphan checks
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
     if proc.returncode == 0:
         return None
     return out.decode("utf-8", "replace").strip() or f"exit status {proc.returncode}"

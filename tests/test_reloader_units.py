@@ -28,7 +28,7 @@ class Clock:
 
 def test_debounce_waits_for_quiet() -> None:
     clock = Clock()
-    d = Debouncer(quiet=0.05, max_wait=0.5, clock=clock)
+    d = Debouncer(quiet=0.05, max_wait=0.5, clock=clock, leading=False)
     assert d.deadline() is None and not d.due()
     d.poke()
     clock.now += 0.04
@@ -43,7 +43,7 @@ def test_debounce_waits_for_quiet() -> None:
 
 def test_debounce_max_wait_bounds_a_steady_trickle() -> None:
     clock = Clock()
-    d = Debouncer(quiet=0.05, max_wait=0.5, clock=clock)
+    d = Debouncer(quiet=0.05, max_wait=0.5, clock=clock, leading=False)
     start = clock.now
     fired = None
     for _ in range(1000):  # a change every 10 ms, forever quiet-less
@@ -54,6 +54,42 @@ def test_debounce_max_wait_bounds_a_steady_trickle() -> None:
             break
     assert fired is not None
     assert 0.5 <= fired - start < 0.52
+
+
+def test_debounce_applies_a_lone_change_at_once_then_coalesces_what_follows() -> None:
+    clock = Clock()
+    d = Debouncer(quiet=0.05, max_wait=0.5, clock=clock)
+    d.poke()
+    assert d.due()  # the stream was quiet already: no quiet period to wait
+    clock.now += 0.01
+    d.poke()  # closer than the quiet period to the last change: a burst, debounced
+    assert not d.due()
+    clock.now += 0.03
+    d.poke()
+    assert not d.due()
+    clock.now += 0.05
+    assert d.due()
+    clock.now += 0.06
+    d.poke()  # quiet again since the last change: leading edge again
+    assert d.due()
+
+
+def test_debounce_a_storm_costs_one_apply_more_than_without_the_leading_edge() -> None:
+    def applies(leading: bool) -> int:
+        clock = Clock()
+        d = Debouncer(quiet=0.05, max_wait=0.5, clock=clock, leading=leading)
+        count = 0
+        for _ in range(1000):  # 1,000 changes in one second
+            d.poke()
+            clock.now += 0.001
+            count += d.due()
+        for _ in range(100):
+            clock.now += 0.01
+            count += d.due()
+        return count
+
+    assert applies(leading=False) == 2
+    assert applies(leading=True) == 3
 
 
 async def test_debounce_settled_returns_false_when_nothing_happens() -> None:
