@@ -4,7 +4,7 @@
 - `run`: one asyncio loop (uvloop when installed) around a component's main coroutine.
 - `capture_signals`: SIGTERM/SIGINT only set an event; the work happens in tasks.
 - `Supervisor`: named long-lived tasks; one that ends or fails stops the process loudly.
-- `Backoff`: the one retry delay policy (exponential, capped, full jitter).
+- `Backoff`: the one retry delay policy (exponential, capped, jittered).
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ import logging
 import random
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO
 
 import structlog
 
-T = TypeVar("T")
 log = structlog.get_logger("fluster.runtime")
 
 
@@ -180,26 +179,3 @@ class Backoff:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), delay)
-
-
-async def retry(
-    what: str,
-    fn: Callable[[], Awaitable[T]],
-    *,
-    retry_on: tuple[type[BaseException], ...],
-    backoff: Backoff | None = None,
-    attempts: int | None = None,
-) -> T:
-    """Call `fn` until it succeeds; `attempts=None` means forever."""
-    backoff = backoff or Backoff()
-    while True:
-        try:
-            return await fn()
-        except retry_on as exc:
-            if attempts is not None and backoff.attempt + 1 >= attempts:
-                raise
-            total = "∞" if attempts is None else attempts
-            log.warning(
-                f"{what} failed, retrying", attempt=f"{backoff.attempt + 1}/{total}", error=str(exc)
-            )
-            await backoff.sleep()

@@ -21,7 +21,7 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import grpc
@@ -31,7 +31,6 @@ import grpc.aio
 # here) is the price of driving the streams ourselves.
 from etcd3aio import _protobuf as pb
 
-T = TypeVar("T")
 _PROGRESS = pb.rpc_pb2.WatchProgressRequest()  # type: ignore[attr-defined]
 
 # Pings every 6 s, dead after 5 s more without an ack: a frozen member is noticed in ~11 s.
@@ -347,18 +346,6 @@ class Store:
         request = pb.CompactionRequest(revision=revision, physical=True)
         await self._call("compact", "kv.Compact", request)
 
-    async def status(self) -> dict[str, Any]:
-        """The member's view: revision, leader, raft term (for health output)."""
-        reply = await self._call("status", "maint.Status", pb.StatusRequest())
-        return {
-            "revision": reply.header.revision,
-            "leader": reply.leader,
-            "member": reply.header.member_id,
-            "version": reply.version,
-        }
-
-    # -- leases -------------------------------------------------------------------------
-
     async def grant(self, ttl: int) -> int:
         reply = await self._call("lease grant", "lease.LeaseGrant", pb.LeaseGrantRequest(TTL=ttl))
         if reply.error:
@@ -368,12 +355,6 @@ class Store:
     async def revoke(self, lease: int) -> None:
         with contextlib.suppress(LeaseLost):
             await self._call("lease revoke", "lease.LeaseRevoke", pb.LeaseRevokeRequest(ID=lease))
-
-    async def time_to_live(self, lease: int) -> int:
-        """Seconds left on `lease`; -1 when it no longer exists."""
-        request = pb.LeaseTimeToLiveRequest(ID=lease)
-        reply = await self._call("lease ttl", "lease.LeaseTimeToLive", request)
-        return int(reply.TTL)
 
     async def keepalive(self, lease: int, interval: float) -> AsyncIterator[int]:
         """Refresh `lease` every `interval` seconds over one stream; yields each new TTL.
