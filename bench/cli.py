@@ -215,13 +215,12 @@ def latency_row(
             )
     if ok is False and key == "P1":
         notes.append(
-            "What limits it: the reloader handles a membership change as debounce (a trailing "
-            "50 ms quiet period, alone above the 20 ms goal) + render of the whole config twice "
-            "(text and skeleton) + `haproxy -c` of the whole config (timed above) + fsync'd file "
-            "writes + one admin-socket connection per runtime command. HAProxy itself needs only "
-            "the floor shown below. Reaching the goal needs the reloader to skip `haproxy -c` for "
-            "server-only changes (the values are already validated, and every runtime reply is "
-            "checked) and to apply an isolated change on the leading edge of the debounce."
+            "What limits it: a lone change is applied on the leading edge of the debounce, and "
+            "`haproxy -c` of the file runs after the runtime API, off the latency path; what is "
+            "left is etcd watch delivery, rendering the whole config twice (text and skeleton; "
+            "~1,000 servers here), the runtime commands over the admin socket, and the probe. "
+            "HAProxy itself needs only the floor shown below; rendering only the changed "
+            "backend would close most of the gap."
         )
     if ok is False and key == "P2":
         notes.append(
