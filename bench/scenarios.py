@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import haproxy
+from bench import sidekick_footprint as footprint
 from bench.backends import Backends
 from bench.load import LoadResult, keepalive, new_connections
 from bench.pipelines import Counts, Naive, Ours, Pipeline, rss_kb
@@ -557,18 +558,7 @@ def spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
 
 def etcd_messages(env: Env) -> Counter[str]:
     """gRPC messages etcd has received, by method (etcd's own /metrics)."""
-    import urllib.request
-
-    url = f"http://{env.etcd.members[0].endpoint}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as reply:  # loopback only
-        text = reply.read().decode()
-    counts: Counter[str] = Counter()
-    for line in text.splitlines():
-        if line.startswith("grpc_server_msg_received_total{"):
-            labels, value = line.rsplit(" ", 1)
-            method = labels.split('grpc_method="', 1)[1].split('"', 1)[0]
-            counts[method] += int(float(value))
-    return counts
+    return footprint.etcd_messages(env.etcd)
 
 
 async def p6_sidekick(env: Env, window: float, ttl: int = 10) -> Footprint:
