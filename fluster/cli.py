@@ -126,6 +126,18 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("service")
     p.add_argument("--force", action="store_true", help="ignore the --keep-old period")
     p.add_argument("--dry-run", action="store_true", help="only say what would go")
+
+    p = command("cert", "TLS certificates the edges serve: add, ls, rm")
+    certs = p.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
+    c = certs.add_parser("add", help="validate a certificate chain + key and store it in etcd")
+    c.add_argument("name", help="record name, e.g. the host name it is for")
+    c.add_argument("--cert", required=True, metavar="FILE", help="PEM chain, leaf first")
+    c.add_argument("--key", required=True, metavar="FILE", help="PEM private key (unencrypted)")
+    c.add_argument("--replace", action="store_true", help="rotate an existing certificate")
+    c = certs.add_parser("ls", help="certificates: names, issuer, expiry, services using them")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c = certs.add_parser("rm", help="remove a certificate")
+    c.add_argument("name")
     return parser
 
 
@@ -204,6 +216,24 @@ class Cli:
             print_instances(snap.services[name])
         else:
             print_services(snap, live)
+        return EXIT_OK
+
+    async def cmd_cert(self, store: Store) -> int:
+        a = self.args
+        if a.cert_command == "ls":
+            listing = await ops.list_certs(store, self.prefix)
+            if a.json:
+                emit_json(certs_json(listing))
+            else:
+                print_certs(listing)
+            return EXIT_OK
+        if a.cert_command == "rm":
+            await ops.remove_cert(store, self.prefix, a.name)
+            say(f"certificate {a.name}: removed")
+            return EXIT_OK
+        pem = _read(a.cert, "--cert") + _read(a.key, "--key")
+        revision = await ops.add_cert(store, self.prefix, a.name, pem, replace=a.replace)
+        say(f"certificate {a.name}: written at revision {revision}")
         return EXIT_OK
 
     # -- write --------------------------------------------------------------------------
@@ -319,6 +349,52 @@ def _int(text: str, name: str) -> int:
         return int(text)
     except ValueError:
         raise RecordError(name, f"must be an integer, got {text!r}") from None
+
+
+def _read(path: str, name: str) -> str:
+    try:
+        with open(path, encoding="ascii") as fh:
+            text = fh.read(1 << 20)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecordError(name, f"cannot read {path}: {exc}") from None
+    return text if text.endswith("\n") else text + "\n"
+
+
+def certs_json(listing: ops.CertListing) -> dict[str, Any]:
+    return {
+        "certs": {
+            name: {
+                "names": list(cert.names),
+                "issuer": cert.issuer,
+                "not_before": cert.not_before.isoformat(),
+                "not_after": cert.not_after.isoformat(),
+                "fingerprint_sha256": cert.fingerprint,
+                "services": listing.used_by.get(name, []),
+            }
+            for name, cert in listing.certs.items()
+        },
+        "invalid": listing.invalid,
+    }
+
+
+def print_certs(listing: ops.CertListing) -> None:
+    rows = [["CERT", "NAMES", "ISSUER", "EXPIRES", "SERVICES"]]
+    for name, cert in listing.certs.items():
+        rows.append(
+            [
+                name,
+                ",".join(cert.names),
+                cert.issuer,
+                cert.not_after.strftime("%Y-%m-%d %H:%M UTC"),
+                ",".join(listing.used_by.get(name, [])) or "-",
+            ]
+        )
+    if len(rows) > 1:
+        table(rows)
+    else:
+        print("no certificates")
+    for name, why in listing.invalid.items():
+        print(f"invalid, not served: {name}: {why}")
 
 
 def ls_json(snap: Snapshot, live: Mapping[str, Any], only: str | None) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 {prefix}/services/{service}/instances/{instance}   Instance JSON, leased
 {prefix}/services/{service}/spec                   ServiceSpec JSON, permanent
 {prefix}/reloaders/{id}                            ReloaderStatus JSON, leased
+{prefix}/certs/{name}                              PEM chain + key, permanent (reloaders only)
 """
 
 from __future__ import annotations
@@ -64,3 +65,11 @@ def parse_key(prefix: str, key: str) -> ParsedKey | None:
     if len(parts) == 3 and parts[1] == "instances":
         return ParsedKey(parts[0], "instance", parts[2])
     return None
+
+
+def certs_prefix(prefix: str) -> str:
+    return f"{prefix}/certs/"
+
+
+def cert_key(prefix: str, name: str) -> str:
+    return f"{prefix}/certs/{name}"

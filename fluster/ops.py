@@ -18,8 +18,9 @@ from typing import Any
 
 from fluster import keys
 from fluster.catalog import Catalog, Service, Snapshot
+from fluster.certs import Certificate, validate_cert_name
 from fluster.records import Instance, RecordError, ReloaderStatus, ServiceSpec
-from fluster.store import Store
+from fluster.store import Conflict, Store
 
 
 class Refused(Exception):
@@ -241,3 +242,55 @@ def parse_duration(text: str) -> timedelta:
     if value < 0:
         raise ValueError(f"duration must not be negative: {text!r}")
     return timedelta(seconds=value * units[unit])
+
+
+# -- certificates --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CertListing:
+    """What `fluster cert ls` shows: valid records, invalid ones with why, and users."""
+
+    certs: dict[str, Certificate]
+    invalid: dict[str, str]
+    used_by: dict[str, list[str]]  # cert name -> services whose hosts it covers
+
+
+async def add_cert(store: Store, prefix: str, name: str, pem: str, *, replace: bool) -> int:
+    """Validate and write a certificate; without `replace`, only if the name is free."""
+    cert = Certificate.parse(name, pem)
+    key = keys.cert_key(prefix, cert.name)
+    if replace:
+        return await store.put(key, cert.pem)
+    try:
+        return await store.replace(key, cert.pem, mod_revision=0)
+    except Conflict:
+        raise Refused(f"certificate {name!r} exists; --replace to rotate it") from None
+
+
+async def remove_cert(store: Store, prefix: str, name: str) -> int:
+    validate_cert_name(name)
+    if not await store.delete(keys.cert_key(prefix, name)):
+        raise Refused(f"no certificate {name!r} (see `fluster cert ls`)")
+    return 1
+
+
+async def list_certs(store: Store, prefix: str) -> CertListing:
+    root = keys.certs_prefix(prefix)
+    _, kvs = await store.get_prefix(root)
+    certs: dict[str, Certificate] = {}
+    invalid: dict[str, str] = {}
+    for kv in kvs:
+        name = kv.key[len(root) :]
+        try:
+            certs[name] = Certificate.parse(name, kv.value)
+        except RecordError as exc:
+            invalid[name] = str(exc)
+    snap = await snapshot(store, prefix)
+    used_by = {
+        name: sorted(
+            svc.name for svc in snap.services.values() if any(map(cert.covers, svc.spec.hosts))
+        )
+        for name, cert in certs.items()
+    }
+    return CertListing(certs, invalid, used_by)

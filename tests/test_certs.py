@@ -1,0 +1,134 @@
+"""Certificate records: what the edge accepts, and every refusal with its reason.
+
+Pure validation first (no I/O), then `fluster cert add|ls|rm` against a real etcd.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from fluster.certs import Certificate, covers
+from fluster.cli import main
+from fluster.records import RecordError
+from tests.support.certs import expired, mismatched, pem, write_pair
+from tests.support.etcd import Etcd
+
+PREFIX = "/fluster"
+
+
+def test_a_good_chain_parses_with_its_names_and_dates() -> None:
+    cert = Certificate.parse("api.example.com", pem("api.example.com", "*.api.example.com"))
+    assert cert.names == ("*.api.example.com", "api.example.com")
+    assert cert.covers("API.example.com") and cert.covers("v2.api.example.com")
+    assert not cert.covers("x.v2.api.example.com") and not cert.covers("example.com")
+    assert cert.not_after - cert.not_before > timedelta(days=29)
+    assert cert.pem.startswith("-----BEGIN CERTIFICATE-----")
+    assert cert.pem.rstrip().endswith("-----END PRIVATE KEY-----")
+
+
+def test_stray_text_around_the_blocks_never_reaches_haproxy() -> None:
+    cert = Certificate.parse("web", "comment\n" + pem("web.test") + "trailer\n")
+    assert "comment" not in cert.pem and "trailer" not in cert.pem
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("web", "garbage", "no PEM CERTIFICATE block"),
+        ("web", pem("web.test").split("-----BEGIN PRIVATE")[0], "exactly one PEM private key"),
+        ("web", mismatched("web.test"), "does not match"),
+        ("web", expired("web.test"), "expired at"),
+        (
+            "web",
+            pem("web.test", not_before=datetime.now(UTC) + timedelta(days=1)),
+            "not valid before",
+        ),
+        ("api.example.com", pem("web.example.com"), "covers only web.example.com"),
+        ("bad/name", pem("web.test"), "name must be"),
+        ("web", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "unreadable"),
+        ("web", pem("web.test") * 200, "larger than"),
+    ],
+)
+def test_bad_certificates_are_refused_with_a_reason(name: str, value: str, reason: str) -> None:
+    with pytest.raises(RecordError, match=reason):
+        Certificate.parse(name, value)
+
+
+def test_wildcards_cover_one_label_only() -> None:
+    assert covers(("*.example.com",), "a.example.com")
+    assert not covers(("*.example.com",), "example.com")
+    assert not covers(("*.example.com",), "a.b.example.com")
+
+
+def test_renewal_point_is_a_fraction_of_the_lifetime() -> None:
+    cert = Certificate.parse("w", pem("w.test", days=90))
+    assert 0 <= cert.lifetime_used(datetime.now(UTC)) < 0.01
+    assert cert.lifetime_used(cert.not_before + timedelta(days=60)) > 0.66
+
+
+# -- the CLI against a real etcd ----------------------------------------------------------
+
+
+@pytest.fixture
+def cli(etcd: Etcd, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    def call(*args: str) -> tuple[int, str, str]:
+        code = main(list(args), {"ETCD_ENDPOINTS": etcd.endpoints})
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
+
+
+def test_cert_add_ls_rm(etcd: Etcd, cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    etcd.put(f"{PREFIX}/services/api/spec", json.dumps({"hosts": ["api.example.com"]}))
+    crt, key = write_pair(tmp_path, "api", pem("api.example.com"))
+    code, out, err = cli("cert", "add", "api.example.com", "--cert", str(crt), "--key", str(key))
+    assert code == 0, err
+    stored = etcd.ctl("get", "--print-value-only", f"{PREFIX}/certs/api.example.com").stdout
+    assert "BEGIN CERTIFICATE" in stored and "BEGIN PRIVATE KEY" in stored
+    # a second add of the same name is refused unless it says it rotates
+    code, _, err = cli("cert", "add", "api.example.com", "--cert", str(crt), "--key", str(key))
+    assert code == 4 and "--replace" in err
+    assert (
+        cli("cert", "add", "api.example.com", "--cert", str(crt), "--key", str(key), "--replace")[0]
+        == 0
+    )
+    etcd.put(f"{PREFIX}/certs/junk", "not a certificate")
+    code, out, _ = cli("cert", "ls")
+    assert code == 0
+    assert "api.example.com" in out and "CN=api.example.com" in out and "api\n" in out + "\n"
+    assert "invalid, not served: junk: cert: no PEM CERTIFICATE block" in out
+    listing = json.loads(cli("cert", "ls", "--json")[1])
+    assert listing["certs"]["api.example.com"]["services"] == ["api"]
+    assert cli("cert", "rm", "api.example.com")[0] == 0
+    code, _, err = cli("cert", "rm", "api.example.com")
+    assert code == 4 and "no certificate" in err
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (mismatched("w.test"), "does not match"),
+        (expired("w.test"), "expired"),
+    ],
+)
+def test_cert_add_refuses_bad_pairs_and_writes_nothing(
+    etcd: Etcd,
+    cli,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    value: str,
+    reason: str,
+) -> None:
+    crt, key = write_pair(tmp_path, "w", value)
+    code, _, err = cli("cert", "add", "w", "--cert", str(crt), "--key", str(key))
+    assert code == 2 and reason in err and "Traceback" not in err
+    assert etcd.ctl("get", "--prefix", "--keys-only", f"{PREFIX}/certs/").stdout.strip() == ""
+
+
+def test_cert_add_names_a_missing_file(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = cli("cert", "add", "w", "--cert", str(tmp_path / "no"), "--key", "x")
+    assert code == 2 and "cannot read" in err
