@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import time
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 
@@ -27,8 +26,17 @@ from reloader.haproxy import Haproxy, StartFailed
 from reloader.model import with_servers_of
 from reloader.publish import Publisher
 from reloader.render import Rendered, Renderer, RenderError
+from reloader.server import StatusServer
 from reloader.settings import Settings
-from reloader.status import Stats, StatusServer
+from reloader.status import (
+    LATENCY_WINDOW,
+    ApplyRecord,
+    FailureReason,
+    ServiceStatus,
+    Stats,
+    Status,
+    describe_change,
+)
 
 log = structlog.get_logger("reloader")
 
@@ -62,6 +70,7 @@ class Reloader:
 
     def on_snapshot(self, snapshot: Snapshot) -> None:
         self.latest = snapshot
+        self.stats.saw(snapshot.revision)
         self.debouncer.poke()
 
     async def pipeline(self) -> None:
@@ -113,21 +122,32 @@ class Reloader:
 
     async def apply(self, snapshot: Snapshot) -> None:
         started = time.monotonic()
-        entry: dict[str, Any] = {
-            "revision": snapshot.revision,
-            "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        }
+        at = datetime.now(UTC).isoformat(timespec="milliseconds")
         rendered: Rendered | None = None
         try:
             guarded = self.guard.filter(snapshot, self.applied)
             rendered = self.renderer.render(guarded, self.settings.render)
             kind = await self.applier.apply(rendered)
         except (Rejected, RenderError, ApplyFailed) as exc:
-            reason = {Rejected: "rejected", RenderError: "render"}.get(type(exc), "reload")
+            reason: FailureReason = (
+                "rejected"
+                if isinstance(exc, Rejected)
+                else "render"
+                if isinstance(exc, RenderError)
+                else "reload"
+            )
             self.stats.failures[reason] += 1
             self.stats.last_error = f"{reason}: {exc}"[:2000]
-            entry.update(kind="failed", reason=reason, error=str(exc)[:500])
-            self.stats.record(entry)
+            self.stats.record(
+                ApplyRecord(
+                    snapshot.revision,
+                    at,
+                    "failed",
+                    describe_change(self.applied, snapshot),
+                    reason=reason,
+                    error=str(exc)[:500],
+                )
+            )
             log.error(
                 "change not applied, live config keeps serving",
                 reason=reason,
@@ -138,14 +158,21 @@ class Reloader:
                 await self._apply_servers_only(rendered, snapshot.revision)
             return
         elapsed = time.monotonic() - started
-        self.applied = guarded
+        before, self.applied = self.applied, guarded
         self.stats.applies[kind] += 1
         if kind != "noop":
             self.stats.apply_seconds_sum += elapsed
             self.stats.apply_seconds_count += 1
-            self.stats.last_apply_seconds = elapsed
-            entry.update(kind=kind, seconds=round(elapsed, 4), servers=rendered.model.server_count)
-            self.stats.record(entry)
+            self.stats.record(
+                ApplyRecord(
+                    snapshot.revision,
+                    at,
+                    kind,
+                    describe_change(before, guarded),
+                    seconds=round(elapsed, 4),
+                    servers=rendered.model.server_count,
+                )
+            )
             log.info(
                 "applied",
                 kind=kind,
@@ -159,50 +186,54 @@ class Reloader:
 
     # -- status --------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
+        """The snapshot /status, /metrics and the dashboard read (reloader/status.py)."""
         snap = self.applied or Snapshot()
         live = self.applier.live
         age = self.catalog.sync_age()
-        return {
-            "id": self.settings.reloader_id,
-            "node": self.settings.node,
-            "revision": self.catalog.revision,
-            "applied_revision": snap.revision,
-            "sync_age_seconds": None if age is None else round(age, 3),
-            "haproxy_up": self.haproxy.up,
-            "haproxy_pid": self.haproxy.proc.pid if self.haproxy.proc else None,
-            "haproxy_restarts": self.haproxy.restarts,
-            "backends": len(live.model.backends) if live else 0,
-            "servers": live.model.server_count if live else 0,
-            "rejected_records": len(self.catalog.snapshot.rejected),
-            "rejections_total": self.catalog.rejected_total,
-            "catalog_resyncs": self.catalog.resyncs,
-            "catalog_reconnects": self.catalog.reconnects,
-            "rejected": dict(self.catalog.snapshot.rejected),
-            "held_removals": len(self.guard.held),
-            "skipped_services": list(live.model.skipped) if live else [],
-            "applies": dict(self.stats.applies),
-            "failures": dict(self.stats.failures),
-            "last_error": self.stats.last_error,
-            "recent_applies": self.stats.recent,
-            "services": {
-                name: {
-                    "active_version": svc.spec.active_version,
-                    "mode": svc.spec.mode,
-                    "instances": {
-                        i: {
-                            "address": inst.address,
-                            "version": inst.version,
-                            "state": inst.state,
-                            "weight": inst.weight,
-                        }
-                        for i, inst in svc.instances.items()
-                    },
-                    "routed": sorted(svc.routed()),
-                }
+        skipped = list(live.model.skipped) if live else []
+        why_skipped = dict(s.split(": ", 1) for s in skipped if ": " in s)
+        held = list(self.guard.held)
+        behind_since = self.stats.behind_since(snap.revision)
+        return Status(
+            id=self.settings.reloader_id,
+            node=self.settings.node,
+            revision=self.catalog.revision,
+            applied_revision=snap.revision,
+            sync_age_seconds=None if age is None else round(age, 3),
+            haproxy_up=self.haproxy.up,
+            haproxy_pid=self.haproxy.proc.pid if self.haproxy.proc else None,
+            haproxy_restarts=self.haproxy.restarts,
+            backends=len(live.model.backends) if live else 0,
+            servers=live.model.server_count if live else 0,
+            rejections_total=self.catalog.rejected_total,
+            catalog_resyncs=self.catalog.resyncs,
+            catalog_reconnects=self.catalog.reconnects,
+            rejected=dict(self.catalog.snapshot.rejected),
+            held_removals=len(held),
+            skipped_services=skipped,
+            applies=dict(self.stats.applies),
+            failures=dict(self.stats.failures),
+            apply_seconds_sum=self.stats.apply_seconds_sum,
+            apply_seconds_count=self.stats.apply_seconds_count,
+            last_error=self.stats.last_error,
+            recent_applies=list(self.stats.recent),
+            services={
+                name: ServiceStatus.of(
+                    svc,
+                    self.settings.render.domain,
+                    held=frozenset(i for s, i in held if s == name),
+                    skipped=why_skipped.get(name),
+                )
                 for name, svc in snap.services.items()
             },
-        }
+            sync_max_age_seconds=self.settings.sync_max_age,
+            behind_seconds=None if behind_since is None else time.monotonic() - behind_since,
+            etcd_endpoints=list(self.settings.etcd.endpoints),
+            apply_latency=[
+                (t, s) for t, s in self.stats.latency if t > time.time() - LATENCY_WINDOW
+            ],
+        )
 
     def healthy(self) -> tuple[bool, str]:
         if not self.haproxy.up:
@@ -237,7 +268,7 @@ class Reloader:
     async def run(self, stop: asyncio.Event) -> int:
         self.settings.render.state_dir.mkdir(parents=True, exist_ok=True)
         supervisor = Supervisor()
-        status = StatusServer(self.status, self.stats, self.healthy)
+        status = StatusServer(self.status, self.healthy)
         try:
             await self.store.connect()
             supervisor.start("catalog", self.catalog.run(self.on_snapshot))

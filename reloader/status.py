@@ -1,180 +1,254 @@
-"""The reloader's own HTTP face: /healthz, /metrics, /status and a small HTML page.
+"""What the reloader knows about itself, as one typed value.
 
-/healthz is what a Docker HEALTHCHECK or an orchestrator probes: 503 when HAProxy is
-down or our view of etcd is older than the threshold (a reloader that lost etcd keeps
-serving the last config, but should be looked at). /metrics is Prometheus text,
-written by hand: a dozen series do not need a client library.
+`Reloader.status()` builds a `Status` on each request; `/status` serialises it
+(`Status.to_json`), `/metrics` exposes it (reloader/metrics.py) and the dashboard renders
+it (reloader/dashboard.py). All three read the same fields, so a field added here (with a
+default, so nothing else has to change) is one edit away from each of them, and a typo
+in a reader is a type error instead of a KeyError at request time.
+
+`Stats` is the mutable side: counters and the apply history the pipeline appends to.
 """
 
 from __future__ import annotations
 
-import html
-import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
-from aiohttp import web
+from fluster.catalog import Service, Snapshot
 
-APPLY_KINDS = ("noop", "runtime", "reload")
-FAILURES = ("rejected", "reload", "render")
+ApplyKind = Literal["noop", "runtime", "reload"]
+FailureReason = Literal["rejected", "reload", "render"]
+
+RECENT_APPLIES = 20  # rows in /status and on the dashboard
+LATENCY_WINDOW = 3600.0  # seconds of apply latency the dashboard charts
+LATENCY_POINTS = 2000  # at most this many kept, oldest dropped first
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyRecord:
+    """One apply that changed something, or one that failed."""
+
+    revision: int
+    at: str  # ISO 8601, UTC, milliseconds
+    kind: Literal["runtime", "reload", "failed"]
+    change: str = ""  # what changed, in words ("web: +1 -2 instances")
+    seconds: float | None = None  # settled change -> applied; None when it failed
+    servers: int | None = None  # servers in the config afterwards
+    reason: FailureReason | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass
 class Stats:
-    applies: dict[str, int] = field(default_factory=lambda: {"noop": 0, "runtime": 0, "reload": 0})
-    failures: dict[str, int] = field(
+    """Counters and history, appended to by the pipeline; read through `Status`."""
+
+    applies: dict[ApplyKind, int] = field(
+        default_factory=lambda: {"noop": 0, "runtime": 0, "reload": 0}
+    )
+    failures: dict[FailureReason, int] = field(
         default_factory=lambda: {"rejected": 0, "reload": 0, "render": 0}
     )
     apply_seconds_sum: float = 0.0
     apply_seconds_count: int = 0
-    last_apply_seconds: float = 0.0
-    recent: list[dict[str, Any]] = field(default_factory=list)  # newest first
     last_error: str = ""
-
-    def record(self, entry: dict[str, Any]) -> None:
-        self.recent.insert(0, entry)
-        del self.recent[20:]
-
-
-def metrics_text(status: dict[str, Any], stats: Stats) -> str:
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_: str, samples: dict[str, float]) -> None:
-        lines.append(f"# HELP reloader_{name} {help_}")
-        lines.append(f"# TYPE reloader_{name} {kind}")
-        for labels, value in samples.items():
-            lines.append(f"reloader_{name}{labels} {value:g}")
-
-    metric(
-        "applies_total",
-        "counter",
-        "Applied changes by kind.",
-        {f'{{kind="{k}"}}': v for k, v in stats.applies.items()},
+    recent: deque[ApplyRecord] = field(default_factory=lambda: deque(maxlen=RECENT_APPLIES))
+    # (unix time, seconds) of each apply that changed HAProxy, for the latency chart.
+    latency: deque[tuple[float, float]] = field(
+        default_factory=lambda: deque(maxlen=LATENCY_POINTS)
     )
-    metric(
-        "apply_failures_total",
-        "counter",
-        "Changes not applied, by reason.",
-        {f'{{reason="{k}"}}': v for k, v in stats.failures.items()},
-    )
-    metric(
-        "apply_duration_seconds",
-        "summary",
-        "Time from settled change to applied.",
-        {"_sum": stats.apply_seconds_sum, "_count": stats.apply_seconds_count},
-    )
-    metric("backends", "gauge", "Backends in the live config.", {"": status["backends"]})
-    metric("servers", "gauge", "Servers in the live config.", {"": status["servers"]})
-    metric(
-        "rejected_records",
-        "gauge",
-        "Records in etcd skipped as invalid.",
-        {"": status["rejected_records"]},
-    )
-    metric(
-        "rejections_total",
-        "counter",
-        "Invalid record writes seen (each bad put counts once).",
-        {"": status["rejections_total"]},
-    )
-    metric(
-        "catalog_resyncs_total",
-        "counter",
-        "Full relists of etcd after its history was compacted.",
-        {"": status["catalog_resyncs"]},
-    )
-    metric(
-        "catalog_reconnects_total",
-        "counter",
-        "Watch streams resumed after an error (member lost, no leader, timeout).",
-        {"": status["catalog_reconnects"]},
-    )
-    metric(
-        "held_removals",
-        "gauge",
-        "Removals held by the blast-radius guard.",
-        {"": status["held_removals"]},
-    )
-    age = status["sync_age_seconds"]
-    metric(
-        "sync_age_seconds",
-        "gauge",
-        "Seconds since etcd last confirmed our state.",
-        {"": -1 if age is None else age},
-    )
-    metric("revision", "gauge", "etcd revision of the catalog.", {"": status["revision"]})
-    metric(
-        "applied_revision", "gauge", "etcd revision last applied.", {"": status["applied_revision"]}
-    )
-    metric("haproxy_up", "gauge", "1 when HAProxy runs.", {"": int(status["haproxy_up"])})
-    metric(
-        "haproxy_restarts_total",
-        "counter",
-        "HAProxy restarts after it died.",
-        {"": status["haproxy_restarts"]},
-    )
-    return "\n".join(lines) + "\n"
+    # (revision, monotonic time first seen), to say how long the edge has been behind.
+    seen: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=256))
+
+    def record(self, entry: ApplyRecord) -> None:
+        self.recent.appendleft(entry)
+        if entry.seconds is not None:
+            self.latency.append((time.time(), entry.seconds))
+
+    def saw(self, revision: int, now: float | None = None) -> None:
+        """The catalog reached `revision` (called for every snapshot it hands over)."""
+        if not self.seen or self.seen[-1][0] < revision:
+            self.seen.append((revision, time.monotonic() if now is None else now))
+
+    def behind_since(self, applied: int) -> float | None:
+        """Monotonic time the oldest revision newer than `applied` was seen, if any."""
+        return next((at for rev, at in self.seen if rev > applied), None)
 
 
-def html_page(status: dict[str, Any]) -> str:
-    esc = html.escape
-    rows = []
-    for name, svc in status["services"].items():
-        insts = "<br>".join(
-            esc(f"{i}: {d['address']} v={d['version'] or '-'} {d['state']} w={d['weight']}")
-            for i, d in svc["instances"].items()
-        )
-        rows.append(
-            f"<tr><td>{esc(name)}</td><td>{esc(str(svc['active_version']))}</td>"
-            f"<td>{insts}</td></tr>"
-        )
-    applies = "".join(f"<li>{esc(json.dumps(a))}</li>" for a in status["recent_applies"])
-    return (
-        "<!doctype html><meta charset=utf-8><title>fluster reloader</title>"
-        f"<h1>fluster reloader {esc(status['id'])}</h1>"
-        f"<p>revision {status['revision']} (applied {status['applied_revision']}), "
-        f"HAProxy {'up' if status['haproxy_up'] else 'DOWN'}, "
-        f"sync age {status['sync_age_seconds']}</p>"
-        "<table border=1><tr><th>service</th><th>active version</th><th>instances</th></tr>"
-        + "".join(rows)
-        + f"</table><h2>Recent applies</h2><ul>{applies}</ul>"
-    )
+@dataclass(frozen=True, slots=True)
+class InstanceStatus:
+    address: str
+    version: str
+    state: str  # the record's state: up, draining, down
+    weight: int
+    node: str = ""
+    routed: bool = False  # HAProxy sends it traffic
+    held: bool = False  # gone from etcd, kept in HAProxy by the blast-radius guard
 
 
-class StatusServer:
-    def __init__(
-        self,
-        status: Callable[[], dict[str, Any]],
-        stats: Stats,
-        healthy: Callable[[], tuple[bool, str]],
-    ) -> None:
-        self.status, self.stats, self.healthy = status, stats, healthy
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/status", self._status)
-        app.router.add_get("/", self._index)
-        self.runner = web.AppRunner(app, access_log=None)
+@dataclass(frozen=True, slots=True)
+class ServiceStatus:
+    active_version: str | None
+    mode: str
+    instances: Mapping[str, InstanceStatus]
+    routed: list[str]  # names of the instances HAProxy routes to
+    hosts: list[str] = field(default_factory=list)
+    path_prefix: str = "/"
+    port: int | None = None
+    canary_version: str | None = None
+    canary_weight: int = 0  # percent of requests to the canary version
+    skipped: str | None = None  # why the service is left out of HAProxy, if it is
 
-    async def start(self, host: str, port: int) -> None:
-        await self.runner.setup()
-        await web.TCPSite(self.runner, host or None, port).start()
-
-    async def close(self) -> None:
-        await self.runner.cleanup()
-
-    async def _healthz(self, _: web.Request) -> web.Response:
-        ok, why = self.healthy()
-        return web.Response(status=200 if ok else 503, text=why + "\n")
-
-    async def _metrics(self, _: web.Request) -> web.Response:
-        return web.Response(
-            text=metrics_text(self.status(), self.stats), content_type="text/plain", charset="utf-8"
+    @classmethod
+    def of(
+        cls,
+        svc: Service,
+        domain: str,
+        held: frozenset[str] = frozenset(),
+        skipped: str | None = None,
+    ) -> ServiceStatus:
+        spec, routed = svc.spec, svc.routed()
+        instances = {
+            name: InstanceStatus(
+                address=inst.address,
+                version=inst.version,
+                state=inst.state,
+                weight=inst.weight,
+                node=inst.node,
+                routed=name in routed,
+                held=name in held,
+            )
+            for name, inst in svc.instances.items()
+        }
+        return cls(
+            active_version=spec.active_version,
+            mode=spec.mode,
+            instances=instances,
+            routed=sorted(routed),
+            hosts=list(spec.hosts or (f"{svc.name}.{domain}",)) if spec.mode == "http" else [],
+            path_prefix=spec.path_prefix,
+            port=spec.port if spec.mode == "tcp" else None,
+            canary_version=spec.canary.version if spec.canary else None,
+            canary_weight=spec.canary.weight if spec.canary else 0,
+            skipped=skipped,
         )
 
-    async def _status(self, _: web.Request) -> web.Response:
-        return web.json_response(self.status())
+    @property
+    def routes_to_nothing(self) -> bool:
+        """Not skipped, yet no instance takes traffic: every request to it fails."""
+        return self.skipped is None and not self.routed
 
-    async def _index(self, _: web.Request) -> web.Response:
-        return web.Response(text=html_page(self.status()), content_type="text/html")
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """The reloader at one moment. Field names are the `/status` JSON keys."""
+
+    id: str
+    node: str
+    revision: int  # the catalog's etcd revision
+    applied_revision: int  # the revision HAProxy serves
+    sync_age_seconds: float | None  # since etcd last confirmed our state; None: never
+    haproxy_up: bool
+    haproxy_pid: int | None
+    haproxy_restarts: int
+    backends: int
+    servers: int
+    rejections_total: int
+    catalog_resyncs: int
+    catalog_reconnects: int
+    rejected: Mapping[str, str]  # etcd key -> why the record was skipped
+    held_removals: int
+    skipped_services: list[str]  # "service: reason"
+    applies: Mapping[ApplyKind, int]
+    failures: Mapping[FailureReason, int]
+    apply_seconds_sum: float
+    apply_seconds_count: int
+    last_error: str
+    recent_applies: list[ApplyRecord]  # newest first
+    services: Mapping[str, ServiceStatus]
+    sync_max_age_seconds: float = 60.0  # older than this, /healthz fails
+    behind_seconds: float | None = None  # how long applied_revision has lagged revision
+    etcd_endpoints: list[str] = field(default_factory=list)
+    apply_latency: list[tuple[float, float]] = field(default_factory=list)  # (unix time, s)
+
+    @property
+    def rejected_records(self) -> int:
+        return len(self.rejected)
+
+    @property
+    def lag(self) -> str:
+        """The applied revision against etcd's, in words."""
+        behind = self.revision - self.applied_revision
+        if behind <= 0:
+            return "in step"
+        since = "" if self.behind_seconds is None else f" for {seconds(self.behind_seconds)}"
+        return f"{behind} revision{'s' if behind != 1 else ''} behind{since}"
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            name: getattr(self, name)
+            for name in self.__dataclass_fields__
+            if name not in ("recent_applies", "services", "apply_latency")
+        }
+        out["rejected"] = dict(self.rejected)
+        out["applies"] = dict(self.applies)
+        out["failures"] = dict(self.failures)
+        out["rejected_records"] = self.rejected_records
+        out["lag"] = self.lag
+        out["recent_applies"] = [a.to_json() for a in self.recent_applies]
+        out["services"] = {
+            name: {**asdict(svc), "routes_to_nothing": svc.routes_to_nothing}
+            for name, svc in self.services.items()
+        }
+        return out
+
+
+def seconds(value: float) -> str:
+    """A duration for people: 850 ms, 2.1 s, 4 min 5 s, 2 h 3 min."""
+    if value < 1:
+        return f"{value * 1000:.0f} ms"
+    if value < 60:
+        return f"{value:.1f} s"
+    if value < 3600:
+        return f"{int(value // 60)} min {int(value % 60)} s"
+    return f"{int(value // 3600)} h {int(value % 3600 // 60)} min"
+
+
+def describe_change(before: Snapshot | None, after: Snapshot) -> str:
+    """What differs between two snapshots, per service, in a few words."""
+    old = before.services if before is not None else {}
+    parts: list[str] = []
+    for name in sorted(set(old) | set(after.services)):
+        a, b = old.get(name), after.services.get(name)
+        if a is b:
+            continue
+        if a is None:
+            parts.append(f"{name}: new")
+            continue
+        if b is None:
+            parts.append(f"{name}: removed")
+            continue
+        words: list[str] = []
+        if a.spec != b.spec:
+            words.append("spec")
+        added = len(b.instances.keys() - a.instances.keys())
+        removed = len(a.instances.keys() - b.instances.keys())
+        changed = sum(
+            1 for i in a.instances.keys() & b.instances.keys() if a.instances[i] != b.instances[i]
+        )
+        counts = " ".join(
+            f"{sign}{n}" for sign, n in (("+", added), ("-", removed), ("~", changed)) if n
+        )
+        if counts:
+            words.append(f"{counts} instance{'s' if added + removed + changed != 1 else ''}")
+        if words:
+            parts.append(f"{name}: {', '.join(words)}")
+    text = "; ".join(parts[:4])
+    if len(parts) > 4:
+        text += f"; and {len(parts) - 4} more"
+    return text or "no service changed"

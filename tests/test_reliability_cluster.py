@@ -162,7 +162,7 @@ def test_r3_compaction_while_the_reloader_is_cut_off_ends_equal_to_etcd(
         status = reloader.status()
         assert status["failures"] == {"rejected": 0, "reload": 0, "render": 0}, status
         assert reloader.log().count("watch history compacted") == 1
-        assert "reloader_catalog_resyncs_total 1\n" in reloader.http_get("/metrics")[1]
+        assert reloader.metrics()["reloader_catalog_resyncs_total"] == 1
     finally:
         proxy.close()
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.etcd import Etcd, free_port, wait_for
 
@@ -171,6 +172,21 @@ class ReloaderProcess:
             return resp.status, resp.read().decode()
         finally:
             conn.close()
+
+    def metrics(self) -> dict[str, float]:
+        """/metrics parsed by prometheus_client: `{'name{label="v"}': value}`."""
+        status, text = self.http_get("/metrics")
+        assert status == 200, f"/metrics answered {status}: {text[:500]}"
+        return {
+            sample.name
+            + (
+                "{" + ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items())) + "}"
+                if sample.labels
+                else ""
+            ): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
 
     def get(self, host: str, path: str = "/", port: int | None = None) -> tuple[int, str]:
         """One request through HAProxy with `Host: host`."""

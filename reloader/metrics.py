@@ -1,0 +1,111 @@
+"""`/metrics`: the `Status` snapshot in Prometheus' text format, by prometheus_client.
+
+The reloader's numbers already live in `Status` (counters the pipeline keeps, gauges read
+from the catalog and HAProxy at request time), so this is a custom collector that turns
+one snapshot into metric families on each scrape, the pattern prometheus_client documents
+for exporters, rather than a second set of counters to keep in step. No `_created`
+series: a family built per scrape has no creation time to give.
+
+Metric names are part of the interface (docs/OPERATIONS.md, the alert rules in
+docs/prometheus/, the Grafana dashboard, bench/adapter.py): add, never rename.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from reloader.status import Status
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def families(s: Status) -> Iterator[Metric]:
+    applies = CounterMetricFamily(
+        "reloader_applies_total", "Applied changes by kind.", labels=["kind"]
+    )
+    for kind, n in s.applies.items():
+        applies.add_metric([kind], n)
+    yield applies
+    failures = CounterMetricFamily(
+        "reloader_apply_failures_total", "Changes not applied, by reason.", labels=["reason"]
+    )
+    for reason, n in s.failures.items():
+        failures.add_metric([reason], n)
+    yield failures
+    yield SummaryMetricFamily(
+        "reloader_apply_duration_seconds",
+        "Time from settled change to applied.",
+        count_value=s.apply_seconds_count,
+        sum_value=s.apply_seconds_sum,
+    )
+    gauges: list[tuple[str, str, float]] = [
+        ("backends", "Backends in the live config.", s.backends),
+        ("servers", "Servers in the live config.", s.servers),
+        ("rejected_records", "Records in etcd skipped as invalid.", s.rejected_records),
+        ("held_removals", "Removals held by the blast-radius guard.", s.held_removals),
+        (
+            "sync_age_seconds",
+            "Seconds since etcd last confirmed our state (-1: never).",
+            -1 if s.sync_age_seconds is None else s.sync_age_seconds,
+        ),
+        ("revision", "etcd revision of the catalog.", s.revision),
+        ("applied_revision", "etcd revision last applied.", s.applied_revision),
+        ("haproxy_up", "1 when HAProxy runs.", int(s.haproxy_up)),
+        ("skipped_services", "Services left out of HAProxy.", len(s.skipped_services)),
+        (
+            "services_routing_to_nothing",
+            "Services HAProxy routes but with no instance to send traffic to.",
+            sum(1 for svc in s.services.values() if svc.routes_to_nothing),
+        ),
+    ]
+    for name, help_, value in gauges:
+        yield GaugeMetricFamily(f"reloader_{name}", help_, value=value)
+    counters: list[tuple[str, str, float]] = [
+        (
+            "rejections_total",
+            "Invalid record writes seen (each bad put counts once).",
+            s.rejections_total,
+        ),
+        (
+            "catalog_resyncs_total",
+            "Full relists of etcd after its history was compacted.",
+            s.catalog_resyncs,
+        ),
+        (
+            "catalog_reconnects_total",
+            "Watch streams resumed after an error (member lost, no leader, timeout).",
+            s.catalog_reconnects,
+        ),
+        ("haproxy_restarts_total", "HAProxy restarts after it died.", s.haproxy_restarts),
+    ]
+    for name, help_, value in counters:
+        yield CounterMetricFamily(f"reloader_{name}", help_, value=value)
+
+
+class _Collector(Collector):
+    def __init__(self, status: Callable[[], Status]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        return families(self.status())
+
+
+def registry(status: Callable[[], Status]) -> CollectorRegistry:
+    """A registry of its own (not the process-global one): two reloaders in one process,
+    as in tests, do not collide, and nothing else leaks into the exposition."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Collector(status))
+    return reg
+
+
+def exposition(reg: CollectorRegistry) -> bytes:
+    return generate_latest(reg)
