@@ -96,6 +96,7 @@ class Applier:
         self.rejected = state_dir / "haproxy.cfg.rejected"
         self.last_good = state_dir / "haproxy.cfg.last-good"
         self.state_file = state_dir / "server-state"
+        self.routes_file = state_dir / "routes.map"
         self.runtime = RuntimeApi(admin_socket)
         self.live: Rendered | None = None
         self.on_late_rejection: Callable[[str], None] | None = None
@@ -125,6 +126,7 @@ class Applier:
         """Before HAProxy starts: validate and install the first config."""
         if not self.state_file.exists():
             self.state_file.write_text("1\n")  # the format version, no servers
+        write_atomic(self.routes_file, rendered.routes)
         await self.validate(rendered.text)
         os.replace(self.candidate, self.live_file)
         write_atomic(self.last_good, rendered.text)
@@ -140,18 +142,21 @@ class Applier:
         if await check_config(self.binary, self.live_file) is not None:
             return False
         text = self.live_file.read_text()
-        self.live = self._installed = Rendered(text, "(a previous run's config)", placeholder.model)
+        routes = self.routes_file.read_text() if self.routes_file.is_file() else ""
+        self.live = self._installed = Rendered(
+            text, "(a previous run's config)", placeholder.model, routes
+        )
         return True
 
     async def apply(self, rendered: Rendered) -> Kind:
         await self._supersede()
         live = self.live
         assert live is not None, "initial() first"
-        if rendered.text == live.text:
+        if rendered.text == live.text and rendered.routes == live.routes:
             await self._retry_pending()
             return "noop"
         touched = False
-        if rendered.skeleton == live.skeleton:
+        if rendered.skeleton == live.skeleton and rendered.routes == live.routes:
             changes = plan(live.model, rendered.model)
             if changes is not None:
                 # Same structure as a validated config, servers from re-checked values, and
@@ -212,6 +217,7 @@ class Applier:
             if self.on_late_rejection is not None:
                 self.on_late_rejection(str(exc))
             return
+        write_atomic(self.routes_file, rendered.routes)
         os.replace(self.candidate, self.live_file)
         write_atomic(self.last_good, rendered.text)
         self._installed = rendered
@@ -243,11 +249,15 @@ class Applier:
     async def _reload(self, rendered: Rendered) -> None:
         assert self._installed is not None
         await self._save_server_state(rendered.model)
+        # The map's values are only backend names and its keys safe tokens: it cannot make
+        # a config invalid, so the one validated beside the old map is valid with the new.
+        write_atomic(self.routes_file, rendered.routes)
         os.replace(self.candidate, self.live_file)
         try:
             await self.haproxy.reload()
         except HaproxyError as exc:
             log.error("reload failed, restoring the last good config", error=str(exc))
+            write_atomic(self.routes_file, self._installed.routes)
             write_atomic(self.live_file, self._installed.text)
             self.live = self._installed
             try:
@@ -266,5 +276,6 @@ class Applier:
         self.runtime.forget()
         if self.live is not None and self.live_file.read_text() != self.live.text:
             text = self.live_file.read_text()
-            self.live = Rendered(text, "(restarted from the live file)", self.live.model)
+            routes = self.routes_file.read_text() if self.routes_file.is_file() else ""
+            self.live = Rendered(text, "(restarted from the live file)", self.live.model, routes)
         self._installed = self.live

@@ -72,6 +72,11 @@ class RenderSettings:
     def config_file(self) -> Path:
         return self.state_dir / "haproxy.cfg"
 
+    @property
+    def routes_map(self) -> Path:
+        """The HTTP frontend's routing table: `host/path-prefix/ backend` per line."""
+        return self.state_dir / "routes.map"
+
 
 @dataclass(frozen=True, slots=True)
 class Server:
@@ -148,6 +153,24 @@ class Model:
     def backend_map(self) -> dict[str, Backend]:
         return {b.name: b for b in self.backends}
 
+    def route_entries(self) -> tuple[tuple[str, str], ...]:
+        """The HTTP routing table as (key, backend) pairs, sorted by key.
+
+        The frontend looks up `host + path + "/"` with `map_beg`, which HAProxy keeps in
+        a prefix tree and answers with the longest matching key: one lookup whatever the
+        number of services, and the longest path prefix wins. A key ends in "/" so that
+        the prefix /api matches /api and /api/x but not /apix. For a host and prefix
+        claimed twice, the first route in `http_routes` order keeps it.
+        """
+        table: dict[str, str] = {}
+        for route in self.http_routes:
+            for host in route.hosts:
+                table.setdefault(route_key(host, route.path_prefix), route.backend)
+        return tuple(sorted(table.items()))
+
+    def routes_text(self) -> str:
+        return "".join(f"{key} {backend}\n" for key, backend in self.route_entries())
+
 
 def with_servers_of(live: Model, target: Model) -> Model:
     """`live`'s structure with `target`'s servers for the backends both have.
@@ -166,6 +189,17 @@ def with_servers_of(live: Model, target: Model) -> Model:
 @dataclass
 class _Ports:
     taken: dict[int, str] = field(default_factory=dict)
+
+
+def host_header(host: str) -> str:
+    """How `host` appears in a Host header once the port is gone: IPv6 in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def route_key(host: str, path_prefix: str) -> str:
+    """The routes map key of a host and path prefix (see `Model.route_entries`)."""
+    path = path_prefix if path_prefix.endswith("/") else path_prefix + "/"
+    return safe(host_header(host).lower() + path)
 
 
 def backend_name(service: str, canary: bool = False) -> str:

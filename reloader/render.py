@@ -19,7 +19,14 @@ import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
 from fluster.catalog import Snapshot
-from reloader.model import Model, ModelError, RenderSettings, build_model, format_bind
+from reloader.model import (
+    Model,
+    ModelError,
+    RenderSettings,
+    build_model,
+    format_bind,
+    host_header,
+)
 
 DEFAULT_TEMPLATES = Path(__file__).resolve().parent / "templates"
 MAIN_TEMPLATE = "haproxy.cfg.j2"
@@ -31,7 +38,8 @@ class RenderError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Rendered:
-    """A config, plus its structure (the config with every backend emptied).
+    """A config and its routes map, plus its structure (the config with every backend
+    emptied).
 
     Two renders with the same `skeleton` differ only in servers, which the runtime API
     can apply without a reload.
@@ -40,15 +48,11 @@ class Rendered:
     text: str
     skeleton: str
     model: Model
+    routes: str = ""
 
 
 def _bind(address: tuple[str, int]) -> str:
     return format_bind(*address)
-
-
-def _host_header(host: str) -> str:
-    """How `host` appears in a Host header once the port is gone: IPv6 in brackets."""
-    return f"[{host}]" if ":" in host else host
 
 
 class Renderer:
@@ -65,7 +69,7 @@ class Renderer:
             auto_reload=False,
         )
         self.env.globals["bind"] = _bind
-        self.env.filters["host_header"] = _host_header
+        self.env.filters["host_header"] = host_header
         try:
             self.template = self.env.get_template(MAIN_TEMPLATE)
         except jinja2.TemplateError as exc:
@@ -86,7 +90,11 @@ class Renderer:
         return self.render_model(build_model(snapshot, settings))
 
     def render_model(self, model: Model) -> Rendered:
-        return Rendered(self.text(model), self.text(model.without_servers()), model)
+        try:
+            routes = model.routes_text()
+        except ModelError as exc:
+            raise RenderError(f"routes map: {exc}") from exc
+        return Rendered(self.text(model), self.text(model.without_servers()), model, routes)
 
 
 def render(snapshot: Snapshot, settings: RenderSettings, templates: Path | None = None) -> str:

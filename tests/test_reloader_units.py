@@ -228,7 +228,9 @@ def test_every_routing_feature_renders_a_config_haproxy_accepts(tmp_path: Path) 
         state_dir=tmp_path, http_bind=("127.0.0.1", 18080), stats_bind=("127.0.0.1", 18081)
     )
     path = tmp_path / "haproxy.cfg"
-    path.write_text(Renderer().render(snapshot, settings).text.replace("api.internal", "127.0.0.1"))
+    rendered = Renderer().render(snapshot, settings)
+    path.write_text(rendered.text.replace("api.internal", "127.0.0.1"))
+    settings.routes_map.write_text(rendered.routes)
     (tmp_path / "server-state").write_text("1\n")
     result = subprocess.run([HAPROXY, "-c", "-f", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -66,18 +66,31 @@ def test_http_routing_by_host_with_or_without_port_and_by_spec() -> None:
     snap = snapshot(
         service("web", a=inst(1)),
         service("api", {"hosts": ["api.example.com", "::1"], "path_prefix": "/v1"}, a=inst(2)),
-        service("docs", {"hosts": ["api.example.com"], "path_prefix": "/v1/docs/"}, a=inst(3)),
+        service("docs", {"hosts": ["API.example.com"], "path_prefix": "/v1/docs/"}, a=inst(3)),
     )
-    text = render(snap, RenderSettings(domain="example.net"))
-    # A port is dropped from the Host header before the exact match.
-    assert "acl host_web req.hdr(host),lower,regsub(:[0-9]+$,) -m str web.example.net" in text
-    assert "-m str api.example.com [::1]\n" in text  # as an IPv6 literal arrives in Host
-    assert "acl path_api path -m str /v1\n" in text
-    assert "acl path_api path -m beg /v1/\n" in text
-    assert "acl path_docs path -m beg /v1/docs/\n" in text
-    # The longest prefix is matched first.
-    assert text.index("use_backend be_docs") < text.index("use_backend be_api")
-    assert "use_backend be_api if host_api path_api\n" in text
+    rendered = Renderer().render(snap, RenderSettings(domain="example.net"))
+    # One map lookup on the whole Host header (port stripped) + path + "/".
+    assert (
+        "req.fhdr(host),lower,regsub(:[0-9]+$,),concat(,txn.path,/),"
+        "map_beg(/var/lib/reloader/routes.map,no_such_service)"
+    ) in rendered.text
+    assert "use_backend %[var(txn.backend)] if { var(txn.backend) -m found }" in rendered.text
+    assert "acl " not in rendered.text  # no per-service rule to scan
+    assert rendered.routes == (
+        "[::1]/v1/ be_api\n"  # as an IPv6 literal arrives in Host
+        "api.example.com/v1/ be_api\n"
+        "api.example.com/v1/docs/ be_docs\n"  # lowercased like the request's Host
+        "web.example.net/ be_web\n"
+    )
+
+
+def test_a_host_and_prefix_claimed_twice_is_routed_once() -> None:
+    snap = snapshot(
+        service("bbb", {"hosts": ["x.example.com"]}, a=inst(1)),
+        service("aaa", {"hosts": ["x.example.com"]}, a=inst(2)),
+    )
+    entries = build_model(snap, SETTINGS).route_entries()
+    assert [k for k, _ in entries].count("x.example.com/") == 1
 
 
 def test_tcp_service_on_its_port_and_port_conflicts_skipped() -> None:
@@ -119,7 +132,8 @@ def test_active_version_and_canary_split() -> None:
     assert "server b " in main and "server a " not in main and "server c " not in main
     assert "server c " in canary and "server b " not in canary
     assert (
-        "use_backend be_web_canary if host_web { rand(100) lt 10 } { nbsrv(be_web_canary) gt 0 }"
+        "use_backend be_web_canary if { var(txn.backend) -m str be_web } { rand(100) lt 10 }"
+        " { nbsrv(be_web_canary) gt 0 }"
     ) in text
     only_active = snapshot(
         service("web", {"active_version": "v2"}, a=inst(1, "v1"), b=inst(2, "v2"))

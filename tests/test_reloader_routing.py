@@ -1,0 +1,62 @@
+"""HTTP routing by one map lookup, against real etcd, real HAProxy and real backends."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+
+from tests.support.etcd import Etcd, wait_for
+from tests.support.haproxy import HttpBackend, ReloaderProcess
+
+Start = Callable[..., ReloaderProcess]
+Backends = Callable[..., list[HttpBackend]]
+KEY = "/fluster/services/{}/instances/{}"
+SPEC = "/fluster/services/{}/spec"
+
+
+async def test_map_routing_by_host_longest_path_prefix_and_canary(
+    etcd: Etcd, start_reloader: Start, backends: Backends
+) -> None:
+    web, api, docs, v1, v2 = backends(5)
+    etcd.put(KEY.format("web", "a"), web.json())
+    etcd.put(SPEC.format("api"), json.dumps({"hosts": ["x.example", "::1"], "path_prefix": "/v1"}))
+    etcd.put(KEY.format("api", "a"), api.json())
+    etcd.put(SPEC.format("docs"), json.dumps({"hosts": ["X.example"], "path_prefix": "/v1/docs/"}))
+    etcd.put(KEY.format("docs", "a"), docs.json())
+    canary = {"active_version": "v1", "canary": {"version": "v2", "weight": 30}}
+    etcd.put(SPEC.format("shop"), json.dumps(canary))
+    etcd.put(KEY.format("shop", "a"), v1.json(version="v1"))
+    etcd.put(KEY.format("shop", "b"), v2.json(version="v2"))
+    reloader = start_reloader()
+    reloader.wait_served("shop.localhost", {v1.ident, v2.ident}, timeout=20)
+    cases = {
+        ("web.localhost", "/anything"): (200, web.ident),
+        ("WEB.localhost:8080", "/"): (200, web.ident),  # case and port do not matter
+        ("x.example", "/v1"): (200, api.ident),
+        ("x.example", "/v1/users"): (200, api.ident),
+        ("x.example", "/v1x"): (404, None),  # a prefix is a path segment, not a string
+        ("x.example", "/"): (404, None),
+        ("x.example", "/v1/docs/intro"): (200, docs.ident),  # the longest prefix wins
+        ("[::1]:8080", "/v1/a"): (200, api.ident),  # an IPv6 literal with a port
+        ("[::1]", "/v1/a"): (200, api.ident),
+        # A comma list is not routed by its first (or any) element.
+        ("other.localhost,web.localhost", "/"): (404, None),
+        ("web.localhost,other.localhost", "/"): (404, None),
+        ("nope.localhost", "/"): (404, None),
+    }
+    for (host, path), (status, ident) in cases.items():
+        got = reloader.get(host, path)
+        assert got[0] == status, f"{host}{path}: {got}"
+        if ident is not None:
+            assert got[1] == ident, f"{host}{path}: {got}"
+    shares = Counter(reloader.get("shop.localhost")[1] for _ in range(300))
+    assert set(shares) == {v1.ident, v2.ident}, shares
+    assert 40 <= shares[v2.ident] <= 140, f"30% canary, got {shares}"  # binomial, ~6 sigma
+    # The canary's instances gone: all of shop's traffic goes to the active version.
+    etcd.delete(KEY.format("shop", "b"))
+    reloader.wait_served("shop.localhost", {v1.ident})
+    routes = (reloader.state_dir / "routes.map").read_text()
+    assert "x.example/v1/docs/ be_docs\n" in routes
+    assert "acl " not in reloader.config
+    wait_for(lambda: reloader.get("x.example", "/v1")[0] == 200, what="still routed")
