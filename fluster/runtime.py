@@ -171,8 +171,11 @@ class Backoff:
     def reset(self) -> None:
         self.attempt = 0
 
-    async def sleep(self, stop: asyncio.Event | None = None) -> None:
-        """Sleep the next delay, waking early if `stop` is set."""
+    async def sleep(self, stop: asyncio.Event | None = None, *, cap: float | None = None) -> None:
+        """Sleep the next delay, waking early if `stop` is set; `cap` replaces the cap
+        (an error that retrying will not fix soon earns a longer one)."""
+        if cap is not None:
+            self.cap = cap
         delay = self.next_delay()
         if stop is None:
             await asyncio.sleep(delay)

@@ -31,6 +31,8 @@ import grpc.aio
 # here) is the price of driving the streams ourselves.
 from etcd3aio import _protobuf as pb
 
+from fluster.runtime import Backoff
+
 _PROGRESS = pb.rpc_pb2.WatchProgressRequest()  # type: ignore[attr-defined]
 
 # Pings every 6 s, dead after 5 s more without an ack: a frozen member is noticed in ~11 s.
@@ -38,6 +40,13 @@ _PROGRESS = pb.rpc_pb2.WatchProgressRequest()  # type: ignore[attr-defined]
 KEEPALIVE_TIME_MS = 6_000
 KEEPALIVE_TIMEOUT_MS = 5_000
 DEFAULT_TIMEOUT = 5.0
+
+# The one retry policy for etcd calls that must eventually succeed (a record, a lease,
+# a watch): back within a second of etcd being reachable again; after an AuthError,
+# which wrong credentials or a missing role cause and which will not fix itself
+# quickly, keep trying but do not hammer.
+RETRY_CAP = 1.0
+AUTH_RETRY_CAP = 10.0
 
 
 class StoreError(Exception):
@@ -170,6 +179,16 @@ def map_error(exc: grpc.aio.AioRpcError, what: str) -> StoreError:
     ):
         return Unavailable(message)
     return StoreError(message)
+
+
+def retry_backoff() -> Backoff:
+    """A fresh backoff for the one retry policy; sleep with `cap=retry_cap(exc)`."""
+    return Backoff(base=0.1, cap=RETRY_CAP)
+
+
+def retry_cap(exc: BaseException) -> float:
+    """The longest wait before retrying after `exc` (see RETRY_CAP)."""
+    return AUTH_RETRY_CAP if isinstance(exc, AuthError) else RETRY_CAP
 
 
 class Store:

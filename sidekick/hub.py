@@ -21,9 +21,8 @@ import structlog
 
 from fluster.keys import service_prefix, spec_key
 from fluster.records import RecordError, ServiceSpec
-from fluster.runtime import Backoff
-from fluster.store import AuthError, Compacted, Event, Store, StoreError
-from sidekick.registration import AUTH_RETRY_CAP, RETRY_CAP, Registration
+from fluster.store import Compacted, Event, Store, StoreError, retry_backoff, retry_cap
+from sidekick.registration import Registration
 
 log = structlog.get_logger("sidekick.hub")
 
@@ -48,7 +47,7 @@ class ServiceWatch:
             reg.observe_spec(self.spec)
 
     async def run(self) -> None:
-        backoff = Backoff(base=0.1, cap=RETRY_CAP)
+        backoff = retry_backoff()
         revision = 0
         while True:
             try:
@@ -67,11 +66,10 @@ class ServiceWatch:
                 revision = 0
             except StoreError as exc:
                 # Refused (no permission on this service): retrying fast will not help.
-                backoff.cap = AUTH_RETRY_CAP if isinstance(exc, AuthError) else RETRY_CAP
                 self.log.warning(
                     "service watch failed, retrying", error=str(exc), attempt=backoff.attempt + 1
                 )
-                await backoff.sleep()
+                await backoff.sleep(cap=retry_cap(exc))
 
     async def _snapshot(self) -> int:
         revision, kvs = await self.store.get_prefix(self.prefix)

@@ -4,37 +4,33 @@ Every mode (companion, host agent, static) ends up here. A `Registration` is tol
 the world looks like (healthy? retired? shutting down? key deleted by someone?) and one
 task, `run`, makes etcd match it, so writes for a key never race each other:
 
-- wanted (healthy, not retired, not closing): grant a lease if there is none, put the
-  record with it; a second task keeps the lease alive over ONE stream, every TTL/3,
-  with no other request (the cost of a sidekick is that stream and nothing else);
+- wanted (healthy, not retired, not closing): put the record under our `Lease`
+  (fluster/lease.py grants it and keeps it alive over ONE stream, every TTL/3, with no
+  other request: the cost of a sidekick is that stream and nothing else);
 - not wanted: put `state: draining`, wait the drain period (cut short when the
   container has already died), revoke the lease.
 
-Failures are retried forever with a capped backoff (<= 1 s, so a record is back within
-a second of etcd being reachable). A lost lease (expired in a partition, revoked) or a
-key deleted behind our back (the watch in `hub.py` tells us) means: grant again, put
-again. Nothing here ever touches the app.
+Failures are retried forever with the store's one retry policy (<= 1 s, so a record is
+back within a second of etcd being reachable). A lost lease (expired in a partition,
+revoked) or a key deleted behind our back (the watch in `hub.py` tells us) means: grant
+again, put again. Nothing here ever touches the app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 import structlog
 
+from fluster.lease import Lease, hex_id
 from fluster.records import Instance, RecordError, ServiceSpec
-from fluster.runtime import Backoff
-from fluster.store import AuthError, LeaseLost, Store, StoreError
+from fluster.store import LeaseLost, Store, StoreError, retry_backoff, retry_cap
 
 log = structlog.get_logger("sidekick.registration")
-
-RETRY_CAP = 1.0  # seconds: the "back within 1 s of etcd being reachable" promise
-AUTH_RETRY_CAP = 10.0  # wrong credentials will not fix themselves quickly; do not hammer
 
 
 class Registration:
@@ -70,13 +66,11 @@ class Registration:
         self._spec: ServiceSpec | None = None
         self._retire_timer: asyncio.TimerHandle | None = None
         self._wall = wall
-        self._lease: int | None = None
+        self._lease = Lease(store, ttl, name=key, on_lost=self._lease_lost, clock=clock)
         self._written: Instance | None = None
         self._put_revision = 0
-        self._last_refresh = -math.inf
         self._wake = asyncio.Event()
         self._cut_drain = asyncio.Event()
-        self._keeper: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     # -- what the world says ------------------------------------------------------------
@@ -87,7 +81,7 @@ class Registration:
 
     @property
     def lease(self) -> int | None:
-        return self._lease
+        return self._lease.id
 
     @property
     def put_revision(self) -> int:
@@ -102,7 +96,8 @@ class Registration:
         """True unless the record should be in etcd and is not known to be (for --check)."""
         if not self.wanted:
             return True
-        fresh = self._clock() - self._last_refresh < self.ttl
+        refreshed = self._lease.refreshed
+        fresh = refreshed is not None and self._clock() - refreshed < self.ttl
         return self._written == self.instance and fresh
 
     def set_healthy(self, healthy: bool) -> None:
@@ -201,21 +196,21 @@ class Registration:
         except TimeoutError:
             self.log.warning(
                 "could not deregister in time; the record expires with its lease",
-                lease=_hex(self._lease),
+                lease=hex_id(self._lease.id),
                 ttl=self.ttl,
             )
         await self.cancel()
 
     async def cancel(self) -> None:
-        """Stop both tasks without touching etcd (the lease then expires on its own)."""
+        """Stop writing and refreshing without touching etcd (the lease then expires)."""
         if self._retire_timer is not None:
             self._retire_timer.cancel()
-        for task in (self._task, self._keeper):
-            if task is not None and task is not asyncio.current_task():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._task = self._keeper = None
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._lease.close()
 
     def _poke(self) -> None:
         self._wake.set()
@@ -223,31 +218,28 @@ class Registration:
     # -- the one writer -----------------------------------------------------------------
 
     async def run(self) -> None:
-        backoff = Backoff(base=0.1, cap=RETRY_CAP)
+        backoff = retry_backoff()
         while True:
             await self._wake.wait()
             self._wake.clear()
             try:
                 if self.wanted and self.spec_seen.is_set():
                     await self._up()
-                elif not self.wanted and (self._written or self._lease):
+                elif not self.wanted and (self._written or self._lease.id):
                     await self._down()
                 backoff.reset()
             except LeaseLost:
-                self.log.warning("lease lost, registering again", lease=_hex(self._lease))
-                await self._forget_lease()
-                self._poke()
+                pass  # the lease forgot itself and told `_lease_lost`: we put again
             except StoreError as exc:
-                backoff.cap = AUTH_RETRY_CAP if isinstance(exc, AuthError) else RETRY_CAP
                 self.log.warning(
                     "etcd write failed, retrying",
                     error=str(exc),
                     attempt=backoff.attempt + 1,
-                    lease=_hex(self._lease),
+                    lease=hex_id(self._lease.id),
                 )
                 self._poke()
-                await backoff.sleep()
-            if not self._written and not self._lease:
+                await backoff.sleep(cap=retry_cap(exc))
+            if not self._written and not self._lease.id:
                 self.idle.set()
                 if self.retired and self.on_retired is not None:
                     callback, self.on_retired = self.on_retired, None
@@ -255,78 +247,42 @@ class Registration:
 
     async def _up(self) -> None:
         self.idle.clear()
-        if self._lease is None:
-            self._lease = await self.store.grant(self.ttl)
-            self._keeper = asyncio.create_task(
-                self._keep(self._lease), name=f"keepalive {self.key}"
-            )
+        await self._lease.ensure()
         if self._written != self.instance:
-            self._put_revision = await self.store.put(
-                self.key, self.instance.to_json(), lease=self._lease
-            )
+            self._put_revision = await self._lease.put(self.key, self.instance.to_json())
             self._written = self.instance
-            self._last_refresh = self._clock()
             self.log.info(
                 "registered",
                 address=self.instance.address,
-                lease=_hex(self._lease),
+                lease=hex_id(self._lease.id),
                 version=self.instance.version,
                 ttl=self.ttl,
             )
 
     async def _down(self) -> None:
         """Draining record, drain period, revoke: resumable after an etcd error."""
-        lease = self._lease
+        lease = self._lease.id
         fresh = self._written is not None and self._written.state != "draining"
         if fresh and lease and self.drain_seconds > 0 and not self._cut_drain.is_set():
             draining = self.instance.replace(state="draining")
-            self._put_revision = await self.store.put(self.key, draining.to_json(), lease=lease)
+            self._put_revision = await self._lease.put(self.key, draining.to_json())
             self._written = draining
-            self.log.info("draining", seconds=self.drain_seconds, lease=_hex(lease))
+            self.log.info("draining", seconds=self.drain_seconds, lease=hex_id(lease))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._cut_drain.wait(), self.drain_seconds)
         if lease is not None:
-            await self.store.revoke(lease)  # takes the key with it
+            await self._lease.revoke()  # takes the key with it
         elif self._written is not None:
             await self.store.delete(self.key)
-        self.log.info("deregistered", lease=_hex(lease))
-        await self._forget_lease()
+        self.log.info("deregistered", lease=hex_id(lease))
+        self._written = None
         self._cut_drain.clear()
 
-    async def _forget_lease(self) -> None:
-        keeper, self._keeper = self._keeper, None
-        if keeper is not None and keeper is not asyncio.current_task():
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
-        self._lease = None
+    def _lease_lost(self) -> None:
+        """The lease expired (a partition) or was revoked behind our back: put again."""
+        self.log.warning("lease expired, registering again")
         self._written = None
-
-    async def _keep(self, lease: int) -> None:
-        """Refresh `lease` over one stream; reopen it after errors, report a lost lease."""
-        backoff = Backoff(base=0.1, cap=RETRY_CAP)
-        while True:
-            try:
-                async for _ttl in self.store.keepalive(lease, self.ttl / 3):
-                    self._last_refresh = self._clock()
-                    backoff.reset()
-            except LeaseLost:
-                if self._lease == lease:
-                    self.log.warning("lease expired, registering again", lease=_hex(lease))
-                    self._keeper = None  # we are it: let _forget_lease not cancel us
-                    self._lease = None
-                    self._written = None
-                    self._poke()
-                return
-            except StoreError as exc:
-                backoff.cap = AUTH_RETRY_CAP if isinstance(exc, AuthError) else RETRY_CAP
-                self.log.warning(
-                    "lease keepalive failed, retrying",
-                    error=str(exc),
-                    attempt=backoff.attempt + 1,
-                    lease=_hex(lease),
-                )
-                await backoff.sleep()
+        self._poke()
 
 
 def _seconds_until(when: str | None, now: datetime) -> float:
@@ -336,7 +292,3 @@ def _seconds_until(when: str | None, now: datetime) -> float:
         return (datetime.fromisoformat(when) - now).total_seconds()
     except (ValueError, TypeError):  # validated by ServiceSpec; a naive time slips past
         return 0.0
-
-
-def _hex(lease: int | None) -> str | None:
-    return None if lease is None else f"{lease:x}"
