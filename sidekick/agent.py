@@ -262,15 +262,29 @@ class Sidekick:
             if tracked.plan.check.kind == "docker":
                 tracked.reg.set_healthy(docker_healthy(event.status))
 
+    async def _learn_engine(self) -> None:
+        """The node name (unless --node gave one) and, on a Swarm node, its advertise
+        address as the default for published ports: the address every other node (and
+        edge) reaches this one at, where the IP of the default route may not be, and
+        where a sidekick running as a Swarm task would otherwise see its own container's
+        address. --advertise-ip wins. Read again at each reconnect: a node may join a
+        swarm while the sidekick runs."""
+        assert self.docker is not None
+        engine = await self.docker.engine()
+        if not self.node:
+            self.node = node_name("", engine.name)
+            log.info("node name from Docker", node=self.node)
+        if engine.swarm_addr and not self.s.advertise_ip and engine.swarm_addr != self.detected_ip:
+            self.detected_ip = engine.swarm_addr
+            log.info("advertising the swarm node address", ip=engine.swarm_addr)
+
     async def follow_docker(self) -> None:
         """Resync, then follow events; again after every break. Runs forever."""
         assert self.docker is not None
         backoff = Backoff(base=0.2, cap=2.0)
         while True:
             try:
-                if not self.node:
-                    self.node = node_name("", await self.docker.node_name())
-                    log.info("node name from Docker", node=self.node)
+                await self._learn_engine()
                 since = time.time() - 1.0
                 await self.resync()
                 async for event in self.docker.events(since=since):

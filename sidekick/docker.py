@@ -77,6 +77,22 @@ class Container:
 
 
 @dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What a host agent learns about its engine: the node's name and, on a Swarm node,
+    the address the node advertises to the swarm (where its host-mode published ports
+    are reached from other nodes); empty outside an active swarm."""
+
+    name: str
+    swarm_addr: str = ""
+
+    @classmethod
+    def from_info(cls, info: Mapping[str, Any]) -> EngineInfo:
+        swarm = info.get("Swarm") or {}
+        active = swarm.get("LocalNodeState") == "active"
+        return cls(str(info.get("Name", "")), str(swarm.get("NodeAddr") or "") if active else "")
+
+
+@dataclass(frozen=True, slots=True)
 class DockerEvent:
     action: str  # "start", "die", "health_status", ... (health_status without its ": x")
     id: str
@@ -143,9 +159,8 @@ class Docker:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise DockerUnavailable(f"docker {path}: {exc!r}") from None
 
-    async def node_name(self) -> str:
-        info = await self._json("info")
-        return str(info.get("Name", ""))
+    async def engine(self) -> EngineInfo:
+        return EngineInfo.from_info(await self._json("info"))
 
     async def inspect(self, ref: str) -> Container:
         return Container.from_inspect(await self._json(f"containers/{ref}/json"))

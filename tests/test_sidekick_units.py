@@ -12,7 +12,7 @@ import pytest
 
 from fluster.settings import SettingsError
 from sidekick import status
-from sidekick.docker import Container, parse_event
+from sidekick.docker import Container, EngineInfo, parse_event
 from sidekick.health import CheckSpec, HealthGate, parse_check
 from sidekick.plan import PlanError, image_version, node_name, plan_container, plan_static
 from sidekick.settings import Settings, build
@@ -247,3 +247,11 @@ def test_status_check(tmp_path: Path) -> None:
     assert status.check(path, 10) == (False, "not registered in etcd: web/h-1")
     path.write_text(json.dumps({"at": time.time() - 60, "registrations": []}))
     assert status.check(path, 10)[0] is False
+
+
+def test_engine_info_advertises_the_swarm_address_only_on_an_active_node() -> None:
+    swarm = {"Name": "node-a", "Swarm": {"LocalNodeState": "active", "NodeAddr": "10.0.0.21"}}
+    assert EngineInfo.from_info(swarm) == EngineInfo("node-a", "10.0.0.21")
+    left = {"Name": "node-a", "Swarm": {"LocalNodeState": "inactive", "NodeAddr": ""}}
+    assert EngineInfo.from_info(left) == EngineInfo("node-a", "")
+    assert EngineInfo.from_info({"Name": "node-a"}) == EngineInfo("node-a", "")
