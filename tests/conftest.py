@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.support.rbac",
     "tests.support.docker",
     "tests.support.sidekick",
+    "tests.support.swarm",
 ]

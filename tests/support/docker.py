@@ -253,12 +253,16 @@ def private_dockerd(docker_engine: Engine) -> Iterator[PrivateDockerd]:
     finally:
         engine.stop_all()
         engine.remove_bridge()
-        # dockerd leaves mounts under its roots (data bind mount, netns): lazily unmount
-        # them, deepest first, or the directory cannot be removed.
-        mounts = [
-            line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
-            if line.split()[1].startswith(f"{root}/")
-        ]  # fmt: skip
-        for mount in sorted(mounts, key=len, reverse=True):
-            subprocess.run(["umount", "-l", mount], capture_output=True, timeout=10)
-        shutil.rmtree(root, ignore_errors=True)
+        remove_root(root)
+
+
+def remove_root(root: Path) -> None:
+    """Remove a private dockerd's directory. dockerd leaves mounts under its roots (data
+    bind mount, netns): lazily unmount them, deepest first, or it cannot be removed."""
+    mounts = [
+        line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+        if line.split()[1].startswith(f"{root}/")
+    ]  # fmt: skip
+    for mount in sorted(mounts, key=len, reverse=True):
+        subprocess.run(["umount", "-l", mount], capture_output=True, timeout=10)
+    shutil.rmtree(root, ignore_errors=True)

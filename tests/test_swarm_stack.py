@@ -1,0 +1,118 @@
+"""docker-stack.yml, checked the way Docker reads it.
+
+`docker stack config` arrived after Debian's docker.io 20.10, so the file goes through
+`docker-compose config` (1.29, which validates Compose v3 with its `deploy:` keys and
+interpolates variables as `docker stack deploy` does). Its output is YAML; the project's
+virtualenv has no YAML parser, so it is read with the Python docker-compose itself runs
+on, which always has one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STACK = REPO / "docker-stack.yml"
+MEMBERS = "10.0.0.11:2379,10.0.0.12:2379,10.0.0.13:2379"
+
+
+def compose() -> str:
+    path = shutil.which("docker-compose")
+    if path is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    return path
+
+
+def stack_config(**env: str) -> subprocess.CompletedProcess[str]:
+    environ = {
+        k: v for k, v in os.environ.items() if not k.startswith(("ETCD_", "FLUSTER_", "COMPOSE_"))
+    }
+    return subprocess.run(
+        [compose(), "-f", str(STACK), "config"],
+        capture_output=True,
+        text=True,
+        env={**environ, **env},
+        cwd=REPO,
+        timeout=60,
+    )
+
+
+def parsed(**env: str) -> dict[str, Any]:
+    result = stack_config(**env)
+    assert result.returncode == 0, result.stderr
+    python = Path(compose()).read_text().splitlines()[0].removeprefix("#!").split()
+    to_json = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
+    out = subprocess.run(
+        [*python, "-c", to_json], input=result.stdout, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    data: dict[str, Any] = json.loads(out.stdout)
+    return data
+
+
+def test_stack_file_is_valid_and_places_each_role() -> None:
+    services = parsed(ETCD_ENDPOINTS=MEMBERS)["services"]
+
+    sidekick = services["sidekick"]
+    assert sidekick["deploy"]["mode"] == "global"
+    assert sidekick["environment"]["SIDEKICK_ALL"] == "1"
+    assert sidekick["environment"]["ETCD_ENDPOINTS"] == MEMBERS
+    assert {"type": "bind", "source": "/var/run/docker.sock", "target": "/var/run/docker.sock"} in (
+        sidekick["volumes"]
+    )
+
+    edge = services["edge"]
+    assert edge["deploy"]["mode"] == "global"
+    assert edge["deploy"]["placement"]["constraints"] == ["node.labels.fluster.edge == true"]
+    assert edge["ports"], "the edge publishes its HTTP port"
+    # Host mode on every port: Swarm's ingress mesh would hide client addresses and add a
+    # hop; each edge node's port 80 is its own HAProxy.
+    assert {p["mode"] for p in edge["ports"]} == {"host"}
+    assert 80 in {p["target"] for p in edge["ports"]}
+    assert edge["environment"]["ETCD_ENDPOINTS"] == MEMBERS
+
+    # etcd runs outside the swarm unless asked for.
+    assert services["etcd"]["deploy"]["replicas"] == 0
+
+
+def test_stack_file_can_run_one_etcd_for_trying() -> None:
+    services = parsed(ETCD_ENDPOINTS="etcd:2379", FLUSTER_ETCD_REPLICAS="1")["services"]
+    assert services["etcd"]["deploy"]["replicas"] == 1
+    assert services["sidekick"]["environment"]["ETCD_ENDPOINTS"] == "etcd:2379"
+
+
+def test_stack_file_refuses_to_guess_etcd() -> None:
+    result = stack_config()
+    assert result.returncode != 0
+    assert "ETCD_ENDPOINTS" in result.stderr
+
+
+def test_stack_file_images_are_the_ones_the_project_builds() -> None:
+    services = parsed(ETCD_ENDPOINTS=MEMBERS, FLUSTER_IMAGES="10.0.0.5:5000/fluster")["services"]
+    built = (REPO / "scripts/build-images.sh").read_text()
+    for name, role in (("sidekick", "sidekick"), ("edge", "haproxy"), ("etcd", "etcd")):
+        assert services[name]["image"] == f"10.0.0.5:5000/fluster/{role}:dev"
+        assert f"fluster/{role}" in built
+
+
+def test_stack_file_sets_only_settings_the_components_read() -> None:
+    """A misspelt variable would be silently ignored by the component; every fluster
+    setting named in the stack must occur in the code that reads it."""
+    services = parsed(ETCD_ENDPOINTS=MEMBERS)["services"]
+    code = "".join(
+        path.read_text()
+        for pkg in ("fluster", "sidekick", "reloader")
+        for path in (REPO / pkg).rglob("*.py")
+    )
+    for name in ("sidekick", "edge"):
+        for key in services[name]["environment"]:
+            assert re.match(r"(ETCD|FLUSTER|SIDEKICK|RELOADER)_", key), key
+            assert f'"{key}"' in code, f"{name}: {key} is read by no component"
