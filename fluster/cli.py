@@ -10,25 +10,42 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from fluster import __version__, ops
 from fluster.catalog import Service, Snapshot
-from fluster.records import RecordError
+from fluster.records import (
+    BALANCES,
+    MODES,
+    RecordError,
+    validate_instance_name,
+    validate_service_name,
+    validate_version,
+)
 from fluster.runtime import run, setup_logging
 from fluster.settings import (
+    ETCD_OPTIONS,
+    PREFIX,
+    Option,
     Problems,
     SettingsError,
-    add_etcd_options,
+    Values,
+    add_options,
     etcd_settings,
-    exit_on_problems,
-    prefix_setting,
+    integer,
+    log_level,
+    number,
+    one_of,
+    resolve,
+    switch,
 )
 from fluster.store import AuthError, Conflict, Store, StoreError, Unavailable
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFLICT, EXIT_REFUSED, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
+MAX_KEEP_OLD = timedelta(days=3650)
 
 EPILOG = """\
 exit status:
@@ -48,126 +65,284 @@ Examples:
 """
 
 
+# -- the options of every subcommand, declared once ---------------------------------------
+
+
+def _record(fn: Callable[[Any], Any]) -> Callable[[Any], str]:
+    """A records validator (raises RecordError) as an option type (raises ValueError)."""
+
+    def call(value: Any) -> str:
+        try:
+            return str(fn(value))
+        except RecordError as exc:
+            raise ValueError(exc.reason) from None
+
+    return call
+
+
+def _keep_old(text: Any) -> timedelta:
+    value = ops.parse_duration(str(text))
+    if value > MAX_KEEP_OLD:
+        raise ValueError(f"at most {MAX_KEEP_OLD.days}d, got {text!r}")
+    return value
+
+
+def _port_or_none(text: Any) -> int | str:
+    return "none" if str(text) == "none" else integer(1, 65535)(text)
+
+
+def _check_path(text: Any) -> str:
+    value = str(text)
+    if value != "none" and not value.startswith("/"):
+        raise ValueError(f"want a path starting with '/' or 'none', got {text!r}")
+    return value
+
+
+SERVICE: Option[str] = Option(
+    "service",
+    None,
+    "service name",
+    "",
+    _record(validate_service_name),
+    kind="positional",
+    metavar="SERVICE",
+)
+SERVICE_FILTER: Option[str | None] = Option(
+    "service",
+    None,
+    "show this service's instances",
+    None,
+    _record(validate_service_name),
+    kind="positional",
+    nargs="?",
+    metavar="SERVICE",
+)
+VERSION: Option[str] = Option(
+    "version",
+    None,
+    "version (image tag, git ref)",
+    "",
+    _record(validate_version),
+    kind="positional",
+    metavar="VERSION",
+)
+INSTANCE: Option[str] = Option(
+    "instance",
+    None,
+    "instance name",
+    "",
+    _record(validate_instance_name),
+    kind="positional",
+    metavar="INSTANCE",
+)
+JSON = switch("--json", None, "machine-readable output")
+MODE: Option[str | None] = Option(
+    "--mode", None, "http or tcp", None, one_of(*MODES), metavar="{http,tcp}"
+)
+HOSTS: Option[list[str] | None] = Option(
+    "--host",
+    None,
+    "route this Host header (repeat for several; replaces the list)",
+    None,
+    list,
+    kind="list",
+    metavar="NAME",
+)
+NO_HOSTS = switch("--no-hosts", None, "back to {service}.{domain}")
+PATH_PREFIX: Option[str | None] = Option(
+    "--path-prefix", None, "route only requests under this path", None
+)
+SPEC_PORT: Option[int | str | None] = Option(
+    "--port", None, "listening port (tcp mode), or 'none'", None, _port_or_none
+)
+BALANCE: Option[str | None] = Option(
+    "--balance",
+    None,
+    "HAProxy balance algorithm: " + ", ".join(BALANCES),
+    None,
+    one_of(*BALANCES),
+    metavar="ALGORITHM",
+)
+CHECK: Option[str | None] = Option(
+    "--check", None, "HTTP health check path, or 'none'", None, _check_path, metavar="PATH"
+)
+CHECK_INTERVAL: Option[int | None] = Option(
+    "--check-interval", None, "check interval (ms)", None, integer(100, 3_600_000), metavar="MS"
+)
+MIN_INSTANCES: Option[int] = Option(
+    "--min-instances",
+    None,
+    "refuse unless this many instances of VERSION are up",
+    1,
+    integer(0),
+    metavar="N",
+)
+KEEP_OLD: Option[timedelta] = Option(
+    "--keep-old",
+    None,
+    "keep old versions' records this long for a rollback (90s, 10m, 2h, 1d)",
+    timedelta(minutes=10),
+    _keep_old,
+    shown="10m",
+    metavar="DURATION",
+)
+WEIGHT: Option[int] = Option(
+    "--weight",
+    None,
+    "percent of traffic to VERSION, 0-100; 0 ends the canary",
+    0,
+    integer(0, 100),
+    metavar="PERCENT",
+    required=True,
+)
+NO_WAIT = switch("--no-wait", None, "do not wait for the reloaders to apply the change")
+WAIT_TIMEOUT: Option[float] = Option(
+    "--wait-timeout",
+    None,
+    "seconds to wait for every reloader",
+    30.0,
+    number(above=0),
+    metavar="SECONDS",
+)
+GC_FORCE = switch(
+    "--force",
+    None,
+    "ignore the --keep-old period, and remove even what the service would fall back to",
+)
+DRY_RUN = switch("--dry-run", None, "only say what would go")
+CERT_NAME: Option[str] = Option(
+    "name", None, "record name, e.g. the host name it is for", "", kind="positional", metavar="NAME"
+)
+CERT_FILE: Option[str] = Option(
+    "--cert", None, "PEM chain, leaf first", "", metavar="FILE", required=True
+)
+KEY_FILE: Option[str] = Option(
+    "--key", None, "PEM private key (unencrypted)", "", metavar="FILE", required=True
+)
+REPLACE = switch("--replace", None, "rotate an existing certificate")
+LOG_LEVEL = log_level("FLUSTER_LOG_LEVEL", "error")
+WAIT = (NO_WAIT, WAIT_TIMEOUT)
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A subcommand: its name, one line of help, and its options (run by `Cli.cmd_NAME`).
+    A command with `actions` (`cert add|ls|rm`) takes one of them; `Cli.action` says which."""
+
+    name: str
+    help: str
+    options: tuple[Option[Any], ...] = ()
+    actions: tuple[Command, ...] = ()
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("ls", "list services (or one service's instances)", (SERVICE_FILTER, JSON)),
+    Command(
+        "spec",
+        "show or edit a service's routing spec",
+        (
+            SERVICE,
+            MODE,
+            HOSTS,
+            NO_HOSTS,
+            PATH_PREFIX,
+            SPEC_PORT,
+            BALANCE,
+            CHECK,
+            CHECK_INTERVAL,
+            JSON,
+        ),
+    ),
+    Command(
+        "promote",
+        "route a service to one version; old instances retire",
+        (SERVICE, VERSION, MIN_INSTANCES, KEEP_OLD, *WAIT),
+    ),
+    Command(
+        "canary",
+        "send a share of traffic to a version beside the active one",
+        (SERVICE, VERSION, WEIGHT, *WAIT),
+    ),
+    Command(
+        "rollback",
+        "route back to the previous active version ((all) after the first promotion)",
+        (SERVICE, *WAIT),
+    ),
+    Command("drain", "stop sending new traffic to one instance", (SERVICE, INSTANCE, *WAIT)),
+    Command(
+        "gc",
+        "remove records of versions a service no longer routes",
+        (SERVICE, GC_FORCE, DRY_RUN),
+    ),
+    Command(
+        "cert",
+        "TLS certificates the edges serve: add, ls, rm",
+        actions=(
+            Command(
+                "add",
+                "validate a certificate chain + key and store it in etcd",
+                (CERT_NAME, CERT_FILE, KEY_FILE, REPLACE),
+            ),
+            Command("ls", "certificates: names, issuer, expiry, services using them", (JSON,)),
+            Command("rm", "remove a certificate", (CERT_NAME,)),
+        ),
+    ),
+)
+GLOBAL: tuple[Option[Any], ...] = (*ETCD_OPTIONS, LOG_LEVEL)
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fluster",
-        description="Operate the fluster registry: list services, promote, canary, roll back.",
+        description="Operate the fluster registry: list services, promote, canary, roll back. "
+        "Every global option is also an environment variable (shown in [env ...]).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fluster {__version__}")
-    add_etcd_options(parser, environ)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(
-            name,
-            help=help,
-            description=help,
-            epilog=EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        return p
-
-    p = command("ls", "list services (or one service's instances)")
-    p.add_argument("service", nargs="?", help="show this service's instances")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-
-    p = command("spec", "show or edit a service's routing spec")
-    p.add_argument("service")
-    p.add_argument("--mode", choices=["http", "tcp"])
-    p.add_argument(
-        "--host",
-        action="append",
-        dest="hosts",
-        metavar="NAME",
-        help="route this Host header (repeat for several; replaces the list)",
-    )
-    p.add_argument("--no-hosts", action="store_true", help="back to {service}.{domain}")
-    p.add_argument("--path-prefix", help="route only requests under this path")
-    p.add_argument("--port", help="listening port (tcp mode), or 'none'")
-    p.add_argument("--balance", help="HAProxy balance algorithm (roundrobin, leastconn, ...)")
-    p.add_argument("--check", metavar="PATH", help="HTTP health check path, or 'none'")
-    p.add_argument("--check-interval", type=int, metavar="MS", help="check interval (ms)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-
-    p = command("promote", "route a service to one version; old instances retire")
-    p.add_argument("service")
-    p.add_argument("version")
-    p.add_argument(
-        "--min-instances",
-        type=int,
-        default=1,
-        help="refuse unless this many instances of VERSION are up (default: 1)",
-    )
-    p.add_argument(
-        "--keep-old",
-        default="10m",
-        help="keep old versions' records this long for a rollback (default: 10m)",
-    )
-    _wait_options(p)
-
-    p = command("canary", "send a share of traffic to a version beside the active one")
-    p.add_argument("service")
-    p.add_argument("version")
-    p.add_argument("--weight", type=int, required=True, help="percent to VERSION; 0 ends it")
-    _wait_options(p)
-
-    p = command("rollback", "route back to the previous active version")
-    p.add_argument("service")
-    _wait_options(p)
-
-    p = command("drain", "stop sending new traffic to one instance")
-    p.add_argument("service")
-    p.add_argument("instance")
-    _wait_options(p)
-
-    p = command("gc", "remove records of versions a service no longer routes")
-    p.add_argument("service")
-    p.add_argument("--force", action="store_true", help="ignore the --keep-old period")
-    p.add_argument("--dry-run", action="store_true", help="only say what would go")
-
-    p = command("cert", "TLS certificates the edges serve: add, ls, rm")
-    certs = p.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
-    c = certs.add_parser("add", help="validate a certificate chain + key and store it in etcd")
-    c.add_argument("name", help="record name, e.g. the host name it is for")
-    c.add_argument("--cert", required=True, metavar="FILE", help="PEM chain, leaf first")
-    c.add_argument("--key", required=True, metavar="FILE", help="PEM private key (unencrypted)")
-    c.add_argument("--replace", action="store_true", help="rotate an existing certificate")
-    c = certs.add_parser("ls", help="certificates: names, issuer, expiry, services using them")
-    c.add_argument("--json", action="store_true", help="machine-readable output")
-    c = certs.add_parser("rm", help="remove a certificate")
-    c.add_argument("name")
+    add_options(parser.add_argument_group("etcd"), ETCD_OPTIONS, environ)
+    add_options(parser, (LOG_LEVEL,), environ)
+    _add_commands(parser, COMMANDS, "command", environ)
     return parser
 
 
-def _wait_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--no-wait", action="store_true", help="do not wait for the reloaders to apply the change"
+def _add_commands(
+    parser: argparse.ArgumentParser,
+    commands: Sequence[Command],
+    dest: str,
+    environ: Mapping[str, str],
+) -> None:
+    sub = parser.add_subparsers(
+        dest=dest, required=True, metavar="COMMAND" if dest == "command" else "ACTION"
     )
-    p.add_argument(
-        "--wait-timeout",
-        type=float,
-        default=30.0,
-        help="seconds to wait for every reloader (default: 30)",
-    )
+    for command in commands:
+        p = sub.add_parser(
+            command.name,
+            help=command.help,
+            description=command.help,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        add_options(p, command.options, environ)
+        if command.actions:
+            _add_commands(p, command.actions, "action", environ)
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
     args = build_parser(environ).parse_args(argv)
+    command = next(c for c in COMMANDS if c.name == args.command)
+    action = next((c for c in command.actions if c.name == getattr(args, "action", "")), None)
     problems = Problems()
-    settings = etcd_settings(args, problems)
-    prefix = prefix_setting(args, problems)
-    keep_old = problems.convert(
-        "--keep-old", getattr(args, "keep_old", "0"), ops.parse_duration, timedelta()
-    )
-    try:
-        problems.raise_if_any()
-    except SettingsError as exc:
-        exit_on_problems(exc)
-    setup_logging("error", stream=sys.stderr)  # results go to stdout, problems to stderr
-    cli = Cli(args, prefix, keep_old)
+    options = (*GLOBAL, *command.options, *(action.options if action else ()))
+    values = resolve(args, options, problems)
+    settings = etcd_settings(values, problems)
+    if problems.items:
+        print(f"error: {SettingsError(problems.items)}", file=sys.stderr)
+        return EXIT_USAGE
+    # Results go to stdout, problems (and logs) to stderr.
+    setup_logging(values[LOG_LEVEL], stream=sys.stderr)
+    cli = Cli(command.name, values, values[PREFIX], action.name if action else "")
     try:
         return run(cli.main(Store(settings)))
     except KeyboardInterrupt:
@@ -175,15 +350,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 class Cli:
-    def __init__(self, args: argparse.Namespace, prefix: str, keep_old: timedelta) -> None:
-        self.args = args
+    def __init__(self, command: str, values: Values, prefix: str, action: str = "") -> None:
+        self.command = command
+        self.action = action
+        self.v = values
         self.prefix = prefix
-        self.keep_old = keep_old
 
     async def main(self, store: Store) -> int:
         try:
             async with store:
-                code: int = await getattr(self, "cmd_" + self.args.command)(store)
+                code: int = await getattr(self, "cmd_" + self.command)(store)
                 return code
         except RecordError as exc:
             return fail(f"invalid value: {exc}", EXIT_USAGE)
@@ -207,10 +383,10 @@ class Cli:
     async def cmd_ls(self, store: Store) -> int:
         snap = await ops.snapshot(store, self.prefix)
         live = await ops.reloaders(store, self.prefix)
-        name = self.args.service
+        name = self.v[SERVICE_FILTER]
         if name and name not in snap.services:
             return fail(f"no service {name!r} in the registry", EXIT_ERROR)
-        if self.args.json:
+        if self.v[JSON]:
             emit_json(ls_json(snap, live, name))
         elif name:
             print_instances(snap.services[name])
@@ -219,100 +395,103 @@ class Cli:
         return EXIT_OK
 
     async def cmd_cert(self, store: Store) -> int:
-        a = self.args
-        if a.cert_command == "ls":
+        if self.action == "ls":
             listing = await ops.list_certs(store, self.prefix)
-            if a.json:
+            if self.v[JSON]:
                 emit_json(certs_json(listing))
             else:
                 print_certs(listing)
             return EXIT_OK
-        if a.cert_command == "rm":
-            await ops.remove_cert(store, self.prefix, a.name)
-            say(f"certificate {a.name}: removed")
+        name = self.v[CERT_NAME]
+        if self.action == "rm":
+            await ops.remove_cert(store, self.prefix, name)
+            say(f"certificate {name}: removed")
             return EXIT_OK
-        pem = _read(a.cert, "--cert") + _read(a.key, "--key")
-        revision = await ops.add_cert(store, self.prefix, a.name, pem, replace=a.replace)
-        say(f"certificate {a.name}: written at revision {revision}")
+        pem = _read(self.v[CERT_FILE], "--cert") + _read(self.v[KEY_FILE], "--key")
+        revision = await ops.add_cert(store, self.prefix, name, pem, replace=self.v[REPLACE])
+        say(f"certificate {name}: written at revision {revision}")
         return EXIT_OK
 
     # -- write --------------------------------------------------------------------------
 
     async def cmd_spec(self, store: Store) -> int:
-        a = self.args
+        v, service = self.v, self.v[SERVICE]
         changes: dict[str, Any] = {}
-        if a.mode:
-            changes["mode"] = a.mode
-        if a.hosts or a.no_hosts:
-            changes["hosts"] = [] if a.no_hosts else a.hosts
-        if a.path_prefix:
-            changes["path_prefix"] = a.path_prefix
-        if a.port:
-            changes["port"] = None if a.port == "none" else _int(a.port, "--port")
-        if a.balance:
-            changes["balance"] = a.balance
-        if a.check or a.check_interval:
-            if a.check == "none":
+        if v[MODE]:
+            changes["mode"] = v[MODE]
+        if v[HOSTS] or v[NO_HOSTS]:
+            changes["hosts"] = [] if v[NO_HOSTS] else v[HOSTS]
+        if v[PATH_PREFIX]:
+            changes["path_prefix"] = v[PATH_PREFIX]
+        port = v[SPEC_PORT]
+        if port is not None:
+            changes["port"] = None if port == "none" else port
+        if v[BALANCE]:
+            changes["balance"] = v[BALANCE]
+        check, interval = v[CHECK], v[CHECK_INTERVAL]
+        if check or interval:
+            if check == "none":
                 changes["check"] = None
             else:
-                changes["check"] = {"path": a.check or "/", "interval_ms": a.check_interval or 2000}
+                changes["check"] = {"path": check or "/", "interval_ms": interval or 2000}
         if not changes:
             snap = await ops.snapshot(store, self.prefix)
-            svc = snap.services.get(a.service) or Service(name=a.service)
+            svc = snap.services.get(service) or Service(name=service)
             emit_json(svc.spec.to_dict())
             return EXIT_OK
-        written = await ops.edit_spec(store, self.prefix, a.service, changes)
-        say(f"{a.service}: spec written at revision {written.revision}")
+        written = await ops.edit_spec(store, self.prefix, service, changes)
+        say(f"{service}: spec written at revision {written.revision}")
         return EXIT_OK
 
     async def cmd_promote(self, store: Store) -> int:
-        a = self.args
+        v, service, version = self.v, self.v[SERVICE], self.v[VERSION]
         written = await ops.promote(
             store,
             self.prefix,
-            a.service,
-            a.version,
-            min_instances=a.min_instances,
-            keep_old=self.keep_old,
+            service,
+            version,
+            min_instances=v[MIN_INSTANCES],
+            keep_old=v[KEEP_OLD],
         )
         say(
-            f"{a.service}: {a.version} is now the active version (revision {written.revision}); "
+            f"{service}: {version} is now the active version (revision {written.revision}); "
             f"old instances retire, records kept until {written.spec.keep_old_until}"
         )
         return await self._wait(store, written.revision)
 
     async def cmd_canary(self, store: Store) -> int:
-        a = self.args
-        written = await ops.canary(store, self.prefix, a.service, a.version, a.weight)
-        share = f"{a.weight}% to {a.version}" if a.weight else "canary ended"
-        say(f"{a.service}: {share} (revision {written.revision})")
+        service, version, weight = self.v[SERVICE], self.v[VERSION], self.v[WEIGHT]
+        written = await ops.canary(store, self.prefix, service, version, weight)
+        share = f"{weight}% to {version}" if weight else "canary ended"
+        say(f"{service}: {share} (revision {written.revision})")
         return await self._wait(store, written.revision)
 
     async def cmd_rollback(self, store: Store) -> int:
-        written = await ops.rollback(store, self.prefix, self.args.service)
+        service = self.v[SERVICE]
+        written = await ops.rollback(store, self.prefix, service)
         say(
-            f"{self.args.service}: rolled back to {written.spec.active_version} "
+            f"{service}: rolled back to {written.spec.active_version or '(all)'} "
             f"(revision {written.revision})"
         )
         return await self._wait(store, written.revision)
 
     async def cmd_drain(self, store: Store) -> int:
-        a = self.args
-        revision = await ops.drain(store, self.prefix, a.service, a.instance)
-        say(f"{a.service}/{a.instance}: draining (revision {revision})")
+        service, instance = self.v[SERVICE], self.v[INSTANCE]
+        revision = await ops.drain(store, self.prefix, service, instance)
+        say(f"{service}/{instance}: draining (revision {revision})")
         return await self._wait(store, revision)
 
     async def cmd_gc(self, store: Store) -> int:
-        a = self.args
-        removed = await ops.gc(store, self.prefix, a.service, force=a.force, dry_run=a.dry_run)
-        verb = "would remove" if a.dry_run else "removed"
-        say(f"{a.service}: {verb} {len(removed)} record(s) of old versions")
+        service, dry_run = self.v[SERVICE], self.v[DRY_RUN]
+        removed = await ops.gc(store, self.prefix, service, force=self.v[GC_FORCE], dry_run=dry_run)
+        verb = "would remove" if dry_run else "removed"
+        say(f"{service}: {verb} {len(removed)} record(s) of old versions")
         for key in removed:
             say(f"  {key}")
         return EXIT_OK
 
     async def _wait(self, store: Store, revision: int) -> int:
-        if self.args.no_wait:
+        if self.v[NO_WAIT]:
             return EXIT_OK
 
         def progress(done: int, total: int, behind: list[str]) -> None:
@@ -321,7 +500,7 @@ class Cli:
                 say(f"  reloaders applied: {done}/{total}{waiting}")
 
         count = await ops.wait_applied(
-            store, self.prefix, revision, within=self.args.wait_timeout, progress=progress
+            store, self.prefix, revision, within=self.v[WAIT_TIMEOUT], progress=progress
         )
         if not count:
             say("  no live reloader is registered: nothing to wait for")
@@ -342,13 +521,6 @@ def fail(message: str, code: int) -> int:
 
 def emit_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
-
-
-def _int(text: str, name: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise RecordError(name, f"must be an integer, got {text!r}") from None
 
 
 def _read(path: str, name: str) -> str:
@@ -402,12 +574,13 @@ def ls_json(snap: Snapshot, live: Mapping[str, Any], only: str | None) -> dict[s
     for name, svc in snap.services.items():
         if only and name != only:
             continue
+        routed = svc.routed()  # once per service: per instance made --json quadratic
         services[name] = {
             "spec": svc.spec.to_dict(),
             "has_spec": svc.has_spec,
             "versions": svc.versions(),
             "instances": {
-                iname: {**json.loads(inst.to_json()), "routed": iname in svc.routed()}
+                iname: {**json.loads(inst.to_json()), "routed": iname in routed}
                 for iname, inst in svc.instances.items()
             },
         }
@@ -473,3 +646,7 @@ def print_instances(svc: Service) -> None:
             ]
         )
     table(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

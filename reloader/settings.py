@@ -8,18 +8,22 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fluster.settings import (
+    ETCD_OPTIONS,
+    PREFIX,
+    Option,
     Problems,
-    add_etcd_options,
+    add_options,
     bind_address,
-    env_flag,
     etcd_settings,
+    log_level,
     non_negative_float,
-    option,
     positive_float,
     positive_int,
-    prefix_setting,
+    resolve,
+    switch,
 )
 from fluster.store import EtcdSettings
 from reloader.model import RenderSettings
@@ -38,6 +42,7 @@ haproxy.cfg.last-good, haproxy.cfg.rejected(.txt) (the last config HAProxy refus
 why), master.sock and admin.sock (mode 600), server-state and haproxy.pid.
 --status-bind serves /healthz, /metrics (Prometheus), /status (JSON) and / (HTML).
 
+Every option is also an environment variable (shown in [env ...]); a flag wins.
 Exit status: 0 after SIGTERM/SIGINT (HAProxy stopped gracefully), 1 when HAProxy cannot
 be started or a component failed, 2 for invalid options (all of them listed).
 """
@@ -83,146 +88,161 @@ def _directory(text: object) -> Path:
     return path
 
 
+def _reloader_id(text: object) -> str:
+    rid = str(text)
+    if not rid or "/" in rid or len(rid) > 128:
+        raise ValueError(f"want a name without '/', 1-128 characters, got {rid!r}")
+    return rid
+
+
+COMMAND: Option[str] = Option(
+    "command",
+    None,
+    "run: supervise HAProxy; render: print the config",
+    "run",
+    kind="positional",
+    nargs="?",
+    metavar="{run,render}",
+)
+ONCE = switch("--once", None, "with render: print the config for the current state and exit")
+STATE_DIR: Option[Path] = Option(
+    "--state-dir",
+    "RELOADER_STATE_DIR",
+    "directory for haproxy.cfg, sockets, server state and the last good config",
+    Path("/var/lib/reloader"),
+    Path,
+)
+HTTP_BIND: Option[tuple[str, int]] = Option(
+    "--http-bind",
+    "RELOADER_HTTP_BIND",
+    "address of the shared HTTP frontend (TCP services bind on its host)",
+    ("", 80),
+    bind_address,
+    shown="*:80",
+)
+STATUS_BIND: Option[tuple[str, int]] = Option(
+    "--status-bind",
+    "RELOADER_STATUS_BIND",
+    "address of /healthz, /metrics, /status and the status page",
+    ("127.0.0.1", 9090),
+    bind_address,
+    shown="127.0.0.1:9090",
+)
+STATS_BIND: Option[tuple[str, int] | None] = Option(
+    "--stats-bind",
+    "RELOADER_STATS_BIND",
+    "address of HAProxy's own stats page (off when empty)",
+    None,
+    bind_address,
+)
+DOMAIN: Option[str] = Option(
+    "--domain",
+    "RELOADER_DOMAIN",
+    "services without hosts are routed by Host SERVICE.DOMAIN",
+    "localhost",
+    _domain,
+)
+TEMPLATES: Option[Path | None] = Option(
+    "--templates",
+    "RELOADER_TEMPLATES",
+    "directory of Jinja2 templates overriding the defaults file by file",
+    None,
+    _directory,
+)
+HAPROXY: Option[str] = Option("--haproxy", "RELOADER_HAPROXY", "the haproxy binary", "haproxy")
+DEBOUNCE_QUIET: Option[float] = Option(
+    "--debounce-quiet",
+    "RELOADER_DEBOUNCE_QUIET",
+    "seconds without changes before applying",
+    0.05,
+    non_negative_float,
+)
+DEBOUNCE_MAX_WAIT: Option[float] = Option(
+    "--debounce-max-wait",
+    "RELOADER_DEBOUNCE_MAX_WAIT",
+    "seconds after the first change of a burst by which it is applied",
+    0.5,
+    positive_float,
+)
+MAX_REMOVAL_PCT: Option[float] = Option(
+    "--max-removal-pct",
+    "RELOADER_MAX_REMOVAL_PCT",
+    "hold removals of more than this percent of a service's servers at once",
+    50.0,
+    _percent,
+)
+REMOVAL_HOLD: Option[float] = Option(
+    "--removal-hold",
+    "RELOADER_REMOVAL_HOLD",
+    "seconds such removals are held",
+    30.0,
+    non_negative_float,
+)
+NO_REMOVAL_GUARD = switch(
+    "--no-removal-guard", "RELOADER_NO_REMOVAL_GUARD", "apply mass removals at once"
+)
+HARD_STOP_AFTER: Option[int] = Option(
+    "--hard-stop-after",
+    "RELOADER_HARD_STOP_AFTER",
+    "seconds an old HAProxy worker may finish its requests after a reload",
+    60,
+    positive_int,
+)
+SYNC_MAX_AGE: Option[float] = Option(
+    "--sync-max-age",
+    "RELOADER_SYNC_MAX_AGE",
+    "/healthz fails when etcd last confirmed our state longer ago (seconds)",
+    60.0,
+    positive_float,
+)
+ID: Option[str] = Option(
+    "--id",
+    "RELOADER_ID",
+    "name of this reloader under {prefix}/reloaders/",
+    socket.gethostname(),
+    _reloader_id,
+    shown="the host name",
+)
+NODE: Option[str] = Option(
+    "--node",
+    "RELOADER_NODE",
+    "node name published with the applied revision",
+    socket.gethostname(),
+    shown="the host name",
+)
+LOG_LEVEL = log_level("RELOADER_LOG_LEVEL")
+
+OPTIONS: tuple[Option[Any], ...] = (
+    COMMAND,
+    ONCE,
+    STATE_DIR,
+    HTTP_BIND,
+    STATUS_BIND,
+    STATS_BIND,
+    DOMAIN,
+    TEMPLATES,
+    HAPROXY,
+    DEBOUNCE_QUIET,
+    DEBOUNCE_MAX_WAIT,
+    MAX_REMOVAL_PCT,
+    REMOVAL_HOLD,
+    NO_REMOVAL_GUARD,
+    HARD_STOP_AFTER,
+    SYNC_MAX_AGE,
+    ID,
+    NODE,
+    LOG_LEVEL,
+)
+
+
 def parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="reloader",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "command",
-        nargs="?",
-        default="run",
-        choices=("run", "render"),
-        help="run (default): supervise HAProxy; render: print the config",
-    )
-    p.add_argument(
-        "--once",
-        action="store_true",
-        help="with render: print the config for the current state and exit",
-    )
-    host = socket.gethostname()
-    option(
-        p,
-        "--state-dir",
-        "RELOADER_STATE_DIR",
-        environ,
-        default="/var/lib/reloader",
-        help="directory for haproxy.cfg, sockets, server state and the last good config",
-    )
-    option(
-        p,
-        "--http-bind",
-        "RELOADER_HTTP_BIND",
-        environ,
-        default="*:80",
-        help="address of the shared HTTP frontend (TCP services bind on its host)",
-    )
-    option(
-        p,
-        "--status-bind",
-        "RELOADER_STATUS_BIND",
-        environ,
-        default="127.0.0.1:9090",
-        help="address of /healthz, /metrics, /status",
-    )
-    option(
-        p,
-        "--stats-bind",
-        "RELOADER_STATS_BIND",
-        environ,
-        help="address of HAProxy's own stats page (off when empty)",
-    )
-    option(
-        p,
-        "--domain",
-        "RELOADER_DOMAIN",
-        environ,
-        default="localhost",
-        help="services without hosts are routed by Host SERVICE.DOMAIN",
-    )
-    option(
-        p,
-        "--templates",
-        "RELOADER_TEMPLATES",
-        environ,
-        help="directory of Jinja2 templates overriding the defaults file by file",
-    )
-    option(
-        p, "--haproxy", "RELOADER_HAPROXY", environ, default="haproxy", help="the haproxy binary"
-    )
-    option(
-        p,
-        "--debounce-quiet",
-        "RELOADER_DEBOUNCE_QUIET",
-        environ,
-        default="0.05",
-        help="seconds without changes before applying",
-    )
-    option(
-        p,
-        "--debounce-max-wait",
-        "RELOADER_DEBOUNCE_MAX_WAIT",
-        environ,
-        default="0.5",
-        help="seconds after the first change of a burst by which it is applied",
-    )
-    option(
-        p,
-        "--max-removal-pct",
-        "RELOADER_MAX_REMOVAL_PCT",
-        environ,
-        default="50",
-        help="hold removals of more than this percent of a service's servers at once",
-    )
-    option(
-        p,
-        "--removal-hold",
-        "RELOADER_REMOVAL_HOLD",
-        environ,
-        default="30",
-        help="seconds such removals are held",
-    )
-    p.add_argument(
-        "--no-removal-guard",
-        action="store_true",
-        default=env_flag(environ, "RELOADER_NO_REMOVAL_GUARD"),
-        help="apply mass removals at once [env RELOADER_NO_REMOVAL_GUARD]",
-    )
-    option(
-        p,
-        "--hard-stop-after",
-        "RELOADER_HARD_STOP_AFTER",
-        environ,
-        default="60",
-        help="seconds an old HAProxy worker may finish its requests after a reload",
-    )
-    option(
-        p,
-        "--sync-max-age",
-        "RELOADER_SYNC_MAX_AGE",
-        environ,
-        default="60",
-        help="/healthz fails when etcd last confirmed our state longer ago (s)",
-    )
-    option(
-        p,
-        "--id",
-        "RELOADER_ID",
-        environ,
-        default=host,
-        help="name of this reloader under {prefix}/reloaders/",
-    )
-    option(
-        p,
-        "--node",
-        "RELOADER_NODE",
-        environ,
-        default=host,
-        help="node name published with the applied revision",
-    )
-    option(p, "--log-level", "RELOADER_LOG_LEVEL", environ, default="info", help="log level")
-    add_etcd_options(p, environ)
+    add_options(p, OPTIONS, environ)
+    add_options(p.add_argument_group("etcd"), ETCD_OPTIONS, environ)
     return p
 
 
@@ -231,45 +251,32 @@ def load(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     env = os.environ if environ is None else environ
     args = parser(env).parse_args(argv)
     pr = Problems()
-    etcd = etcd_settings(args, pr)
-    prefix = prefix_setting(args, pr)
-    http_bind = pr.convert("--http-bind", args.http_bind, bind_address, ("", 80))
-    status_bind = pr.convert("--status-bind", args.status_bind, bind_address, ("127.0.0.1", 9090))
-    stats_bind = (
-        pr.convert("--stats-bind", args.stats_bind, bind_address, None) if args.stats_bind else None
-    )
-    templates = (
-        pr.convert("--templates", args.templates, _directory, None) if args.templates else None
-    )
-    state_dir = Path(args.state_dir)
-    pr.check(args.command == "render" or bool(args.state_dir), "--state-dir is required")
-    rid = str(args.id)
-    pr.check(bool(rid) and "/" not in rid and len(rid) <= 128, f"--id: bad name {rid!r}")
+    v = resolve(args, (*OPTIONS, *ETCD_OPTIONS), pr)
+    command = v[COMMAND]
+    pr.check(command in ("run", "render"), f"COMMAND: want run or render, got {command!r}")
     settings = Settings(
-        command=args.command,
-        etcd=etcd,
-        prefix=prefix,
+        command=command,
+        etcd=etcd_settings(v, pr),
+        prefix=v[PREFIX],
         render=RenderSettings(
-            state_dir=state_dir.absolute(),
-            http_bind=http_bind,
-            domain=pr.convert("--domain", args.domain, _domain, "localhost"),
-            stats_bind=stats_bind,
-            hard_stop_after_s=pr.convert(
-                "--hard-stop-after", args.hard_stop_after, positive_int, 60
-            ),
+            state_dir=v[STATE_DIR].absolute(),
+            http_bind=v[HTTP_BIND],
+            domain=v[DOMAIN],
+            stats_bind=v[STATS_BIND],
+            hard_stop_after_s=v[HARD_STOP_AFTER],
         ),
-        status_bind=status_bind,
-        templates=templates,
-        haproxy=str(args.haproxy),
-        quiet=pr.convert("--debounce-quiet", args.debounce_quiet, non_negative_float, 0.05),
-        max_wait=pr.convert("--debounce-max-wait", args.debounce_max_wait, positive_float, 0.5),
-        max_removal_pct=pr.convert("--max-removal-pct", args.max_removal_pct, _percent, 50.0),
-        removal_hold=pr.convert("--removal-hold", args.removal_hold, non_negative_float, 30.0),
-        guard=not args.no_removal_guard,
-        sync_max_age=pr.convert("--sync-max-age", args.sync_max_age, positive_float, 60.0),
-        reloader_id=rid,
-        node=str(args.node),
-        log_level=str(args.log_level),
+        status_bind=v[STATUS_BIND],
+        templates=v[TEMPLATES],
+        haproxy=v[HAPROXY],
+        quiet=v[DEBOUNCE_QUIET],
+        max_wait=v[DEBOUNCE_MAX_WAIT],
+        max_removal_pct=v[MAX_REMOVAL_PCT],
+        removal_hold=v[REMOVAL_HOLD],
+        guard=not v[NO_REMOVAL_GUARD],
+        sync_max_age=v[SYNC_MAX_AGE],
+        reloader_id=v[ID],
+        node=v[NODE],
+        log_level=v[LOG_LEVEL],
     )
     pr.raise_if_any()
     return settings

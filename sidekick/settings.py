@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -29,16 +29,23 @@ from fluster.records import (
     validate_version,
 )
 from fluster.settings import (
+    ETCD_OPTIONS,
+    MAX_LEASE_TTL,
+    Option,
     Problems,
-    add_etcd_options,
-    env_flag,
+    Values,
+    add_options,
     etcd_settings,
+    integer,
+    log_level,
     non_negative_float,
-    option,
+    one_of,
     positive_float,
     positive_int,
-    prefix_setting,
+    resolve,
+    switch,
 )
+from fluster.settings import PREFIX as PREFIX_OPTION
 from fluster.store import EtcdSettings
 from sidekick.health import CheckSpec, parse_check
 
@@ -50,33 +57,35 @@ DEFAULT_DOCKER = "unix:///var/run/docker.sock"
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """Built only by `build`: every default lives in the option table below."""
+
     mode: Mode
     etcd: EtcdSettings
-    mode_given: bool = True  # False only for a bare `sidekick --check`
-    prefix: str = "/fluster"
-    container: str = ""
-    service: str = ""
-    port: int | None = None
-    address: tuple[str, int] | None = None
-    instance: str = ""
-    node: str = ""
-    advertise_ip: str = ""
-    internal: bool = False
-    network: str = ""
-    app_version: str = ""
-    weight: int = 100
-    tags: Mapping[str, str] = field(default_factory=dict)
-    check: CheckSpec | None = None  # None: "auto" (Docker HEALTHCHECK if the image has one)
-    check_interval: float = 2.0
-    check_timeout: float = 2.0
-    rise: int = 2
-    fall: int = 3
-    ttl: int = 10
-    drain_seconds: float = 5.0
-    on_retire: Literal["deregister", "stop"] = "deregister"
-    docker_host: str = DEFAULT_DOCKER
-    state_dir: Path = Path("/run/sidekick")
-    log_level: str = "info"
+    mode_given: bool  # False only for a bare `sidekick --check`
+    prefix: str
+    container: str
+    service: str
+    port: int | None
+    address: tuple[str, int] | None
+    instance: str
+    node: str
+    advertise_ip: str
+    internal: bool
+    network: str
+    app_version: str
+    weight: int
+    tags: Mapping[str, str]
+    check: CheckSpec | None  # None: "auto" (Docker HEALTHCHECK if the image has one)
+    check_interval: float
+    check_timeout: float
+    rise: int
+    fall: int
+    ttl: int
+    drain_seconds: float
+    on_retire: Literal["deregister", "stop"]
+    docker_host: str
+    state_dir: Path
+    log_level: str
 
     @property
     def status_name(self) -> str:
@@ -99,162 +108,8 @@ def default_state_dir(environ: Mapping[str, str]) -> str:
     return f"{runtime}/sidekick" if runtime else f"/tmp/sidekick-{os.geteuid()}"
 
 
-def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sidekick",
-        description=(
-            "Register containers (or any process) in the fluster registry on etcd, under a "
-            "lease kept alive while the app is healthy.\n\n"
-            "  companion:  sidekick --container NAME --service web --port 8080\n"
-            "  host agent: sidekick --all   (containers labelled fluster.service=NAME, with\n"
-            "              fluster.port, fluster.version, fluster.check, fluster.weight,\n"
-            "              fluster.tags.KEY labels)\n"
-            "  static:     sidekick --service web --address 10.0.0.5:8080\n"
-            "  health:     sidekick --check   (exit 0 while the registrations are current)"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"sidekick {__version__}")
-    e = environ
-    what = parser.add_argument_group("what to register")
-    option(what, "--container", "SIDEKICK_CONTAINER", e, help="companion: container name or id")
-    what.add_argument(
-        "--all",
-        action="store_true",
-        default=env_flag(e, "SIDEKICK_ALL"),
-        help="host agent: every container labelled fluster.service [env SIDEKICK_ALL]",
-    )
-    option(what, "--service", "SIDEKICK_SERVICE", e, help="service name (companion, static)")
-    option(what, "--port", "SIDEKICK_PORT", e, help="the container's port (companion)")
-    option(what, "--address", "SIDEKICK_ADDRESS", e, help="static: HOST:PORT of the process")
-    option(
-        what,
-        "--instance",
-        "SIDEKICK_INSTANCE",
-        e,
-        help="instance name (default: NODE-CONTAINERID12, or NODE-HOST-PORT when static)",
-    )
-    option(
-        what,
-        "--node",
-        "SIDEKICK_NODE",
-        e,
-        help="this host's name, recorded in every instance (default: Docker's or hostname)",
-    )
-    option(
-        what,
-        "--app-version",
-        "SIDEKICK_APP_VERSION",
-        e,
-        help="version recorded (default: label fluster.version, else the image tag)",
-    )
-    option(what, "--weight", "SIDEKICK_WEIGHT", e, default="100", help="HAProxy weight 0-256")
-    option(
-        what,
-        "--tag",
-        "SIDEKICK_TAGS",
-        e,
-        action="append",
-        help="KEY=VALUE tag, repeatable (env: comma-separated)",
-    )
-
-    addr = parser.add_argument_group("address")
-    option(
-        addr,
-        "--advertise-ip",
-        "SIDEKICK_ADVERTISE_IP",
-        e,
-        help="IP others reach this host on (default: the published port's IP, else detected)",
-    )
-    addr.add_argument(
-        "--internal",
-        action="store_true",
-        default=env_flag(e, "SIDEKICK_INTERNAL"),
-        help="register the container's own IP and port, not the published host port "
-        "[env SIDEKICK_INTERNAL]",
-    )
-    option(
-        addr,
-        "--network",
-        "SIDEKICK_NETWORK",
-        e,
-        help="with --internal: which container network (default: the first)",
-    )
-
-    health = parser.add_argument_group("health and lifecycle")
-    option(
-        health,
-        "--check",
-        "SIDEKICK_CHECK",
-        e,
-        nargs="?",
-        const=STATUS_CHECK,
-        metavar="KIND",
-        help="app check: http:/path | tcp | docker | none (default: docker if the image "
-        "has a HEALTHCHECK, else none). Alone: exit 0 while registrations are current",
-    )
-    option(
-        health,
-        "--check-interval",
-        "SIDEKICK_CHECK_INTERVAL",
-        e,
-        default="2",
-        help="seconds between checks",
-    )
-    option(
-        health,
-        "--check-timeout",
-        "SIDEKICK_CHECK_TIMEOUT",
-        e,
-        default="2",
-        help="seconds before a check fails",
-    )
-    option(health, "--rise", "SIDEKICK_RISE", e, default="2", help="passes to become healthy")
-    option(health, "--fall", "SIDEKICK_FALL", e, default="3", help="failures to become unhealthy")
-    option(health, "--ttl", "SIDEKICK_TTL", e, default="10", help="lease TTL in seconds")
-    option(
-        health,
-        "--drain-seconds",
-        "SIDEKICK_DRAIN_SECONDS",
-        e,
-        default="5",
-        help="time in state draining before the record goes",
-    )
-    option(
-        health,
-        "--on-retire",
-        "SIDEKICK_ON_RETIRE",
-        e,
-        default="deregister",
-        choices=("deregister", "stop"),
-        help="when a promotion retires this version: deregister, or also stop the container",
-    )
-
-    misc = parser.add_argument_group("runtime")
-    option(misc, "--docker-host", "DOCKER_HOST", e, default=DEFAULT_DOCKER, help="Docker API")
-    option(
-        misc,
-        "--state-dir",
-        "SIDEKICK_STATE_DIR",
-        e,
-        default=default_state_dir(e),
-        help="where the status file for --check lives",
-    )
-    option(
-        misc,
-        "--log-level",
-        "SIDEKICK_LOG_LEVEL",
-        e,
-        default="info",
-        choices=("debug", "info", "warning", "error"),
-        help="log level",
-    )
-    add_etcd_options(parser, e)
-    return parser
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
+def parse_address(text: Any) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"want HOST:PORT, got {text!r}")
     return validate_host(host.strip("[]"), "--address"), validate_port(int(port), "--address")
@@ -276,8 +131,25 @@ def parse_tags(items: Sequence[str] | str | None) -> dict[str, str]:
     return tags
 
 
+DESCRIPTION = """\
+Register containers (or any process) in the fluster registry on etcd, under a lease
+kept alive while the app is healthy.
+
+  companion:  sidekick --container NAME --service web --port 8080
+  host agent: sidekick --all   (containers labelled fluster.service=NAME, with
+              fluster.port, fluster.version, fluster.check, fluster.weight,
+              fluster.tags.KEY labels)
+  static:     sidekick --service web --address 10.0.0.5:8080
+  health:     sidekick --check   (exit 0 while the registrations are current)
+
+Every option is also an environment variable (shown in [env ...]); a flag wins.
+Exit status: 0 after SIGTERM, 1 when a task that should run forever died, 2 for
+invalid options (all of them listed).
+"""
+
+
 def _record(fn: Callable[[Any], T]) -> Callable[[Any], T]:
-    """Adapt a records validator (raises RecordError) for Problems.convert."""
+    """Adapt a records validator (raises RecordError) to the table's ValueError."""
 
     def call(value: Any) -> T:
         try:
@@ -288,15 +160,203 @@ def _record(fn: Callable[[Any], T]) -> Callable[[Any], T]:
     return call
 
 
+def _check(text: Any) -> CheckSpec | str:
+    return STATUS_CHECK if text == STATUS_CHECK else parse_check(text)
+
+
+def _optional_port(text: Any) -> int | None:
+    return validate_port(integer()(text), "--port")
+
+
+CONTAINER: Option[str] = Option(
+    "--container", "SIDEKICK_CONTAINER", "companion: container name or id", ""
+)
+ALL = switch("--all", "SIDEKICK_ALL", "host agent: every container labelled fluster.service")
+SERVICE: Option[str] = Option(
+    "--service",
+    "SIDEKICK_SERVICE",
+    "service name (companion, static)",
+    "",
+    _record(validate_service_name),
+)
+PORT: Option[int | None] = Option(
+    "--port", "SIDEKICK_PORT", "the container's port (companion)", None, _record(_optional_port)
+)
+ADDRESS: Option[tuple[str, int] | None] = Option(
+    "--address", "SIDEKICK_ADDRESS", "static: HOST:PORT of the process", None, parse_address
+)
+INSTANCE: Option[str] = Option(
+    "--instance",
+    "SIDEKICK_INSTANCE",
+    "instance name",
+    "",
+    _record(validate_instance_name),
+    shown="NODE-CONTAINERID12, or NODE-HOST-PORT when static",
+)
+NODE: Option[str] = Option(
+    "--node",
+    "SIDEKICK_NODE",
+    "this host's name, recorded in every instance",
+    "",
+    shown="Docker's name for the host, else the host name",
+)
+APP_VERSION: Option[str] = Option(
+    "--app-version",
+    "SIDEKICK_APP_VERSION",
+    "version recorded",
+    "",
+    _record(validate_version),
+    shown="label fluster.version, else the image tag",
+)
+WEIGHT: Option[int] = Option(
+    "--weight", "SIDEKICK_WEIGHT", "HAProxy weight 0-256", 100, integer(0, 256)
+)
+TAGS: Option[Mapping[str, str]] = Option(
+    "--tag",
+    "SIDEKICK_TAGS",
+    "KEY=VALUE tag, repeatable (environment: comma-separated)",
+    {},
+    parse_tags,
+    kind="list",
+    metavar="KEY=VALUE",
+)
+WHAT: tuple[Option[Any], ...] = (
+    CONTAINER,
+    ALL,
+    SERVICE,
+    PORT,
+    ADDRESS,
+    INSTANCE,
+    NODE,
+    APP_VERSION,
+    WEIGHT,
+    TAGS,
+)
+
+ADVERTISE_IP: Option[str] = Option(
+    "--advertise-ip",
+    "SIDEKICK_ADVERTISE_IP",
+    "IP others reach this host on",
+    "",
+    _record(validate_host),
+    shown="the published port's IP, else detected",
+)
+INTERNAL = switch(
+    "--internal",
+    "SIDEKICK_INTERNAL",
+    "register the container's own IP and port, not the published host port",
+)
+NETWORK: Option[str] = Option(
+    "--network",
+    "SIDEKICK_NETWORK",
+    "with --internal: which container network",
+    "",
+    shown="the container's first network",
+)
+ADDRESSING: tuple[Option[Any], ...] = (ADVERTISE_IP, INTERNAL, NETWORK)
+
+CHECK: Option[CheckSpec | str | None] = Option(
+    "--check",
+    "SIDEKICK_CHECK",
+    "app check: http:/path | tcp | docker | none. Alone: exit 0 while this sidekick's "
+    "registrations are current (a Docker HEALTHCHECK)",
+    None,
+    _check,
+    metavar="KIND",
+    nargs="?",
+    const=STATUS_CHECK,
+    shown="docker if the image has a HEALTHCHECK, else none",
+)
+CHECK_INTERVAL: Option[float] = Option(
+    "--check-interval", "SIDEKICK_CHECK_INTERVAL", "seconds between checks", 2.0, positive_float
+)
+CHECK_TIMEOUT: Option[float] = Option(
+    "--check-timeout", "SIDEKICK_CHECK_TIMEOUT", "seconds before a check fails", 2.0, positive_float
+)
+RISE: Option[int] = Option("--rise", "SIDEKICK_RISE", "passes to become healthy", 2, positive_int)
+FALL: Option[int] = Option(
+    "--fall", "SIDEKICK_FALL", "failures to become unhealthy", 3, positive_int
+)
+TTL: Option[int] = Option(
+    "--ttl",
+    "SIDEKICK_TTL",
+    f"lease TTL in seconds, 2-{MAX_LEASE_TTL} (etcd's maximum)",
+    10,
+    integer(2, MAX_LEASE_TTL),
+)
+DRAIN_SECONDS: Option[float] = Option(
+    "--drain-seconds",
+    "SIDEKICK_DRAIN_SECONDS",
+    "time in state draining before the record goes",
+    5.0,
+    non_negative_float,
+)
+ON_RETIRE: Option[str] = Option(
+    "--on-retire",
+    "SIDEKICK_ON_RETIRE",
+    "when a promotion retires this version: deregister, or also stop the container",
+    "deregister",
+    one_of("deregister", "stop"),
+    metavar="{deregister,stop}",
+)
+LIFECYCLE: tuple[Option[Any], ...] = (
+    CHECK,
+    CHECK_INTERVAL,
+    CHECK_TIMEOUT,
+    RISE,
+    FALL,
+    TTL,
+    DRAIN_SECONDS,
+    ON_RETIRE,
+)
+
+DOCKER_HOST: Option[str] = Option("--docker-host", "DOCKER_HOST", "Docker API", DEFAULT_DOCKER)
+STATE_DIR: Option[Path | None] = Option(
+    "--state-dir",
+    "SIDEKICK_STATE_DIR",
+    "where the status file for --check lives",
+    None,
+    Path,
+    shown="/run/sidekick as root, else $XDG_RUNTIME_DIR/sidekick or /tmp/sidekick-UID",
+)
+LOG_LEVEL = log_level("SIDEKICK_LOG_LEVEL")
+RUNTIME: tuple[Option[Any], ...] = (DOCKER_HOST, STATE_DIR, LOG_LEVEL)
+
+OPTIONS: tuple[Option[Any], ...] = (*WHAT, *ADDRESSING, *LIFECYCLE, *RUNTIME, *ETCD_OPTIONS)
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidekick",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"sidekick {__version__}")
+    for title, group in (
+        ("what to register", WHAT),
+        ("address", ADDRESSING),
+        ("health and lifecycle", LIFECYCLE),
+        ("runtime", RUNTIME),
+        ("etcd", ETCD_OPTIONS),
+    ):
+        add_options(parser.add_argument_group(title), group, environ)
+    return parser
+
+
 def build(argv: Sequence[str] | None, environ: Mapping[str, str]) -> tuple[Settings, bool]:
     """(settings, status_check) from argv and environ; raises SettingsError listing all."""
     args = build_parser(environ).parse_args(argv)
     problems = Problems()
-    status_check = args.check == STATUS_CHECK
-    check_text = None if status_check else args.check
+    v = resolve(args, OPTIONS, problems)
+    check = v[CHECK]
+    status_check = check == STATUS_CHECK
     modes = [
         m
-        for m, on in (("companion", args.container), ("all", args.all), ("static", args.address))
+        for m, on in (
+            ("companion", v.given(CONTAINER)),
+            ("all", v[ALL]),
+            ("static", v.given(ADDRESS)),
+        )
         if on
     ]
     problems.check(
@@ -305,74 +365,58 @@ def build(argv: Sequence[str] | None, environ: Mapping[str, str]) -> tuple[Setti
     )
     mode: Mode = modes[0] if modes else "static"  # type: ignore[assignment]
     needs_service = mode in ("companion", "static") and not status_check
-    problems.check(not needs_service or bool(args.service), f"--service is required ({mode})")
+    problems.check(not needs_service or v.given(SERVICE), f"--service is required ({mode})")
     problems.check(
-        mode != "companion" or bool(args.port) or status_check,
+        mode != "companion" or v.given(PORT) or status_check,
         "--port is required with --container",
     )
-    problems.check(mode != "all" or not args.service, "--service does not go with --all")
+    problems.check(mode != "all" or not v.given(SERVICE), "--service does not go with --all")
     problems.check(
-        mode != "all" or not args.instance,
+        mode != "all" or not v.given(INSTANCE),
         "--instance does not go with --all (each container gets NODE-CONTAINERID12)",
     )
-
-    conv = problems.convert
-    service = (
-        conv("--service", args.service, _record(validate_service_name), "") if args.service else ""
+    spec = check if isinstance(check, CheckSpec) else None
+    problems.check(
+        not (mode == "static" and spec is not None and spec.kind == "docker"),
+        "--check docker needs a container (--container or --all); static mode has "
+        "http:/path, tcp or none",
     )
-    ttl = conv("--ttl", args.ttl, positive_int, 10)
-    problems.check(ttl >= 2, "--ttl: must be at least 2 seconds")
-    fall = conv("--fall", args.fall, positive_int, 3)
+    on_retire = v[ON_RETIRE]
+    problems.check(
+        on_retire != "stop" or mode != "static",
+        "--on-retire stop needs a container (--container or --all)",
+    )
     settings = Settings(
         mode=mode,
         mode_given=bool(modes),
-        etcd=etcd_settings(args, problems),
-        prefix=prefix_setting(args, problems),
-        container=args.container or "",
-        service=str(service),
-        port=conv("--port", args.port, _record(lambda v: validate_port(int(v))), None)
-        if args.port
-        else None,
-        address=conv("--address", args.address, parse_address, None) if args.address else None,
-        instance=str(conv("--instance", args.instance, _record(validate_instance_name), ""))
-        if args.instance
-        else "",
-        node=args.node or "",
-        advertise_ip=str(conv("--advertise-ip", args.advertise_ip, _record(validate_host), ""))
-        if args.advertise_ip
-        else "",
-        internal=bool(args.internal),
-        network=args.network or "",
-        app_version=str(conv("--app-version", args.app_version, _record(validate_version), ""))
-        if args.app_version
-        else "",
-        weight=conv("--weight", args.weight, _weight, 100),
-        tags=conv("--tag", args.tag, parse_tags, {}),
-        check=conv("--check", check_text, parse_check, None) if check_text else None,
-        check_interval=conv("--check-interval", args.check_interval, positive_float, 2.0),
-        check_timeout=conv("--check-timeout", args.check_timeout, positive_float, 2.0),
-        rise=conv("--rise", args.rise, positive_int, 2),
-        fall=fall,
-        ttl=ttl,
-        drain_seconds=conv("--drain-seconds", args.drain_seconds, non_negative_float, 5.0),
-        on_retire=args.on_retire,
-        docker_host=args.docker_host,
-        state_dir=Path(args.state_dir),
-        log_level=args.log_level,
-    )
-    problems.check(
-        settings.on_retire != "stop" or mode != "static",
-        "--on-retire stop needs a container (--container or --all)",
+        etcd=etcd_settings(v, problems),
+        prefix=v[PREFIX_OPTION],
+        container=v[CONTAINER],
+        service=v[SERVICE],
+        port=v[PORT],
+        address=v[ADDRESS],
+        instance=v[INSTANCE],
+        node=v[NODE],
+        advertise_ip=v[ADVERTISE_IP],
+        internal=v[INTERNAL],
+        network=v[NETWORK],
+        app_version=v[APP_VERSION],
+        weight=v[WEIGHT],
+        tags=v[TAGS],
+        check=spec,
+        check_interval=v[CHECK_INTERVAL],
+        check_timeout=v[CHECK_TIMEOUT],
+        rise=v[RISE],
+        fall=v[FALL],
+        ttl=v[TTL],
+        drain_seconds=v[DRAIN_SECONDS],
+        on_retire="stop" if on_retire == "stop" else "deregister",
+        docker_host=v[DOCKER_HOST],
+        state_dir=v[STATE_DIR] or Path(default_state_dir(environ)),
+        log_level=v[LOG_LEVEL],
     )
     problems.raise_if_any()
     return settings, status_check
 
 
-def _weight(text: object) -> int:
-    value = int(str(text))
-    if not 0 <= value <= 256:
-        raise ValueError(f"must be 0-256, got {text}")
-    return value
-
-
-__all__ = ["STATUS_CHECK", "Settings", "build", "build_parser"]
+__all__ = ["OPTIONS", "STATUS_CHECK", "Settings", "Values", "build", "build_parser"]
