@@ -376,6 +376,17 @@ def etcd_settings(values: Values, problems: Problems) -> EtcdSettings:
     )
 
 
+def make_directory(path: Path, flag: str) -> str | None:
+    """Create `path` (and parents) if missing; the problem in words, or None when usable."""
+    if path.exists() and not path.is_dir():
+        return f"{flag}: {path} is not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"{flag}: cannot create {path}: {exc.strerror or exc}"
+    return None
+
+
 def options_of(*groups: Sequence[Option[Any]]) -> tuple[Option[Any], ...]:
     return tuple(opt for group in groups for opt in group)
 

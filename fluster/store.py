@@ -262,9 +262,14 @@ class Store:
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM
-            )
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM
+                )
+            except OSError as exc:  # socket.gaierror: a name that does not resolve
+                raise Unavailable(
+                    f"cannot resolve etcd endpoint {host}: {exc.strerror or exc}"
+                ) from None
             if not infos:
                 raise Unavailable(f"cannot resolve etcd endpoint {host}") from None
             ip = ipaddress.ip_address(infos[0][4][0])

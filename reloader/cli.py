@@ -7,7 +7,7 @@ import sys
 
 from fluster.catalog import Catalog
 from fluster.runtime import capture_signals, run, setup_logging
-from fluster.settings import SettingsError, exit_on_problems
+from fluster.settings import SettingsError, exit_on_problems, make_directory
 from fluster.store import Store, StoreError
 from reloader import settings as settings_mod
 from reloader.app import Reloader
@@ -32,14 +32,20 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_mod.load(argv)
     except SettingsError as exc:
         exit_on_problems(exc)
-    setup_logging(settings.log_level)
+    render = settings.command == "render"
+    # `render --once` prints the config on stdout: its logs must never be mixed into it.
+    setup_logging(settings.log_level, stream=sys.stderr if render else None)
+    problem = None if render else make_directory(settings.render.state_dir, "--state-dir")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         renderer = Renderer(settings.templates)
     except RenderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        if settings.command == "render":
+        if render:
             return run(render_once(settings, renderer))
         return run(run_reloader(settings, renderer))
     except StoreError as exc:

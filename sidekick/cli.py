@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import structlog
 
 from fluster.runtime import Backoff, Supervisor, TaskDied, capture_signals, run, setup_logging
-from fluster.settings import SettingsError, exit_on_problems
+from fluster.settings import SettingsError, exit_on_problems, make_directory
 from fluster.store import Store, StoreError
 from sidekick import status
 from sidekick.agent import Sidekick
@@ -39,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ok, reason = status.check_all(settings.state_dir)
         print(reason, file=sys.stdout if ok else sys.stderr)
         return 0 if ok else 1
+    problem = make_directory(settings.state_dir, "--state-dir")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     setup_logging(settings.log_level)
     return run(serve(settings))
 
