@@ -7,7 +7,10 @@ revision + 1 (nothing missed, nothing twice); when etcd has compacted that histo
 lists everything again, because skipping ahead would silently lose deletes.
 
 Records that fail validation are skipped with one log line and a counter; they never
-reach a Snapshot and never hide the valid records beside them.
+reach a Snapshot and never hide the valid records beside them. An invalid spec is the
+exception to "skipped means gone": the service keeps the last good spec it had (log
+line, `specs_kept_total`), because falling back to the defaults would silently undo a
+promotion and route every version again.
 """
 
 from __future__ import annotations
@@ -115,11 +118,13 @@ class Catalog:
         self.snapshot = Snapshot()
         self.last_sync: float | None = None  # clock() when etcd last confirmed our state
         self.rejected_total = 0
+        self.specs_kept_total = 0  # invalid specs answered by keeping the last good one
         self.resyncs = 0
         self.reconnects = 0
         self._building: dict[str, _Building] = {}
         self._frozen: dict[str, Service] = {}
         self._rejected: dict[str, str] = {}
+        self._last_good: dict[str, ServiceSpec] = {}  # survives a relist, unlike _building
 
     @property
     def revision(self) -> int:
@@ -211,13 +216,21 @@ class Catalog:
                 validate_instance_name(parsed.instance)
                 instance = Instance.parse(kv.value)
         except RecordError as exc:
-            self._reject(kv, revision, exc)
-            # The key now holds something invalid: whatever it held before is gone.
-            return self._delete(kv.key, keep_rejection=True)
+            good = self._last_good.get(parsed.service) if parsed.kind == "spec" else None
+            self._reject(kv, revision, exc, kept=good is not None)
+            if good is None:
+                # The key now holds something invalid: whatever it held before is gone.
+                return self._delete(kv.key, keep_rejection=True)
+            # Keep the last good spec, at the key's new revision so that an operator's
+            # compare-and-swap edit (`fluster spec`) replaces the invalid record.
+            svc = self._building.setdefault(parsed.service, _Building())
+            svc.spec, svc.spec_revision = good, kv.mod_revision
+            return parsed.service
         self._rejected.pop(kv.key, None)
         svc = self._building.setdefault(parsed.service, _Building())
         if parsed.kind == "spec":
             svc.spec, svc.spec_revision = spec, kv.mod_revision
+            self._last_good[parsed.service] = spec
         else:
             svc.instances[parsed.instance] = instance
         return parsed.service
@@ -231,17 +244,20 @@ class Catalog:
             return None
         if parsed.kind == "spec":
             svc.spec, svc.spec_revision = None, 0
+            if not keep_rejection:
+                self._last_good.pop(parsed.service, None)  # deleted on purpose: defaults
         else:
             svc.instances.pop(parsed.instance, None)
         if svc.spec is None and not svc.instances:
             del self._building[parsed.service]
         return parsed.service
 
-    def _reject(self, kv: KeyValue, revision: int, exc: RecordError) -> None:
+    def _reject(self, kv: KeyValue, revision: int, exc: RecordError, *, kept: bool) -> None:
         self.rejected_total += 1
-        self._rejected[kv.key] = str(exc)
+        self.specs_kept_total += kept
+        self._rejected[kv.key] = str(exc) + ("; the last good spec is kept" if kept else "")
         log.warning(
-            "invalid record skipped",
+            "invalid spec, keeping the last good one" if kept else "invalid record skipped",
             key=kv.key[:300],
             field=exc.field,
             reason=exc.reason[:300],

@@ -134,3 +134,44 @@ async def test_sync_age_is_refreshed_by_progress_notifications(
     await eventually(lambda: catalog.last_sync != first, timeout=5)
     age = catalog.sync_age()
     assert age is not None and age < 2
+
+
+async def test_an_invalid_spec_keeps_the_last_good_one(
+    store: Store, running: tuple[Catalog, list[Snapshot]]
+) -> None:
+    """Falling back to the defaults would route every version again: undo a promotion."""
+    catalog, _ = running
+    spec_key = f"{PREFIX}/services/web/spec"
+    await store.put(ikey("web", "a"), json.dumps({"host": "10.0.0.1", "port": 80, "version": "v2"}))
+    await store.put(spec_key, json.dumps({"active_version": "v2"}))
+    await eventually(
+        lambda: (
+            "web" in catalog.snapshot.services
+            and catalog.snapshot.services["web"].spec.active_version == "v2"
+        ),
+        what="promoted spec",
+    )
+    bad = await store.put(spec_key, json.dumps({"active_version": "v2", "balance": "fastest"}))
+    await eventually(lambda: catalog.revision >= bad, what="invalid spec seen")
+    web = catalog.snapshot.services["web"]
+    assert web.spec.active_version == "v2" and web.has_spec
+    assert web.spec_revision == bad  # an operator's compare-and-swap fix replaces it
+    assert catalog.specs_kept_total == 1
+    assert "last good spec is kept" in catalog.snapshot.rejected[spec_key]
+
+    # A relist (as after compaction) keeps it too; a valid spec replaces it.
+    await catalog.load()
+    assert catalog.snapshot.services["web"].spec.active_version == "v2"
+    kept = catalog.specs_kept_total
+    fixed = await store.put(spec_key, json.dumps({"active_version": "v1"}))
+    await eventually(lambda: catalog.revision >= fixed, what="fixed spec seen")
+    assert catalog.snapshot.services["web"].spec.active_version == "v1"
+    assert spec_key not in catalog.snapshot.rejected
+
+    # Deleted on purpose: the defaults apply, and a later invalid spec has nothing to keep.
+    await store.delete(spec_key)
+    again = await store.put(spec_key, "{not json")
+    await eventually(lambda: catalog.revision >= again, what="second invalid spec seen")
+    web = catalog.snapshot.services["web"]
+    assert web.spec.active_version is None and not web.has_spec
+    assert catalog.specs_kept_total == kept
