@@ -27,6 +27,7 @@ from reloader.status import LATENCY_WINDOW, ApplyRecord, Status, seconds
 REFRESH_SECONDS = 5
 PROBE_TIMEOUT = 0.5
 PROBE_EVERY = 5.0
+CHART_WIDTH, CHART_HEIGHT = 1100, 120
 
 _env = jinja2.Environment(
     loader=jinja2.FunctionLoader(
@@ -70,17 +71,18 @@ async def _connects(endpoint: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Chart:
-    """Apply latency over the last hour as SVG shapes (coordinates in a 600x120 box)."""
+    """Apply latency over the last hour as SVG shapes (coordinates in a 1100x120 box,
+    about the pixels it gets on a laptop screen, so its text keeps its size)."""
 
     points: list[tuple[float, float, str]]  # x, y, tooltip
     path: str
     y_max_ms: float
-    width: int = 600
-    height: int = 120
+    width: int = CHART_WIDTH
+    height: int = CHART_HEIGHT
 
 
 def chart(latency: list[tuple[float, float]], now: float) -> Chart:
-    w, h, top = 600, 120, 10
+    w, h, top = CHART_WIDTH, CHART_HEIGHT, 10
     ms = [s * 1000 for _, s in latency]
     y_max = max([10.0, *ms]) * 1.1
     points = []

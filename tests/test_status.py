@@ -196,6 +196,6 @@ def test_durations_carry_units() -> None:
 def test_latency_chart_spans_the_last_hour() -> None:
     chart = dashboard.chart([(1000.0, 0.010), (4600.0, 0.050)], now=4600.0)
     (x0, y0, _), (x1, y1, tip) = chart.points
-    assert (x0, x1) == (0.0, 600.0)
+    assert (x0, x1) == (0.0, 1100.0)
     assert y1 < y0  # slower is higher
     assert tip.endswith("50.0 ms")
