@@ -207,7 +207,13 @@ WAIT_TIMEOUT: Option[float] = Option(
 GC_FORCE = switch(
     "--force",
     None,
-    "ignore the --keep-old period, and remove even what the service would fall back to",
+    "ignore the --keep-old period, and remove even the version the service falls back to "
+    "while its active version has no instance up",
+)
+PROMOTE_FORCE = switch(
+    "--force",
+    None,
+    "promote even when no instance of VERSION is up (the service routes to nothing)",
 )
 DRY_RUN = switch("--dry-run", None, "only say what would go")
 CERT_NAME: Option[str] = Option(
@@ -256,7 +262,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "promote",
         "route a service to one version; old instances retire",
-        (SERVICE, VERSION, MIN_INSTANCES, KEEP_OLD, *WAIT),
+        (SERVICE, VERSION, MIN_INSTANCES, KEEP_OLD, PROMOTE_FORCE, *WAIT),
     ),
     Command(
         "canary",
@@ -452,6 +458,7 @@ class Cli:
             version,
             min_instances=v[MIN_INSTANCES],
             keep_old=v[KEEP_OLD],
+            force=v[PROMOTE_FORCE],
         )
         say(
             f"{service}: {version} is now the active version (revision {written.revision}); "

@@ -9,6 +9,7 @@ cannot silently overwrite each other: one wins, the other gets `Conflict`. The C
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from fluster import keys
 from fluster.catalog import Catalog, Service, Snapshot
 from fluster.certs import Certificate, validate_cert_name
 from fluster.records import Instance, RecordError, ReloaderStatus, ServiceSpec
+from fluster.routing import routing
 from fluster.store import Conflict, Store
 
 
@@ -78,14 +80,22 @@ async def promote(
     *,
     min_instances: int = 1,
     keep_old: timedelta = timedelta(minutes=10),
+    force: bool = False,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> Written:
+    """Make `version` the active one. Refused below `min_instances` up, and (unless
+    forced) when no instance of it is up: the spec would then route to nothing."""
     svc = _service(await snapshot(store, prefix), service)
     have = up_count(svc, version)
     if have < min_instances:
         raise Refused(
             f"{service} has {have} instance(s) of {version} up, fewer than --min-instances "
             f"{min_instances}; versions registered: {_versions(svc)}"
+        )
+    if not have and not force:
+        raise Refused(
+            f"{service} has no instance of {version} up: the service would route to "
+            f"nothing (--force to promote anyway); versions registered: {_versions(svc)}"
         )
     old = svc.spec.active_version
     history = svc.spec.history if old in (None, version) else (old, *svc.spec.history)
@@ -114,9 +124,19 @@ async def canary(store: Store, prefix: str, service: str, version: str, weight: 
 
 
 async def rollback(store: Store, prefix: str, service: str) -> Written:
+    """Back to the previous active version; from the first promotion, back to "(all)".
+
+    A promotion from "(all)" records no history entry, so an empty history with an
+    active version means "(all)" came before it (unless more than MAX_HISTORY
+    promotions pushed older entries out)."""
     svc = _service(await snapshot(store, prefix), service)
     if not svc.spec.history:
-        raise Refused(f"{service} has no previous active version to roll back to")
+        if svc.spec.active_version is None:
+            raise Refused(f"{service} routes every version already: nothing to roll back")
+        if not any(i.state == "up" for i in svc.instances.values()):
+            raise Refused(f"{service}: no instance is up to route every version to")
+        spec = svc.spec.replace(active_version=None, canary=None, history=[])
+        return await write_spec(store, prefix, svc, spec)
     previous, *rest = svc.spec.history
     if not up_count(svc, previous):
         raise Refused(
@@ -155,8 +175,10 @@ async def gc(
     """Delete records of versions the spec no longer routes; returns their keys.
 
     Waits for `keep_old_until` (set by promote) unless forced, so a rollback stays
-    possible for that long. Each delete compares the record's mod revision: an instance
-    that re-registered in the meantime is left alone.
+    possible for that long. Refuses (unless forced) to remove what the service falls
+    back to while its active version has no instance up (`fluster.routing`): that
+    would leave it routing to nothing. Each delete compares the record's mod revision:
+    an instance that re-registered in the meantime is left alone.
     """
     snap = await snapshot(store, prefix)
     svc = _service(snap, service)
@@ -165,6 +187,13 @@ async def gc(
     until = svc.spec.keep_old_until
     if until and not force and now() < datetime.fromisoformat(until):
         raise Refused(f"{service}: old versions are kept until {until} (--force to remove now)")
+    now_routed = routing(svc)
+    if not force and now_routed.fallback and not routing(_without_old(svc)).instances:
+        raise Refused(
+            f"{service}: {svc.spec.active_version} has no instance up and the service is "
+            f"served by {now_routed.fallback}; removing old versions would route it to "
+            "nothing (start the active version, roll back, or --force)"
+        )
     _, kvs = await store.get_prefix(keys.service_prefix(prefix, service) + "instances/")
     removed = []
     for kv in kvs:
@@ -178,6 +207,12 @@ async def gc(
             await store.replace(kv.key, None, mod_revision=kv.mod_revision)
         removed.append(kv.key)
     return removed
+
+
+def _without_old(svc: Service) -> Service:
+    """`svc` as gc would leave it: only instances of versions the spec routes."""
+    kept = {n: i for n, i in svc.instances.items() if svc.spec.routes_version(i.version)}
+    return dataclasses.replace(svc, instances=kept)
 
 
 async def reloaders(store: Store, prefix: str) -> dict[str, ReloaderStatus | None]:

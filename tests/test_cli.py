@@ -207,3 +207,45 @@ def test_unreachable_etcd_is_exit_1_with_a_clear_message() -> None:
     proc = subprocess.run([FLUSTER, "ls"], capture_output=True, text=True, env=env, timeout=30)
     assert proc.returncode == 1
     assert "etcd unreachable" in proc.stderr
+
+
+def register_state(etcd: Etcd, service: str, name: str, version: str, state: str) -> None:
+    record = {"host": "10.0.0.1", "port": 80, "version": version, "state": state}
+    etcd.put(f"{PREFIX}/services/{service}/instances/{name}", json.dumps(record))
+
+
+def test_rollback_from_the_first_promotion_returns_to_all(etcd: Etcd, cli) -> None:  # type: ignore[no-untyped-def]
+    register(etcd, "web", "a", "v1")
+    register(etcd, "web", "b", "v2")
+    assert cli("promote", "web", "v2", "--no-wait")[0] == 0
+    code, out, err = cli("rollback", "web", "--no-wait")
+    assert code == 0, err
+    assert "rolled back to (all)" in out
+    spec = spec_of(etcd, "web")
+    assert (spec.active_version, spec.history) == (None, ())
+    code, _, err = cli("rollback", "web", "--no-wait")
+    assert code == 4 and "routes every version already" in err
+
+
+def test_promote_refuses_to_route_to_nothing_unless_forced(etcd: Etcd, cli) -> None:  # type: ignore[no-untyped-def]
+    register(etcd, "web", "a", "v1")
+    register_state(etcd, "web", "b", "v2", "draining")
+    code, _, err = cli("promote", "web", "v2", "--min-instances", "0", "--no-wait")
+    assert code == 4 and "route to nothing" in err
+    assert spec_of(etcd, "web").active_version is None
+    code, _, err = cli("promote", "web", "v2", "--min-instances", "0", "--force", "--no-wait")
+    assert code == 0, err
+    assert spec_of(etcd, "web").active_version == "v2"
+
+
+def test_gc_refuses_to_remove_the_version_a_service_falls_back_to(etcd: Etcd, cli) -> None:  # type: ignore[no-untyped-def]
+    register(etcd, "web", "old", "v1")
+    register(etcd, "web", "new", "v2")
+    assert cli("promote", "web", "v2", "--keep-old", "0s", "--no-wait")[0] == 0
+    register_state(etcd, "web", "new", "v2", "draining")  # v2 scaled away by mistake
+    code, _, err = cli("gc", "web")
+    assert code == 4 and "served by v1" in err and "route it to nothing" in err
+    left = etcd.ctl("get", "--prefix", "--keys-only", f"{PREFIX}/services/web/instances/").stdout
+    assert f"{PREFIX}/services/web/instances/old" in left.split()
+    code, out, err = cli("gc", "web", "--force")
+    assert code == 0 and "removed 1 record(s)" in out, err

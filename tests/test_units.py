@@ -110,3 +110,28 @@ def test_units_read_settings_from_the_example_env_files(unit: Path) -> None:
         }
     used = set(re.findall(r"\$\{(\w+)\}", unit.read_text()))
     assert used <= defined, sorted(used - defined)
+
+
+def test_routing_falls_back_to_the_most_recent_version_with_instances_up() -> None:
+    from fluster.catalog import Service
+    from fluster.records import Instance, ServiceSpec
+    from fluster.routing import routing
+
+    def inst(version: str, state: str = "up") -> Instance:
+        return Instance(host="10.0.0.1", port=80, version=version, state=state)  # type: ignore[arg-type]
+
+    instances = {"a": inst("v1"), "b": inst("v2"), "c": inst("v3", "draining"), "d": inst("v0")}
+    spec = ServiceSpec(active_version="v3", history=("v2", "v1"))
+    svc = Service(name="web", spec=spec, instances=instances)
+    decided = routing(svc)
+    assert (decided.fallback, list(decided.instances)) == ("v2", ["b"])
+    assert routing(svc, strict=True).empty
+    # Healthy active version: as the spec says, no fallback.
+    healthy = Service(name="web", spec=spec, instances={**instances, "c": inst("v3")})
+    assert (routing(healthy).fallback, list(routing(healthy).instances)) == (None, ["c"])
+    # Nothing in the history is up: the version with most instances up.
+    lone = Service(name="web", spec=spec, instances={"d": inst("v0"), "c": inst("v3", "draining")})
+    assert routing(lone).fallback == "v0"
+    # Nothing up at all, or every version routed: never a fallback.
+    assert routing(Service(name="web", spec=spec, instances={"c": instances["c"]})).empty
+    assert routing(Service(name="web", instances=instances)).fallback is None
