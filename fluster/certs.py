@@ -17,7 +17,6 @@ refuses it, the reloader skips it and keeps serving the previous one.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -72,7 +71,7 @@ class Certificate:
     issuer: str
     not_before: datetime
     not_after: datetime
-    fingerprint: str  # sha256 of the leaf, hex
+    fingerprint: str  # sha256 of the leaf's DER, hex (what clients see)
 
     def covers(self, host: str) -> bool:
         return covers(self.names, host)
@@ -130,7 +129,7 @@ class Certificate:
             issuer=leaf.issuer.rfc4514_string()[:300],
             not_before=not_before,
             not_after=not_after,
-            fingerprint=hashlib.sha256(certs[0]).hexdigest(),
+            fingerprint=leaf.fingerprint(hashes.SHA256()).hex(),
         )
 
 

@@ -19,6 +19,7 @@ from fluster import __version__, ops
 from fluster.catalog import Service, Snapshot
 from fluster.records import (
     BALANCES,
+    MAX_HSTS_SECONDS,
     MODES,
     RecordError,
     validate_instance_name,
@@ -169,6 +170,23 @@ CHECK: Option[str | None] = Option(
 CHECK_INTERVAL: Option[int | None] = Option(
     "--check-interval", None, "check interval (ms)", None, integer(100, 3_600_000), metavar="MS"
 )
+HTTPS: Option[str | None] = Option(
+    "--https",
+    None,
+    "HTTPS policy: off, on, redirect, or default (redirect when a certificate covers "
+    "one of its hosts, else off)",
+    None,
+    one_of("off", "on", "redirect", "default"),
+    metavar="POLICY",
+)
+HSTS: Option[int | str | None] = Option(
+    "--hsts-seconds",
+    None,
+    "Strict-Transport-Security max-age on HTTPS replies, or 'none'",
+    None,
+    lambda text: "none" if str(text) == "none" else integer(0, MAX_HSTS_SECONDS)(text),
+    metavar="SECONDS",
+)
 MIN_INSTANCES: Option[int] = Option(
     "--min-instances",
     None,
@@ -256,6 +274,8 @@ COMMANDS: tuple[Command, ...] = (
             BALANCE,
             CHECK,
             CHECK_INTERVAL,
+            HTTPS,
+            HSTS,
             JSON,
         ),
     ),
@@ -440,6 +460,10 @@ class Cli:
                 changes["check"] = None
             else:
                 changes["check"] = {"path": check or "/", "interval_ms": interval or 2000}
+        if v[HTTPS]:
+            changes["https"] = None if v[HTTPS] == "default" else v[HTTPS]
+        if v[HSTS] is not None:
+            changes["hsts_seconds"] = None if v[HSTS] == "none" else v[HSTS]
         if not changes:
             snap = await ops.snapshot(store, self.prefix)
             svc = snap.services.get(service) or Service(name=service)

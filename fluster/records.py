@@ -39,6 +39,8 @@ State = Literal["up", "draining"]
 Mode = Literal["http", "tcp"]
 STATES: Final = ("up", "draining")
 MODES: Final = ("http", "tcp")
+HTTPS_POLICIES: Final = ("off", "on", "redirect")
+MAX_HSTS_SECONDS: Final = 2 * 365 * 86400
 BALANCES: Final = ("roundrobin", "leastconn", "static-rr", "first", "source", "random")
 
 
@@ -281,6 +283,10 @@ class ServiceSpec:
     # Set by `fluster promote --keep-old`: before this UTC time `fluster gc` keeps the
     # records of versions no longer routed, so a rollback still has somewhere to go.
     keep_old_until: str | None = None
+    # Served over HTTPS: "off", "on" (both schemes) or "redirect" (HTTP answers 308 to
+    # HTTPS). None: "redirect" when a certificate covers one of its hosts, else "off".
+    https: str | None = None
+    hsts_seconds: int | None = None  # Strict-Transport-Security max-age on HTTPS replies
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -317,6 +323,8 @@ class ServiceSpec:
         history = obj.get("history", [])
         _require(isinstance(history, list), "history", "must be a list")
         check, canary = obj.get("check"), obj.get("canary")
+        https, hsts = obj.get("https"), obj.get("hsts_seconds")
+        _require(https in (None, *HTTPS_POLICIES), "https", "must be off, on, redirect or null")
         return cls(
             mode=mode,
             hosts=tuple(validate_host(h, "hosts") for h in hosts),
@@ -328,6 +336,8 @@ class ServiceSpec:
             canary=None if canary is None else Canary.from_dict(canary),
             history=tuple(validate_version(v, "history") for v in history[:MAX_HISTORY]),
             keep_old_until=_timestamp(obj.get("keep_old_until"), "keep_old_until"),
+            https=https,
+            hsts_seconds=None if hsts is None else _int(hsts, "hsts_seconds", 0, MAX_HSTS_SECONDS),
         )
 
     @classmethod

@@ -20,9 +20,10 @@ from fluster.catalog import Catalog, Snapshot
 from fluster.runtime import Supervisor, TaskDied
 from fluster.store import Store
 from reloader.apply import Applier, ApplyFailed, Rejected
+from reloader.certs import CertWatcher, TlsFiles, TlsTarget, target
 from reloader.debounce import Debouncer
 from reloader.guard import RemovalGuard
-from reloader.haproxy import Haproxy, StartFailed
+from reloader.haproxy import Haproxy, HaproxyError, StartFailed
 from reloader.model import with_servers_of
 from reloader.publish import Publisher
 from reloader.render import Rendered, Renderer, RenderError
@@ -31,6 +32,7 @@ from reloader.settings import Settings
 from reloader.status import (
     LATENCY_WINDOW,
     ApplyRecord,
+    CertStatus,
     FailureReason,
     ServiceStatus,
     Stats,
@@ -63,6 +65,12 @@ class Reloader:
         self.applier.on_late_rejection = self._late_rejection
         self.publisher = Publisher(self.store, settings.prefix, settings.reloader_id, settings.node)
         self.stats = Stats()
+        self.certs = CertWatcher(self.store, settings.prefix)
+        self.certs.on_change = self.debouncer.poke
+        self.tls = TlsFiles(rs, rs.admin_socket)
+        self.tls_live = TlsTarget()  # what HAProxy holds in memory
+        self.tls_applies = 0
+        self.tls_failures = 0
         self.latest: Snapshot | None = None
         self.applied: Snapshot | None = None
 
@@ -118,6 +126,7 @@ class Reloader:
         # HAProxy came back from the live file, which may lag the runtime API by one
         # apply: reconcile now rather than at the next change.
         self.applier.restarted()
+        self.tls_live = self.tls.written
         self.debouncer.poke()
 
     async def apply(self, snapshot: Snapshot) -> None:
@@ -126,8 +135,10 @@ class Reloader:
         rendered: Rendered | None = None
         try:
             guarded = self.guard.filter(snapshot, self.applied)
-            rendered = self.renderer.render(guarded, self.settings.render)
+            tls = self._write_tls(guarded)
+            rendered = self.renderer.render(guarded, self.settings.render, tls=bool(tls.certs))
             kind = await self.applier.apply(rendered)
+            await self._push_tls(tls, https=rendered.model.https_bind is not None, kind=kind)
         except (Rejected, RenderError, ApplyFailed) as exc:
             reason: FailureReason = (
                 "rejected"
@@ -184,6 +195,33 @@ class Reloader:
             log.warning("service not routed", reason=skipped, revision=snapshot.revision)
         self.publisher.publish(snapshot.revision)
 
+    def _write_tls(self, snapshot: Snapshot) -> TlsTarget:
+        """The HTTPS files for `snapshot` and the certificates, on disk before HAProxy
+        is asked to do anything, so a reload at any moment reproduces them."""
+        want = target(self.certs.valid(), snapshot, self.settings.render.domain)
+        self.tls.write(want)
+        return want
+
+    async def _push_tls(self, want: TlsTarget, *, https: bool, kind: str) -> None:
+        """Certificates and policy through the runtime API: a reload read the files
+        already; a running HTTPS frontend gets the difference, and on any refusal a
+        reload of the (valid, current) files instead."""
+        if kind == "reload" or not https or want == self.tls_live:
+            self.tls_live = want
+            return
+        try:
+            changes = await self.tls.push(self.tls_live, want)
+        except HaproxyError as exc:
+            log.error("certificate change refused by the runtime API, reloading", error=str(exc))
+            self.tls_failures += 1
+            self.stats.last_error = f"tls: {exc}"[:2000]
+            await self.haproxy.reload()
+            self.stats.applies["reload"] += 1
+        else:
+            self.tls_applies += 1
+            log.info("applied certificates and HTTPS policy", changes=changes)
+        self.tls_live = want
+
     # -- status --------------------------------------------------------------------------
 
     def status(self) -> Status:
@@ -210,6 +248,11 @@ class Reloader:
             catalog_resyncs=self.catalog.resyncs,
             catalog_reconnects=self.catalog.reconnects,
             rejected=dict(self.catalog.snapshot.rejected),
+            https=live is not None and live.model.https_bind is not None,
+            certificates={name: CertStatus.of(cert) for name, cert in self.certs.certs.items()},
+            rejected_certificates=dict(self.certs.rejected),
+            tls_applies=self.tls_applies,
+            tls_failures=self.tls_failures,
             held_removals=len(held),
             skipped_services=skipped,
             applies=dict(self.stats.applies),
@@ -247,7 +290,7 @@ class Reloader:
 
     async def _first_snapshot(self) -> Snapshot | None:
         deadline = time.monotonic() + FIRST_SNAPSHOT_WAIT
-        while self.latest is None and time.monotonic() < deadline:
+        while (self.latest is None or not self.certs.loaded) and time.monotonic() < deadline:
             await self.debouncer.settled(0.05)
         return self.latest
 
@@ -258,7 +301,12 @@ class Reloader:
         self.debouncer.due()  # the first snapshot is applied right here
         if first is None:
             log.warning("no etcd state yet", wait_s=FIRST_SNAPSHOT_WAIT)
-        rendered = self.renderer.render(first or Snapshot(), self.settings.render)
+        self.tls.ensure_default()
+        tls = self._write_tls(first or Snapshot())
+        self.tls_live = tls
+        rendered = self.renderer.render(
+            first or Snapshot(), self.settings.render, tls=bool(tls.certs)
+        )
         if first is None and await self.applier.initial_from_file(rendered):
             log.warning("starting HAProxy with the config of the previous run")
         else:
@@ -272,6 +320,7 @@ class Reloader:
         try:
             await self.store.connect()
             supervisor.start("catalog", self.catalog.run(self.on_snapshot))
+            supervisor.start("certs", self.certs.run())
             try:
                 first = await self._install_first_config()
             except (Rejected, RenderError) as exc:
@@ -311,7 +360,7 @@ class Reloader:
             await self._shutdown(supervisor, status)
 
     async def _shutdown(self, supervisor: Supervisor, status: StatusServer) -> None:
-        for name in ("pipeline", "catalog"):
+        for name in ("pipeline", "catalog", "certs"):
             task = supervisor.tasks.pop(name, None)
             if task is not None:
                 task.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from fluster import keys
 from fluster.catalog import Catalog
 from fluster.runtime import capture_signals, run, setup_logging
 from fluster.settings import SettingsError, exit_on_problems, make_directory
@@ -17,7 +18,9 @@ from reloader.render import Renderer, RenderError
 async def render_once(settings: settings_mod.Settings, renderer: Renderer) -> int:
     async with Store(settings.etcd) as store:
         snapshot = await Catalog(store, settings.prefix).load()
-    sys.stdout.write(renderer.render(snapshot, settings.render).text)
+        _, certs = await store.get_prefix(keys.certs_prefix(settings.prefix))
+    # HTTPS is on when a record is there; its validity is the running reloader's concern.
+    sys.stdout.write(renderer.render(snapshot, settings.render, tls=bool(certs)).text)
     return 0
 
 

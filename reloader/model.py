@@ -55,6 +55,10 @@ class RenderSettings:
     hard_stop_after_s: int = 60
     max_reloads: int = 50
     maxconn: int | None = None  # None: HAProxy derives it from the file descriptor limit
+    # The HTTPS frontend's address (None: never). Unless `https_always`, it binds only
+    # once a certificate exists, so an edge without certificates listens on HTTP alone.
+    https_bind: tuple[str, int] | None = ("", 443)
+    https_always: bool = False
 
     @property
     def admin_socket(self) -> Path:
@@ -76,6 +80,29 @@ class RenderSettings:
     def routes_map(self) -> Path:
         """The HTTP frontend's routing table: `host/path-prefix/ backend` per line."""
         return self.state_dir / "routes.map"
+
+    # HTTPS state lives beside the config, not in it (reloader.certs keeps these files
+    # and HAProxy's memory in step through the runtime API): a certificate or a policy
+    # change never changes haproxy.cfg, so it never costs a reload.
+    @property
+    def tls_dir(self) -> Path:
+        return self.state_dir / "tls"
+
+    @property
+    def default_cert(self) -> Path:
+        return self.tls_dir / "default.pem"
+
+    @property
+    def crt_list(self) -> Path:
+        return self.tls_dir / "crt-list"
+
+    @property
+    def https_map(self) -> Path:
+        return self.tls_dir / "https.map"
+
+    @property
+    def hsts_map(self) -> Path:
+        return self.tls_dir / "hsts.map"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +168,7 @@ class Model:
     tcp_routes: tuple[Route, ...] = ()
     backends: tuple[Backend, ...] = ()
     skipped: tuple[str, ...] = ()  # services left out, with the reason
+    https_bind: tuple[str, int] | None = None  # the HTTPS frontend, when it is on
 
     def without_servers(self) -> Model:
         """The same model with every backend emptied: the config's structure."""
@@ -251,8 +279,9 @@ def _service(svc: Service, settings: RenderSettings) -> tuple[Route, list[Backen
     return route, backends
 
 
-def build_model(snapshot: Snapshot, settings: RenderSettings) -> Model:
-    """Snapshot + settings -> Model; deterministic, no I/O."""
+def build_model(snapshot: Snapshot, settings: RenderSettings, *, tls: bool = False) -> Model:
+    """Snapshot + settings -> Model; deterministic, no I/O. `tls`: some certificate
+    exists, which turns on an HTTPS frontend that waits for one."""
     http: list[Route] = []
     tcp: list[Route] = []
     backends: list[Backend] = []
@@ -260,6 +289,9 @@ def build_model(snapshot: Snapshot, settings: RenderSettings) -> Model:
     reserved = {settings.http_bind[1]: "the HTTP frontend"}
     if settings.stats_bind:
         reserved[settings.stats_bind[1]] = "the stats page"
+    https_bind = settings.https_bind if tls or settings.https_always else None
+    if https_bind:
+        reserved[https_bind[1]] = "the HTTPS frontend"
     ports = _Ports(dict(reserved))
     for name, svc in sorted(snapshot.services.items()):
         try:
@@ -279,4 +311,4 @@ def build_model(snapshot: Snapshot, settings: RenderSettings) -> Model:
         backends.extend(svc_backends)
     # Longest path prefix first, so /api/v2 wins over /api on a shared host.
     http.sort(key=lambda r: (-len(r.path_prefix), r.service))
-    return Model(settings, tuple(http), tuple(tcp), tuple(backends), tuple(skipped))
+    return Model(settings, tuple(http), tuple(tcp), tuple(backends), tuple(skipped), https_bind)

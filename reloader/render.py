@@ -82,12 +82,15 @@ class Renderer:
                 http_routes=model.http_routes,
                 tcp_routes=model.tcp_routes,
                 backends=model.backends,
+                https_bind=model.https_bind,
             )
         except (jinja2.TemplateError, ModelError, TypeError, ValueError) as exc:
             raise RenderError(f"{type(exc).__name__}: {exc}") from exc
 
-    def render(self, snapshot: Snapshot, settings: RenderSettings) -> Rendered:
-        return self.render_model(build_model(snapshot, settings))
+    def render(
+        self, snapshot: Snapshot, settings: RenderSettings, *, tls: bool = False
+    ) -> Rendered:
+        return self.render_model(build_model(snapshot, settings, tls=tls))
 
     def render_model(self, model: Model) -> Rendered:
         try:

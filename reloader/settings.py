@@ -88,6 +88,15 @@ def _directory(text: object) -> Path:
     return path
 
 
+def _https_bind(text: object) -> tuple[tuple[str, int] | None, bool]:
+    """(address or None, bind even before a certificate exists)."""
+    if text == "auto":
+        return ("", 443), False
+    if text == "off":
+        return None, False
+    return bind_address(text), True
+
+
 def _reloader_id(text: object) -> str:
     rid = str(text)
     if not rid or "/" in rid or len(rid) > 128:
@@ -119,6 +128,15 @@ HTTP_BIND: Option[tuple[str, int]] = Option(
     ("", 80),
     bind_address,
     shown="*:80",
+)
+HTTPS_BIND: Option[tuple[tuple[str, int] | None, bool]] = Option(
+    "--https-bind",
+    "RELOADER_HTTPS_BIND",
+    "address of the HTTPS frontend: auto (*:443 once a certificate exists in etcd), an "
+    "address (always; the default certificate answers until one exists), or off",
+    (("", 443), False),
+    _https_bind,
+    shown="auto",
 )
 STATUS_BIND: Option[tuple[str, int]] = Option(
     "--status-bind",
@@ -217,6 +235,7 @@ OPTIONS: tuple[Option[Any], ...] = (
     ONCE,
     STATE_DIR,
     HTTP_BIND,
+    HTTPS_BIND,
     STATUS_BIND,
     STATS_BIND,
     DOMAIN,
@@ -263,6 +282,8 @@ def load(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             http_bind=v[HTTP_BIND],
             domain=v[DOMAIN],
             stats_bind=v[STATS_BIND],
+            https_bind=v[HTTPS_BIND][0],
+            https_always=v[HTTPS_BIND][1],
             hard_stop_after_s=v[HARD_STOP_AFTER],
         ),
         status_bind=v[STATUS_BIND],

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from fluster.catalog import Service, Snapshot
+from fluster.certs import Certificate
 
 ApplyKind = Literal["noop", "runtime", "reload"]
 FailureReason = Literal["rejected", "reload", "render"]
@@ -145,6 +146,28 @@ class ServiceStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class CertStatus:
+    """A certificate the edge serves (private key not included, ever)."""
+
+    names: list[str]
+    issuer: str
+    not_after: str  # ISO 8601
+    expires_in_seconds: float
+    fingerprint_sha256: str
+
+    @classmethod
+    def of(cls, cert: Certificate, now: float | None = None) -> CertStatus:
+        now = time.time() if now is None else now
+        return cls(
+            names=list(cert.names),
+            issuer=cert.issuer,
+            not_after=cert.not_after.isoformat(),
+            expires_in_seconds=round(cert.not_after.timestamp() - now, 1),
+            fingerprint_sha256=cert.fingerprint,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     """The reloader at one moment. Field names are the `/status` JSON keys."""
 
@@ -175,6 +198,11 @@ class Status:
     behind_seconds: float | None = None  # how long applied_revision has lagged revision
     etcd_endpoints: list[str] = field(default_factory=list)
     apply_latency: list[tuple[float, float]] = field(default_factory=list)  # (unix time, s)
+    https: bool = False  # the HTTPS frontend is bound
+    certificates: Mapping[str, CertStatus] = field(default_factory=dict)  # by record name
+    rejected_certificates: Mapping[str, str] = field(default_factory=dict)  # name -> why
+    tls_applies: int = 0  # certificate/policy changes made through the runtime API
+    tls_failures: int = 0  # such changes HAProxy refused (a reload applied them instead)
 
     @property
     def rejected_records(self) -> int:
@@ -201,6 +229,8 @@ class Status:
         out["rejected_records"] = self.rejected_records
         out["lag"] = self.lag
         out["recent_applies"] = [a.to_json() for a in self.recent_applies]
+        out["certificates"] = {name: asdict(c) for name, c in self.certificates.items()}
+        out["rejected_certificates"] = dict(self.rejected_certificates)
         out["services"] = {
             name: {**asdict(svc), "routes_to_nothing": svc.routes_to_nothing}
             for name, svc in self.services.items()

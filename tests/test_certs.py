@@ -132,3 +132,30 @@ def test_cert_add_refuses_bad_pairs_and_writes_nothing(
 def test_cert_add_names_a_missing_file(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     code, _, err = cli("cert", "add", "w", "--cert", str(tmp_path / "no"), "--key", "x")
     assert code == 2 and "cannot read" in err
+
+
+def test_policy_per_host_defaults_to_redirect_when_a_certificate_covers_it() -> None:
+    from fluster.catalog import Service, Snapshot
+    from fluster.records import ServiceSpec
+    from reloader.certs import target
+
+    def svc(name: str, **spec: object) -> Service:
+        return Service(name, ServiceSpec.from_dict(spec), has_spec=True)
+
+    snap = Snapshot(
+        1,
+        {
+            "web": svc("web", hosts=["web.test"], hsts_seconds=60),
+            "api": svc("api", hosts=["web.test"], path_prefix="/api", https="on"),
+            "plain": svc("plain"),
+            "db": svc("db", mode="tcp", port=5432),
+            "v6": svc("v6", hosts=["::1"], https="on"),
+        },
+    )
+    cert = Certificate.parse("web", pem("web.test"))
+    want = target({"web": cert}, snap, "localhost")
+    assert dict(want.policy) == {"[::1]": "on", "plain.localhost": "off", "web.test": "redirect"}
+    assert dict(want.hsts) == {"web.test": 60}
+    assert list(want.certs) == ["web"] and want.certs["web"] == cert.pem
+    # without the certificate, web falls back to off; api's explicit "on" wins the host
+    assert target({}, snap, "localhost").policy["web.test"] == "on"

@@ -83,6 +83,9 @@ async def test_sidekick_identity_writes_only_its_own_instances(etcd_rbac: RbacEt
         await forbidden(lambda: store.put(keys.reloader_key(PREFIX, "edge-1"), "{}"))
         await forbidden(lambda: store.delete(keys.services_prefix(PREFIX), prefix=True))
         await forbidden(lambda: store.put("/elsewhere", "x"))
+        # TLS private keys are for the edges only.
+        await forbidden(lambda: store.get_prefix(keys.certs_prefix(PREFIX)))
+        await forbidden(lambda: store.get(keys.cert_key(PREFIX, "web")))
         # A watch is refused at creation (WatchRefused), not left hanging.
         with pytest.raises((AuthError, WatchRefused), match="permission denied"):
             await asyncio.wait_for(watch_once(store, keys.services_prefix(PREFIX)), 5)
@@ -119,6 +122,11 @@ async def test_reloader_identity_reads_services_and_writes_only_reloaders(
         await forbidden(lambda: reloader.put(keys.spec_key(PREFIX, "web"), "{}"))
         await forbidden(lambda: reloader.replace(API_1, INSTANCE, mod_revision=0))
         await forbidden(lambda: reloader.get("/elsewhere"))
+        # It reads certificates (to serve them) but never writes one.
+        etcd_rbac.etcd.ctl("put", "--", keys.cert_key(PREFIX, "web"), "pem", check=True)
+        _, certs = await reloader.get_prefix(keys.certs_prefix(PREFIX))
+        assert [kv.key for kv in certs] == [keys.cert_key(PREFIX, "web")]
+        await forbidden(lambda: reloader.put(keys.cert_key(PREFIX, "web"), "x"))
         # (Not checked: etcd 3.4 lets any authenticated user compact; docs/OPERATIONS.md.)
         await reloader.revoke(lease)
 

@@ -241,7 +241,7 @@ class Etcd:
 
     def put(self, key: str, value: str, lease: str | None = None) -> None:
         extra = [f"--lease={lease}"] if lease else []
-        self.ctl("put", *extra, key, value, check=True)
+        self.ctl("put", *extra, "--", key, value, check=True)  # a value may start with -
 
     def delete(self, key: str, prefix: bool = False) -> None:
         self.ctl("del", *(["--prefix"] if prefix else []), key, check=True)

@@ -7,10 +7,10 @@ CN is its etcd user name, and holds only the permissions its job needs.
 - `sidekick-{svc}` (role `fluster-sidekick-{svc}`): read `{prefix}/services/{svc}/`
   (its spec, and the watch that notices its record deleted), readwrite
   `{prefix}/services/{svc}/instances/`;
-- `reloader` (role `fluster-reloader`): read `{prefix}/services/`, readwrite
-  `{prefix}/reloaders/`;
-- `fluster-operator` (role `fluster-operator`): readwrite `{prefix}/services/`, read
-  `{prefix}/reloaders/` (what `fluster promote` waits on);
+- `reloader` (role `fluster-reloader`): read `{prefix}/services/` and `{prefix}/certs/`
+  (TLS private keys: no sidekick ever reads them), readwrite `{prefix}/reloaders/`;
+- `fluster-operator` (role `fluster-operator`): readwrite `{prefix}/services/` and
+  `{prefix}/certs/`, read `{prefix}/reloaders/` (what `fluster promote` waits on);
 - `root`: everything, used only by the test to set up.
 
 A sidekick cannot rewrite its service's spec (that would let a compromised host
@@ -45,6 +45,7 @@ def sidekick_identity(service: str) -> str:
 def rbac_commands(prefix: str, services: Iterable[str]) -> list[tuple[str, ...]]:
     """The etcdctl argument lists that build the roles above, in order (auth enable last)."""
     svc_root = f"{prefix}/services/"
+    certs_root = f"{prefix}/certs/"
     cmds: list[tuple[str, ...]] = [("user", "add", "root", "--no-password")]
     for service in services:
         role, user = f"fluster-sidekick-{service}", sidekick_identity(service)
@@ -65,6 +66,7 @@ def rbac_commands(prefix: str, services: Iterable[str]) -> list[tuple[str, ...]]
     cmds += [
         ("role", "add", "fluster-reloader"),
         ("role", "grant-permission", "--prefix=true", "fluster-reloader", "read", svc_root),
+        ("role", "grant-permission", "--prefix=true", "fluster-reloader", "read", certs_root),
         (
             "role",
             "grant-permission",
@@ -79,6 +81,14 @@ def rbac_commands(prefix: str, services: Iterable[str]) -> list[tuple[str, ...]]
         ("user", "grant-role", "reloader-pw", "fluster-reloader"),
         ("role", "add", "fluster-operator"),
         ("role", "grant-permission", "--prefix=true", "fluster-operator", "readwrite", svc_root),
+        (
+            "role",
+            "grant-permission",
+            "--prefix=true",
+            "fluster-operator",
+            "readwrite",
+            certs_root,
+        ),
         (
             "role",
             "grant-permission",
