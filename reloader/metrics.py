@@ -66,9 +66,24 @@ def families(s: Status) -> Iterator[Metric]:
             "Services HAProxy routes but with no instance to send traffic to.",
             sum(1 for svc in s.services.values() if svc.routes_to_nothing),
         ),
+        ("https", "1 when the HTTPS frontend is bound.", int(s.https)),
+        ("certificates", "Valid certificates loaded from etcd.", len(s.certificates)),
+        (
+            "rejected_certificates",
+            "Certificate records in etcd skipped as invalid.",
+            len(s.rejected_certificates),
+        ),
     ]
     for name, help_, value in gauges:
         yield GaugeMetricFamily(f"reloader_{name}", help_, value=value)
+    expiry = GaugeMetricFamily(
+        "reloader_certificate_expiry_seconds",
+        "Seconds until each served certificate expires (alert well before 0).",
+        labels=["cert"],
+    )
+    for name, cert in s.certificates.items():
+        expiry.add_metric([name], cert.expires_in_seconds)
+    yield expiry
     counters: list[tuple[str, str, float]] = [
         (
             "rejections_total",
@@ -86,6 +101,16 @@ def families(s: Status) -> Iterator[Metric]:
             s.catalog_reconnects,
         ),
         ("haproxy_restarts_total", "HAProxy restarts after it died.", s.haproxy_restarts),
+        (
+            "tls_applies_total",
+            "Certificate or HTTPS policy changes made through the runtime API.",
+            s.tls_applies,
+        ),
+        (
+            "tls_failures_total",
+            "Certificate changes HAProxy refused at runtime (a reload applied them).",
+            s.tls_failures,
+        ),
     ]
     for name, help_, value in counters:
         yield CounterMetricFamily(f"reloader_{name}", help_, value=value)

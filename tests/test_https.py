@@ -135,6 +135,11 @@ def test_sni_http2_default_certificate_policy_and_redirect(
     assert curl(port, "plain.localhost")["code"] == "404"
     status = reloader.status()
     assert sorted(status["certificates"]) == ["api", "web.test"]
+    assert status["https"] is True
+    code, metrics = reloader.http_get("/metrics")
+    assert code == 200
+    assert 'reloader_certificate_expiry_seconds{cert="web.test"}' in metrics
+    assert "reloader_certificates 2.0" in metrics
 
 
 def _location(port: int, host: str, path: str) -> str:
@@ -242,6 +247,7 @@ def test_invalid_certificates_are_skipped_and_the_old_one_keeps_serving(
     # a bad record under a new name hurts nobody
     etcd.put(CERT.format("junk"), "-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n")
     wait_for(lambda: "junk" in reloader.status()["rejected_certificates"], what="junk rejected")
+    assert "reloader_rejected_certificates 2.0" in reloader.http_get("/metrics")[1]
     assert served_fingerprint(port, "web.test") == fp
     # deleting the record stops serving it: the default certificate answers
     etcd.delete(CERT.format("web.test"))
