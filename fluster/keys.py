@@ -1,4 +1,4 @@
-"""The etcd key layout (a contract shared with every component, see DESIGN.md).
+"""The etcd key layout (a contract shared with every component, docs/REGISTRY.md).
 
 {prefix}/services/{service}/instances/{instance}   Instance JSON, leased
 {prefix}/services/{service}/spec                   ServiceSpec JSON, permanent

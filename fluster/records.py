@@ -2,7 +2,7 @@
 
 Every value here ends up printed into haproxy.cfg or sent over the runtime API, so
 validation is the only thing standing between a stray `etcdctl put` and a broken load
-balancer. The rules are deliberately narrow (see DESIGN.md, "Names"): a record that is
+balancer. The rules are deliberately narrow (docs/REGISTRY.md, "Names"): a record that is
 not provably harmless is rejected with a `RecordError` naming the field and the reason,
 and the catalog skips it.
 """

@@ -83,7 +83,7 @@ class WatchRefused(StoreError):
 
 @dataclass(frozen=True, slots=True)
 class EtcdSettings:
-    """How to reach etcd: shared by every component (see DESIGN.md, command-line contract)."""
+    """How to reach etcd: shared by every component (docs/REGISTRY.md, the environment)."""
 
     endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
     cacert: Path | None = None
