@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real parts the tests and the demo use, from Debian's packages, when they
-# are missing: etcd, HAProxy, the Docker engine and compose, wrk/hey, mmdebstrap, chromium.
+# are missing: etcd, HAProxy, the Docker engine and compose, wrk/hey, mmdebstrap, chromium
+# (the dashboard test), promtool (the alert rules test), curl (the demo's readiness wait).
 set -euo pipefail
 
 need=()
@@ -16,6 +17,8 @@ want mmdebstrap mmdebstrap
 want openssl openssl
 want systemd-analyze systemd
 want chromium chromium
+want promtool prometheus
+want curl curl
 want ip iproute2
 
 if [ ${#need[@]} -eq 0 ]; then
