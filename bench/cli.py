@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import report, scenarios
+from bench import report, scenarios, tls
 from bench.backends import Backends, raise_fd_limit
 from bench.report import Row, ms, ratio
 from fluster.store import EtcdSettings, Store
 from tests.support.etcd import Etcd
 
-ROWS = ("P1", "P2", "P3", "P4", "P5", "P6")
+ROWS = ("P1", "P2", "P3", "P4", "P5", "P6", "H1")
 DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 
 
@@ -102,6 +102,14 @@ async def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], list[str
             except Exception as exc:
                 notes.append(f"P5: {type(exc).__name__}: {exc}")
             print(f"[bench] P5 took {time.monotonic() - started:.0f}s", flush=True)
+        if "H1" in only:
+            started = time.monotonic()
+            try:
+                figures = await tls.h1_https(env, args.trials)
+                rows.append(tls.row(row_command(args, "H1"), figures, args.trials))
+            except Exception as exc:
+                notes.append(f"H1: {type(exc).__name__}: {exc}")
+            print(f"[bench] H1 took {time.monotonic() - started:.0f}s", flush=True)
         if "P6" in only:
             try:
                 rows.append(p6_row(args, await scenarios.p6_sidekick(env, args.idle)))

@@ -109,6 +109,7 @@ class TlsFiles:
         self.certs_dir = settings.tls_dir / "certs"
         self.written = TlsTarget()  # what the files hold
         self.commands = 0  # runtime API commands sent, for tests and metrics
+        self._synced = False  # files from a previous run are rewritten at the first write
 
     def cert_file(self, name: str) -> Path:
         return self.certs_dir / f"{name}.pem"
@@ -133,14 +134,21 @@ class TlsFiles:
         for name, pem in want.certs.items():
             if self.written.certs.get(name) != pem or not self.cert_file(name).exists():
                 _write(self.cert_file(name), pem, 0o600)
-        lines = "".join(f"{self.cert_file(n)}\n" for n in want.certs)
-        _write(self.settings.crt_list, lines)
-        _write(self.settings.https_map, "".join(f"{h} {p}\n" for h, p in want.policy.items()))
-        _write(self.settings.hsts_map, "".join(f"{h} {s}\n" for h, s in want.hsts.items()))
+        have, first = self.written, not self._synced
+        # Only what changed is rewritten (each write is an fsync): a rotation is one file.
+        if first or want.certs.keys() != have.certs.keys():
+            lines = "".join(f"{self.cert_file(n)}\n" for n in want.certs)
+            _write(self.settings.crt_list, lines)
+        if first or want.policy != have.policy:
+            policy = "".join(f"{h} {p}\n" for h, p in want.policy.items())
+            _write(self.settings.https_map, policy)
+        if first or want.hsts != have.hsts:
+            _write(self.settings.hsts_map, "".join(f"{h} {s}\n" for h, s in want.hsts.items()))
         for stale in self.certs_dir.glob("*.pem"):
             if stale.name[: -len(".pem")] not in want.certs:
                 stale.unlink(missing_ok=True)
         self.written = want
+        self._synced = True
 
     async def _run(self, command: str, *ok: str) -> None:
         reply = (await cli(self.admin_socket, command)).strip()
