@@ -46,6 +46,9 @@ class Service:
         default_factory=dict
     )  # instance name -> Instance, sorted by name
     spec_revision: int = 0  # mod revision of the spec key, for compare-and-swap writes
+    # etcd create revisions: who claimed a host or port first (see fluster.routing).
+    spec_created: int = 0  # of the spec key; 0 without a spec
+    created: Mapping[str, int] = field(default_factory=dict)  # instance name -> revision
 
     def routed(self) -> dict[str, Instance]:
         """Instances that should take traffic: `up` and of a version the spec routes."""
@@ -78,12 +81,14 @@ class Snapshot:
 class _Building:
     """Mutable per-service state, frozen into a Service only when it changed."""
 
-    __slots__ = ("instances", "spec", "spec_revision")
+    __slots__ = ("created", "instances", "spec", "spec_created", "spec_revision")
 
     def __init__(self) -> None:
         self.spec: ServiceSpec | None = None
         self.spec_revision = 0
+        self.spec_created = 0
         self.instances: dict[str, Instance] = {}
+        self.created: dict[str, int] = {}
 
     def freeze(self, name: str) -> Service:
         return Service(
@@ -92,6 +97,8 @@ class _Building:
             has_spec=self.spec is not None,
             instances=MappingProxyType(dict(sorted(self.instances.items()))),
             spec_revision=self.spec_revision,
+            spec_created=self.spec_created,
+            created=MappingProxyType(dict(self.created)),
         )
 
 
@@ -225,14 +232,17 @@ class Catalog:
             # compare-and-swap edit (`fluster spec`) replaces the invalid record.
             svc = self._building.setdefault(parsed.service, _Building())
             svc.spec, svc.spec_revision = good, kv.mod_revision
+            svc.spec_created = kv.create_revision
             return parsed.service
         self._rejected.pop(kv.key, None)
         svc = self._building.setdefault(parsed.service, _Building())
         if parsed.kind == "spec":
             svc.spec, svc.spec_revision = spec, kv.mod_revision
             self._last_good[parsed.service] = spec
+            svc.spec_created = kv.create_revision
         else:
             svc.instances[parsed.instance] = instance
+            svc.created[parsed.instance] = kv.create_revision
         return parsed.service
 
     def _delete(self, key: str, *, keep_rejection: bool = False) -> str | None:
@@ -243,11 +253,12 @@ class Catalog:
         if parsed is None or svc is None:
             return None
         if parsed.kind == "spec":
-            svc.spec, svc.spec_revision = None, 0
+            svc.spec, svc.spec_revision, svc.spec_created = None, 0, 0
             if not keep_rejection:
                 self._last_good.pop(parsed.service, None)  # deleted on purpose: defaults
         else:
             svc.instances.pop(parsed.instance, None)
+            svc.created.pop(parsed.instance, None)
         if svc.spec is None and not svc.instances:
             del self._building[parsed.service]
         return parsed.service

@@ -76,6 +76,11 @@ def _int(value: object, name: str, lo: int, hi: int) -> int:
     return value
 
 
+def _bool(value: object, name: str) -> bool:
+    _require(isinstance(value, bool), name, f"must be true or false, not {type(value).__name__}")
+    return bool(value)
+
+
 def _match(regex: re.Pattern[str], value: object, name: str, what: str) -> str:
     text = _str(value, name)
     _require(regex.fullmatch(text) is not None, name, f"{what}, got {text[:80]!r}")
@@ -287,6 +292,9 @@ class ServiceSpec:
     # HTTPS). None: "redirect" when a certificate covers one of its hosts, else "off".
     https: str | None = None
     hsts_seconds: int | None = None  # Strict-Transport-Security max-age on HTTPS replies
+    # With no `up` instance of the active version, route nothing (503) rather than
+    # keep serving the most recent version that has instances (fluster.routing).
+    strict_active: bool = False
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -338,6 +346,7 @@ class ServiceSpec:
             keep_old_until=_timestamp(obj.get("keep_old_until"), "keep_old_until"),
             https=https,
             hsts_seconds=None if hsts is None else _int(hsts, "hsts_seconds", 0, MAX_HSTS_SECONDS),
+            strict_active=_bool(obj.get("strict_active", False), "strict_active"),
         )
 
     @classmethod
