@@ -22,6 +22,7 @@ from fluster.store import Store
 from reloader.apply import Applier, ApplyFailed, Rejected
 from reloader.certs import CertWatcher, TlsFiles, TlsTarget, target
 from reloader.debounce import Debouncer
+from reloader.facts import FactFinder, Reporter
 from reloader.guard import RemovalGuard
 from reloader.haproxy import Haproxy, HaproxyError, StartFailed
 from reloader.model import with_servers_of
@@ -73,6 +74,8 @@ class Reloader:
         self.tls_failures = 0
         self.latest: Snapshot | None = None
         self.applied: Snapshot | None = None
+        self.facts = FactFinder(rs)
+        self.reporter = Reporter()
 
     # -- catalog -> pipeline -------------------------------------------------------------
 
@@ -87,14 +90,22 @@ class Reloader:
             settled = await self.debouncer.settled(timeout)
             if self.latest is None:
                 continue
-            if settled or self.guard.held or self.applier.runtime.pending_deletes:
+            recheck = self.reporter.due()
+            if settled or recheck or self.guard.held or self.applier.runtime.pending_deletes:
                 await self.apply(self.latest)
 
     def _next_wakeup(self) -> float | None:
         if self.applier.runtime.pending_deletes:
             return 1.0
-        release = self.guard.next_release()
-        return None if release is None else max(0.0, release - time.monotonic()) + 0.01
+        times = [t for t in (self.guard.next_release(), self.reporter.recheck_at) if t is not None]
+        return None if not times else max(0.0, min(times) - time.monotonic()) + 0.01
+
+    async def _render(self, snapshot: Snapshot, *, tls: bool) -> Rendered:
+        """Render against the host's facts (reloader.facts): what resolves, which ports
+        are free, which addresses are this edge's own."""
+        live = self.applier.live
+        facts = await self.facts.find(snapshot, live.model if live else None)
+        return self.renderer.render(snapshot, self.settings.render, facts, tls=tls)
 
     async def _apply_servers_only(self, rendered: Rendered, revision: int) -> None:
         """After a refused structural change, apply what still can be: server changes of
@@ -136,7 +147,7 @@ class Reloader:
         try:
             guarded = self.guard.filter(snapshot, self.applied)
             tls = self._write_tls(guarded)
-            rendered = self.renderer.render(guarded, self.settings.render, tls=bool(tls.certs))
+            rendered = await self._render(guarded, tls=bool(tls.certs))
             kind = await self.applier.apply(rendered)
             await self._push_tls(tls, https=rendered.model.https_bind is not None, kind=kind)
         except (Rejected, RenderError, ApplyFailed) as exc:
@@ -191,8 +202,7 @@ class Reloader:
                 seconds=round(elapsed, 4),
                 servers=rendered.model.server_count,
             )
-        for skipped in rendered.model.skipped:
-            log.warning("service not routed", reason=skipped, revision=snapshot.revision)
+        self.reporter.report(rendered.model, guarded, self.facts.resolver)
         self.publisher.publish(snapshot.revision)
 
     def _write_tls(self, snapshot: Snapshot) -> TlsTarget:
@@ -230,7 +240,8 @@ class Reloader:
         live = self.applier.live
         age = self.catalog.sync_age()
         skipped = list(live.model.skipped) if live else []
-        why_skipped = dict(s.split(": ", 1) for s in skipped if ": " in s)
+        why_skipped = {s.service: s.reason for s in skipped if s.instance is None}
+        left_out = {(s.service, s.instance): s.reason for s in skipped if s.instance}
         held = list(self.guard.held)
         behind_since = self.stats.behind_since(snap.revision)
         return Status(
@@ -254,7 +265,8 @@ class Reloader:
             tls_applies=self.tls_applies,
             tls_failures=self.tls_failures,
             held_removals=len(held),
-            skipped_services=skipped,
+            skipped_services=[s.as_dict() for s in skipped],
+            skips_total=dict(self.reporter.counts),
             applies=dict(self.stats.applies),
             failures=dict(self.stats.failures),
             apply_seconds_sum=self.stats.apply_seconds_sum,
@@ -267,6 +279,7 @@ class Reloader:
                     self.settings.render.domain,
                     held=frozenset(i for s, i in held if s == name),
                     skipped=why_skipped.get(name),
+                    left_out={i: r for (s, i), r in left_out.items() if s == name and i},
                 )
                 for name, svc in snap.services.items()
             },
@@ -304,13 +317,12 @@ class Reloader:
         self.tls.ensure_default()
         tls = self._write_tls(first or Snapshot())
         self.tls_live = tls
-        rendered = self.renderer.render(
-            first or Snapshot(), self.settings.render, tls=bool(tls.certs)
-        )
+        rendered = await self._render(first or Snapshot(), tls=bool(tls.certs))
         if first is None and await self.applier.initial_from_file(rendered):
             log.warning("starting HAProxy with the config of the previous run")
         else:
             await self.applier.initial(rendered)
+            self.reporter.report(rendered.model, first or Snapshot(), self.facts.resolver)
         return first
 
     async def run(self, stop: asyncio.Event) -> int:

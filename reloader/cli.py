@@ -12,7 +12,9 @@ from fluster.settings import SettingsError, exit_on_problems, make_directory
 from fluster.store import Store, StoreError
 from reloader import settings as settings_mod
 from reloader.app import Reloader
+from reloader.model import is_ip
 from reloader.render import Renderer, RenderError
+from reloader.targets import HostFacts, Resolver
 
 
 async def render_once(settings: settings_mod.Settings, renderer: Renderer) -> int:
@@ -20,7 +22,11 @@ async def render_once(settings: settings_mod.Settings, renderer: Renderer) -> in
         snapshot = await Catalog(store, settings.prefix).load()
         _, certs = await store.get_prefix(keys.certs_prefix(settings.prefix))
     # HTTPS is on when a record is there; its validity is the running reloader's concern.
-    sys.stdout.write(renderer.render(snapshot, settings.render, tls=bool(certs)).text)
+    # Names resolved as the running reloader would; ports are not probed, since a running
+    # edge holds its own and would make every TCP service look taken.
+    names = {i.host for svc in snapshot.services.values() for i in svc.instances.values()}
+    facts = HostFacts(addresses=await Resolver().resolve(n for n in names if not is_ip(n)))
+    sys.stdout.write(renderer.render(snapshot, settings.render, facts, tls=bool(certs)).text)
     return 0
 
 

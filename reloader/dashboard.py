@@ -109,7 +109,9 @@ def how(entry: ApplyRecord) -> str:
 
 def page(status: Status, reachable: dict[str, bool]) -> str:
     now = datetime.now(UTC)
-    problems = [n for n, s in status.services.items() if s.routes_to_nothing or s.skipped]
+    problems = [
+        n for n, s in status.services.items() if s.routes_to_nothing or s.skipped or s.warning
+    ]
     attention = (
         len(problems)
         + len(status.rejected)

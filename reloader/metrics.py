@@ -23,6 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from reloader.model import SKIP_KINDS
 from reloader.status import Status
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -84,6 +85,38 @@ def families(s: Status) -> Iterator[Metric]:
     for name, cert in s.certificates.items():
         expiry.add_metric([name], cert.expires_in_seconds)
     yield expiry
+    skipped = GaugeMetricFamily(
+        "reloader_skipped",
+        "Services or instances left out of HAProxy now, by kind of reason.",
+        labels=["kind"],
+    )
+    now: dict[str, int] = dict.fromkeys(SKIP_KINDS, 0)
+    for skip in s.skipped_services:
+        now[skip["kind"]] = now.get(skip["kind"], 0) + 1
+    for skip_kind, n in sorted(now.items()):
+        skipped.add_metric([skip_kind], n)
+    yield skipped
+    skips = CounterMetricFamily(
+        "reloader_skips",
+        "Times a service or instance was left out of HAProxy, by kind of reason.",
+        labels=["kind"],
+    )
+    for skip_kind in sorted({*SKIP_KINDS, *s.skips_total}):
+        skips.add_metric([skip_kind], s.skips_total.get(skip_kind, 0))
+    yield skips
+    fallback = GaugeMetricFamily(
+        "reloader_service_fallback",
+        "1 while a service's active version has no instance up and another version serves.",
+        labels=["service", "serving_version"],
+    )
+    for service, version in sorted(s.fallback_services.items()):
+        fallback.add_metric([service, version], 1)
+    yield fallback
+    yield GaugeMetricFamily(
+        "reloader_fallback_services",
+        "Services served by another version because the active one has no instance up.",
+        value=len(s.fallback_services),
+    )
     counters: list[tuple[str, str, float]] = [
         (
             "rejections_total",

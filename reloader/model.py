@@ -14,13 +14,17 @@ file describe the same servers, so a reload reproduces what the runtime API did.
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
+from fluster import routing
 from fluster.catalog import Service, Snapshot
 from fluster.records import Instance
+from reloader.targets import HostFacts, TargetPolicy, target_problem
 
 # Balance algorithms that accept dynamic servers and runtime weight changes.
 DYNAMIC_BALANCES: Final = frozenset({"roundrobin", "leastconn", "first", "random"})
@@ -44,6 +48,29 @@ def format_bind(host: str, port: int) -> str:
     return f"{safe(host) if host else '*'}:{port}"
 
 
+SKIP_KINDS: Final = ("port", "host", "target", "dns", "render")
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """A service (or one instance of it) left out of the config, and why."""
+
+    service: str
+    kind: str  # one of SKIP_KINDS
+    reason: str
+    instance: str | None = None
+
+    def __str__(self) -> str:
+        who = f"{self.service}/{self.instance}" if self.instance else self.service
+        return f"{who}: {self.reason}"
+
+    def as_dict(self) -> dict[str, str]:
+        out = {"service": self.service, "kind": self.kind, "reason": self.reason}
+        if self.instance:
+            out["instance"] = self.instance
+        return out
+
+
 @dataclass(frozen=True, slots=True)
 class RenderSettings:
     """What the config depends on besides the catalog."""
@@ -52,6 +79,9 @@ class RenderSettings:
     http_bind: tuple[str, int] = ("", 80)
     domain: str = "localhost"
     stats_bind: tuple[str, int] | None = None
+    stats_auth: str = field(default="", repr=False)  # USER:PASSWORD when not on loopback
+    status_bind: tuple[str, int] | None = None  # the reloader's own, never a target
+    targets: TargetPolicy = field(default_factory=TargetPolicy)
     hard_stop_after_s: int = 60
     max_reloads: int = 50
     maxconn: int | None = None  # None: HAProxy derives it from the file descriptor limit
@@ -167,7 +197,7 @@ class Model:
     http_routes: tuple[Route, ...] = ()
     tcp_routes: tuple[Route, ...] = ()
     backends: tuple[Backend, ...] = ()
-    skipped: tuple[str, ...] = ()  # services left out, with the reason
+    skipped: tuple[Skip, ...] = ()  # services and instances left out, with the reason
     https_bind: tuple[str, int] | None = None  # the HTTPS frontend, when it is on
 
     def without_servers(self) -> Model:
@@ -214,11 +244,6 @@ def with_servers_of(live: Model, target: Model) -> Model:
     )
 
 
-@dataclass
-class _Ports:
-    taken: dict[int, str] = field(default_factory=dict)
-
-
 def host_header(host: str) -> str:
     """How `host` appears in a Host header once the port is gone: IPv6 in brackets."""
     return f"[{host}]" if ":" in host else host
@@ -234,26 +259,30 @@ def backend_name(service: str, canary: bool = False) -> str:
     return f"be_{service}_canary" if canary else f"be_{service}"
 
 
-def _servers(instances: dict[str, Instance], check_ms: int | None) -> tuple[Server, ...]:
+def _servers(instances: Mapping[str, Instance], check_ms: int | None) -> tuple[Server, ...]:
     return tuple(
         Server(safe(name), safe(inst.host), inst.port, inst.weight, check_ms)
         for name, inst in sorted(instances.items())
     )
 
 
-def _service(svc: Service, settings: RenderSettings) -> tuple[Route, list[Backend]]:
+def _service(
+    svc: Service, settings: RenderSettings, usable: dict[str, Instance], fallback: str | None
+) -> tuple[Route, list[Backend]]:
+    """`usable`: the instances routing sends traffic to that passed the target checks,
+    hosts resolved; `fallback`: the version serving in place of the active one."""
     spec = svc.spec
-    routed = svc.routed()
     check_ms = spec.check.interval_ms if spec.check else None
     check_path = safe(spec.check.path) if spec.check and spec.mode == "http" else None
     canary = spec.canary
     split = (
-        canary is not None
+        fallback is None
+        and canary is not None
         and canary.weight > 0
         and spec.active_version is not None
         and canary.version != spec.active_version
     )
-    main = {n: i for n, i in routed.items() if not split or i.version == spec.active_version}
+    main = {n: i for n, i in usable.items() if not split or i.version == spec.active_version}
 
     def backend(name: str, instances: dict[str, Instance]) -> Backend:
         return Backend(
@@ -264,14 +293,13 @@ def _service(svc: Service, settings: RenderSettings) -> tuple[Route, list[Backen
     route_canary = None
     if split:
         assert canary is not None
-        rest = {n: i for n, i in routed.items() if n not in main}
+        rest = {n: i for n, i in usable.items() if n not in main}
         backends.append(backend(backend_name(svc.name, canary=True), rest))
         route_canary = Canary(backend_name(svc.name, canary=True), canary.weight)
-    hosts = spec.hosts or (f"{svc.name}.{settings.domain}",)
     route = Route(
         service=svc.name,
         backend=backend_name(svc.name),
-        hosts=tuple(safe(h) for h in hosts),
+        hosts=tuple(safe(h) for h in routing.hosts(svc, settings.domain)),
         path_prefix=safe(spec.path_prefix),
         port=spec.port if spec.mode == "tcp" else None,
         canary=route_canary,
@@ -279,36 +307,117 @@ def _service(svc: Service, settings: RenderSettings) -> tuple[Route, list[Backen
     return route, backends
 
 
-def build_model(snapshot: Snapshot, settings: RenderSettings, *, tls: bool = False) -> Model:
-    """Snapshot + settings -> Model; deterministic, no I/O. `tls`: some certificate
-    exists, which turns on an HTTPS frontend that waits for one."""
+def own_ports(
+    settings: RenderSettings, https_bind: tuple[str, int] | None = None
+) -> dict[int, str]:
+    """The ports the edge itself listens on, and what listens there."""
+    own = {settings.http_bind[1]: "HTTP frontend"}
+    if https_bind:
+        own.setdefault(https_bind[1], "HTTPS frontend")
+    if settings.stats_bind:
+        own.setdefault(settings.stats_bind[1], "HAProxy stats page")
+    if settings.status_bind:
+        own.setdefault(settings.status_bind[1], "reloader status page")
+    return own
+
+
+def _tcp_ports(
+    services: list[Service], own: Mapping[int, str], facts: HostFacts
+) -> tuple[dict[str, int], list[Skip]]:
+    """TCP service -> its port; the older spec (lower create revision) keeps a port two
+    ask for, and a port the edge or another process holds is refused."""
+    taken = {port: f"this edge's {what}" for port, what in own.items()}
+    granted: dict[str, int] = {}
+    skipped: list[Skip] = []
+    for svc in sorted(services, key=lambda s: (s.spec_created or float("inf"), s.name)):
+        port = svc.spec.port
+        assert port is not None  # ServiceSpec requires it in tcp mode
+        holder = taken.get(port) or facts.busy_ports.get(port)
+        if holder is not None:
+            skipped.append(Skip(svc.name, "port", f"port {port}: {holder}"))
+            continue
+        taken[port] = f"service {svc.name}, whose spec is older"
+        granted[svc.name] = port
+    return granted, skipped
+
+
+def _usable(
+    svc: Service,
+    instances: Mapping[str, Instance],
+    policy: TargetPolicy,
+    facts: HostFacts,
+    tcp_ports: Iterable[int],
+    skipped: list[Skip],
+) -> dict[str, Instance]:
+    """`instances` with resolved addresses, minus the ones that must not be targets."""
+    out: dict[str, Instance] = {}
+    for name, inst in instances.items():
+        ip: str | None = inst.host
+        if not is_ip(inst.host):
+            ip = facts.addresses.get(inst.host)
+            if ip is None:
+                skipped.append(
+                    Skip(svc.name, "dns", f"host name {inst.host} does not resolve", name)
+                )
+                continue
+        assert ip is not None
+        problem = target_problem(ip, inst.port, policy, facts, tcp_ports)
+        if problem is not None:
+            skipped.append(Skip(svc.name, "target", problem, name))
+            continue
+        out[name] = inst if ip == inst.host else replace(inst, host=ip)
+    return out
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def build_model(
+    snapshot: Snapshot,
+    settings: RenderSettings,
+    facts: HostFacts | None = None,
+    *,
+    tls: bool = False,
+) -> Model:
+    """Snapshot + settings + host facts -> Model; deterministic, no I/O. `tls`: some
+    certificate exists, which turns on an HTTPS frontend that waits for one.
+
+    Every check here leaves out one service (or one instance) with a reason, never the
+    whole config: a record can only ever affect its own service.
+    """
+    facts = facts or HostFacts()
+    https_bind = settings.https_bind if tls or settings.https_always else None
+    own = own_ports(settings, https_bind)
+    policy = replace(settings.targets, own_ports=tuple(sorted(own.items())))
+    services = list(snapshot.services.values())
+    skipped: list[Skip] = []
+    losers = routing.host_conflicts([s for s in services if s.spec.mode == "http"], settings.domain)
+    ports, port_skips = _tcp_ports([s for s in services if s.spec.mode == "tcp"], own, facts)
+    skipped.extend(port_skips)
     http: list[Route] = []
     tcp: list[Route] = []
     backends: list[Backend] = []
-    skipped: list[str] = []
-    reserved = {settings.http_bind[1]: "the HTTP frontend"}
-    if settings.stats_bind:
-        reserved[settings.stats_bind[1]] = "the stats page"
-    https_bind = settings.https_bind if tls or settings.https_always else None
-    if https_bind:
-        reserved[https_bind[1]] = "the HTTPS frontend"
-    ports = _Ports(dict(reserved))
     for name, svc in sorted(snapshot.services.items()):
-        try:
-            route, svc_backends = _service(svc, settings)
-        except ModelError as exc:
-            skipped.append(f"{name}: {exc}")
+        if name in losers:
+            skipped.append(Skip(name, "host", losers[name]))
             continue
-        if route.port is not None:
-            owner = ports.taken.get(route.port)
-            if owner is not None:
-                skipped.append(f"{name}: port {route.port} already used by {owner}")
-                continue
-            ports.taken[route.port] = f"service {name}"
-            tcp.append(route)
-        else:
-            http.append(route)
+        if svc.spec.mode == "tcp" and name not in ports:
+            continue
+        decided = routing.routing(svc)
+        try:
+            usable = _usable(svc, decided.instances, policy, facts, ports.values(), skipped)
+            route, svc_backends = _service(svc, settings, usable, decided.fallback)
+        except ModelError as exc:
+            skipped.append(Skip(name, "render", str(exc)))
+            continue
+        (tcp if route.port is not None else http).append(route)
         backends.extend(svc_backends)
     # Longest path prefix first, so /api/v2 wins over /api on a shared host.
     http.sort(key=lambda r: (-len(r.path_prefix), r.service))
+    skipped.sort(key=lambda s: (s.service, s.instance or "", s.kind))
     return Model(settings, tuple(http), tuple(tcp), tuple(backends), tuple(skipped), https_bind)

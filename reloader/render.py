@@ -27,6 +27,7 @@ from reloader.model import (
     format_bind,
     host_header,
 )
+from reloader.targets import HostFacts
 
 DEFAULT_TEMPLATES = Path(__file__).resolve().parent / "templates"
 MAIN_TEMPLATE = "haproxy.cfg.j2"
@@ -88,9 +89,14 @@ class Renderer:
             raise RenderError(f"{type(exc).__name__}: {exc}") from exc
 
     def render(
-        self, snapshot: Snapshot, settings: RenderSettings, *, tls: bool = False
+        self,
+        snapshot: Snapshot,
+        settings: RenderSettings,
+        facts: HostFacts | None = None,
+        *,
+        tls: bool = False,
     ) -> Rendered:
-        return self.render_model(build_model(snapshot, settings, tls=tls))
+        return self.render_model(build_model(snapshot, settings, facts, tls=tls))
 
     def render_model(self, model: Model) -> Rendered:
         try:

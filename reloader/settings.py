@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from fluster.settings import (
 )
 from fluster.store import EtcdSettings
 from reloader.model import RenderSettings
+from reloader.targets import Network, TargetPolicy, etcd_targets, parse_networks
 
 DESCRIPTION = """\
 Keep HAProxy in step with the fluster registry in etcd.
@@ -79,6 +82,26 @@ def _domain(text: object) -> str:
     from fluster.records import validate_host
 
     return validate_host(str(text), "--domain")
+
+
+# Printed into haproxy.cfg as `stats auth USER:PASSWORD`: nothing HAProxy would read as
+# a separator, a comment or a quote.
+STATS_AUTH_RE = re.compile(r"[A-Za-z0-9._-]{1,64}:[^\s#\"'\\]{1,128}")
+
+
+def _stats_auth(text: object) -> str:
+    if STATS_AUTH_RE.fullmatch(str(text)) is None:
+        raise ValueError("want USER:PASSWORD (no spaces, quotes, '#' or backslashes)")
+    return str(text)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _directory(text: object) -> Path:
@@ -152,6 +175,28 @@ STATS_BIND: Option[tuple[str, int] | None] = Option(
     "address of HAProxy's own stats page (off when empty)",
     None,
     bind_address,
+)
+STATS_AUTH: Option[str] = Option(
+    "--stats-auth",
+    "RELOADER_STATS_AUTH",
+    "USER:PASSWORD for the stats page; required when --stats-bind is not on loopback",
+    "",
+    _stats_auth,
+)
+TARGET_ALLOW: Option[tuple[Network, ...]] = Option(
+    "--target-allow",
+    "RELOADER_TARGET_ALLOW",
+    "comma-separated CIDRs instances may point at (empty: any address not denied)",
+    (),
+    parse_networks,
+)
+TARGET_DENY: Option[tuple[Network, ...]] = Option(
+    "--target-deny",
+    "RELOADER_TARGET_DENY",
+    "comma-separated CIDRs instances may never point at (the edge itself, unspecified "
+    "and link-local addresses are always refused)",
+    (),
+    parse_networks,
 )
 DOMAIN: Option[str] = Option(
     "--domain",
@@ -238,6 +283,9 @@ OPTIONS: tuple[Option[Any], ...] = (
     HTTPS_BIND,
     STATUS_BIND,
     STATS_BIND,
+    STATS_AUTH,
+    TARGET_ALLOW,
+    TARGET_DENY,
     DOMAIN,
     TEMPLATES,
     HAPROXY,
@@ -272,16 +320,27 @@ def load(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     pr = Problems()
     v = resolve(args, (*OPTIONS, *ETCD_OPTIONS), pr)
     command = v[COMMAND]
+    stats_bind = v[STATS_BIND]
+    pr.check(
+        stats_bind is None or bool(v[STATS_AUTH]) or _loopback(stats_bind[0]),
+        "--stats-bind: not on loopback, so --stats-auth (RELOADER_STATS_AUTH) is required",
+    )
+    etcd = etcd_settings(v, pr)
     pr.check(command in ("run", "render"), f"COMMAND: want run or render, got {command!r}")
     settings = Settings(
         command=command,
-        etcd=etcd_settings(v, pr),
+        etcd=etcd,
         prefix=v[PREFIX],
         render=RenderSettings(
             state_dir=v[STATE_DIR].absolute(),
             http_bind=v[HTTP_BIND],
             domain=v[DOMAIN],
-            stats_bind=v[STATS_BIND],
+            stats_bind=stats_bind,
+            stats_auth=v[STATS_AUTH],
+            status_bind=v[STATUS_BIND],
+            targets=TargetPolicy(
+                allow=v[TARGET_ALLOW], deny=v[TARGET_DENY], etcd=etcd_targets(etcd.endpoints)
+            ),
             https_bind=v[HTTPS_BIND][0],
             https_always=v[HTTPS_BIND][1],
             hard_stop_after_s=v[HARD_STOP_AFTER],

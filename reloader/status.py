@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from fluster.catalog import Service, Snapshot
 from fluster.certs import Certificate
+from fluster.routing import routing
 
 ApplyKind = Literal["noop", "runtime", "reload"]
 FailureReason = Literal["rejected", "reload", "render"]
@@ -90,6 +91,7 @@ class InstanceStatus:
     node: str = ""
     routed: bool = False  # HAProxy sends it traffic
     held: bool = False  # gone from etcd, kept in HAProxy by the blast-radius guard
+    skipped: str | None = None  # why HAProxy does not get it (bad target, no DNS answer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,10 @@ class ServiceStatus:
     canary_version: str | None = None
     canary_weight: int = 0  # percent of requests to the canary version
     skipped: str | None = None  # why the service is left out of HAProxy, if it is
+    # The version served while the active one has no instance up (fluster.routing), and
+    # the warning that says so; both None when the active version serves.
+    fallback_version: str | None = None
+    warning: str | None = None
 
     @classmethod
     def of(
@@ -112,8 +118,13 @@ class ServiceStatus:
         domain: str,
         held: frozenset[str] = frozenset(),
         skipped: str | None = None,
+        left_out: Mapping[str, str] | None = None,
     ) -> ServiceStatus:
-        spec, routed = svc.spec, svc.routed()
+        """`left_out`: instance -> why HAProxy does not get it (reloader.model)."""
+        left_out = left_out or {}
+        decided = routing(svc)
+        spec = svc.spec
+        routed = {n for n in decided.instances if n not in left_out}
         instances = {
             name: InstanceStatus(
                 address=inst.address,
@@ -123,6 +134,7 @@ class ServiceStatus:
                 node=inst.node,
                 routed=name in routed,
                 held=name in held,
+                skipped=left_out.get(name),
             )
             for name, inst in svc.instances.items()
         }
@@ -137,6 +149,11 @@ class ServiceStatus:
             canary_version=spec.canary.version if spec.canary else None,
             canary_weight=spec.canary.weight if spec.canary else 0,
             skipped=skipped,
+            fallback_version=decided.fallback,
+            warning=None
+            if decided.fallback is None
+            else f"active version {spec.active_version} has no instance up: serving "
+            f"{decided.fallback} until it has (strict_active: true routes nothing instead)",
         )
 
     @property
@@ -186,7 +203,8 @@ class Status:
     catalog_reconnects: int
     rejected: Mapping[str, str]  # etcd key -> why the record was skipped
     held_removals: int
-    skipped_services: list[str]  # "service: reason"
+    # Services (or single instances) left out of HAProxy: service, kind, reason, instance.
+    skipped_services: list[dict[str, str]]
     applies: Mapping[ApplyKind, int]
     failures: Mapping[FailureReason, int]
     apply_seconds_sum: float
@@ -203,6 +221,12 @@ class Status:
     rejected_certificates: Mapping[str, str] = field(default_factory=dict)  # name -> why
     tls_applies: int = 0  # certificate/policy changes made through the runtime API
     tls_failures: int = 0  # such changes HAProxy refused (a reload applied them instead)
+    skips_total: Mapping[str, int] = field(default_factory=dict)  # kind -> times left out
+
+    @property
+    def fallback_services(self) -> dict[str, str]:
+        """Service -> the version served while its active version has no instance up."""
+        return {n: s.fallback_version for n, s in self.services.items() if s.fallback_version}
 
     @property
     def rejected_records(self) -> int:
@@ -227,6 +251,8 @@ class Status:
         out["applies"] = dict(self.applies)
         out["failures"] = dict(self.failures)
         out["rejected_records"] = self.rejected_records
+        out["skips_total"] = dict(self.skips_total)
+        out["fallback_services"] = self.fallback_services
         out["lag"] = self.lag
         out["recent_applies"] = [a.to_json() for a in self.recent_applies]
         out["certificates"] = {name: asdict(c) for name, c in self.certificates.items()}

@@ -181,5 +181,13 @@ def test_values_are_rechecked_before_rendering() -> None:
     for name, value in {**fields, "state": "up", "node": "", "tags": {}}.items():
         object.__setattr__(evil, name, value)
     model = build_model(snapshot(service("web", a=evil), service("ok", a=inst(1))), SETTINGS)
+    assert [s for b in model.backends for s in b.servers if b.name == "be_web"] == []
+    assert [str(s) for s in model.skipped] == [
+        "web/a: host name 1.2.3.4\n  bind :1 does not resolve"
+    ]
+    # A server name (the instance key) is checked again too: the service is left out.
+    bad_name = snapshot(service("web", **{"a\n  bind :1": inst(2)}), service("ok", a=inst(1)))
+    model = build_model(bad_name, SETTINGS)
     assert [b.name for b in model.backends] == ["be_ok"]
-    assert model.skipped and "web" in model.skipped[0]
+    assert [(s.service, s.kind) for s in model.skipped] == [("web", "render")]
+    assert "bind :1" not in render(bad_name, SETTINGS)

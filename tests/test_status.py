@@ -145,7 +145,7 @@ def test_metrics_are_prometheus_text_with_every_old_name() -> None:
 
 
 def test_a_service_with_nothing_routed_is_flagged_everywhere() -> None:
-    dead = ServiceStatus.of(web(("a", "v1", "draining"), ("c", "v2", "up")), "localhost")
+    dead = ServiceStatus.of(web(("a", "v1", "draining")), "localhost")
     assert dead.routes_to_nothing
     s = status(services={"web": dead})
     assert s.to_json()["services"]["web"]["routes_to_nothing"] is True
@@ -156,6 +156,21 @@ def test_a_service_with_nothing_routed_is_flagged_everywhere() -> None:
     assert "routes to nothing" in html
     skipped = ServiceStatus.of(web(), "localhost", skipped="port 80 already used")
     assert not skipped.routes_to_nothing
+
+
+def test_a_service_served_by_a_fallback_version_says_so_everywhere() -> None:
+    svc = ServiceStatus.of(web(("a", "v1", "draining"), ("c", "v2", "up")), "localhost")
+    assert not svc.routes_to_nothing and svc.routed == ["c"]
+    assert svc.fallback_version == "v2"
+    assert svc.warning and "active version v1 has no instance up: serving v2" in svc.warning
+    s = status(services={"web": svc})
+    out = s.to_json()
+    assert out["fallback_services"] == {"web": "v2"}
+    assert out["services"]["web"]["warning"] == svc.warning
+    text = metrics.exposition(metrics.registry(lambda: s)).decode()
+    assert 'reloader_service_fallback{service="web",serving_version="v2"} 1.0' in text
+    assert "reloader_fallback_services 1.0" in text
+    assert svc.warning in dashboard.page(s, {})
 
 
 def test_dashboard_escapes_what_etcd_says() -> None:

@@ -1,0 +1,127 @@
+"""The host facts a render is judged against, and the one log line per thing left out.
+
+`FactFinder.find(snapshot, live)` does the I/O that reloader.targets describes (resolve
+names, probe TCP ports, learn which addresses are this host's own) so that building the
+model stays pure. `Reporter` turns the model's skips and the services on a fallback
+version into counters and a log line each time one appears or clears, never one per
+apply, and says when it is worth looking again (a port may be freed, a name may
+resolve) without any record changing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import structlog
+
+from fluster import routing
+from fluster.catalog import Snapshot
+from reloader.model import Model, RenderSettings, Skip, is_ip, own_ports
+from reloader.targets import HostFacts, Resolver, local_addresses, port_holder
+
+log = structlog.get_logger("reloader")
+
+RECHECK = 5.0  # seconds between retries of something left out for a busy port or DNS
+
+
+class FactFinder:
+    def __init__(
+        self, settings: RenderSettings, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.resolver = Resolver(clock=clock)
+        self._local: dict[str, bool] = {}  # IP -> this host's own (kept for a resolver TTL)
+        self._local_at = 0.0
+
+    async def find(self, snapshot: Snapshot, live: Model | None) -> HostFacts:
+        rs = self.settings
+        own = set(own_ports(rs, live.https_bind if live else None))
+        tcp = {
+            s.spec.port for s in snapshot.services.values() if s.spec.mode == "tcp" and s.spec.port
+        }
+        watched = own | tcp | {p for _, p in rs.targets.etcd}
+        names = {h for h, _ in rs.targets.etcd if not is_ip(h)}
+        ips: set[str] = set()
+        for svc in snapshot.services.values():
+            for inst in svc.instances.values():
+                if not is_ip(inst.host):
+                    names.add(inst.host)
+                elif inst.port in watched:
+                    ips.add(inst.host)
+        addresses = await self.resolver.resolve(names)
+        ips |= {ip for ip in addresses.values() if ip is not None}
+        now = self.clock()
+        if now - self._local_at > self.resolver.ttl:
+            self._local.clear()
+            self._local_at = now
+        unknown = {ip for ip in ips if ip not in self._local}
+        found = local_addresses(unknown)
+        self._local.update({ip: ip in found for ip in unknown})
+        # Ports our own HAProxy holds for the live config are ours to keep.
+        held = {r.port for r in live.tcp_routes if r.port} if live else set()
+        busy = {}
+        for port in sorted(tcp - held - own):
+            holder = port_holder(rs.http_bind[0], port)
+            if holder is not None:
+                busy[port] = holder
+        return HostFacts(
+            addresses=addresses,
+            local=frozenset(ip for ip, mine in self._local.items() if mine),
+            busy_ports=busy,
+        )
+
+
+class Reporter:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.skips: set[Skip] = set()
+        self.fallbacks: dict[str, str] = {}  # service -> the version served in its place
+        self.counts: dict[str, int] = {}  # skip kind -> times something was left out
+        self.recheck_at: float | None = None
+
+    def report(self, model: Model, snapshot: Snapshot, resolver: Resolver) -> None:
+        now = set(model.skipped)
+        for skip in sorted(now - self.skips, key=str):
+            self.counts[skip.kind] = self.counts.get(skip.kind, 0) + 1
+            log.warning(
+                "left out of the config",
+                service=skip.service,
+                instance=skip.instance,
+                kind=skip.kind,
+                reason=skip.reason,
+                revision=snapshot.revision,
+            )
+        for skip in sorted(self.skips - now, key=str):
+            if skip.service in snapshot.services:
+                log.info(
+                    "back in the config",
+                    service=skip.service,
+                    instance=skip.instance,
+                    revision=snapshot.revision,
+                )
+        self.skips = now
+        fallbacks = {
+            name: v
+            for name, svc in snapshot.services.items()
+            if (v := routing.routing(svc).fallback) is not None
+        }
+        for name, version in sorted(fallbacks.items()):
+            if self.fallbacks.get(name) != version:
+                log.warning(
+                    "active version has no instance up: serving another version until it has",
+                    service=name,
+                    active_version=snapshot.services[name].spec.active_version,
+                    serving_version=version,
+                    revision=snapshot.revision,
+                )
+        for name in sorted(self.fallbacks.keys() - fallbacks.keys()):
+            log.info("fallback over", service=name, revision=snapshot.revision)
+        self.fallbacks = fallbacks
+        transient = any(s.kind in ("port", "dns") for s in now)
+        times = [resolver.next_refresh(), self.clock() + RECHECK if transient else None]
+        self.recheck_at = min((t for t in times if t is not None), default=None)
+
+    def due(self) -> bool:
+        return self.recheck_at is not None and self.clock() >= self.recheck_at
