@@ -18,9 +18,15 @@ help:
 	@echo "make images     build the wheels and Docker images (base image too, without a registry)"
 	@echo "make e2e        the end-to-end test on the Docker engine (compose, scale, promote)"
 
-$(VENV)/.installed: pyproject.toml
+# The venv in two steps: what running fluster needs (the demo stops here: its CLI and the
+# pip that builds the images' wheels), then the test and lint tools on top.
+$(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
@@ -35,7 +41,8 @@ lint: $(VENV)/.installed
 test: setup lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-demo: setup
+demo: $(VENV)/.runtime
+	scripts/setup-host.sh demo
 	scripts/demo.sh up
 
 demo-down:

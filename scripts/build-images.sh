@@ -11,6 +11,9 @@
 # bookworm's (3.11) for the compiled wheels; with any other host Python, pip downloads the
 # cp311 manylinux wheels for the image instead.
 #
+# `build-images.sh prune` only removes the images earlier builds replaced, once no
+# container uses them (scripts/demo.sh runs it after compose moved to the new ones).
+#
 #   FLUSTER_TAG    image tag (default dev)
 #   FLUSTER_CACHE  where wheels are kept (default <repo>/.cache); .cache/wheels/ is the
 #                  only part of the repo the Docker build context sends (.dockerignore)
@@ -33,6 +36,28 @@ if ! flock -n 9; then
   flock 9
 fi
 
+# Images a rebuild replaced: removed once no container uses them any more (right after
+# the build, or by `build-images.sh prune` after compose moved the containers over), so
+# rebuilding after each change does not pile up untagged images.
+stale=$repo/.cache/stale-images
+prune_stale() {
+  [ -s "$stale" ] || return 0
+  local id tags keep=()
+  while read -r id; do
+    # Only untagged ones: a revert can make an old id current again.
+    tags=$("$DOCKER" image inspect -f '{{len .RepoTags}}' "$id" 2>/dev/null) || continue
+    if [ "$tags" != 0 ] || ! "$DOCKER" image rm "$id" >/dev/null 2>&1; then
+      [ "$tags" != 0 ] || keep+=("$id") # a container still uses it: next time
+    fi
+  done <"$stale"
+  printf '%s\n' "${keep[@]}" | grep . >"$stale.new" || true
+  mv "$stale.new" "$stale"
+}
+if [ "${1:-}" = prune ]; then
+  prune_stale
+  exit 0
+fi
+
 pip=(python3 -m pip)
 [ -x .venv/bin/pip ] && pip=(.venv/bin/python -m pip)
 # pip's "Location ... is ignored" warnings about find-links dirs a machine's pip config
@@ -52,7 +77,11 @@ build_wheels() {
   find "$stage" -name __pycache__ -prune -exec rm -rf {} +
   rm -rf "$wheels.new"
   mkdir -p "$wheels.new/fluster" "$wheels.new/deps"
-  quiet_pip wheel -q --disable-pip-version-check --no-deps -w "$wheels.new/fluster" "$stage"
+  # A fixed timestamp makes the wheel a function of the sources only: unchanged sources
+  # give a byte-identical wheel, Docker's COPY hits its cache, the image keeps its id, and
+  # `docker-compose up` on a running demo leaves its containers alone.
+  SOURCE_DATE_EPOCH=315532800 \
+    quiet_pip wheel -q --disable-pip-version-check --no-deps -w "$wheels.new/fluster" "$stage"
   local app
   app=$(ls "$wheels.new"/fluster/*.whl)
   if [ "$pyver" = 3.11 ]; then
@@ -88,13 +117,21 @@ fi
 build() {
   local name=$1
   shift
-  local start=$SECONDS
+  local start=$SECONDS old new
+  old=$("$DOCKER" image inspect -f '{{.Id}}' "fluster/$name:$tag" 2>/dev/null || true)
   # Host network for RUN steps: apt-get (real base image only) needs no bridge, and a build
   # still works when the default bridge is unavailable.
   "$DOCKER" build -q --network host -t "fluster/$name:$tag" "$@" >/dev/null
-  log "fluster/$name:$tag built in $((SECONDS - start))s"
+  new=$("$DOCKER" image inspect -f '{{.Id}}' "fluster/$name:$tag")
+  if [ "$old" = "$new" ]; then
+    log "fluster/$name:$tag unchanged ($((SECONDS - start))s)"
+  else
+    [ -z "$old" ] || echo "$old" >>"$stale"
+    log "fluster/$name:$tag built in $((SECONDS - start))s"
+  fi
 }
 build etcd docker/etcd
 build demo-app examples/demo-app
 build sidekick -f haproxy/Dockerfile --target sidekick .
 build haproxy -f haproxy/Dockerfile --target haproxy .
+prune_stale

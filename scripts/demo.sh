@@ -49,7 +49,11 @@ up() {
   "$here/start-dockerd.sh"
   "$here/build-images.sh"
   echo "demo: starting project $COMPOSE_PROJECT_NAME with $scale instances of web"
-  "${compose[@]}" up -d --no-build --scale "web=$scale"
+  # The services by name: a bare `up` would also put web-v2 back to its scale of 0 and,
+  # after a promotion to v2, take every v2 instance away. Containers whose image and
+  # settings did not change are left running (the image builds are reproducible).
+  "${compose[@]}" up -d --no-build --scale "web=$scale" etcd haproxy sidekick web
+  "$here/build-images.sh" prune
   local deadline=$((SECONDS + timeout)) seen=0
   until seen=$(instances | wc -l) && [ "$seen" -ge "$scale" ]; do
     if [ "$SECONDS" -ge "$deadline" ]; then
@@ -70,7 +74,8 @@ fluster demo is up ($seen instances of web answering):
   HAProxy stats http://127.0.0.1:$stats_port/
   etcd          ETCD_ENDPOINTS=$etcd .venv/bin/fluster ls
                   or: ${compose[*]} exec sidekick fluster ls
-Try: ${compose[*]} up -d --scale web=5
+Try (docs/DEPLOYING.md, "A deploy, by hand"):
+     ${compose[*]} up -d --no-deps --scale web=5 web
      ${compose[*]} up -d --no-deps --scale web-v2=2 web-v2
      ${compose[*]} exec sidekick fluster promote web v2
 Stop: make demo-down

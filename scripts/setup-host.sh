@@ -2,24 +2,30 @@
 # Installs the real parts the tests and the demo use, from Debian's packages, when they
 # are missing: etcd, HAProxy, the Docker engine and compose, wrk/hey, mmdebstrap, chromium
 # (the dashboard test), promtool (the alert rules test), curl (the demo's readiness wait).
+#
+#   scripts/setup-host.sh        everything (`make test`)
+#   scripts/setup-host.sh demo   only what `make demo` calls: the Docker engine, compose,
+#                                curl (its readiness wait), mmdebstrap (the base image)
 set -euo pipefail
 
 need=()
 want() { command -v "$1" >/dev/null 2>&1 || need+=("$2"); }
-want etcd etcd-server
-want etcdctl etcd-client
-want haproxy haproxy
 want dockerd docker.io
 want docker-compose docker-compose
-want wrk wrk
-want hey hey
-want mmdebstrap mmdebstrap
-want openssl openssl
-want systemd-analyze systemd
-want chromium chromium
-want promtool prometheus
 want curl curl
-want ip iproute2
+want mmdebstrap mmdebstrap
+if [ "${1:-}" != demo ]; then
+  want etcd etcd-server
+  want etcdctl etcd-client
+  want haproxy haproxy
+  want wrk wrk
+  want hey hey
+  want openssl openssl
+  want systemd-analyze systemd
+  want chromium chromium
+  want promtool prometheus
+  want ip iproute2
+fi
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
