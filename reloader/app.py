@@ -25,9 +25,9 @@ from reloader.debounce import Debouncer
 from reloader.facts import FactFinder, Reporter
 from reloader.guard import RemovalGuard
 from reloader.haproxy import Haproxy, HaproxyError, StartFailed
-from reloader.model import with_servers_of
+from reloader.model import Model, build_model, with_servers_of
 from reloader.publish import Publisher
-from reloader.render import Rendered, Renderer, RenderError
+from reloader.render import Renderer, RenderError
 from reloader.server import StatusServer
 from reloader.settings import Settings
 from reloader.status import (
@@ -62,7 +62,9 @@ class Reloader:
             rs.state_dir / "haproxy.pid",
             on_restart=self._haproxy_restarted,
         )
-        self.applier = Applier(self.haproxy, settings.haproxy, rs.state_dir, rs.admin_socket)
+        self.applier = Applier(
+            self.haproxy, settings.haproxy, rs.state_dir, rs.admin_socket, renderer
+        )
         self.applier.on_late_rejection = self._late_rejection
         self.publisher = Publisher(self.store, settings.prefix, settings.reloader_id, settings.node)
         self.stats = Stats()
@@ -76,11 +78,13 @@ class Reloader:
         self.applied: Snapshot | None = None
         self.facts = FactFinder(rs)
         self.reporter = Reporter()
+        self.changed_at = time.monotonic()  # the last snapshot from the catalog
 
     # -- catalog -> pipeline -------------------------------------------------------------
 
     def on_snapshot(self, snapshot: Snapshot) -> None:
         self.latest = snapshot
+        self.changed_at = time.monotonic()
         self.stats.saw(snapshot.revision)
         self.debouncer.poke()
 
@@ -93,32 +97,59 @@ class Reloader:
             recheck = self.reporter.due()
             if settled or recheck or self.guard.held or self.applier.runtime.pending_deletes:
                 await self.apply(self.latest)
+            elif self._due(self._refill_at()):
+                await self.apply(self.latest, tidy=True)
+            elif self._due(self._check_at()):
+                await self.applier.check_live()
+
+    # Off the latency path, when the catalog is quiet: check the file runtime changes
+    # wrote (or at the latest CHECK_MAX after the first), and refill the backend pool
+    # with a reload once it is below half.
+    CHECK_QUIET = 2.0
+    CHECK_MAX = 60.0
+    REFILL_QUIET = 10.0
+
+    def _check_at(self) -> float | None:
+        since = self.applier.unchecked_since
+        if since is None:
+            return None
+        return min(self.changed_at + self.CHECK_QUIET, since + self.CHECK_MAX)
+
+    def _refill_at(self) -> float | None:
+        size = self.settings.render.pool_size
+        if self.applier.live is None or 2 * self.applier.pool_free >= size:
+            return None
+        return self.changed_at + self.REFILL_QUIET
+
+    @staticmethod
+    def _due(at: float | None) -> bool:
+        return at is not None and at <= time.monotonic()
 
     def _next_wakeup(self) -> float | None:
         if self.applier.runtime.pending_deletes:
             return 1.0
-        times = [t for t in (self.guard.next_release(), self.reporter.recheck_at) if t is not None]
-        return None if not times else max(0.0, min(times) - time.monotonic()) + 0.01
+        times = [self.guard.next_release(), self.reporter.recheck_at]
+        times += [self._check_at(), self._refill_at()]
+        due = [t for t in times if t is not None]
+        return None if not due else max(0.0, min(due) - time.monotonic()) + 0.01
 
-    async def _render(self, snapshot: Snapshot, *, tls: bool) -> Rendered:
-        """Render against the host's facts (reloader.facts): what resolves, which ports
+    async def _model(self, snapshot: Snapshot, *, tls: bool) -> Model:
+        """The model against the host's facts (reloader.facts): what resolves, which ports
         are free, which addresses are this edge's own."""
         live = self.applier.live
         facts = await self.facts.find(snapshot, live.model if live else None)
-        return self.renderer.render(snapshot, self.settings.render, facts, tls=tls)
+        return build_model(snapshot, self.settings.render, facts, tls=tls)
 
-    async def _apply_servers_only(self, rendered: Rendered, revision: int) -> None:
+    async def _apply_servers_only(self, model: Model, revision: int) -> None:
         """After a refused structural change, apply what still can be: server changes of
         the backends that exist now. The change as a whole stays unapplied (and
         unpublished); the next change retries it."""
         live = self.applier.live
-        if live is None:
-            return
+        if live is None or not live.known:
+            return  # live came from a previous run's file: its model is unknown
         try:
-            if self.renderer.text(live.model.without_servers()) != live.skeleton:
-                return  # live came from a previous run's file: its model is unknown
-            partial = self.renderer.render_model(with_servers_of(live.model, rendered.model))
-            if partial.text == live.text:
+            partial = with_servers_of(live.model, model)
+            if partial == live.model:
                 return
             kind = await self.applier.apply(partial)
         except (Rejected, RenderError, ApplyFailed) as exc:
@@ -140,16 +171,16 @@ class Reloader:
         self.tls_live = self.tls.written
         self.debouncer.poke()
 
-    async def apply(self, snapshot: Snapshot) -> None:
+    async def apply(self, snapshot: Snapshot, tidy: bool = False) -> None:
         started = time.monotonic()
         at = datetime.now(UTC).isoformat(timespec="milliseconds")
-        rendered: Rendered | None = None
+        model: Model | None = None
         try:
             guarded = self.guard.filter(snapshot, self.applied)
             tls = self._write_tls(guarded)
-            rendered = await self._render(guarded, tls=bool(tls.certs))
-            kind = await self.applier.apply(rendered)
-            await self._push_tls(tls, https=rendered.model.https_bind is not None, kind=kind)
+            model = await self._model(guarded, tls=bool(tls.certs))
+            kind = await self.applier.apply(model, tidy)
+            await self._push_tls(tls, https=model.https_bind is not None, kind=kind)
         except (Rejected, RenderError, ApplyFailed) as exc:
             reason: FailureReason = (
                 "rejected"
@@ -176,8 +207,8 @@ class Reloader:
                 error=str(exc)[:2000],
                 revision=snapshot.revision,
             )
-            if rendered is not None:
-                await self._apply_servers_only(rendered, snapshot.revision)
+            if model is not None:
+                await self._apply_servers_only(model, snapshot.revision)
             return
         elapsed = time.monotonic() - started
         before, self.applied = self.applied, guarded
@@ -192,17 +223,19 @@ class Reloader:
                     kind,
                     describe_change(before, guarded),
                     seconds=round(elapsed, 4),
-                    servers=rendered.model.server_count,
+                    servers=model.server_count,
                 )
             )
             log.info(
                 "applied",
                 kind=kind,
+                reason=self.applier.last_reason if kind == "reload" else None,
+                pool_free=self.applier.pool_free,
                 revision=snapshot.revision,
                 seconds=round(elapsed, 4),
-                servers=rendered.model.server_count,
+                servers=model.server_count,
             )
-        self.reporter.report(rendered.model, guarded, self.facts.resolver)
+        self.reporter.report(model, guarded, self.facts.resolver)
         self.publisher.publish(snapshot.revision)
 
     def _write_tls(self, snapshot: Snapshot) -> TlsTarget:
@@ -267,6 +300,8 @@ class Reloader:
             held_removals=len(held),
             skipped_services=[s.as_dict() for s in skipped],
             skips_total=dict(self.reporter.counts),
+            pool_free=self.applier.pool_free,
+            pool_fallbacks=self.applier.pool_fallbacks,
             applies=dict(self.stats.applies),
             failures=dict(self.stats.failures),
             apply_seconds_sum=self.stats.apply_seconds_sum,
@@ -317,7 +352,8 @@ class Reloader:
         self.tls.ensure_default()
         tls = self._write_tls(first or Snapshot())
         self.tls_live = tls
-        rendered = await self._render(first or Snapshot(), tls=bool(tls.certs))
+        model = await self._model(first or Snapshot(), tls=bool(tls.certs))
+        rendered = self.renderer.render_model(model)
         if first is None and await self.applier.initial_from_file(rendered):
             log.warning("starting HAProxy with the config of the previous run")
         else:

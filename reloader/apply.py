@@ -1,15 +1,17 @@
-"""Rendered config -> running HAProxy: nothing, the runtime API, or a checked reload.
+"""Target model -> running HAProxy: nothing, the runtime API, or a checked reload.
 
-1. same text as live: nothing;
-2. same structure, server changes only: the runtime API (HAProxy vets every server it
-   is asked to add), then, in the background, `haproxy -c` on the candidate, which then
-   replaces the live file so that any later reload or restart reproduces the state. A
-   newer apply supersedes a check still running (its file holds everything the older
-   one did), so a burst of changes never queues behind a full parse of a large config.
-   A refused file undoes the API's changes by a reload of the last installed file;
-3. otherwise: `haproxy -c` first (the exit code is the verdict), dump server state,
-   rename the candidate over the live file (atomic), ask the master to reload, wait for
-   the new worker; on failure put the last good file back and reload that.
+1. the target laid onto the live backends (reloader/pool.py) is what runs: nothing;
+2. same structure, only servers and routes map entries differ (a new plain HTTP service
+   takes a pool backend): the runtime API (HAProxy vets every server it is asked to
+   add), then the config and map files are rendered and written, so that a reload or
+   restart reproduces the state. No `haproxy -c` here: the structure is that of a
+   validated config and every server line comes from re-checked values HAProxy just
+   accepted. The app has the written file checked once the catalog is quiet
+   (`check_live`), so a full parse never sits on the latency path of a change;
+3. otherwise: render the canonical config (`be_<service>` names, a full pool),
+   `haproxy -c` first (the exit code is the verdict), dump server state, rename the
+   candidate over the live file (atomic), ask the master to reload, wait for the new
+   worker; on failure put the last good file back and reload that.
 
 An invalid candidate is kept as `haproxy.cfg.rejected` with HAProxy's error text in
 `haproxy.cfg.rejected.txt`; the live config keeps serving and the next change retries.
@@ -17,11 +19,11 @@ An invalid candidate is kept as `haproxy.cfg.rejected` with HAProxy's error text
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +31,8 @@ import structlog
 
 from reloader.haproxy import Haproxy, HaproxyError, check_config, cli
 from reloader.model import Model
-from reloader.render import Rendered
+from reloader.pool import Placement, free_slots, place
+from reloader.render import Rendered, Renderer
 from reloader.runtime_api import RuntimeApi, plan
 
 log = structlog.get_logger("reloader.apply")
@@ -43,11 +46,6 @@ class Rejected(Exception):
 
 class ApplyFailed(Exception):
     """HAProxy did not take a valid config; the last good one was restored."""
-
-
-@dataclass(frozen=True, slots=True)
-class Live:
-    rendered: Rendered
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -86,9 +84,17 @@ def filter_server_state(dump: str, model: Model) -> str:
 
 
 class Applier:
-    def __init__(self, haproxy: Haproxy, binary: str, state_dir: Path, admin_socket: Path) -> None:
+    def __init__(
+        self,
+        haproxy: Haproxy,
+        binary: str,
+        state_dir: Path,
+        admin_socket: Path,
+        renderer: Renderer,
+    ) -> None:
         self.haproxy = haproxy
         self.binary = binary
+        self.renderer = renderer
         self.state_dir = state_dir
         self.admin_socket = admin_socket
         self.live_file = state_dir / "haproxy.cfg"
@@ -97,12 +103,17 @@ class Applier:
         self.last_good = state_dir / "haproxy.cfg.last-good"
         self.state_file = state_dir / "server-state"
         self.routes_file = state_dir / "routes.map"
-        self.runtime = RuntimeApi(admin_socket)
+        self.runtime = RuntimeApi(admin_socket, self.routes_file)
         self.live: Rendered | None = None
         self.on_late_rejection: Callable[[str], None] | None = None
-        self._file_task: asyncio.Task[None] | None = None
-        self._checking = False  # the file task is inside `haproxy -c`: safe to cancel
-        self._installed: Rendered | None = None  # what the live file holds
+        self._installed: Rendered | None = None  # the last config that passed `haproxy -c`
+        self.unchecked_since: float | None = None  # monotonic time of the first unchecked write
+        self.pool_fallbacks = 0  # new services that found the pool empty and reloaded
+        self.last_reason = ""  # why the last apply reloaded
+
+    @property
+    def pool_free(self) -> int:
+        return free_slots(self.live.model) if self.live is not None else 0
 
     async def admin(self, command: str) -> str:
         return await cli(self.admin_socket, command)
@@ -143,37 +154,38 @@ class Applier:
             return False
         text = self.live_file.read_text()
         routes = self.routes_file.read_text() if self.routes_file.is_file() else ""
-        self.live = self._installed = Rendered(
-            text, "(a previous run's config)", placeholder.model, routes
-        )
+        self.live = self._installed = Rendered(text, placeholder.model, routes, known=False)
         return True
 
-    async def apply(self, rendered: Rendered) -> Kind:
-        await self._supersede()
+    async def apply(self, model: Model, tidy: bool = False) -> Kind:
+        """Make HAProxy run `model`. With `tidy`, also reload when only the layout left by
+        runtime changes differs (pool backends in use, emptied backends)."""
         live = self.live
         assert live is not None, "initial() first"
-        if rendered.text == live.text and rendered.routes == live.routes:
+        placement = (
+            place(live.model, model) if live.known else Placement(None, "a previous run's config")
+        )
+        touched = False
+        adapted = placement.model
+        if adapted is not None and adapted == live.model and not (tidy and adapted != model):
             await self._retry_pending()
             return "noop"
-        touched = False
-        if rendered.skeleton == live.skeleton and rendered.routes == live.routes:
-            changes = plan(live.model, rendered.model)
+        if adapted is not None and adapted != live.model:
+            changes = plan(live.model, adapted)
             if changes is not None:
-                # Same structure as a validated config, servers from re-checked values, and
-                # HAProxy vets every server the API adds: the API goes first, and `haproxy
-                # -c` (a fork and a full parse, ~50-100 ms on a busy host) guards the file
-                # off the latency path, overlapping the next debounce period.
                 touched = True
+                rendered = self.renderer.render_model(adapted)
                 try:
                     await self.runtime.apply(changes)
                 except HaproxyError as exc:
                     log.warning("runtime API apply failed, reloading instead", error=str(exc))
                 else:
-                    self.live = rendered
-                    self._file_task = asyncio.create_task(
-                        self._install(rendered), name="install-config"
-                    )
+                    self._write_live(rendered)
                     return "runtime"
+        if placement.pool_empty:
+            self.pool_fallbacks += 1
+        self.last_reason = placement.reason or ("tidy" if tidy else "server settings changed")
+        rendered = self.renderer.render_model(model)
         if touched:
             await self._validate_or_restore(rendered.text)
         else:
@@ -181,46 +193,37 @@ class Applier:
         await self._reload(rendered)
         return "reload"
 
-    async def flush(self) -> None:
-        """Wait until the file of the last runtime apply is checked and installed."""
-        task, self._file_task = self._file_task, None
-        if task is not None:
-            await task
-
-    async def _supersede(self) -> None:
-        """Before a new apply: drop a check still running (the new apply's file will hold
-        all it held), or wait for a file task past its check (installing or undoing)."""
-        task, self._file_task = self._file_task, None
-        if task is None:
-            return
-        if self._checking:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    async def _install(self, rendered: Rendered) -> None:
-        try:
-            self._checking = True
-            try:
-                error = await check_config(self.binary, self._write_candidate(rendered.text))
-            finally:
-                self._checking = False
-            if error is not None:
-                self._keep_rejected(rendered.text, error)
-                log.error("config refused after runtime changes, reloading the live config")
-                with contextlib.suppress(HaproxyError):
-                    await self.haproxy.reload()
-                self.runtime.forget()
-                raise Rejected(error)
-        except Rejected as exc:
-            self.live = self._installed  # what HAProxy runs again after the undoing reload
-            if self.on_late_rejection is not None:
-                self.on_late_rejection(str(exc))
-            return
+    def _write_live(self, rendered: Rendered) -> None:
+        """After runtime changes: the files a reload or restart would read, unchecked."""
         write_atomic(self.routes_file, rendered.routes)
-        os.replace(self.candidate, self.live_file)
-        write_atomic(self.last_good, rendered.text)
-        self._installed = rendered
+        write_atomic(self.live_file, rendered.text)
+        self.live = rendered
+        if self.unchecked_since is None:
+            self.unchecked_since = time.monotonic()
+
+    async def check_live(self) -> None:
+        """`haproxy -c` on a live file written after runtime changes (called when the
+        catalog is quiet). A refusal is reported; the next apply then reloads the
+        canonical config through the full check instead of trusting the layout."""
+        live = self.live
+        if self.unchecked_since is None or live is None:
+            return
+        error = await check_config(self.binary, self.live_file)
+        if self.live is not live:
+            return  # an apply ran meanwhile: it has its own file to check
+        self.unchecked_since = None
+        if error is None:
+            write_atomic(self.last_good, live.text)
+            self._installed = live
+            return
+        self._keep_rejected(live.text, error)
+        log.error("the config written after runtime changes is refused", error=error[:2000])
+        self.live = replace(live, known=False)
+        if self.on_late_rejection is not None:
+            self.on_late_rejection(error)
+
+    async def flush(self) -> None:
+        """Kept for shutdown: files are written at each apply, nothing is pending."""
 
     async def _validate_or_restore(self, text: str) -> None:
         """Validate after runtime changes; if invalid, reload the live file (which still
@@ -248,6 +251,7 @@ class Applier:
 
     async def _reload(self, rendered: Rendered) -> None:
         assert self._installed is not None
+        previous = self.live if self.live is not None else self._installed
         await self._save_server_state(rendered.model)
         # The map's values are only backend names and its keys safe tokens: it cannot make
         # a config invalid, so the one validated beside the old map is valid with the new.
@@ -257,9 +261,9 @@ class Applier:
             await self.haproxy.reload()
         except HaproxyError as exc:
             log.error("reload failed, restoring the last good config", error=str(exc))
-            write_atomic(self.routes_file, self._installed.routes)
-            write_atomic(self.live_file, self._installed.text)
-            self.live = self._installed
+            write_atomic(self.routes_file, previous.routes)
+            write_atomic(self.live_file, previous.text)
+            self.live = previous
             try:
                 await self.haproxy.reload()
             except HaproxyError as again:
@@ -269,6 +273,7 @@ class Applier:
             self.runtime.forget()
         write_atomic(self.last_good, rendered.text)
         self.live = self._installed = rendered
+        self.unchecked_since = None
 
     def restarted(self) -> None:
         """HAProxy was restarted from the live file: nothing is pending any more, and
@@ -277,5 +282,4 @@ class Applier:
         if self.live is not None and self.live_file.read_text() != self.live.text:
             text = self.live_file.read_text()
             routes = self.routes_file.read_text() if self.routes_file.is_file() else ""
-            self.live = Rendered(text, "(restarted from the live file)", self.live.model, routes)
-        self._installed = self.live
+            self.live = Rendered(text, self.live.model, routes, known=False)

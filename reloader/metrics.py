@@ -53,6 +53,7 @@ def families(s: Status) -> Iterator[Metric]:
         ("servers", "Servers in the live config.", s.servers),
         ("rejected_records", "Records in etcd skipped as invalid.", s.rejected_records),
         ("held_removals", "Removals held by the blast-radius guard.", s.held_removals),
+        ("pool_free", "Empty HTTP backends a new service can take without a reload.", s.pool_free),
         (
             "sync_age_seconds",
             "Seconds since etcd last confirmed our state (-1: never).",
@@ -143,6 +144,11 @@ def families(s: Status) -> Iterator[Metric]:
             "tls_failures_total",
             "Certificate changes HAProxy refused at runtime (a reload applied them).",
             s.tls_failures,
+        ),
+        (
+            "pool_fallbacks_total",
+            "New HTTP services that found the backend pool empty and took a reload.",
+            s.pool_fallbacks,
         ),
     ]
     for name, help_, value in counters:

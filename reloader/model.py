@@ -89,6 +89,7 @@ class RenderSettings:
     # once a certificate exists, so an edge without certificates listens on HTTP alone.
     https_bind: tuple[str, int] | None = ("", 443)
     https_always: bool = False
+    pool_size: int = 16  # empty HTTP backends a new service can take without a reload
 
     @property
     def admin_socket(self) -> Path:
@@ -201,8 +202,20 @@ class Model:
     https_bind: tuple[str, int] | None = None  # the HTTPS frontend, when it is on
 
     def without_servers(self) -> Model:
-        """The same model with every backend emptied: the config's structure."""
+        """The same model with every backend emptied."""
         return replace(self, backends=tuple(replace(b, servers=()) for b in self.backends))
+
+    def structure(self) -> tuple[object, ...]:
+        """What only a reload can change: two models with equal structures differ in
+        servers and routes map entries only, which the runtime API can apply. (The
+        templates print routes through the map, and servers as `server.line`.)"""
+        return (
+            self.settings,
+            self.https_bind,
+            self.tcp_routes,
+            tuple((r.backend, r.canary) for r in self.http_routes if r.canary),
+            tuple((b.name, b.mode, b.balance, b.check_path) for b in self.backends),
+        )
 
     @property
     def server_count(self) -> int:
@@ -257,6 +270,15 @@ def route_key(host: str, path_prefix: str) -> str:
 
 def backend_name(service: str, canary: bool = False) -> str:
     return f"be_{service}_canary" if canary else f"be_{service}"
+
+
+POOL_PREFIX: Final = "pool_"  # service backends start with "be_": no name can collide
+POOL_BALANCE: Final = "roundrobin"
+
+
+def pool_backends(size: int) -> tuple[Backend, ...]:
+    """The empty HTTP backends a new service can take (see reloader/pool.py)."""
+    return tuple(Backend(f"{POOL_PREFIX}{i}", "", "http", POOL_BALANCE) for i in range(size))
 
 
 def _servers(instances: Mapping[str, Instance], check_ms: int | None) -> tuple[Server, ...]:
@@ -417,7 +439,8 @@ def build_model(
             continue
         (tcp if route.port is not None else http).append(route)
         backends.extend(svc_backends)
-    # Longest path prefix first, so /api/v2 wins over /api on a shared host.
+    # Longest path prefix first: for a host and prefix claimed twice, the first keeps it.
     http.sort(key=lambda r: (-len(r.path_prefix), r.service))
     skipped.sort(key=lambda s: (s.service, s.instance or "", s.kind))
+    backends.extend(pool_backends(settings.pool_size))
     return Model(settings, tuple(http), tuple(tcp), tuple(backends), tuple(skipped), https_bind)

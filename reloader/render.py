@@ -39,17 +39,16 @@ class RenderError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Rendered:
-    """A config and its routes map, plus its structure (the config with every backend
-    emptied).
+    """A config and its routes map, and the model they were rendered from.
 
-    Two renders with the same `skeleton` differ only in servers, which the runtime API
-    can apply without a reload.
+    `known` is False for a config this process did not render (a previous run's file):
+    its model is unknown, so the next apply reloads rather than plan runtime changes.
     """
 
     text: str
-    skeleton: str
     model: Model
     routes: str = ""
+    known: bool = True
 
 
 def _bind(address: tuple[str, int]) -> str:
@@ -103,7 +102,7 @@ class Renderer:
             routes = model.routes_text()
         except ModelError as exc:
             raise RenderError(f"routes map: {exc}") from exc
-        return Rendered(self.text(model), self.text(model.without_servers()), model, routes)
+        return Rendered(self.text(model), model, routes)
 
 
 def render(snapshot: Snapshot, settings: RenderSettings, templates: Path | None = None) -> str:

@@ -1,9 +1,10 @@
-"""Server membership changes through HAProxy's runtime API, without a reload.
+"""Server and route changes through HAProxy's runtime API, without a reload.
 
 `plan()` decides whether a change can go this way at all: the config structure must be
-identical (see `Rendered.skeleton`) and every difference must be one the API can make
-(add, delete, address/port, weight) on a backend whose balance algorithm accepts
-dynamic servers. Anything else returns None and the caller reloads.
+identical (see `Model.structure` and reloader/pool.py) and every difference must be one
+the API can make (add, delete, address/port, weight) on a backend whose balance algorithm
+accepts dynamic servers, or a routes map entry (`add map`, `set map`, `del map`).
+Anything else returns None and the caller reloads.
 
 Every reply is checked against what HAProxy says on success; an unexpected reply raises
 and the caller falls back to a reload of the (already validated) config file, which
@@ -32,18 +33,23 @@ class RuntimeApiError(HaproxyError):
 
 @dataclass
 class Plan:
-    """The changes to make, per backend: servers to add, delete, and update."""
+    """The changes to make: servers to add, delete and update per backend, and routes
+    map entries (key -> backend) to add, repoint and remove."""
 
     add: list[tuple[str, Server]] = field(default_factory=list)
     delete: list[tuple[str, str]] = field(default_factory=list)
     update: list[tuple[str, Server, Server]] = field(default_factory=list)
+    route_add: list[tuple[str, str]] = field(default_factory=list)
+    route_set: list[tuple[str, str]] = field(default_factory=list)
+    route_del: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.add or self.delete or self.update)
+        return self.size > 0
 
     @property
     def size(self) -> int:
-        return len(self.add) + len(self.delete) + len(self.update)
+        servers = len(self.add) + len(self.delete) + len(self.update)
+        return servers + len(self.route_add) + len(self.route_set) + len(self.route_del)
 
 
 def plan(live: Model, target: Model) -> Plan | None:
@@ -74,6 +80,13 @@ def plan(live: Model, target: Model) -> Plan | None:
             if a.check_inter_ms != b.check_inter_ms:
                 return None  # check settings cannot change at runtime
             result.update.append((name, a, b))
+    old_routes, new_routes = dict(live.route_entries()), dict(target.route_entries())
+    for key, backend in new_routes.items():
+        if key not in old_routes:
+            result.route_add.append((key, backend))
+        elif old_routes[key] != backend:
+            result.route_set.append((key, backend))
+    result.route_del.extend(k for k in old_routes if k not in new_routes)
     return result
 
 
@@ -91,8 +104,9 @@ class RuntimeApi:
     still holding connections) are left in maintenance, which takes no new traffic, and
     retried on the next apply."""
 
-    def __init__(self, socket: Path) -> None:
+    def __init__(self, socket: Path, routes_map: Path) -> None:
         self.socket = socket
+        self.routes_map = routes_map
         self.send: Send = self._closed
         self.pending_deletes: set[tuple[str, str]] = set()
 
@@ -135,6 +149,13 @@ class RuntimeApi:
             await self.run(f"enable server {backend}/{server.name}", "")
         for backend, _old, new in changes.update:
             await self.update(backend, new)
+        # Routes after the servers they lead to, and before the servers they led to go.
+        for key, backend in changes.route_add:
+            await self.run(f"add map {self.routes_map} {key} {backend}", "")
+        for key, backend in changes.route_set:
+            await self.run(f"set map {self.routes_map} {key} {backend}", "")
+        for key in changes.route_del:
+            await self.run(f"del map {self.routes_map} {key}", "", "Key not found.")
         for backend, name in changes.delete:
             await self.run(f"set server {backend}/{name} state maint", "")
             await self.delete(backend, name)

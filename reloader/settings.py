@@ -36,7 +36,8 @@ Keep HAProxy in step with the fluster registry in etcd.
 
 `reloader run` (the default) starts HAProxy in master-worker mode and supervises it,
 watches {prefix}/services/ and applies every change: through HAProxy's runtime API when
-only servers changed, by a validated seamless reload otherwise. `reloader render --once`
+only servers or HTTP routes changed or a new HTTP service fits a pool backend
+(--http-pool), by a validated seamless reload otherwise. `reloader render --once`
 prints the config for the current etcd state and exits.
 
 HTTP services are routed on --http-bind by Host SERVICE.DOMAIN (or the spec's hosts and
@@ -75,6 +76,13 @@ def _percent(text: object) -> float:
     value = float(str(text))
     if not 0 < value <= 100:
         raise ValueError(f"must be in (0, 100], got {text}")
+    return value
+
+
+def _pool_size(text: object) -> int:
+    value = int(str(text))
+    if not 0 <= value <= 1000:
+        raise ValueError(f"must be from 0 to 1000, got {text}")
     return value
 
 
@@ -251,6 +259,14 @@ HARD_STOP_AFTER: Option[int] = Option(
     60,
     positive_int,
 )
+HTTP_POOL: Option[int] = Option(
+    "--http-pool",
+    "RELOADER_HTTP_POOL",
+    "empty HTTP backends kept ready, so a new HTTP service needs no reload "
+    "(0: every new service reloads)",
+    16,
+    _pool_size,
+)
 SYNC_MAX_AGE: Option[float] = Option(
     "--sync-max-age",
     "RELOADER_SYNC_MAX_AGE",
@@ -295,6 +311,7 @@ OPTIONS: tuple[Option[Any], ...] = (
     REMOVAL_HOLD,
     NO_REMOVAL_GUARD,
     HARD_STOP_AFTER,
+    HTTP_POOL,
     SYNC_MAX_AGE,
     ID,
     NODE,
@@ -344,6 +361,7 @@ def load(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             https_bind=v[HTTPS_BIND][0],
             https_always=v[HTTPS_BIND][1],
             hard_stop_after_s=v[HARD_STOP_AFTER],
+            pool_size=v[HTTP_POOL],
         ),
         status_bind=v[STATUS_BIND],
         templates=v[TEMPLATES],

@@ -222,6 +222,8 @@ class Status:
     tls_applies: int = 0  # certificate/policy changes made through the runtime API
     tls_failures: int = 0  # such changes HAProxy refused (a reload applied them instead)
     skips_total: Mapping[str, int] = field(default_factory=dict)  # kind -> times left out
+    pool_free: int = 0  # empty HTTP backends a new service can take without a reload
+    pool_fallbacks: int = 0  # new HTTP services that found the pool empty and reloaded
 
     @property
     def fallback_services(self) -> dict[str, str]:

@@ -35,7 +35,7 @@ async def test_leased_record_serves_and_plain_address_works(
     reloader.wait_served("web.localhost", {b.ident})
 
 
-async def test_membership_change_uses_the_runtime_api_new_service_reloads(
+async def test_membership_change_uses_the_runtime_api_new_tcp_service_reloads(
     etcd: Etcd, start_reloader: Start, backends: Backends
 ) -> None:
     a, b, c = backends(3)
@@ -53,9 +53,11 @@ async def test_membership_change_uses_the_runtime_api_new_service_reloads(
     assert "server b 127.0.0.1:" in reloader.config
     assert reloader.status()["applies"]["runtime"] >= 2
 
+    # A health-checked service cannot use a pool backend (no option httpchk there).
+    etcd.put("/fluster/services/api/spec", json.dumps({"check": {"path": "/"}}))
     etcd.put(KEY.format("api", "c"), c.json())
     reloader.wait_served("api.localhost", {c.ident})
-    assert reloader.workers() != workers, "a new service needs a reload"
+    assert reloader.workers() != workers, "a new health-checked service needs a reload"
     wait_for(lambda: reloader.status()["applies"]["reload"] >= 1, what="reload counted")
     # The reload reproduced the runtime API's work.
     reloader.wait_served("web.localhost", {b.ident})

@@ -26,13 +26,13 @@ def test_invalid_template_output_is_rejected_and_the_old_config_keeps_serving(
     a, b, c = backends(3)
     templates = tmp_path / "templates"
     templates.mkdir()
-    # Valid with one backend, invalid HAProxy config as soon as there are two.
+    # Valid with one service, invalid HAProxy config as soon as there are two.
     defaults = (DEFAULT_TEMPLATES / "defaults.j2").read_text()
-    (templates / "defaults.j2").write_text(
-        defaults + "{% if backends | length > 1 %}\n    no-such-keyword\n{% endif %}\n"
-    )
+    two = '{% if backends | selectattr("service") | list | length > 1 %}'
+    (templates / "defaults.j2").write_text(defaults + two + "\n    no-such-keyword\n{% endif %}\n")
     etcd.put(KEY.format("web", "a"), a.json())
-    reloader = start_reloader("--templates", str(templates))
+    # Without a backend pool: the new service below is a structural change.
+    reloader = start_reloader("--templates", str(templates), "--http-pool", "0")
     reloader.wait_served("web.localhost", {a.ident})
     live = reloader.config
 

@@ -68,7 +68,7 @@ def test_twenty_reloads_under_traffic_lose_no_request(
     a, b, extra = backends(3)
     etcd.put(KEY.format("web", "a"), a.json())
     etcd.put(KEY.format("web", "b"), b.json())
-    reloader = start_reloader()
+    reloader = start_reloader("--http-pool", "0")  # so that each new service reloads
     reloader.wait_served("web.localhost", {a.ident, b.ident})
     with Traffic(reloader.http_port, "web.localhost") as traffic:
         for n in range(20):

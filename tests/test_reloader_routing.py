@@ -60,3 +60,54 @@ async def test_map_routing_by_host_longest_path_prefix_and_canary(
     assert "x.example/v1/docs/ be_docs\n" in routes
     assert "acl " not in reloader.config
     wait_for(lambda: reloader.get("x.example", "/v1")[0] == 200, what="still routed")
+
+
+async def test_a_new_http_service_is_served_by_the_same_worker_until_the_pool_runs_out(
+    etcd: Etcd, start_reloader: Start, backends: Backends
+) -> None:
+    web, one, two, three = backends(4)
+    etcd.put(KEY.format("web", "a"), web.json())
+    # Without the guard, which would hold the removal of a whole service for 30 s.
+    reloader = start_reloader("--http-pool", "2", "--no-removal-guard")
+    reloader.wait_served("web.localhost", {web.ident})
+    workers = reloader.workers()
+    etcd.put(KEY.format("one", "a"), one.json())
+    reloader.wait_served("one.localhost", {one.ident})
+    # A new route of an existing service is a map entry too.
+    etcd.put(SPEC.format("web"), json.dumps({"hosts": ["web.localhost", "www.localhost"]}))
+    reloader.wait_served("www.localhost", {web.ident})
+    etcd.put(KEY.format("two", "a"), two.json())
+    reloader.wait_served("two.localhost", {two.ident})
+    assert reloader.workers() == workers, "new services in the pool need no new worker"
+    assert "one.localhost/ pool_0" in reloader.admin(f"show map {reloader.state_dir}/routes.map")
+    routes = (reloader.state_dir / "routes.map").read_text()
+    assert "one.localhost/ pool_0\n" in routes and "two.localhost/ pool_1\n" in routes
+    status = reloader.status()
+    assert status["pool_free"] == 0 and status["pool_fallbacks"] == 0
+    assert status["applies"]["reload"] == 0
+    # The file reproduces the runtime state: a reload of it serves the same.
+    assert "backend pool_0\n" in reloader.config and "server a 127.0.0.1:" in reloader.config
+
+    # The pool is empty: the next new service takes a reload, and it is counted.
+    etcd.put(KEY.format("three", "a"), three.json())
+    reloader.wait_served("three.localhost", {three.ident})
+    assert reloader.workers() != workers
+    wait_for(lambda: reloader.status()["applies"]["reload"] == 1, what="the reload counted")
+    status = reloader.status()
+    assert status["pool_fallbacks"] == 1
+    assert status["pool_free"] == 2, "the reload renders a full pool again"
+    routes = (reloader.state_dir / "routes.map").read_text()
+    assert "one.localhost/ be_one\n" in routes and "three.localhost/ be_three\n" in routes
+    for host, backend in (("one", one), ("two", two), ("www", web)):
+        assert reloader.get(f"{host}.localhost") == (200, backend.ident)
+    _, metrics = reloader.http_get("/metrics")
+    assert "reloader_pool_fallbacks_total 1.0" in metrics
+    assert "reloader_pool_free 2.0" in metrics
+
+    # A service that goes away is unrouted at once, without a reload either.
+    workers = reloader.workers()
+    etcd.delete(KEY.format("two", "a"))
+    wait_for(lambda: reloader.get("two.localhost")[0] == 404, what="two unrouted")
+    etcd.delete(KEY.format("three", "a"))
+    wait_for(lambda: reloader.get("three.localhost")[0] == 404, what="three unrouted")
+    assert reloader.workers() == workers

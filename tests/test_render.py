@@ -143,13 +143,13 @@ def test_active_version_and_canary_split() -> None:
     assert "server a " not in backend_block(text, "be_web")
 
 
-def test_skeleton_ignores_servers_only() -> None:
-    renderer = Renderer()
-    one = renderer.render(snapshot(service("web", a=inst(1))), SETTINGS)
-    two = renderer.render(snapshot(service("web", a=inst(1), b=inst(2))), SETTINGS)
-    other = renderer.render(snapshot(service("web", {"balance": "first"}, a=inst(1))), SETTINGS)
-    assert one.text != two.text and one.skeleton == two.skeleton
-    assert other.skeleton != one.skeleton
+def test_structure_ignores_servers_and_routes_only() -> None:
+    one = build_model(snapshot(service("web", a=inst(1))), SETTINGS)
+    moved = service("web", {"hosts": ["x.example"]}, a=inst(1), b=inst(2))
+    two = build_model(snapshot(moved), SETTINGS)
+    other = build_model(snapshot(service("web", {"balance": "first"}, a=inst(1))), SETTINGS)
+    assert one != two and one.structure() == two.structure()
+    assert other.structure() != one.structure()
 
 
 def test_user_templates_override_file_by_file(tmp_path: Path) -> None:
@@ -188,6 +188,6 @@ def test_values_are_rechecked_before_rendering() -> None:
     # A server name (the instance key) is checked again too: the service is left out.
     bad_name = snapshot(service("web", **{"a\n  bind :1": inst(2)}), service("ok", a=inst(1)))
     model = build_model(bad_name, SETTINGS)
-    assert [b.name for b in model.backends] == ["be_ok"]
+    assert [b.name for b in model.backends if b.service] == ["be_ok"]
     assert [(s.service, s.kind) for s in model.skipped] == [("web", "render")]
     assert "bind :1" not in render(bad_name, SETTINGS)

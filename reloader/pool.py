@@ -1,0 +1,88 @@
+"""Placing a target model onto the backends HAProxy runs, so that a new HTTP service
+needs no reload.
+
+HAProxy 2.6 cannot create a backend at runtime, so every config carries
+`pool_size` empty HTTP backends (`pool_0`, ...). A new service whose backend looks
+exactly like one of them (mode http, balance roundrobin, no HTTP check, no canary)
+takes a free one: its servers are added with `add server` and its routes point at it
+with `add map`. A service that goes away leaves its backend empty and unrouted (a pool
+backend goes back to the pool). The next reload renders the canonical layout again
+(`be_<service>` names, a full pool): the app asks for one when the pool runs low and
+the catalog has been quiet, or it comes with the next structural change.
+
+`place(live, target)` is pure: the model HAProxy will run after runtime changes only,
+or the reason a reload is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from reloader.model import POOL_BALANCE, POOL_PREFIX, Backend, Model, backend_name
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    model: Model | None  # `target` laid onto the live backends; None: reload
+    reason: str = ""  # why a reload is needed
+    pool_empty: bool = False  # a new service found no free pool backend
+
+
+def is_pool(name: str) -> bool:
+    return name.startswith(POOL_PREFIX)
+
+
+def poolable(backend: Backend) -> bool:
+    """Whether `backend` can live in a pool backend (which has no option httpchk)."""
+    return (
+        backend.mode == "http"
+        and backend.balance == POOL_BALANCE
+        and backend.check_path is None
+        and backend.name == backend_name(backend.service)
+    )
+
+
+def free_slots(model: Model) -> int:
+    return sum(1 for b in model.backends if is_pool(b.name) and not b.service)
+
+
+def same_kind(a: Backend, b: Backend) -> bool:
+    return (a.mode, a.balance, a.check_path) == (b.mode, b.balance, b.check_path)
+
+
+def place(live: Model, target: Model) -> Placement:
+    have = live.backend_map()
+    pooled = {b.service: b.name for b in live.backends if is_pool(b.name) and b.service}
+    placed: dict[str, Backend] = {}  # live backend name -> what it holds now
+    rename: dict[str, str] = {}  # target backend name -> live backend name
+    new: list[Backend] = []
+    for b in target.backends:
+        if is_pool(b.name):
+            continue  # the target's own (full) pool is what the next reload makes
+        if b.name in have:
+            if not same_kind(b, have[b.name]):
+                return Placement(None, f"{b.name}: mode, balance or check changed")
+            placed[b.name] = b
+        elif b.service in pooled and poolable(b):
+            placed[pooled[b.service]] = replace(b, name=pooled[b.service])
+            rename[b.name] = pooled[b.service]
+        else:
+            new.append(b)
+    free = [b.name for b in live.backends if is_pool(b.name) and b.name not in placed]
+    for b in new:
+        if not poolable(b):
+            return Placement(None, f"new backend {b.name} is not a plain HTTP backend")
+        if not free:
+            return Placement(None, "the backend pool is empty", pool_empty=True)
+        slot = free.pop(0)
+        placed[slot] = replace(b, name=slot)
+        rename[b.name] = slot
+    backends = tuple(
+        placed.get(b.name) or replace(b, servers=(), service="" if is_pool(b.name) else b.service)
+        for b in live.backends
+    )
+    routes = tuple(replace(r, backend=rename.get(r.backend, r.backend)) for r in target.http_routes)
+    adapted = replace(target, http_routes=routes, backends=backends)
+    if adapted.structure() != live.structure():
+        return Placement(None, "the frontends changed (TCP service, canary, settings)")
+    return Placement(adapted)
