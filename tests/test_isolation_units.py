@@ -206,7 +206,7 @@ def test_an_unresolvable_name_leaves_out_that_instance_only() -> None:
     facts = HostFacts(addresses={"nosuch.invalid": None, "app.internal": "10.2.0.5"})
     model = build_model(snap, SETTINGS, facts)
     assert skips(snap, facts) == [("web", "b", "dns")]
-    servers = {b.name: [s.address for s in b.servers] for b in model.backends}
+    servers = {b.name: [s.address for s in b.servers] for b in model.backends if b.service}
     assert servers == {"be_api": ["10.2.0.5:81"], "be_web": ["127.0.0.1:3000"]}
 
 
@@ -255,7 +255,7 @@ def test_fallback_fills_the_main_backend_even_with_a_canary() -> None:
         )
     )
     model = build_model(snap, SETTINGS)
-    servers = {b.name: [s.name for s in b.servers] for b in model.backends}
+    servers = {b.name: [s.name for s in b.servers] for b in model.backends if b.service}
     assert servers["be_web"] == ["b"]  # v3, the newest registration, serves everything
 
 
