@@ -12,16 +12,17 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from fluster import __version__, ops
-from fluster.catalog import Service, Snapshot
+from fluster import __version__, listing, ops
+from fluster.catalog import Service
 from fluster.records import (
     BALANCES,
     MAX_HSTS_SECONDS,
     MODES,
     RecordError,
+    ReloaderStatus,
     validate_instance_name,
     validate_service_name,
     validate_version,
@@ -368,7 +369,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_USAGE
     # Results go to stdout, problems (and logs) to stderr.
     setup_logging(values[LOG_LEVEL], stream=sys.stderr)
-    cli = Cli(command.name, values, values[PREFIX], action.name if action else "")
+    color = sys.stdout.isatty() and "NO_COLOR" not in environ
+    cli = Cli(command.name, values, values[PREFIX], action.name if action else "", color)
     try:
         return run(cli.main(Store(settings)))
     except KeyboardInterrupt:
@@ -376,8 +378,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 class Cli:
-    def __init__(self, command: str, values: Values, prefix: str, action: str = "") -> None:
+    def __init__(
+        self, command: str, values: Values, prefix: str, action: str = "", color: bool = False
+    ) -> None:
         self.command = command
+        self.paint = listing.Paint(color)
         self.action = action
         self.v = values
         self.prefix = prefix
@@ -412,13 +417,22 @@ class Cli:
         name = self.v[SERVICE_FILTER]
         if name and name not in snap.services:
             return fail(f"no service {name!r} in the registry", EXIT_ERROR)
+        lags = await self._lags(store, live)
         if self.v[JSON]:
-            emit_json(ls_json(snap, live, name))
+            emit_json(listing.ls_json(snap, live, lags, name))
         elif name:
-            print_instances(snap.services[name])
+            print(listing.instances_text(snap.services[name], datetime.now(UTC), self.paint))
         else:
-            print_services(snap, live)
+            print(listing.services_text(snap, live, lags, self.paint))
         return EXIT_OK
+
+    async def _lags(
+        self, store: Store, live: Mapping[str, ReloaderStatus | None]
+    ) -> dict[str, int | None]:
+        """Each live reloader's distance from etcd, counted once per distinct revision."""
+        revisions = {st.applied_revision for st in live.values() if st is not None}
+        counted = {r: await ops.changes_since(store, self.prefix, r) for r in revisions}
+        return {k: counted[st.applied_revision] for k, st in live.items() if st is not None}
 
     async def cmd_cert(self, store: Store) -> int:
         if self.action == "ls":
@@ -580,103 +594,21 @@ def certs_json(listing: ops.CertListing) -> dict[str, Any]:
     }
 
 
-def print_certs(listing: ops.CertListing) -> None:
+def print_certs(certs: ops.CertListing) -> None:
     rows = [["CERT", "NAMES", "ISSUER", "EXPIRES", "SERVICES"]]
-    for name, cert in listing.certs.items():
+    for name, cert in certs.certs.items():
         rows.append(
             [
                 name,
                 ",".join(cert.names),
                 cert.issuer,
                 cert.not_after.strftime("%Y-%m-%d %H:%M UTC"),
-                ",".join(listing.used_by.get(name, [])) or "-",
+                ",".join(certs.used_by.get(name, [])) or "-",
             ]
         )
-    if len(rows) > 1:
-        table(rows)
-    else:
-        print("no certificates")
-    for name, why in listing.invalid.items():
+    print("\n".join(listing.table(rows)) if len(rows) > 1 else "no certificates")
+    for name, why in certs.invalid.items():
         print(f"invalid, not served: {name}: {why}")
-
-
-def ls_json(snap: Snapshot, live: Mapping[str, Any], only: str | None) -> dict[str, Any]:
-    services = {}
-    for name, svc in snap.services.items():
-        if only and name != only:
-            continue
-        routed = svc.routed()  # once per service: per instance made --json quadratic
-        services[name] = {
-            "spec": svc.spec.to_dict(),
-            "has_spec": svc.has_spec,
-            "versions": svc.versions(),
-            "instances": {
-                iname: {**json.loads(inst.to_json()), "routed": iname in routed}
-                for iname, inst in svc.instances.items()
-            },
-        }
-    return {
-        "revision": snap.revision,
-        "services": services,
-        "rejected": dict(snap.rejected),
-        "reloaders": {
-            k: (None if v is None else {"applied_revision": v.applied_revision, "node": v.node})
-            for k, v in live.items()
-        },
-    }
-
-
-def table(rows: list[list[str]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-
-
-def print_services(snap: Snapshot, live: Mapping[str, Any]) -> None:
-    rows = [["SERVICE", "MODE", "ACTIVE", "CANARY", "UP", "DRAINING", "VERSIONS"]]
-    for name, svc in snap.services.items():
-        states = [i.state for i in svc.instances.values()]
-        spec = svc.spec
-        canary = f"{spec.canary.version} {spec.canary.weight}%" if spec.canary else "-"
-        versions = " ".join(f"{v or '(none)'}:{n}" for v, n in svc.versions().items()) or "-"
-        rows.append(
-            [
-                name,
-                spec.mode,
-                spec.active_version or "(all)",
-                canary,
-                str(states.count("up")),
-                str(states.count("draining")),
-                versions,
-            ]
-        )
-    if len(rows) > 1:
-        table(rows)
-    else:
-        print("no services registered")
-    applied = [f"{k}@{v.applied_revision}" if v else f"{k}@?" for k, v in live.items()]
-    print(
-        f"\nrevision {snap.revision}; reloaders: {', '.join(applied) or 'none'}"
-        + (f"; {len(snap.rejected)} invalid record(s) skipped" if snap.rejected else "")
-    )
-
-
-def print_instances(svc: Service) -> None:
-    routed = svc.routed()
-    rows = [["INSTANCE", "ADDRESS", "VERSION", "STATE", "WEIGHT", "NODE", "ROUTED"]]
-    for name, inst in svc.instances.items():
-        rows.append(
-            [
-                name,
-                inst.address,
-                inst.version or "-",
-                inst.state,
-                str(inst.weight),
-                inst.node or "-",
-                "yes" if name in routed else "no",
-            ]
-        )
-    table(rows)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from fluster.catalog import Catalog, Service, Snapshot
 from fluster.certs import Certificate, validate_cert_name
 from fluster.records import Instance, RecordError, ReloaderStatus, ServiceSpec
 from fluster.routing import routing
-from fluster.store import Conflict, Store
+from fluster.store import Compacted, Conflict, Store
 
 
 class Refused(Exception):
@@ -226,6 +226,26 @@ async def reloaders(store: Store, prefix: str) -> dict[str, ReloaderStatus | Non
         except RecordError:
             out[name] = None
     return out
+
+
+async def changes_since(store: Store, prefix: str, revision: int) -> int | None:
+    """How many service records changed after `revision` (puts plus deletes): what a
+    reloader that applied `revision` has still to apply. None when etcd no longer
+    keeps that revision (compacted): it is behind by an unknown amount.
+
+    Three counts, no values: records changed since, records created since, and how
+    many there were at `revision`; deleted = then - (now - created since)."""
+    services = keys.services_prefix(prefix)
+    try:
+        changed = await store.count_prefix(services, min_mod_revision=revision + 1)
+        created = (
+            await store.count_prefix(services, min_create_revision=revision + 1) if changed else 0
+        )
+        now = await store.count_prefix(services)
+        then = await store.count_prefix(services, revision=revision)
+    except Compacted:
+        return None
+    return changed + max(0, then - (now - created))
 
 
 async def wait_applied(

@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 MAX_INSTANCE_BYTES: Final = 4096
@@ -162,6 +162,20 @@ def _object(raw: bytes | str, limit: int, what: str) -> dict[str, Any]:
     return obj
 
 
+def _since(value: object) -> str:
+    """An ISO 8601 time with a zone, normalised to UTC seconds; "" when absent."""
+    text = _str(value, "since")
+    if text == "":
+        return ""
+    _require(len(text) <= 40, "since", "longer than 40 characters")
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise RecordError("since", f"must be an ISO 8601 time, got {text[:40]!r}") from None
+    _require(when.tzinfo is not None, "since", "needs a time zone (e.g. Z)")
+    return when.astimezone(UTC).isoformat(timespec="seconds")
+
+
 # -- Instance ---------------------------------------------------------------------------
 
 
@@ -176,6 +190,7 @@ class Instance:
     state: State = "up"
     node: str = ""
     tags: Mapping[str, str] = field(default_factory=dict)
+    since: str = ""  # when the app started (ISO 8601, UTC), for `fluster ls SERVICE`; optional
 
     @property
     def address(self) -> str:
@@ -206,6 +221,7 @@ class Instance:
             state=state,
             node=_match(NODE_RE, node, "node", "must be a host name") if node != "" else "",
             tags=_tags(obj.get("tags", {})),
+            since=_since(obj.get("since", "")),
         )
 
     @classmethod

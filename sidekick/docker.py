@@ -41,6 +41,7 @@ class Container:
     networks: Mapping[str, str] = field(default_factory=dict)  # network name -> IP
     network_mode: str = ""
     health: str = "none"  # none | starting | healthy | unhealthy
+    started_at: str = ""  # State.StartedAt to the second, "" if never started
 
     @classmethod
     def from_inspect(cls, data: Mapping[str, Any]) -> Container:
@@ -73,7 +74,15 @@ class Container:
             networks=networks,
             network_mode=(data.get("HostConfig") or {}).get("NetworkMode", ""),
             health=(state.get("Health") or {}).get("Status", "none"),
+            started_at=_started(str(state.get("StartedAt") or "")),
         )
+
+
+def _started(text: str) -> str:
+    """Docker's `2026-11-30T18:06:41.123456789Z` (nanoseconds) as `...T18:06:41Z`."""
+    if len(text) < 19 or text.startswith("0001-"):  # Docker's zero time: never started
+        return ""
+    return text[:19] + "Z"
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from fluster.records import NODE_RE, VERSION_RE, Instance, RecordError, validate_service_name
 from sidekick.docker import Container
@@ -22,6 +23,8 @@ from sidekick.health import CheckSpec, parse_check
 from sidekick.settings import Settings
 
 LABEL = "fluster."
+# A static process's age is the sidekick's: it starts with the process it registers.
+STARTED = datetime.now(UTC).isoformat(timespec="seconds")
 WILDCARD = ("", "0.0.0.0", "::")
 
 
@@ -71,7 +74,10 @@ def plan_container(c: Container, s: Settings, node: str, detected_ip: str) -> Pl
     version = pick(s.app_version, "version") or image_version(c.image)
     name = s.instance if flags_first and s.instance else container_name(node, c.id)
     return Plan(
-        service, name, _instance(host, host_port, version, weight, node, tags, c.name), check
+        service,
+        name,
+        _instance(host, host_port, version, weight, node, tags, c.name, c.started_at),
+        check,
     )
 
 
@@ -81,12 +87,22 @@ def plan_static(s: Settings, node: str) -> Plan:
     name = s.instance or sanitize(f"{node}-{host}-{port}")
     check = s.check if s.check and s.check.kind != "docker" else CheckSpec("none")
     return Plan(
-        s.service, name, _instance(host, port, s.app_version, s.weight, node, s.tags, name), check
+        s.service,
+        name,
+        _instance(host, port, s.app_version, s.weight, node, s.tags, name, STARTED),
+        check,
     )
 
 
 def _instance(
-    host: str, port: int, version: str, weight: int, node: str, tags: Mapping[str, str], what: str
+    host: str,
+    port: int,
+    version: str,
+    weight: int,
+    node: str,
+    tags: Mapping[str, str],
+    what: str,
+    since: str,
 ) -> Instance:
     try:
         return Instance.from_dict(
@@ -97,6 +113,7 @@ def _instance(
                 "weight": weight,
                 "node": node,
                 "tags": dict(tags),
+                "since": since,
             }
         )
     except RecordError as exc:

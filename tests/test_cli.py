@@ -249,3 +249,49 @@ def test_gc_refuses_to_remove_the_version_a_service_falls_back_to(etcd: Etcd, cl
     assert f"{PREFIX}/services/web/instances/old" in left.split()
     code, out, err = cli("gc", "web", "--force")
     assert code == 0 and "removed 1 record(s)" in out, err
+
+
+def reloader_at(etcd: Etcd, name: str, revision: int) -> None:
+    status = {"applied_revision": revision, "node": "edge", "at": "2026-01-01T00:00:00Z"}
+    etcd.put(f"{PREFIX}/reloaders/{name}", json.dumps(status))
+
+
+def test_ls_says_in_step_or_behind_by_n(etcd: Etcd, cli) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = cli("ls")
+    assert "reloaders: none registered" in out
+    register(etcd, "web", "a", "v1")
+    register(etcd, "web", "b", "v1")
+    applied = etcd.revision()
+    reloader_at(etcd, "edge-1", applied)
+    code, out, _ = cli("ls")
+    assert code == 0 and "reloaders: edge-1 in step" in out, out
+    register(etcd, "web", "c", "v1")  # created
+    register(etcd, "web", "a", "v1", port=81)  # changed
+    etcd.delete(f"{PREFIX}/services/web/instances/b")  # deleted
+    reloader_at(etcd, "edge-2", etcd.revision())
+    code, out, _ = cli("ls")
+    assert "edge-1 behind by 3 changes" in out and "edge-2 in step" in out, out
+    assert "\033[" not in out  # not a terminal: no colour
+    code, out, _ = cli("ls", "--json")
+    reloaders = json.loads(out)["reloaders"]
+    assert (reloaders["edge-1"]["behind"], reloaders["edge-2"]["behind"]) == (3, 0)
+
+
+def test_ls_warns_when_a_service_routes_to_nothing_or_falls_back(etcd: Etcd, cli) -> None:  # type: ignore[no-untyped-def]
+    register(etcd, "web", "old", "v1")
+    register(etcd, "web", "new", "v2")
+    register_state(etcd, "api", "a", "v1", "draining")
+    assert cli("promote", "web", "v2", "--no-wait")[0] == 0
+    register_state(etcd, "web", "new", "v2", "draining")
+    code, out, _ = cli("ls")
+    assert code == 0
+    assert "api: routes to nothing: no instance is up" in out, out
+    assert "web: active version v2 has no instance up; the edge serves v1 (1 up)" in out
+    code, out, _ = cli("ls", "web")
+    assert "VERSION" in out and "AGE" in out and "NODE" in out
+    assert "old" in out and "fallback" in out
+    code, out, _ = cli("ls", "--json")
+    services = json.loads(out)["services"]
+    assert services["api"]["routes_to_nothing"] is True
+    assert services["web"]["fallback_version"] == "v1"
+    assert services["web"]["instances"]["old"]["routed"] is True

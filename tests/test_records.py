@@ -232,3 +232,13 @@ def test_accepted_specs_carry_nothing_dangerous(
         _assert_safe(value)
     assert spec.check is not None
     _assert_safe(spec.check.path)
+
+
+def test_since_is_optional_normalised_to_utc_and_validated() -> None:
+    base = {"host": "10.0.0.1", "port": 80}
+    assert Instance.from_dict(base).since == ""
+    when = Instance.from_dict({**base, "since": "2026-11-30T19:06:41+01:00"}).since
+    assert when == "2026-11-30T18:06:41+00:00"
+    for bad in ("yesterday", "2026-11-30T18:06:41", 5, "2026-11-30T18:06:41Z" + " " * 30):
+        with pytest.raises(RecordError, match="since"):
+            Instance.from_dict({**base, "since": bad})

@@ -255,3 +255,19 @@ def test_engine_info_advertises_the_swarm_address_only_on_an_active_node() -> No
     left = {"Name": "node-a", "Swarm": {"LocalNodeState": "inactive", "NodeAddr": ""}}
     assert EngineInfo.from_info(left) == EngineInfo("node-a", "")
     assert EngineInfo.from_info({"Name": "node-a"}) == EngineInfo("node-a", "")
+
+
+def test_an_instance_records_when_its_container_started() -> None:
+    data = {
+        "Id": "0123456789abcdef" * 4,
+        "Name": "/web1",
+        "State": {"Running": True, "StartedAt": "2026-11-30T18:06:41.123456789Z"},
+        "Config": {"Image": "web:v1", "Labels": {"fluster.service": "web"}},
+        "NetworkSettings": {"Ports": {"8000/tcp": [{"HostIp": "0.0.0.0", "HostPort": "49153"}]}},
+    }
+    c = Container.from_inspect(data)
+    assert c.started_at == "2026-11-30T18:06:41Z"
+    plan = plan_container(c, settings("--all"), "h", "10.0.0.9")
+    assert plan.instance.since == "2026-11-30T18:06:41+00:00"
+    never = Container.from_inspect({**data, "State": {"StartedAt": "0001-01-01T00:00:00Z"}})
+    assert never.started_at == ""

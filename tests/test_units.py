@@ -135,3 +135,40 @@ def test_routing_falls_back_to_the_most_recent_version_with_instances_up() -> No
     # Nothing up at all, or every version routed: never a fallback.
     assert routing(Service(name="web", spec=spec, instances={"c": instances["c"]})).empty
     assert routing(Service(name="web", instances=instances)).fallback is None
+
+
+def test_ls_text_colours_problems_only_when_asked_and_shows_age() -> None:
+    from datetime import UTC, datetime
+
+    from fluster.catalog import Service, Snapshot
+    from fluster.listing import Paint, instances_text, services_text
+    from fluster.records import Instance, ReloaderStatus, ServiceSpec
+
+    inst = Instance.from_dict(
+        {
+            "host": "10.0.0.1",
+            "port": 80,
+            "version": "v1",
+            "node": "n1",
+            "since": "2026-01-01T10:00:00Z",
+        }
+    )
+    dead = Service(name="api", instances={"a": inst.replace(state="draining")})
+    ok = Service(name="web", spec=ServiceSpec(active_version="v1"), instances={"a": inst})
+    snap = Snapshot(revision=9, services={"api": dead, "web": ok})
+    live = {"edge": ReloaderStatus(applied_revision=5, node="e", at="")}
+    coloured = services_text(snap, live, {"edge": 2}, Paint(True))
+    assert "\033[31mapi: routes to nothing" in coloured
+    assert "\033[33medge behind by 2 changes\033[0m" in coloured
+    assert "\033[" not in services_text(snap, live, {"edge": 2}, Paint(False))
+    text = instances_text(ok, datetime(2026, 1, 1, 13, 5, tzinfo=UTC), Paint(False))
+    assert text.splitlines()[3].split() == [
+        "a",
+        "10.0.0.1:80",
+        "v1",
+        "up",
+        "n1",
+        "3h",
+        "100",
+        "yes",
+    ]
