@@ -25,6 +25,7 @@ from tests.support.etcd import Etcd, wait_for
 from tests.support.faults import Load, TcpProxy, haproxy_servers
 from tests.support.haproxy import HttpBackend, ReloaderProcess
 from tests.support.sidekick import Sidekicks
+from tests.support.waiting import Compared
 
 pytestmark = pytest.mark.slow
 
@@ -51,8 +52,13 @@ def served(reloader: ReloaderProcess, service: str) -> set[str]:
     return {f"{host}:{port}" for host, port in servers}
 
 
-def converged(reloader: ReloaderProcess, etcd: Etcd, services: tuple[str, ...]) -> bool:
-    return all(served(reloader, s) == set(etcd_instances(etcd, s).values()) for s in services)
+def converged(reloader: ReloaderProcess, etcd: Etcd, services: tuple[str, ...]) -> Compared:
+    """HAProxy's servers against etcd's `up` records, per service (falsy while they differ)."""
+    return Compared(
+        "HAProxy vs etcd",
+        {s: served(reloader, s) for s in services},
+        {s: set(etcd_instances(etcd, s).values()) for s in services},
+    )
 
 
 class Watcher:

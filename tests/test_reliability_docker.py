@@ -25,6 +25,7 @@ from tests.support.etcd import Etcd, free_port, wait_for
 from tests.support.faults import haproxy_servers
 from tests.support.haproxy import ReloaderProcess
 from tests.support.sidekick import Sidekicks
+from tests.support.waiting import Compared
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
@@ -85,9 +86,13 @@ def test_r6_dockerd_restart_under_the_host_agent_leaves_no_stale_or_duplicate_se
         fresh = run(ports[3])  # started as soon as dockerd is back
         want = {f"{node}-{c[:12]}": f"127.0.0.1:{p}" for c, p in zip(kept, ports[1:3], strict=True)}
         want[f"{node}-{fresh[:12]}"] = f"127.0.0.1:{ports[3]}"
-        wait_for(lambda: records(sidekicks, service) == want, timeout=30, what="resynced registry")
         wait_for(
-            lambda: served(reloader, service) == set(want.values()),
+            lambda: Compared("etcd records", records(sidekicks, service), want),
+            timeout=30,
+            what="resynced registry",
+        )
+        wait_for(
+            lambda: Compared("HAProxy servers", served(reloader, service), set(want.values())),
             timeout=15,
             what="HAProxy equal to etcd",
         )

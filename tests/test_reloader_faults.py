@@ -14,6 +14,7 @@ from pathlib import Path
 from reloader.render import DEFAULT_TEMPLATES
 from tests.support.etcd import Etcd, free_port, wait_for
 from tests.support.haproxy import HttpBackend, ReloaderProcess
+from tests.support.waiting import Compared
 
 Start = Callable[..., ReloaderProcess]
 Backends = Callable[..., list[HttpBackend]]
@@ -135,7 +136,11 @@ def test_compaction_while_away_resyncs_to_exactly_etcd(
     )
     assert in_etcd == ["b", "c"]
     wait_for(
-        lambda: sorted(reloader.status()["services"]["web"]["instances"]) == in_etcd,
+        lambda: Compared(
+            "reloader's instances",
+            sorted(reloader.status()["services"]["web"]["instances"]),
+            in_etcd,
+        ),
         what="reloader state equal to etcd",
     )
     servers = reloader.admin("show servers state be_web")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import waiting
 from tests.support.pki import Pki
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
@@ -34,17 +35,16 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
     """Poll `predicate` until it returns a truthy value; fail the test at the deadline."""
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
+    last: object = waiting.NOTHING
     while time.monotonic() < deadline:
         try:
-            value = predicate()
+            value = last = predicate()
             if value:
                 return value
         except Exception as exc:
             last_exc = exc
         time.sleep(interval)
-    raise AssertionError(
-        f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})"
-    )
+    raise waiting.timed_out(what, timeout, last, last_exc)
 
 
 async def eventually(
@@ -56,19 +56,19 @@ async def eventually(
 
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
+    last: object = waiting.NOTHING
     while time.monotonic() < deadline:
         try:
             value = predicate()
             if inspect.isawaitable(value):
                 value = await value
+            last = value
             if value:
                 return value
         except Exception as exc:
             last_exc = exc
         await asyncio.sleep(interval)
-    raise AssertionError(
-        f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})"
-    )
+    raise waiting.timed_out(what, timeout, last, last_exc)
 
 
 @dataclass

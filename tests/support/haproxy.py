@@ -28,6 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.etcd import Etcd, free_port, wait_for
+from tests.support.waiting import Compared
 
 HAPROXY = "/usr/sbin/haproxy"
 
@@ -209,7 +210,9 @@ class ReloaderProcess:
 
     def wait_served(self, host: str, expected: set[str], timeout: float = 10.0) -> None:
         wait_for(
-            lambda: self.served_by(host, 3 * len(expected) + 2) == expected,
+            lambda: Compared(
+                f"answers for {host}", self.served_by(host, 3 * len(expected) + 2), expected
+            ),
             timeout=timeout,
             what=f"{host} served by {sorted(expected)}",
         )
