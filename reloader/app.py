@@ -19,6 +19,7 @@ import structlog
 from fluster.catalog import Catalog, Snapshot
 from fluster.runtime import Supervisor, TaskDied
 from fluster.store import Store
+from reloader.acme import AcmeIssuer
 from reloader.apply import Applier, ApplyFailed, Rejected
 from reloader.certs import CertWatcher, TlsFiles, TlsTarget, target
 from reloader.debounce import Debouncer
@@ -73,6 +74,27 @@ class Reloader:
         self.tls = TlsFiles(rs, rs.admin_socket)
         self.tls_live = TlsTarget()  # what HAProxy holds in memory
         self.tls_applies = 0
+        self.acme = (
+            AcmeIssuer(
+                settings.acme,
+                self.store,
+                settings.prefix,
+                rs.state_dir,
+                settings.reloader_id,
+                lambda: self.applied,
+                self.certs.valid,
+            )
+            if settings.acme
+            else None
+        )
+        if self.acme is not None:
+            acme = self.acme
+
+            def poke_both() -> None:
+                self.debouncer.poke()
+                acme.wake.set()
+
+            self.certs.on_change = poke_both
         self.tls_failures = 0
         self.latest: Snapshot | None = None
         self.applied: Snapshot | None = None
@@ -237,6 +259,8 @@ class Reloader:
             )
         self.reporter.report(model, guarded, self.facts.resolver)
         self.publisher.publish(snapshot.revision)
+        if self.acme is not None:
+            self.acme.wake.set()  # services (and so hosts) may have changed
 
     def _write_tls(self, snapshot: Snapshot) -> TlsTarget:
         """The HTTPS files for `snapshot` and the certificates, on disk before HAProxy
@@ -297,6 +321,11 @@ class Reloader:
             rejected_certificates=dict(self.certs.rejected),
             tls_applies=self.tls_applies,
             tls_failures=self.tls_failures,
+            acme=self.acme is not None,
+            acme_orders=self.acme.stats.orders if self.acme else 0,
+            acme_failures=self.acme.stats.failures if self.acme else 0,
+            acme_last_error=self.acme.stats.last_error if self.acme else "",
+            acme_retry_at=dict(self.acme.stats.retry_at) if self.acme else {},
             held_removals=len(held),
             skipped_services=[s.as_dict() for s in skipped],
             skips_total=dict(self.reporter.counts),
@@ -364,7 +393,9 @@ class Reloader:
     async def run(self, stop: asyncio.Event) -> int:
         self.settings.render.state_dir.mkdir(parents=True, exist_ok=True)
         supervisor = Supervisor()
-        status = StatusServer(self.status, self.healthy)
+        status = StatusServer(
+            self.status, self.healthy, self.acme.answer if self.acme is not None else None
+        )
         try:
             await self.store.connect()
             supervisor.start("catalog", self.catalog.run(self.on_snapshot))
@@ -384,6 +415,8 @@ class Reloader:
                 self.publisher.publish(first.revision)
             supervisor.start("haproxy", self.haproxy.supervise())
             supervisor.start("pipeline", self.pipeline())
+            if self.acme is not None:
+                supervisor.start("acme", self.acme.run())
             supervisor.start("publisher", self.publisher.run())
             try:
                 await status.start(*self.settings.status_bind)

@@ -69,6 +69,11 @@ def families(s: Status) -> Iterator[Metric]:
             sum(1 for svc in s.services.values() if svc.routes_to_nothing),
         ),
         ("https", "1 when the HTTPS frontend is bound.", int(s.https)),
+        (
+            "acme_pending_hosts",
+            "Hosts whose certificate order failed and waits for a retry (alert when > 0 for long).",
+            len(s.acme_retry_at),
+        ),
         ("certificates", "Valid certificates loaded from etcd.", len(s.certificates)),
         (
             "rejected_certificates",
@@ -135,6 +140,8 @@ def families(s: Status) -> Iterator[Metric]:
             s.catalog_reconnects,
         ),
         ("haproxy_restarts_total", "HAProxy restarts after it died.", s.haproxy_restarts),
+        ("acme_orders_total", "Certificates obtained by ACME.", s.acme_orders),
+        ("acme_failures_total", "ACME orders that failed.", s.acme_failures),
         (
             "tls_applies_total",
             "Certificate or HTTPS policy changes made through the runtime API.",

@@ -90,6 +90,9 @@ class RenderSettings:
     https_bind: tuple[str, int] | None = ("", 443)
     https_always: bool = False
     pool_size: int = 16  # empty HTTP backends a new service can take without a reload
+    # Where HAProxy sends /.well-known/acme-challenge/ (the reloader's status address),
+    # when this edge obtains certificates by ACME.
+    acme_backend: tuple[str, int] | None = None
 
     @property
     def admin_socket(self) -> Path:

@@ -8,7 +8,7 @@ snapshot each (reloader/status.py), built per request.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -21,8 +21,10 @@ class StatusServer:
         self,
         status: Callable[[], Status],
         healthy: Callable[[], tuple[bool, str]],
+        acme_answer: Callable[[str], Awaitable[str | None]] | None = None,
     ) -> None:
         self.status, self.healthy = status, healthy
+        self.acme_answer = acme_answer
         self.registry = metrics.registry(status)
         self.probe = dashboard.EndpointProbe()
         app = web.Application()
@@ -30,6 +32,8 @@ class StatusServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/status", self._status)
         app.router.add_get("/", self._index)
+        if acme_answer is not None:  # HAProxy sends the CA's HTTP-01 requests here
+            app.router.add_get("/.well-known/acme-challenge/{token}", self._acme)
         self.runner = web.AppRunner(app, access_log=None)
 
     async def start(self, host: str, port: int) -> None:
@@ -51,6 +55,13 @@ class StatusServer:
 
     async def _status(self, _: web.Request) -> web.Response:
         return web.json_response(self.status().to_json())
+
+    async def _acme(self, request: web.Request) -> web.Response:
+        assert self.acme_answer is not None
+        answer = await self.acme_answer(request.match_info["token"])
+        if answer is None:
+            return web.Response(status=404, text="no such challenge\n")
+        return web.Response(text=answer, content_type="application/octet-stream")
 
     async def _index(self, _: web.Request) -> web.Response:
         status = self.status()

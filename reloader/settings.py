@@ -28,6 +28,7 @@ from fluster.settings import (
     switch,
 )
 from fluster.store import EtcdSettings
+from reloader.acme import AcmeSettings
 from reloader.model import RenderSettings
 from reloader.targets import Network, TargetPolicy, etcd_targets, parse_networks
 
@@ -58,6 +59,7 @@ class Settings:
     etcd: EtcdSettings
     prefix: str
     render: RenderSettings
+    acme: AcmeSettings | None
     status_bind: tuple[str, int]
     templates: Path | None
     haproxy: str
@@ -128,6 +130,19 @@ def _https_bind(text: object) -> tuple[tuple[str, int] | None, bool]:
     return bind_address(text), True
 
 
+def _fraction(text: object) -> float:
+    value = float(str(text))
+    if not 0 <= value < 1:
+        raise ValueError(f"want a fraction in [0, 1), got {text}")
+    return value
+
+
+def _acme(
+    directory: str | None, email: str, ca_file: Path | None, renew_at: float
+) -> AcmeSettings | None:
+    return AcmeSettings(directory, email, ca_file, renew_at) if directory else None
+
+
 def _reloader_id(text: object) -> str:
     rid = str(text)
     if not rid or "/" in rid or len(rid) > 128:
@@ -168,6 +183,31 @@ HTTPS_BIND: Option[tuple[tuple[str, int] | None, bool]] = Option(
     (("", 443), False),
     _https_bind,
     shown="auto",
+)
+ACME_DIRECTORY: Option[str | None] = Option(
+    "--acme-directory",
+    "RELOADER_ACME_DIRECTORY",
+    "ACME directory URL: obtain and renew certificates for the hosts of services whose "
+    "spec says https on or redirect (off when empty)",
+    None,
+)
+ACME_EMAIL: Option[str] = Option(
+    "--acme-email", "RELOADER_ACME_EMAIL", "contact address for the ACME account", ""
+)
+ACME_CA_FILE: Option[Path | None] = Option(
+    "--acme-ca-file",
+    "RELOADER_ACME_CA_FILE",
+    "CA bundle to trust for the ACME directory's own TLS (a private CA)",
+    None,
+    Path,
+)
+ACME_RENEW_AT: Option[float] = Option(
+    "--acme-renew-at",
+    "RELOADER_ACME_RENEW_AT",
+    "renew when this fraction of a certificate's lifetime has passed",
+    2 / 3,
+    _fraction,
+    shown="0.667",
 )
 STATUS_BIND: Option[tuple[str, int]] = Option(
     "--status-bind",
@@ -297,6 +337,10 @@ OPTIONS: tuple[Option[Any], ...] = (
     STATE_DIR,
     HTTP_BIND,
     HTTPS_BIND,
+    ACME_DIRECTORY,
+    ACME_EMAIL,
+    ACME_CA_FILE,
+    ACME_RENEW_AT,
     STATUS_BIND,
     STATS_BIND,
     STATS_AUTH,
@@ -360,9 +404,11 @@ def load(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             ),
             https_bind=v[HTTPS_BIND][0],
             https_always=v[HTTPS_BIND][1],
+            acme_backend=v[STATUS_BIND] if v[ACME_DIRECTORY] else None,
             hard_stop_after_s=v[HARD_STOP_AFTER],
             pool_size=v[HTTP_POOL],
         ),
+        acme=_acme(v[ACME_DIRECTORY], v[ACME_EMAIL], v[ACME_CA_FILE], v[ACME_RENEW_AT]),
         status_bind=v[STATUS_BIND],
         templates=v[TEMPLATES],
         haproxy=v[HAPROXY],

@@ -221,6 +221,11 @@ class Status:
     rejected_certificates: Mapping[str, str] = field(default_factory=dict)  # name -> why
     tls_applies: int = 0  # certificate/policy changes made through the runtime API
     tls_failures: int = 0  # such changes HAProxy refused (a reload applied them instead)
+    acme: bool = False  # this edge obtains certificates by ACME
+    acme_orders: int = 0  # certificates it obtained
+    acme_failures: int = 0  # orders that failed (each retried with backoff)
+    acme_last_error: str = ""
+    acme_retry_at: Mapping[str, float] = field(default_factory=dict)  # host -> unix time
     skips_total: Mapping[str, int] = field(default_factory=dict)  # kind -> times left out
     pool_free: int = 0  # empty HTTP backends a new service can take without a reload
     pool_fallbacks: int = 0  # new HTTP services that found the pool empty and reloaded

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real parts the tests and the demo use, from Debian's packages, when they
 # are missing: etcd, HAProxy, the Docker engine and compose, wrk/hey, mmdebstrap, chromium
-# (the dashboard test), promtool (the alert rules test), curl (the demo's readiness wait).
+# (the dashboard test), promtool (the alert rules test), curl (the demo's readiness wait),
+# pebble + pebble-challtestsrv (the ACME test CA, tests/test_acme.py).
 #
 #   scripts/setup-host.sh        everything (`make test`)
 #   scripts/setup-host.sh demo   only what `make demo` calls: the Docker engine, compose,
@@ -24,6 +25,7 @@ if [ "${1:-}" != demo ]; then
   want systemd-analyze systemd
   want chromium chromium
   want promtool prometheus
+  want pebble pebble
   want ip iproute2
 fi
 
