@@ -29,6 +29,7 @@ from fluster.records import (
 )
 from fluster.runtime import run, setup_logging
 from fluster.settings import (
+    DOMAIN,
     ETCD_OPTIONS,
     PREFIX,
     Option,
@@ -277,6 +278,7 @@ COMMANDS: tuple[Command, ...] = (
             CHECK_INTERVAL,
             HTTPS,
             HSTS,
+            DOMAIN,
             JSON,
         ),
     ),
@@ -483,7 +485,7 @@ class Cli:
             svc = snap.services.get(service) or Service(name=service)
             emit_json(svc.spec.to_dict())
             return EXIT_OK
-        written = await ops.edit_spec(store, self.prefix, service, changes)
+        written = await ops.edit_spec(store, self.prefix, service, changes, domain=v[DOMAIN])
         say(f"{service}: spec written at revision {written.revision}")
         return EXIT_OK
 

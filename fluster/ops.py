@@ -21,7 +21,7 @@ from fluster import keys
 from fluster.catalog import Catalog, Service, Snapshot
 from fluster.certs import Certificate, validate_cert_name
 from fluster.records import Instance, RecordError, ReloaderStatus, ServiceSpec
-from fluster.routing import routing
+from fluster.routing import claims, owner_of, routing
 from fluster.store import Compacted, Conflict, Store
 
 
@@ -64,11 +64,30 @@ async def write_spec(store: Store, prefix: str, svc: Service, spec: ServiceSpec)
     return Written(spec, revision)
 
 
-async def edit_spec(store: Store, prefix: str, service: str, changes: dict[str, Any]) -> Written:
-    """Validated edit of routing fields; creates the spec when the service has none."""
+async def edit_spec(
+    store: Store, prefix: str, service: str, changes: dict[str, Any], *, domain: str = "localhost"
+) -> Written:
+    """Validated edit of routing fields; creates the spec when the service has none.
+
+    Refuses a host (+ path) or a TCP port that another service already has, naming it:
+    the edge would leave one of the two out (`fluster.routing`), so the write is wrong."""
     snap = await snapshot(store, prefix)
     svc = snap.services.get(service) or Service(name=service)
     spec = svc.spec.replace(**changes)  # raises RecordError naming the field
+    others = [s for name, s in snap.services.items() if name != service]
+    candidate = dataclasses.replace(svc, spec=spec)
+    for claim in claims(candidate, domain):
+        owner = owner_of(others, claim, domain)
+        if owner:
+            host, path = claim
+            where = host if path == "/" else f"{host}{path}"
+            raise Refused(f"host {where} belongs to service {owner}; choose another host")
+    if spec.mode == "tcp" and spec.port is not None:
+        owner = next(
+            (s.name for s in others if s.spec.mode == "tcp" and s.spec.port == spec.port), None
+        )
+        if owner:
+            raise Refused(f"TCP port {spec.port} belongs to service {owner}; choose another")
     return await write_spec(store, prefix, svc, spec)
 
 

@@ -339,6 +339,25 @@ def switch(flag: str, env: str | None, help: str) -> Option[bool]:
     return Option(flag, env, help, False, parse=boolean, kind="switch")
 
 
+def domain(text: Any) -> str:
+    from fluster.records import RecordError, validate_host
+
+    try:
+        return validate_host(str(text), "--domain")
+    except RecordError as exc:
+        raise ValueError(exc.reason) from None
+
+
+# The reloaders' domain; `fluster spec` needs the same one to know who owns SERVICE.DOMAIN.
+DOMAIN: Option[str] = Option(
+    "--domain",
+    "RELOADER_DOMAIN",
+    "services without hosts are routed by Host SERVICE.DOMAIN",
+    "localhost",
+    domain,
+)
+
+
 def log_level(env: str, default: str = "info") -> Option[str]:
     """The log level option; each command has its own variable (SIDEKICK_LOG_LEVEL...)."""
     return Option(

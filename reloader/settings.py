@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fluster.settings import (
+    DOMAIN,
     ETCD_OPTIONS,
     PREFIX,
     Option,
@@ -86,12 +87,6 @@ def _pool_size(text: object) -> int:
     if not 0 <= value <= 1000:
         raise ValueError(f"must be from 0 to 1000, got {text}")
     return value
-
-
-def _domain(text: object) -> str:
-    from fluster.records import validate_host
-
-    return validate_host(str(text), "--domain")
 
 
 # Printed into haproxy.cfg as `stats auth USER:PASSWORD`: nothing HAProxy would read as
@@ -245,13 +240,6 @@ TARGET_DENY: Option[tuple[Network, ...]] = Option(
     "and link-local addresses are always refused)",
     (),
     parse_networks,
-)
-DOMAIN: Option[str] = Option(
-    "--domain",
-    "RELOADER_DOMAIN",
-    "services without hosts are routed by Host SERVICE.DOMAIN",
-    "localhost",
-    _domain,
 )
 TEMPLATES: Option[Path | None] = Option(
     "--templates",

@@ -295,3 +295,19 @@ def test_ls_warns_when_a_service_routes_to_nothing_or_falls_back(etcd: Etcd, cli
     assert services["api"]["routes_to_nothing"] is True
     assert services["web"]["fallback_version"] == "v1"
     assert services["web"]["instances"]["old"]["routed"] is True
+
+
+def test_spec_refuses_a_host_or_port_another_service_has(etcd: Etcd, cli) -> None:  # type: ignore[no-untyped-def]
+    register(etcd, "web", "a", "v1")
+    code, _, err = cli("spec", "aaa", "--host", "web.localhost")
+    assert code == 4 and "host web.localhost belongs to service web" in err, err
+    code, _, err = cli("spec", "aaa", "--host", "web.example.com", "--domain", "example.com")
+    assert code == 4 and "belongs to service web" in err, err
+    assert cli("spec", "api", "--host", "api.example.com")[0] == 0
+    code, _, err = cli("spec", "aaa", "--host", "api.example.com")
+    assert code == 4 and "belongs to service api" in err
+    assert cli("spec", "aaa", "--host", "api.example.com", "--path-prefix", "/aaa")[0] == 0
+    assert cli("spec", "db", "--mode", "tcp", "--port", "15432")[0] == 0
+    code, _, err = cli("spec", "db2", "--mode", "tcp", "--port", "15432")
+    assert code == 4 and "TCP port 15432 belongs to service db" in err
+    assert "db2" not in etcd.ctl("get", "--prefix", "--keys-only", f"{PREFIX}/").stdout
