@@ -104,6 +104,7 @@ class Certificate:
         leaf = chain[0]
         if _public(leaf.public_key()) != _public(key.public_key()):
             raise RecordError("key", "does not match the certificate (the first in the chain)")
+        _strong_enough(leaf, key)
         now = now or datetime.now(UTC)
         not_before, not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
         if not_after <= now:
@@ -151,6 +152,22 @@ def _load_key(block: bytes) -> _Key:
     if not isinstance(key, _Key):  # HAProxy and browsers: RSA, ECDSA, Ed25519
         raise RecordError("key", f"unsupported key type {type(key).__name__}")
     return key
+
+
+WEAK_HASHES: Final = ("md5", "sha1")
+CURVES: Final = ("secp256r1", "secp384r1", "secp521r1")
+
+
+def _strong_enough(leaf: x509.Certificate, key: _Key) -> None:
+    """What OpenSSL's default security level (2, Debian's) refuses to load: HAProxy would
+    fail every reload with such a file in its crt-list, so it must never get there."""
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size < 2048:
+        raise RecordError("key", f"RSA key of {key.key_size} bits; at least 2048 needed")
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in CURVES:
+        raise RecordError("key", f"curve {key.curve.name} not supported; use P-256 or P-384")
+    algorithm = leaf.signature_hash_algorithm
+    if algorithm is not None and algorithm.name in WEAK_HASHES:
+        raise RecordError("cert", f"signed with {algorithm.name}, which TLS refuses")
 
 
 def _public(key: object) -> bytes:

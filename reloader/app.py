@@ -277,16 +277,26 @@ class Reloader:
             self.tls_live = want
             return
         try:
+            started = time.monotonic()
             changes = await self.tls.push(self.tls_live, want)
         except HaproxyError as exc:
             log.error("certificate change refused by the runtime API, reloading", error=str(exc))
             self.tls_failures += 1
             self.stats.last_error = f"tls: {exc}"[:2000]
-            await self.haproxy.reload()
+            try:
+                await self.haproxy.reload()
+            except HaproxyError as again:
+                # The files stay right; the next change (or a restart) tries again.
+                log.error("reload for the certificate change failed too", error=str(again))
+                return
             self.stats.applies["reload"] += 1
         else:
             self.tls_applies += 1
-            log.info("applied certificates and HTTPS policy", changes=changes)
+            log.info(
+                "applied certificates and HTTPS policy",
+                changes=changes,
+                seconds=round(time.monotonic() - started, 4),
+            )
         self.tls_live = want
 
     # -- status --------------------------------------------------------------------------

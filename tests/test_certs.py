@@ -159,3 +159,40 @@ def test_policy_per_host_defaults_to_redirect_when_a_certificate_covers_it() -> 
     assert list(want.certs) == ["web"] and want.certs["web"] == cert.pem
     # without the certificate, web falls back to off; api's explicit "on" wins the host
     assert target({}, snap, "localhost").policy["web.test"] == "on"
+
+
+def test_keys_and_signatures_openssl_would_refuse_are_refused() -> None:
+    """HAProxy (OpenSSL security level 2) fails a reload on such a file: never load it."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    weak = rsa.generate_private_key(65537, 1024)
+    with pytest.raises(RecordError, match="1024 bits"):
+        Certificate.parse("w", "".join(_rsa_self_signed(weak)))
+    strong = rsa.generate_private_key(65537, 2048)
+    assert Certificate.parse("w", "".join(_rsa_self_signed(strong))).names == ("w.test",)
+
+
+def _rsa_self_signed(key: object) -> tuple[str, str]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "w.test")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())  # type: ignore[attr-defined]
+        .serial_number(1)
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("w.test")]), False)
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    key_pem = key.private_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
