@@ -14,6 +14,7 @@ import pytest
 from fluster.certs import Certificate, covers
 from fluster.cli import main
 from fluster.records import RecordError
+from fluster.settings import SettingsError
 from tests.support.certs import expired, mismatched, pem, write_pair
 from tests.support.etcd import Etcd
 
@@ -196,3 +197,20 @@ def _rsa_self_signed(key: object) -> tuple[str, str]:
         serialization.NoEncryption(),
     )
     return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+
+
+def test_https_bind_auto_waits_for_a_certificate_an_address_binds_always() -> None:
+    from fluster.catalog import Snapshot
+    from reloader import settings
+    from reloader.model import build_model
+
+    def render(argv: list[str], tls: bool) -> tuple[str, int] | None:
+        s = settings.load(["--state-dir", "/tmp/x", *argv], {})
+        return build_model(Snapshot(), s.render, tls=tls).https_bind
+
+    assert render([], tls=False) is None
+    assert render([], tls=True) == ("", 443)
+    assert render(["--https-bind", "127.0.0.1:8443"], tls=False) == ("127.0.0.1", 8443)
+    assert render(["--https-bind", "off"], tls=True) is None
+    with pytest.raises(SettingsError, match="--https-bind"):
+        settings.load(["--https-bind", "nonsense"], {})
