@@ -115,6 +115,7 @@ def page(status: Status, reachable: dict[str, bool]) -> str:
     attention = (
         len(problems)
         + len(status.rejected)
+        + len(status.rejected_certificates)
         + status.held_removals
         + (0 if status.haproxy_up else 1)
         + (1 if status.sync_age_seconds is None else 0)

@@ -2,7 +2,8 @@
 loopback) rendered by headless Chromium; assertions on the DOM Chromium built, and
 screenshots kept in .cache/test-artifacts/ (FLUSTER_TEST_ARTIFACTS) to look at.
 
-Three states: a healthy edge, an edge with a rejected record, a service routed to nothing.
+The states: a healthy edge, an edge with a rejected record, a service whose active version
+has no instance (served by a fallback version, then, strict, routed to nothing).
 """
 
 from __future__ import annotations
@@ -88,8 +89,24 @@ async def test_dashboard_in_a_browser(
     assert "need" in dom.by_id("attention").text
     assert states(card(dom, "web")) == ["routed", "routed", "up"]  # unaffected
 
-    # 3. Promote a version nobody runs: web routes to nothing, red, said in words.
+    # 3. Promote a version nobody runs: web falls back to the newest version that has
+    # instances, and the page says so in amber.
     etcd.put(SPEC.format("web"), json.dumps({"active_version": "v9", "hosts": ["web.example"]}))
+    wait_for(
+        lambda: reloader.status()["services"]["web"]["fallback_version"] == "v2",
+        what="web falling back to v2",
+    )
+    dom = look(reloader, "dashboard-fallback.png")
+    web = card(dom, "web")
+    assert "caution" in web.classes
+    assert "active version v9 has no instance up: serving v2" in web.text
+    assert states(web) == ["routed", "up", "up"]
+
+    # 4. The same, strict: web routes to nothing, red, said in words.
+    etcd.put(
+        SPEC.format("web"),
+        json.dumps({"active_version": "v9", "hosts": ["web.example"], "strict_active": True}),
+    )
     wait_for(
         lambda: reloader.status()["services"]["web"]["routes_to_nothing"],
         what="web routing to nothing",

@@ -214,3 +214,22 @@ def test_latency_chart_spans_the_last_hour() -> None:
     assert (x0, x1) == (0.0, 1100.0)
     assert y1 < y0  # slower is higher
     assert tip.endswith("50.0 ms")
+
+
+def test_dashboard_lists_left_out_instances_and_rejected_certificates() -> None:
+    s = status(
+        skipped_services=[
+            {
+                "service": "web",
+                "kind": "target",
+                "reason": "169.254.1.1 is link-local",
+                "instance": "w1",
+            },
+            {"service": "db", "kind": "port", "reason": "port 5432 is in use"},
+        ],
+        rejected_certificates={"shop.example": "expired 2026-01-01"},
+    )
+    html = dashboard.page(s, {})
+    assert html.count('class="left-out-row"') == 1
+    assert 'web/w1</code></td><td class="bad">169.254.1.1 is link-local' in html
+    assert "expired 2026-01-01" in html
