@@ -306,7 +306,8 @@ class Reloader:
         snap = self.applied or Snapshot()
         live = self.applier.live
         age = self.catalog.sync_age()
-        skipped = list(live.model.skipped) if live else []
+        # The last render's, even when it changed nothing HAProxy runs (a noop apply).
+        skipped = sorted(self.reporter.skips, key=lambda s: (s.service, s.instance or "", s.kind))
         why_skipped = {s.service: s.reason for s in skipped if s.instance is None}
         left_out = {(s.service, s.instance): s.reason for s in skipped if s.instance}
         held = list(self.guard.held)
