@@ -7,7 +7,7 @@
 #   scripts/demo.sh down   stop and remove it all (containers, network, volumes)
 #
 #   COMPOSE_PROJECT_NAME  (default fluster)   FLUSTER_HTTP_PORT (8080)
-#   FLUSTER_STATUS_PORT   (9090)              FLUSTER_STATS_PORT (8404)
+#   FLUSTER_STATUS_PORT   (9090)
 #   DEMO_SCALE            instances of web (3)   DEMO_TIMEOUT  seconds to wait (120)
 #   FLUSTER_COMPOSE       the compose command (default docker-compose, else docker compose)
 set -euo pipefail
@@ -18,7 +18,6 @@ cd "$repo"
 export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-fluster}
 http_port=${FLUSTER_HTTP_PORT:-8080}
 status_port=${FLUSTER_STATUS_PORT:-9090}
-stats_port=${FLUSTER_STATS_PORT:-8404}
 scale=${DEMO_SCALE:-3}
 timeout=${DEMO_TIMEOUT:-120}
 
@@ -71,7 +70,6 @@ fluster demo is up ($seen instances of web answering):
   app           http://web.localhost:$http_port/
                   curl -H 'Host: web.localhost' http://127.0.0.1:$http_port/
   status page   http://127.0.0.1:$status_port/   (JSON: /status, metrics: /metrics)
-  HAProxy stats http://127.0.0.1:$stats_port/
   etcd          ETCD_ENDPOINTS=$etcd .venv/bin/fluster ls
                   or: ${compose[*]} exec sidekick fluster ls
 Try (docs/DEPLOYING.md, "A deploy, by hand"):
