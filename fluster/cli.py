@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from fluster import __version__, listing, ops
+from fluster import __version__, keys, listing, ops
+from fluster import deploy_options as D
 from fluster.catalog import Service
 from fluster.records import (
     BALANCES,
@@ -294,8 +295,9 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "rollback",
-        "route back to the previous active version ((all) after the first promotion)",
-        (SERVICE, *WAIT),
+        "route back to the previous active version ((all) after the first promotion); "
+        "of an app: start its previous version's containers again, then route back",
+        (SERVICE, *WAIT, *D.ROLLBACK_APP),
     ),
     Command("drain", "stop sending new traffic to one instance", (SERVICE, INSTANCE, *WAIT)),
     Command(
@@ -316,7 +318,21 @@ COMMANDS: tuple[Command, ...] = (
             Command("rm", "remove a certificate", (CERT_NAME,)),
         ),
     ),
+    # Deploys: options in fluster.deploy_options, the work in deployer.cli (loaded lazily).
+    Command(
+        "app",
+        "the apps this host deploys: create, config, ls",
+        actions=(
+            Command("create", "make the app's config and git repository", D.APP_CREATE),
+            Command("config", "show or change an app's config", D.APP_CONFIG),
+            Command("ls", "apps, their active version and last deploy", (D.JSON,)),
+        ),
+    ),
+    Command("deploy", "build (or take) an image, start it beside the old one, promote", D.DEPLOY),
+    Command("deploys", "an app's deploy history (the last 50)", D.DEPLOYS),
+    Command("git-shell", "forced command of deploy keys: git push to an app only", (D.REPOS,)),
 )
+DEPLOY_COMMANDS = ("app", "deploy", "deploys")
 GLOBAL: tuple[Option[Any], ...] = (*ETCD_OPTIONS, LOG_LEVEL)
 
 
@@ -369,6 +385,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if problems.items:
         print(f"error: {SettingsError(problems.items)}", file=sys.stderr)
         return EXIT_USAGE
+    if command.name == "git-shell":  # sshd's forced command: no etcd at all
+        from deployer.gitshell import main as git_shell
+
+        return git_shell(values[D.REPOS], environ)
     # Results go to stdout, problems (and logs) to stderr.
     setup_logging(values[LOG_LEVEL], stream=sys.stderr)
     color = sys.stdout.isatty() and "NO_COLOR" not in environ
@@ -392,6 +412,8 @@ class Cli:
     async def main(self, store: Store) -> int:
         try:
             async with store:
+                if self.command in DEPLOY_COMMANDS:
+                    return await self.deployer(store)
                 code: int = await getattr(self, "cmd_" + self.command)(store)
                 return code
         except RecordError as exc:
@@ -513,8 +535,15 @@ class Cli:
         say(f"{service}: {share} (revision {written.revision})")
         return await self._wait(store, written.revision)
 
+    async def deployer(self, store: Store) -> int:
+        from deployer.cli import run as deploy_command
+
+        return await deploy_command(self.command, self.action, self.v, store, self.prefix)
+
     async def cmd_rollback(self, store: Store) -> int:
         service = self.v[SERVICE]
+        if (await store.get(keys.app_config_key(self.prefix, service)))[1] is not None:
+            return await self.deployer(store)  # an app: its containers come back first
         written = await ops.rollback(store, self.prefix, service)
         say(
             f"{service}: rolled back to {written.spec.active_version or '(all)'} "

@@ -4,6 +4,9 @@
 {prefix}/services/{service}/spec                   ServiceSpec JSON, permanent
 {prefix}/reloaders/{id}                            ReloaderStatus JSON, leased
 {prefix}/certs/{name}                              PEM chain + key, permanent (reloaders only)
+{prefix}/apps/{app}/config                         AppConfig JSON, permanent (deployer)
+{prefix}/apps/{app}/deploys/{id}                   a deploy's record, the last 50 kept
+{prefix}/apps/{app}/lock                           the running deploy's id, leased
 """
 
 from __future__ import annotations
@@ -73,3 +76,23 @@ def certs_prefix(prefix: str) -> str:
 
 def cert_key(prefix: str, name: str) -> str:
     return f"{prefix}/certs/{name}"
+
+
+def apps_prefix(prefix: str) -> str:
+    return f"{prefix}/apps/"
+
+
+def app_config_key(prefix: str, app: str) -> str:
+    return f"{prefix}/apps/{app}/config"
+
+
+def deploys_prefix(prefix: str, app: str) -> str:
+    return f"{prefix}/apps/{app}/deploys/"
+
+
+def deploy_key(prefix: str, app: str, deploy_id: str) -> str:
+    return f"{prefix}/apps/{app}/deploys/{deploy_id}"
+
+
+def app_lock_key(prefix: str, app: str) -> str:
+    return f"{prefix}/apps/{app}/lock"

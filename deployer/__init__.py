@@ -1,0 +1,13 @@
+"""fluster's deployer: git push -> build -> registry -> start beside the old -> promote.
+
+- `source.py`     the app's bare repository, its pre-receive hook, `git archive`
+- `engine.py`     the Docker Engine API (build, push, containers), errors mapped
+- `scheduler.py`  where a version's containers run (`LocalScheduler`: this engine)
+- `pipeline.py`   the stages of a deploy and a rollback, printed and recorded
+- `lock.py`       one deploy per app at a time (a lease-bound key in etcd)
+- `apps.py`, `records.py`  app configs and deploy records in etcd
+- `gitshell.py`   the forced command that lets a deploy key `git push` and nothing else
+- `cli.py`        the `fluster app|deploy|deploys|rollback APP` commands
+
+It imports the core (`fluster`) only; the core reaches it only from `fluster.cli`, lazily.
+"""

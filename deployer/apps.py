@@ -1,0 +1,98 @@
+"""App configs and deploy records in etcd: read, validated write, history trimmed to 50.
+
+Config writes compare the mod revision they read (as `fluster.ops` does for specs), so two
+operators editing one app cannot silently overwrite each other. Deploy ids sort by time
+(`20261130T181502.123Z-3f2a9c1`), so the history is a prefix read in key order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from deployer.records import KEEP_DEPLOYS, AppConfig, DeployRecord, validate_app_name
+from fluster import keys
+from fluster.records import RecordError
+from fluster.store import Store
+
+
+class NoSuchApp(Exception):
+    """The app has no config in etcd (`fluster app create` it first)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    config: AppConfig
+    revision: int  # the config's mod revision, for a compare-and-swap write
+
+
+def deploy_id(now: datetime, version: str) -> str:
+    stamp = now.strftime("%Y%m%dT%H%M%S") + f".{now.microsecond // 1000:03d}Z"
+    return f"{stamp}-{version[:7]}" if version else stamp
+
+
+async def load(store: Store, prefix: str, app: str) -> Loaded:
+    validate_app_name(app)
+    _, kv = await store.get(keys.app_config_key(prefix, app))
+    if kv is None:
+        raise NoSuchApp(f"no app {app!r} (create it with `fluster app create {app}`)")
+    try:
+        return Loaded(AppConfig.parse(kv.value), kv.mod_revision)
+    except RecordError as exc:
+        raise RecordError(exc.field, f"{exc.reason} (in the stored config of {app})") from None
+
+
+async def create(store: Store, prefix: str, app: str, changes: dict[str, Any]) -> AppConfig:
+    """Write a new app's config; Conflict if it exists (another create won)."""
+    config = AppConfig.from_dict({"service": validate_app_name(app), **changes})
+    await store.replace(keys.app_config_key(prefix, app), config.to_json(), mod_revision=0)
+    return config
+
+
+async def edit(store: Store, prefix: str, app: str, changes: dict[str, Any]) -> AppConfig:
+    loaded = await load(store, prefix, app)
+    config = loaded.config.replace(**changes)
+    await store.replace(
+        keys.app_config_key(prefix, app), config.to_json(), mod_revision=loaded.revision
+    )
+    return config
+
+
+async def all_apps(store: Store, prefix: str) -> dict[str, AppConfig | RecordError]:
+    _, kvs = await store.get_prefix(keys.apps_prefix(prefix))
+    out: dict[str, AppConfig | RecordError] = {}
+    for kv in kvs:
+        app, _, rest = kv.key[len(keys.apps_prefix(prefix)) :].partition("/")
+        if rest != "config":
+            continue
+        try:
+            out[app] = AppConfig.parse(kv.value)
+        except RecordError as exc:
+            out[app] = exc
+    return out
+
+
+async def record(store: Store, prefix: str, rec: DeployRecord) -> None:
+    await store.put(keys.deploy_key(prefix, rec.app, rec.id), rec.to_json())
+
+
+async def trim(store: Store, prefix: str, app: str, keep: int = KEEP_DEPLOYS) -> int:
+    """Delete all but the newest `keep` deploy records; returns how many went."""
+    _, kvs = await store.get_prefix(keys.deploys_prefix(prefix, app))
+    old = sorted(kv.key for kv in kvs)[:-keep] if len(kvs) > keep else []
+    for key in old:
+        await store.delete(key)
+    return len(old)
+
+
+async def history(store: Store, prefix: str, app: str) -> list[DeployRecord | RecordError]:
+    """Deploy records, oldest first; an unreadable one is returned as its error."""
+    _, kvs = await store.get_prefix(keys.deploys_prefix(prefix, app))
+    out: list[DeployRecord | RecordError] = []
+    for kv in sorted(kvs, key=lambda kv: kv.key):
+        try:
+            out.append(DeployRecord.parse(kv.value))
+        except RecordError as exc:
+            out.append(exc)
+    return out

@@ -1,0 +1,253 @@
+"""The deploy commands of `fluster` (app, deploy, deploys, and rollback of an app).
+
+`fluster.cli` declares their options (`fluster.deploy_options`) and loads this module only
+when one of them runs: the registry's core never imports the deployer. Exit codes follow
+the CLI's: 0 done, 1 failed (the old version still serves), 2 bad arguments or no such
+app, 3 conflict.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import shlex
+import shutil
+import socket
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from deployer import apps, source
+from deployer.engine import DeployError, Engine
+from deployer.pipeline import Deployer, DeployFailed, Settings, Source
+from deployer.records import AppConfig, DeployRecord
+from deployer.scheduler import LocalScheduler
+from fluster import deploy_options as D
+from fluster import ops
+from fluster.records import RecordError
+from fluster.settings import ETCD_CACERT, ETCD_CERT, ETCD_ENDPOINTS, ETCD_KEY, ETCD_USER, Values
+from fluster.store import Conflict, Store
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def fail(message: str, code: int) -> int:
+    print(f"fluster: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+async def run(command: str, action: str, v: Values, store: Store, prefix: str) -> int:
+    try:
+        if command == "app":
+            return await app_command(action, v, store, prefix)
+        if command == "deploys":
+            return await deploys_command(v, store, prefix)
+        return await deploy_command(command, v, store, prefix)
+    except apps.NoSuchApp as exc:
+        return fail(str(exc), EXIT_USAGE)
+    except DeployFailed as exc:
+        return fail(f"deploy failed: {exc}", EXIT_FAILED)
+    except DeployError as exc:
+        return fail(str(exc), EXIT_FAILED)
+
+
+def config_changes(v: Values, current: AppConfig | None) -> dict[str, Any]:
+    """The app config fields given on the command line (AppConfig validates them)."""
+    changes: dict[str, Any] = {}
+    for opt in D.APP_FIELDS:
+        value: Any = v[opt]
+        if opt not in (D.ENV, D.UNSET_ENV, D.APP_KEEP_OLD) and value is not None:
+            changes[opt.dest] = value
+    if v[D.APP_KEEP_OLD] is not None:
+        changes["keep_old"] = v[D.APP_KEEP_OLD]
+    if v[D.ENV] or v[D.UNSET_ENV]:
+        env = dict(current.env) if current else {}
+        for item in v[D.ENV] or ():
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise RecordError("env", f"want NAME=VALUE, got {item!r}")
+            env[key] = value
+        for key in v[D.UNSET_ENV] or ():
+            env.pop(key, None)
+        changes["env"] = env
+    return changes
+
+
+# -- fluster app ------------------------------------------------------------------------
+
+
+def fluster_command() -> list[str]:
+    """How the hook calls this very fluster (the venv's script, else the one on PATH)."""
+    here = Path(sys.executable).with_name("fluster")
+    if here.exists():
+        return [str(here)]
+    found = shutil.which("fluster")
+    return [found] if found else [sys.executable, "-m", "fluster.cli"]
+
+
+def hook_env(v: Values, prefix: str) -> dict[str, str]:
+    """What the hook exports: the settings this command ran with (never the password)."""
+    endpoints: tuple[str, ...] = v[ETCD_ENDPOINTS]
+    env = {
+        "ETCD_ENDPOINTS": ",".join(endpoints),
+        "FLUSTER_PREFIX": prefix,
+        "FLUSTER_REGISTRY": v[D.REGISTRY],
+    }
+    for name, opt in (
+        ("ETCD_CACERT", ETCD_CACERT),
+        ("ETCD_CERT", ETCD_CERT),
+        ("ETCD_KEY", ETCD_KEY),
+    ):
+        path = v[opt]
+        if path is not None:
+            env[name] = str(path.resolve())
+    if v[ETCD_USER]:
+        env["ETCD_USER"] = v[ETCD_USER]
+    return env
+
+
+async def app_command(action: str, v: Values, store: Store, prefix: str) -> int:
+    if action == "ls":
+        return await app_ls(v, store, prefix)
+    app = v[D.APP]
+    if action == "config":
+        current = (await apps.load(store, prefix, app)).config
+        changes = config_changes(v, current)
+        if changes:
+            current = await apps.edit(store, prefix, app, changes)
+            say(f"{app}: config written")
+        print(json.dumps(current.to_dict(), indent=2, sort_keys=True))
+        return EXIT_OK
+    # create: the config first (it validates every field), then the repository.
+    try:
+        config = await apps.create(store, prefix, app, config_changes(v, None))
+        say(f"{app}: app created (service {config.service}, {config.replicas} replicas)")
+    except Conflict:
+        config = (await apps.load(store, prefix, app)).config
+        say(f"{app}: the app exists; its repository and hook are made again")
+    hook = source.hook_script(app, fluster_command(), hook_env(v, prefix))
+    path, _ = await source.create_repo(Path(v[D.REPOS]), app, config.branch, hook)
+    user = v[D.SSH_USER] or getpass.getuser()
+    host = v[D.SSH_HOST] or socket.getfqdn()
+    port = f":{v[D.SSH_PORT]}" if v[D.SSH_PORT] != 22 else ""
+    say(f"repository: {path} (a push of {config.branch} deploys)")
+    say(f"  git remote add production ssh://{user}@{host}{port}{path}")
+    say(f"  git push production {config.branch}")
+    say(f"on this host: git remote add production {shlex.quote(str(path))}")
+    return EXIT_OK
+
+
+async def app_ls(v: Values, store: Store, prefix: str) -> int:
+    found = await apps.all_apps(store, prefix)
+    snap = await ops.snapshot(store, prefix)
+    rows = [["APP", "SERVICE", "REPLICAS", "BRANCH", "ACTIVE", "LAST DEPLOY"]]
+    out: dict[str, Any] = {}
+    for name, config in sorted(found.items()):
+        if not isinstance(config, AppConfig):
+            rows.append([name, f"(invalid config: {config})", "", "", "", ""])
+            out[name] = {"error": str(config)}
+            continue
+        svc = snap.services.get(config.service)
+        active = svc.spec.active_version if svc else None
+        records = await apps.history(store, prefix, name)
+        done = [r for r in records if isinstance(r, DeployRecord)]
+        last = f"{done[-1].version} {done[-1].result}" if done else "-"
+        rows.append(
+            [name, config.service, str(config.replicas), config.branch, active or "-", last]
+        )
+        out[name] = {**config.to_dict(), "active_version": active, "last_deploy": last}
+    if v[D.JSON]:
+        print(json.dumps(out, indent=2, sort_keys=True))
+    elif len(rows) > 1:
+        table(rows)
+    else:
+        say("no apps (fluster app create APP)")
+    return EXIT_OK
+
+
+def table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+# -- fluster deploys --------------------------------------------------------------------
+
+
+def _seconds(start: str, end: str | None) -> str:
+    if end is None:
+        return "-"
+    return f"{(datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds():.1f}"
+
+
+async def deploys_command(v: Values, store: Store, prefix: str) -> int:
+    app = v[D.APP]
+    await apps.load(store, prefix, app)
+    records = await apps.history(store, prefix, app)
+    if v[D.JSON]:
+        listing = [
+            json.loads(r.to_json()) if isinstance(r, DeployRecord) else {"error": str(r)}
+            for r in records
+        ]
+        print(json.dumps(listing, indent=2))
+        return EXIT_OK
+    rows = [["DEPLOY", "KIND", "VERSION", "RESULT", "SECONDS", "BY", "STAGES (s)"]]
+    for rec in records:
+        if not isinstance(rec, DeployRecord):
+            rows.append(["?", "", "", f"(invalid record: {rec})", "", "", ""])
+            continue
+        stages = " ".join(f"{s.name}:{_seconds(s.started, s.ended)}" for s in rec.stages)
+        total = _seconds(rec.started, rec.finished)
+        rows.append([rec.id, rec.kind, rec.version, rec.result, total, rec.by or "-", stages])
+    if len(rows) == 1:
+        say(f"no deploys of {app} yet")
+        return EXIT_OK
+    table(rows)
+    failed = [r for r in records if isinstance(r, DeployRecord) and r.error]
+    if failed:
+        say(f"\nlast error ({failed[-1].id}): {failed[-1].error.splitlines()[0]}")
+    return EXIT_OK
+
+
+# -- fluster deploy / rollback ----------------------------------------------------------
+
+
+async def deploy_command(command: str, v: Values, store: Store, prefix: str) -> int:
+    async with Engine(v[D.DOCKER_HOST] or None) as engine:
+        settings = Settings(
+            registry=v[D.REGISTRY],
+            lock_timeout=v[D.LOCK_TIMEOUT],
+            wait_timeout=v[D.DEPLOY_WAIT],
+            by=f"{getpass.getuser()}@{socket.gethostname()}",
+        )
+        scheduler = LocalScheduler(engine, publish_ip=v[D.PUBLISH_IP])
+        d = Deployer(store, prefix, engine, scheduler, settings, say)
+        if command == "rollback":
+            await d.rollback(v[D.SERVICE_ARG])
+            return EXIT_OK
+        if v[D.DEPLOY_SCHEDULER] == "swarm":
+            return fail("--scheduler swarm is not available yet; use local", EXIT_USAGE)
+        if bool(v[D.IMAGE]) == bool(v[D.GIT]):
+            return fail("give one of --image IMAGE or --git DIR", EXIT_USAGE)
+        app = v[D.APP]
+        src = Source(image=v[D.IMAGE])
+        if v[D.GIT]:
+            git_dir = source.git_dir_of(Path(v[D.GIT]))
+            ref, update = v[D.REF], None
+            if v[D.RECEIVE]:
+                config = (await apps.load(store, prefix, app)).config
+                update = source.pushed(sys.stdin.read().splitlines(), config.branch)
+                if update is None:
+                    say(f"fluster: accepted, not deployed (a push of {config.branch} deploys)")
+                    return EXIT_OK
+                ref = update.new
+            if not ref:
+                return fail("--git needs --ref REF (a branch, tag or commit)", EXIT_USAGE)
+            src = Source(git_dir=git_dir, ref=ref, update=update)
+        record = await d.deploy(app, src, promote=not v[D.NO_PROMOTE], canary=v[D.CANARY])
+        return EXIT_OK if record.result != "failed" else EXIT_FAILED

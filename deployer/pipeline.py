@@ -1,0 +1,435 @@
+"""A deploy, stage by stage: receive -> build -> push -> start -> healthy -> promote -> retire.
+
+Each stage is printed as it starts and ends (on the terminal of `fluster deploy`, and as
+`remote:` lines of `git push`, whose hook runs this) and recorded with its times in the
+deploy's record. The order is what keeps users safe:
+
+- nothing that runs is touched before the new version is built, pushed and healthy: a
+  build that fails or an app that never passes its check leaves the old version serving,
+  removes the new containers and exits non-zero with the build output or the app's log;
+- promotion is `fluster.ops.promote` (what `fluster promote` runs), and it waits until
+  every reloader has applied it, so no edge still sends traffic to the old version when
+  its containers stop;
+- the old containers are stopped, not removed: `fluster rollback APP` starts them again
+  without a build until the keep-old window ends.
+
+Registration is not done here: the sidekick host agent on the machine registers the
+containers from their labels, and the health gate waits for those records in etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from deployer import apps, source
+from deployer.engine import DeployError, Engine
+from deployer.lock import deploy_lock
+from deployer.records import AppConfig, DeployRecord, Stage
+from deployer.scheduler import Release, Scheduler
+from fluster import keys, ops
+from fluster.records import Instance, RecordError
+from fluster.store import Store
+
+REVISION_LABEL = "org.opencontainers.image.revision"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    registry: str = "127.0.0.1:5000"
+    lock_timeout: float = 600.0
+    wait_timeout: float = 30.0  # for every reloader to apply the promotion
+    by: str = ""  # who deploys, for the record
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """What to deploy: a git repository and ref, or an image already built."""
+
+    git_dir: Path | None = None
+    ref: str = ""
+    image: str = ""
+    update: source.Update | None = None  # a push: the branch must still be where it was
+
+
+class DeployFailed(Exception):
+    """The deploy stopped; the old version still serves. The message says why."""
+
+
+class Deployer:
+    def __init__(
+        self,
+        store: Store,
+        prefix: str,
+        engine: Engine,
+        scheduler: Scheduler,
+        settings: Settings,
+        say: Callable[[str], None],
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.store, self.prefix = store, prefix
+        self.engine, self.scheduler = engine, scheduler
+        self.settings = settings
+        self.say = say
+        self.now = now
+        self.record: DeployRecord | None = None
+
+    # -- output and the record --------------------------------------------------------
+
+    def _stamp(self) -> str:
+        return self.now().isoformat(timespec="milliseconds")
+
+    def head(self, text: str) -> None:
+        self.say(f"-----> {text}")
+
+    def detail(self, text: str) -> None:
+        self.say(f"       {text}")
+
+    async def _save(self, **changes: object) -> None:
+        assert self.record is not None
+        self.record = dataclasses.replace(self.record, **changes)  # type: ignore[arg-type]
+        await apps.record(self.store, self.prefix, self.record)
+
+    async def stage(self, name: str, work: Callable[[], object]) -> object:
+        """Run one stage: print and record its start, end and duration."""
+        assert self.record is not None
+        started = self._stamp()
+        t0 = time.monotonic()
+        self.head(f"{name}")
+        stages = [*self.record.stages, Stage(name, started)]
+        await self._save(stages=tuple(stages))
+        ok = False
+        try:
+            result = work()
+            if asyncio.iscoroutine(result):
+                result = await result
+            ok = True
+            return result
+        finally:
+            stages[-1] = dataclasses.replace(stages[-1], ended=self._stamp(), ok=ok)
+            await self._save(stages=tuple(stages))
+            self.head(f"{name}: {'done' if ok else 'FAILED'} in {time.monotonic() - t0:.1f}s")
+
+    # -- the deploy -------------------------------------------------------------------
+
+    async def deploy(
+        self, app: str, src: Source, *, promote: bool = True, canary: int | None = None
+    ) -> DeployRecord:
+        config = (await apps.load(self.store, self.prefix, app)).config
+        target, ref, version, commit = await self._receive(app, src)
+        deploy_id = apps.deploy_id(self.now(), version)
+        self.head(f"{app}: deploying {version} ({ref}) as deploy {deploy_id}")
+        if commit is not None:
+            self.detail(f"{commit.subject} ({commit.author})")
+        async with deploy_lock(
+            self.store,
+            self.prefix,
+            app,
+            deploy_id,
+            wait_limit=self.settings.lock_timeout,
+            say=self.head,
+        ):
+            self.record = DeployRecord(
+                id=deploy_id,
+                app=app,
+                kind="deploy",
+                ref=ref,
+                version=version,
+                image=target,
+                by=self.settings.by,
+                started=self._stamp(),
+            )
+            await self._save()
+            try:
+                await self._still_current(src)
+                svc = (await ops.snapshot(self.store, self.prefix)).services.get(config.service)
+                active = svc is not None and svc.spec.active_version == version
+                if active and svc and not canary and ops.up_count(svc, version) >= config.replicas:
+                    self.head(f"{version} is already the active version of {app}")
+                    return await self._finish("succeeded")
+                if src.git_dir is not None and commit is not None:
+                    git_dir = src.git_dir
+                    await self.stage("build", lambda: self._build(app, git_dir, commit, target))
+                else:
+                    await self.stage("tag", lambda: self.engine.tag(src.image, target))
+                await self.stage("push", lambda: self.engine.push(target, self.detail))
+                if src.update is not None:
+                    await self._save(branch=src.update.ref)
+                release = Release(app, version, target, deploy_id)
+                await self._start_and_gate(release, config, fresh=True)
+                if canary is not None:
+                    await self.stage("canary", lambda: self._canary(config, version, canary))
+                    return await self._finish("waiting")
+                if not promote:
+                    self.head(
+                        f"not promoted (--no-promote): `fluster promote {config.service} "
+                        f"{version}` when ready"
+                    )
+                    return await self._finish("waiting")
+                await self.stage("promote", lambda: self._promote(config, version))
+                await self.stage("retire", lambda: self._retire(app, config, version))
+                return await self._finish("succeeded")
+            except (DeployError, ops.Refused, ops.WaitTimeout, RecordError) as exc:
+                await self._finish("failed", str(exc))
+                raise DeployFailed(str(exc)) from None
+
+    async def _finish(self, result: str, error: str = "") -> DeployRecord:
+        await self._save(result=result, finished=self._stamp(), error=error)
+        await apps.trim(self.store, self.prefix, self.record.app if self.record else "")
+        assert self.record is not None
+        if result != "failed":
+            total = (self.now() - datetime.fromisoformat(self.record.started)).total_seconds()
+            self.head(f"deploy {self.record.id}: {result} in {total:.1f}s")
+        return self.record
+
+    async def _receive(self, app: str, src: Source) -> tuple[str, str, str, source.Commit | None]:
+        """(image name in the registry, ref, version, commit) of what is deployed."""
+        registry = self.settings.registry.rstrip("/")
+        if src.git_dir is not None:
+            commit = await source.resolve(src.git_dir, src.ref)
+            return f"{registry}/{app}:{commit.version}", src.ref, commit.version, commit
+        labels = await self.engine.image_labels(src.image)
+        revision = labels.get(REVISION_LABEL, "")
+        if source.SHA_RE.fullmatch(revision):
+            version = revision[:12]
+        else:
+            version = (await self.engine.image_id(src.image)).removeprefix("sha256:")[:12]
+        return f"{registry}/{app}:{version}", src.image, version, None
+
+    async def _still_current(self, src: Source) -> None:
+        """A push that waited for another deploy: refuse it if that one moved the branch,
+        as git would refuse to update the branch from where this push thought it was.
+
+        The other push's receive-pack moves the branch only after its hook (and so its
+        hold on the lock) ended: when the last deploy was a push of the same branch that
+        has just finished, wait briefly for the branch to get there before comparing.
+        """
+        if src.git_dir is None or src.update is None:
+            return
+        update, git_dir = src.update, src.git_dir
+        last = await self._previous_push(update.ref)
+        deadline = time.monotonic() + 10.0
+        now = await source.current(git_dir, update.ref)
+        while last and now == update.old != last and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            now = await source.current(git_dir, update.ref)
+        if now != update.old:
+            branch = update.ref.removeprefix("refs/heads/")
+            raise DeployError(
+                f"{branch} moved to {now[:12]} while this push waited; fetch, merge and push again"
+            )
+
+    async def _previous_push(self, ref: str) -> str | None:
+        """The commit of a push to `ref` deployed in the last minute, if any."""
+        assert self.record is not None
+        for rec in reversed(await apps.history(self.store, self.prefix, self.record.app)):
+            if not isinstance(rec, DeployRecord) or rec.id == self.record.id:
+                continue
+            recent = (
+                rec.finished
+                and (self.now() - datetime.fromisoformat(rec.finished)).total_seconds() < 60
+            )
+            ok = rec.result in ("succeeded", "waiting") and rec.branch == ref
+            return rec.ref if ok and recent and source.SHA_RE.fullmatch(rec.ref) else None
+        return None
+
+    async def _build(self, app: str, git_dir: Path, commit: source.Commit, target: str) -> None:
+        context = await source.archive(git_dir, commit)
+        self.detail(f"context: git archive {commit.sha[:12]} ({len(context) // 1024} KiB)")
+        labels = {REVISION_LABEL: commit.sha, "fluster.app": app}
+        await self.engine.build(context, target, labels, self.detail)
+
+    async def _start_and_gate(self, release: Release, config: AppConfig, *, fresh: bool) -> None:
+        """Start the version (`fresh`: new containers; else its stopped ones again) and
+        wait until it is healthy. Containers of the version that already run (a deploy
+        with --no-promote before) are used as they are."""
+        ids: list[str] = []
+        made: list[str] = []
+
+        async def start() -> None:
+            running = [
+                r.id
+                for r in await self.scheduler.instances(release.app)
+                if r.version == release.version and r.state == "running"
+            ]
+            if fresh and len(running) >= config.replicas:
+                ids.extend(running)
+                self.detail(f"{len(ids)} container(s) of {release.version} already running")
+                return
+            if fresh:
+                made.extend(await self.scheduler.start(release, config))
+                ids.extend(made)
+            else:
+                ids.extend(await self.scheduler.resume(release, config))
+            self.detail(f"{len(ids)} container(s): {', '.join(i[:12] for i in ids)}")
+
+        try:
+            await self.stage("start", start)
+            await self.stage("healthy", lambda: self._gate(release, config, ids))
+        except DeployError:
+            if made:
+                await self.scheduler.remove_ids(made)
+                self.detail(f"removed the {len(made)} new container(s); nothing else changed")
+            raise
+
+    async def up(self, service: str, version: str) -> int:
+        prefix = keys.service_prefix(self.prefix, service) + "instances/"
+        _, kvs = await self.store.get_prefix(prefix)
+        count = 0
+        for kv in kvs:
+            try:
+                inst = Instance.parse(kv.value)
+            except RecordError:
+                continue
+            count += inst.version == version and inst.state == "up"
+        return count
+
+    async def _gate(self, release: Release, config: AppConfig, ids: list[str]) -> None:
+        """Until `replicas` instances of the version are registered up, or one crashes."""
+        deadline = time.monotonic() + config.health_timeout
+        seen = -1
+        while True:
+            count = await self.up(config.service, release.version)
+            if count != seen:
+                self.detail(f"{count}/{config.replicas} registered up")
+                seen = count
+            if count >= config.replicas:
+                return
+            crashed = await self.scheduler.crashed(ids)
+            if crashed is not None:
+                cid, lines = crashed
+                raise DeployError(
+                    f"container {cid[:12]} of {release.version} exited; its last log lines:\n"
+                    + "\n".join(f"  {line}" for line in lines)
+                )
+            if time.monotonic() > deadline:
+                logs = await self._logs(ids)
+                raise DeployError(
+                    f"only {count} of {config.replicas} instance(s) of {release.version} "
+                    f"registered up within {config.health_timeout:g}s (check {config.check}; "
+                    "is a sidekick host agent, `sidekick --all`, running on this host?); "
+                    f"the last log lines:\n{logs}"
+                )
+            await asyncio.sleep(0.25)
+
+    async def _logs(self, ids: list[str]) -> str:
+        out = []
+        for cid in ids[:3]:
+            try:
+                lines = await self.engine.logs(cid, 10)
+            except DeployError as exc:
+                lines = [str(exc)]
+            out += [f"  {cid[:12]}: {line}" for line in lines] or [f"  {cid[:12]}: (no output)"]
+        return "\n".join(out)
+
+    async def _wait(self, revision: int) -> None:
+        def progress(done: int, total: int, behind: list[str]) -> None:
+            if total:
+                waiting = f"; waiting for {', '.join(behind)}" if behind else ""
+                self.detail(f"reloaders applied: {done}/{total}{waiting}")
+
+        count = await ops.wait_applied(
+            self.store,
+            self.prefix,
+            revision,
+            within=self.settings.wait_timeout,
+            progress=progress,
+        )
+        if not count:
+            self.detail("no live reloader is registered: nothing to wait for")
+
+    async def _promote(self, config: AppConfig, version: str) -> None:
+        written = await ops.promote(
+            self.store,
+            self.prefix,
+            config.service,
+            version,
+            min_instances=config.replicas,
+            keep_old=ops.parse_duration(config.keep_old),
+        )
+        self.detail(f"{version} is the active version of {config.service}")
+        await self._wait(written.revision)
+
+    async def _canary(self, config: AppConfig, version: str, weight: int) -> None:
+        written = await ops.canary(self.store, self.prefix, config.service, version, weight)
+        self.detail(
+            f"{weight}% of {config.service} to {version}; `fluster promote {config.service} "
+            f"{version}` to finish, `fluster canary {config.service} {version} --weight 0` "
+            "to end it"
+        )
+        await self._wait(written.revision)
+
+    async def _retire(self, app: str, config: AppConfig, keep: str) -> None:
+        """Let in-flight requests to the old version finish, then stop its containers."""
+        old = sorted(
+            {r.version for r in await self.scheduler.instances(app) if r.state == "running"}
+            - {keep}
+        )
+        if not old:
+            self.detail("no older version running")
+            return
+        await asyncio.sleep(config.drain_seconds)  # the drain period, not synchronisation
+        for version in old:
+            count = await self.scheduler.stop(app, version)
+            self.detail(
+                f"stopped {count} container(s) of {version} "
+                f"(kept for `fluster rollback {app}` for {config.keep_old})"
+            )
+
+    # -- rollback ---------------------------------------------------------------------
+
+    async def rollback(self, app: str) -> DeployRecord:
+        """Bring the previous version back: its containers, without a build."""
+        config = (await apps.load(self.store, self.prefix, app)).config
+        svc = (await ops.snapshot(self.store, self.prefix)).services.get(config.service)
+        if svc is None or not svc.spec.history:
+            raise DeployFailed(f"{app} has no previous version to roll back to")
+        previous = svc.spec.history[0]
+        image = await self._image_of(app, previous)
+        deploy_id = apps.deploy_id(self.now(), previous)
+        self.head(f"{app}: rolling back to {previous} as deploy {deploy_id}")
+        async with deploy_lock(
+            self.store,
+            self.prefix,
+            app,
+            deploy_id,
+            wait_limit=self.settings.lock_timeout,
+            say=self.head,
+        ):
+            self.record = DeployRecord(
+                id=deploy_id,
+                app=app,
+                kind="rollback",
+                ref=f"rollback from {svc.spec.active_version}",
+                version=previous,
+                image=image,
+                by=self.settings.by,
+                started=self._stamp(),
+            )
+            await self._save()
+            try:
+                release = Release(app, previous, image, deploy_id)
+                await self._start_and_gate(release, config, fresh=False)
+                await self.stage("promote", lambda: self._rolled_back(config))
+                await self.stage("retire", lambda: self._retire(app, config, previous))
+                return await self._finish("succeeded")
+            except (DeployError, ops.Refused, ops.WaitTimeout, RecordError) as exc:
+                await self._finish("failed", str(exc))
+                raise DeployFailed(str(exc)) from None
+
+    async def _rolled_back(self, config: AppConfig) -> None:
+        written = await ops.rollback(self.store, self.prefix, config.service)
+        self.detail(f"{written.spec.active_version} is the active version of {config.service}")
+        await self._wait(written.revision)
+
+    async def _image_of(self, app: str, version: str) -> str:
+        """The image a version was deployed from (its deploy record), else the registry's."""
+        for rec in reversed(await apps.history(self.store, self.prefix, app)):
+            if isinstance(rec, DeployRecord) and rec.version == version and rec.image:
+                return rec.image
+        return f"{self.settings.registry.rstrip('/')}/{app}:{version}"

@@ -1,0 +1,204 @@
+"""The deployer's two records in etcd: an app's config and one deploy's history.
+
+Both are validated like the registry's records (`fluster.records`): a bad field is a
+`RecordError` naming it, so `fluster app config web --replicas 0` writes nothing and says
+why, and a hand-edited config that no longer parses stops a deploy before it builds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Final, Literal
+
+from fluster.records import (
+    CHECK_PATH_RE,
+    RecordError,
+    _int,
+    _match,
+    _object,
+    _require,
+    _str,
+    validate_port,
+    validate_service_name,
+    validate_version,
+)
+
+MAX_CONFIG_BYTES: Final = 16384
+MAX_DEPLOY_BYTES: Final = 65536
+MAX_ENV: Final = 64
+KEEP_DEPLOYS: Final = 50
+SCHEDULERS: Final = ("local", "swarm")
+RESULTS: Final = ("running", "succeeded", "failed", "waiting")
+
+ENV_KEY_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+BRANCH_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+DURATION_RE: Final = re.compile(r"[0-9]+(\.[0-9]+)?[smhd]?")
+CHECK_RE: Final = re.compile(r"none|tcp|docker|http:" + CHECK_PATH_RE.pattern)
+
+Scheduler = Literal["local", "swarm"]
+Result = Literal["running", "succeeded", "failed", "waiting"]
+
+
+def validate_app_name(name: object) -> str:
+    """App names are service names: the app deploys as the service of the same name."""
+    try:
+        return validate_service_name(name)
+    except RecordError as exc:
+        raise RecordError("app", exc.reason) from None
+
+
+def _env(value: object) -> dict[str, str]:
+    _require(isinstance(value, dict), "env", "must be an object of strings")
+    assert isinstance(value, dict)
+    _require(len(value) <= MAX_ENV, "env", f"at most {MAX_ENV} variables")
+    clean = {}
+    for key, val in sorted(value.items()):
+        _match(ENV_KEY_RE, key, "env", "names must be [A-Za-z_][A-Za-z0-9_]*")
+        text = _str(val, f"env.{key}")
+        _require(text.isprintable() and len(text) <= 4096, f"env.{key}", "must be printable")
+        clean[key] = text
+    return clean
+
+
+def _float(value: object, name: str, lo: float, hi: float) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    _require(ok, name, f"must be a number, not {type(value).__name__}")
+    assert isinstance(value, int | float)
+    _require(lo <= value <= hi, name, f"must be between {lo:g} and {hi:g}, got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    """How an app runs: `{prefix}/apps/{app}/config`, written by `fluster app`."""
+
+    service: str
+    replicas: int = 2
+    port: int = 8000
+    check: str = "http:/health"  # the sidekick's --check syntax: http:/PATH, tcp, docker, none
+    env: Mapping[str, str] = field(default_factory=dict)
+    branch: str = "main"
+    keep_old: str = "10m"  # how long a retired version stays ready for `fluster rollback`
+    scheduler: Scheduler = "local"
+    health_timeout: float = 120.0  # seconds for every new instance to be registered up
+    drain_seconds: float = 2.0  # between the promotion and stopping the old containers
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["env"] = dict(self.env)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def replace(self, **changes: Any) -> AppConfig:
+        return AppConfig.from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> AppConfig:
+        _require("service" in obj, "service", "is required")
+        scheduler = obj.get("scheduler", "local")
+        _require(scheduler in SCHEDULERS, "scheduler", f"must be one of {', '.join(SCHEDULERS)}")
+        return cls(
+            service=validate_service_name(obj["service"]),
+            replicas=_int(obj.get("replicas", 2), "replicas", 1, 100),
+            port=validate_port(obj.get("port", 8000), "port"),
+            check=_match(
+                CHECK_RE,
+                obj.get("check", "http:/health"),
+                "check",
+                "want http:/PATH, tcp, docker or none",
+            ),
+            env=_env(obj.get("env", {})),
+            branch=_match(BRANCH_RE, obj.get("branch", "main"), "branch", "a git branch name"),
+            keep_old=_match(DURATION_RE, obj.get("keep_old", "10m"), "keep_old", "e.g. 10m"),
+            scheduler=scheduler,
+            health_timeout=_float(obj.get("health_timeout", 120.0), "health_timeout", 1, 3600),
+            drain_seconds=_float(obj.get("drain_seconds", 2.0), "drain_seconds", 0, 600),
+        )
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> AppConfig:
+        return cls.from_dict(_object(raw, MAX_CONFIG_BYTES, "app config"))
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One step of a deploy, as it is printed and recorded."""
+
+    name: str
+    started: str
+    ended: str | None = None
+    ok: bool | None = None
+    detail: str = ""
+
+    @property
+    def seconds(self) -> float | None:
+        if self.ended is None:
+            return None
+        delta = datetime.fromisoformat(self.ended) - datetime.fromisoformat(self.started)
+        return delta.total_seconds()
+
+
+@dataclass(frozen=True, slots=True)
+class DeployRecord:
+    """`{prefix}/apps/{app}/deploys/{id}`: what was deployed, by whom, each stage, result."""
+
+    id: str
+    app: str
+    kind: Literal["deploy", "rollback"]
+    ref: str
+    version: str
+    image: str
+    by: str
+    started: str
+    stages: tuple[Stage, ...] = ()
+    result: Result = "running"
+    finished: str | None = None
+    error: str = ""
+    branch: str = ""  # a push: the ref it moves (refs/heads/main), once the hook succeeds
+
+    def to_json(self) -> str:
+        out = asdict(self)
+        out["stages"] = [asdict(s) for s in self.stages]
+        return json.dumps(out, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> DeployRecord:
+        obj = _object(raw, MAX_DEPLOY_BYTES, "deploy")
+        stages = obj.get("stages", [])
+        _require(isinstance(stages, list), "stages", "must be a list")
+        result = obj.get("result", "running")
+        _require(result in RESULTS, "result", f"must be one of {', '.join(RESULTS)}")
+        kind = obj.get("kind", "deploy")
+        _require(kind in ("deploy", "rollback"), "kind", "must be deploy or rollback")
+        version = obj.get("version", "")
+        return cls(
+            id=_str(obj.get("id"), "id"),
+            app=validate_app_name(obj.get("app")),
+            kind=kind,
+            ref=_str(obj.get("ref", ""), "ref"),
+            version=validate_version(version) if version else "",
+            image=_str(obj.get("image", ""), "image"),
+            by=_str(obj.get("by", ""), "by"),
+            started=_str(obj.get("started"), "started"),
+            stages=tuple(
+                Stage(
+                    name=_str(s.get("name"), "stages.name"),
+                    started=_str(s.get("started"), "stages.started"),
+                    ended=s.get("ended"),
+                    ok=s.get("ok"),
+                    detail=str(s.get("detail", "")),
+                )
+                for s in stages
+                if isinstance(s, dict)
+            ),
+            result=result,
+            finished=obj.get("finished"),
+            error=str(obj.get("error", "")),
+            branch=str(obj.get("branch", "")),
+        )

@@ -1,0 +1,181 @@
+"""Where a version's containers run: the one step that differs between one machine and many.
+
+A `Scheduler` starts N instances of a release, says whether one of them crashed, stops a
+version (keeping its containers for a rollback), brings a stopped version back, and
+removes what is no longer wanted. `LocalScheduler` does it on the local Docker engine;
+a Swarm scheduler (one service per version) implements the same five calls.
+
+Containers carry the labels the sidekick host agent reads (`fluster.service`,
+`fluster.version`, `fluster.port`, `fluster.check`), plus `fluster.app` so the deployer
+finds its own and never touches anyone else's. Registration is the sidekick's job: a
+container here only has to run and publish its port.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from deployer.engine import DeployError, Engine, NotFound
+from deployer.records import AppConfig
+
+APP_LABEL = "fluster.app"
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    app: str
+    version: str
+    image: str
+    deploy_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """One container of an app, as the scheduler sees it."""
+
+    id: str
+    name: str
+    version: str
+    image: str
+    state: str  # Docker's: created, running, restarting, exited, ...
+
+
+class Scheduler(Protocol):
+    async def start(self, release: Release, config: AppConfig) -> list[str]:
+        """Start `config.replicas` new instances of `release`; returns their ids."""
+
+    async def crashed(self, ids: list[str]) -> tuple[str, list[str]] | None:
+        """(id, last log lines) of an instance that exited or restarted, else None."""
+
+    async def resume(self, release: Release, config: AppConfig) -> list[str]:
+        """Bring a stopped version back (its old containers, else new ones from its image)."""
+
+    async def stop(self, app: str, version: str) -> int:
+        """Stop every instance of `version`, keeping them for a rollback; returns how many."""
+
+    async def remove(self, app: str, keep: Callable[[str], bool]) -> int:
+        """Remove every stopped instance of a version `keep` says no to; returns how many."""
+
+    async def remove_ids(self, ids: list[str]) -> None:
+        """Remove these instances now (a failed deploy's new containers)."""
+
+    async def instances(self, app: str) -> list[Running]: ...
+
+
+class LocalScheduler:
+    """Containers on one Docker engine, ports published on `publish_ip`."""
+
+    def __init__(self, engine: Engine, *, publish_ip: str = "127.0.0.1", stop_grace: int = 10):
+        self.engine = engine
+        self.publish_ip = publish_ip
+        self.stop_grace = stop_grace
+
+    def container_config(self, release: Release, config: AppConfig) -> dict[str, Any]:
+        port = f"{config.port}/tcp"
+        env = {
+            **config.env,
+            "APP_VERSION": release.version,
+            "FLUSTER_APP": release.app,
+            "FLUSTER_VERSION": release.version,
+            "PORT": str(config.port),
+        }
+        return {
+            "Image": release.image,
+            "Env": [f"{k}={v}" for k, v in env.items()],
+            "ExposedPorts": {port: {}},
+            "Labels": {
+                APP_LABEL: release.app,
+                "fluster.service": config.service,
+                "fluster.version": release.version,
+                "fluster.port": str(config.port),
+                "fluster.check": config.check,
+                "fluster.deploy": release.deploy_id,
+            },
+            "HostConfig": {
+                "PortBindings": {port: [{"HostIp": self.publish_ip, "HostPort": ""}]},
+                "RestartPolicy": {"Name": "unless-stopped"},
+            },
+        }
+
+    async def _create(self, release: Release, config: AppConfig) -> str:
+        name = f"{release.app}-{release.version[:12]}-{secrets.token_hex(3)}"
+        cid = await self.engine.create(name, self.container_config(release, config))
+        try:
+            await self.engine.start(cid)
+        except DeployError:
+            await self.engine.remove(cid)
+            raise
+        return cid
+
+    async def start(self, release: Release, config: AppConfig) -> list[str]:
+        ids: list[str] = []
+        try:
+            for _ in range(config.replicas):
+                ids.append(await self._create(release, config))
+        except DeployError:
+            await self.remove_ids(ids)
+            raise
+        return ids
+
+    async def crashed(self, ids: list[str]) -> tuple[str, list[str]] | None:
+        for cid in ids:
+            try:
+                info = await self.engine.inspect(cid)
+            except NotFound:
+                return cid, ["(the container is gone)"]
+            state = info.get("State") or {}
+            if state.get("Status") in ("exited", "dead") or int(info.get("RestartCount", 0)):
+                return cid, await self.engine.logs(cid, 20)
+        return None
+
+    async def instances(self, app: str) -> list[Running]:
+        found = await self.engine.containers({APP_LABEL: app})
+        return [
+            Running(
+                id=str(c["Id"]),
+                name=str((c.get("Names") or ["?"])[0]).lstrip("/"),
+                version=str((c.get("Labels") or {}).get("fluster.version", "")),
+                image=str(c.get("Image", "")),
+                state=str(c.get("State", "")),
+            )
+            for c in found
+        ]
+
+    async def resume(self, release: Release, config: AppConfig) -> list[str]:
+        mine = [r for r in await self.instances(release.app) if r.version == release.version]
+        ids = []
+        for r in mine[: config.replicas]:
+            if r.state != "running":
+                await self.engine.start(r.id)
+            ids.append(r.id)
+        for r in mine[config.replicas :]:
+            await self.engine.remove(r.id)
+        missing = config.replicas - len(ids)
+        if missing > 0:
+            if not await self.engine.has_image(release.image):
+                await self.engine.pull(release.image, lambda line: None)
+            for _ in range(missing):
+                ids.append(await self._create(release, config))
+        return ids
+
+    async def stop(self, app: str, version: str) -> int:
+        running = [
+            r for r in await self.instances(app) if r.version == version and r.state == "running"
+        ]
+        for r in running:
+            await self.engine.stop(r.id, self.stop_grace)
+        return len(running)
+
+    async def remove(self, app: str, keep: Callable[[str], bool]) -> int:
+        gone = [
+            r for r in await self.instances(app) if r.state != "running" and not keep(r.version)
+        ]
+        await self.remove_ids([r.id for r in gone])
+        return len(gone)
+
+    async def remove_ids(self, ids: list[str]) -> None:
+        for cid in ids:
+            await self.engine.remove(cid)

@@ -1,0 +1,161 @@
+"""The options of `fluster app|deploy|deploys|git-shell` (and of `rollback` for an app).
+
+Declared here, in the core, so that `fluster --help` and argument checking work without
+loading the deployer; `fluster.cli` runs the commands through `deployer.cli`, imported
+only when one of them runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fluster.records import RecordError, validate_service_name
+from fluster.settings import Option, integer, number, one_of, switch
+
+
+def _app(text: Any) -> str:
+    try:
+        return validate_service_name(text)
+    except RecordError as exc:
+        raise ValueError(exc.reason) from None
+
+
+APP: Option[str] = Option("app", None, "app name", "", _app, kind="positional", metavar="APP")
+# App config fields: None means "not given"; AppConfig validates what is.
+SERVICE: Option[str | None] = Option(
+    "--service", None, "deploy as this service", None, _app, shown="the app's name"
+)
+REPLICAS: Option[int | None] = Option(
+    "--replicas", None, "instances per version", None, integer(1, 100), shown="2"
+)
+PORT: Option[int | None] = Option(
+    "--port", None, "the port the app listens on", None, integer(1, 65535), shown="8000"
+)
+CHECK: Option[str | None] = Option(
+    "--check", None, "health check: http:/PATH, tcp, docker or none", None, shown="http:/health"
+)
+ENV: Option[list[str] | None] = Option(
+    "--env", None, "set a variable (repeatable)", None, list, kind="list", metavar="NAME=VALUE"
+)
+UNSET_ENV: Option[list[str] | None] = Option(
+    "--unset-env", None, "remove a variable (repeatable)", None, list, kind="list", metavar="NAME"
+)
+BRANCH: Option[str | None] = Option(
+    "--branch", None, "the branch a push deploys", None, shown="main"
+)
+APP_KEEP_OLD: Option[str | None] = Option(
+    "--keep-old",
+    None,
+    "how long a retired version stays ready for `fluster rollback` (90s, 10m, 2h, 1d)",
+    None,
+    shown="10m",
+    metavar="DURATION",
+)
+SCHEDULER: Option[str | None] = Option(
+    "--scheduler", None, "where containers run: local", None, one_of("local", "swarm")
+)
+HEALTH_TIMEOUT: Option[float | None] = Option(
+    "--health-timeout",
+    None,
+    "seconds for every new instance to be registered up",
+    None,
+    number(above=0),
+    shown="120",
+)
+DRAIN_SECONDS: Option[float | None] = Option(
+    "--drain-seconds",
+    None,
+    "seconds between the promotion and stopping the old containers",
+    None,
+    number(0),
+    shown="2",
+)
+APP_FIELDS: tuple[Option[Any], ...] = (
+    SERVICE,
+    REPLICAS,
+    PORT,
+    CHECK,
+    ENV,
+    UNSET_ENV,
+    BRANCH,
+    APP_KEEP_OLD,
+    SCHEDULER,
+    HEALTH_TIMEOUT,
+    DRAIN_SECONDS,
+)
+
+REPOS: Option[str] = Option(
+    "--repos", "FLUSTER_REPOS", "where the apps' git repositories are", "/var/lib/fluster/repos"
+)
+REGISTRY: Option[str] = Option(
+    "--registry", "FLUSTER_REGISTRY", "the registry images go to (host:port)", "127.0.0.1:5000"
+)
+SSH_HOST: Option[str] = Option(
+    "--ssh-host", "FLUSTER_SSH_HOST", "host in the printed remote", "", shown="this host's name"
+)
+SSH_USER: Option[str] = Option(
+    "--ssh-user", "FLUSTER_SSH_USER", "user in the printed remote", "", shown="the current user"
+)
+SSH_PORT: Option[int] = Option(
+    "--ssh-port", "FLUSTER_SSH_PORT", "ssh port in the printed remote", 22, integer(1, 65535)
+)
+IMAGE: Option[str] = Option("--image", None, "deploy this already-built image", "")
+GIT: Option[str] = Option("--git", None, "build from this git repository", "", metavar="DIR")
+REF: Option[str] = Option("--ref", None, "with --git: the branch, tag or commit", "")
+RECEIVE = switch("--receive", None, "with --git: read a pre-receive hook's input (the hook's)")
+NO_PROMOTE = switch("--no-promote", None, "stop once the new version is healthy")
+CANARY: Option[int | None] = Option(
+    "--canary", None, "send PCT% to the new version, then wait", None, integer(1, 99), metavar="PCT"
+)
+DEPLOY_SCHEDULER: Option[str] = Option(
+    "--scheduler", None, "where containers run", "local", one_of("local", "swarm")
+)
+LOCK_TIMEOUT: Option[float] = Option(
+    "--lock-timeout",
+    None,
+    "seconds to wait for another deploy of the app",
+    600.0,
+    number(above=0),
+    metavar="SECONDS",
+)
+PUBLISH_IP: Option[str] = Option(
+    "--publish-ip",
+    "FLUSTER_PUBLISH_IP",
+    "host address the containers' ports are published on",
+    "127.0.0.1",
+)
+DOCKER_HOST: Option[str] = Option(
+    "--docker-host", "DOCKER_HOST", "Docker engine API", "", shown="the local socket"
+)
+DEPLOY_WAIT: Option[float] = Option(
+    "--wait-timeout",
+    None,
+    "seconds for every reloader to apply the promotion",
+    30.0,
+    number(above=0),
+    metavar="SECONDS",
+)
+JSON = switch("--json", None, "machine-readable output")
+
+APP_CREATE = (APP, *APP_FIELDS, REPOS, REGISTRY, SSH_HOST, SSH_USER, SSH_PORT)
+APP_CONFIG = (APP, *APP_FIELDS)
+DEPLOY = (
+    APP,
+    IMAGE,
+    GIT,
+    REF,
+    RECEIVE,
+    NO_PROMOTE,
+    CANARY,
+    DEPLOY_SCHEDULER,
+    LOCK_TIMEOUT,
+    REGISTRY,
+    PUBLISH_IP,
+    DOCKER_HOST,
+    DEPLOY_WAIT,
+)
+DEPLOYS = (APP, JSON)
+# `fluster rollback APP` of an app restarts its previous version's containers.
+ROLLBACK_APP = (REGISTRY, PUBLISH_IP, DOCKER_HOST, LOCK_TIMEOUT)
+# The rollback command's positional (declared in fluster.cli), read by its dest.
+SERVICE_ARG: Option[str] = Option("service", None, "", "", kind="positional")

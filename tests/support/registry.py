@@ -1,0 +1,83 @@
+"""Debian's docker-registry (the distribution registry 2.8) on loopback, for deploy tests.
+
+The Docker engine treats registries on 127.0.0.0/8 as insecure by default, so it pushes
+and pulls over plain HTTP without any daemon configuration. Storage is a directory of
+the test's; the registry is stopped and the directory removed afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+from tests.support.etcd import free_port, wait_for
+
+REGISTRY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
+
+CONFIG = """\
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {root}/data
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:{port}
+"""
+
+
+class Registry:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Registry:
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.root / "config.yml"
+        config.write_text(CONFIG.format(root=self.root, port=self.port))
+        with open(self.root / "registry.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [REGISTRY, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for(self._up, timeout=20, interval=0.1, what=f"docker-registry on {self.address}")
+        return self
+
+    def _up(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            log = (self.root / "registry.log").read_text(errors="replace")
+            raise AssertionError(f"docker-registry exited {self.proc.returncode}:\n{log}")
+        try:
+            with urllib.request.urlopen(f"http://{self.address}/v2/", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def tags(self, repository: str) -> list[str]:
+        url = f"http://{self.address}/v2/{repository}/tags/list"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return list(json.loads(resp.read()).get("tags") or [])
+        except OSError:
+            return []
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

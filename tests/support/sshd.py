@@ -1,0 +1,111 @@
+"""Debian's openssh-server on a loopback port, with keys made for the test.
+
+The deploy key is restricted the way docs/DEPLOYING.md tells users to: its
+`authorized_keys` line forces `fluster git-shell`, which lets `git push` to an app
+repository through and refuses everything else. `git_env` is what a developer's
+`git push` runs with: that key, and the server's host key pinned in a known_hosts file.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from tests.support.etcd import free_port, wait_for
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
+
+CONFIG = """\
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {root}/host_ed25519
+PidFile {root}/sshd.pid
+AuthorizedKeysFile {root}/authorized_keys
+AllowUsers {user}
+PermitRootLogin forced-commands-only
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PrintMotd no
+LogLevel VERBOSE
+"""
+
+
+def keygen(path: Path) -> str:
+    subprocess.run(
+        [SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return path.with_suffix(".pub").read_text().strip()
+
+
+class Sshd:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.user = getpass.getuser()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, forced_command: str) -> Sshd:
+        self.root.mkdir(parents=True, exist_ok=True)
+        host_pub = keygen(self.root / "host_ed25519")
+        client_pub = keygen(self.root / "client_ed25519")
+        (self.root / "authorized_keys").write_text(
+            f'command="{forced_command}",restrict {client_pub}\n'
+        )
+        (self.root / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {host_pub}\n")
+        config = self.root / "sshd_config"
+        config.write_text(CONFIG.format(port=self.port, root=self.root, user=self.user))
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+        with open(self.root / "sshd.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for(self._up, timeout=20, interval=0.1, what=f"sshd on 127.0.0.1:{self.port}")
+        return self
+
+    def _up(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"sshd exited {self.proc.returncode}:\n{self.log()}")
+        return "Server listening" in self.log()
+
+    def log(self) -> str:
+        return (self.root / "sshd.log").read_text(errors="replace")
+
+    def ssh_command(self) -> str:
+        return (
+            f"ssh -i {self.root}/client_ed25519 -o IdentitiesOnly=yes -o BatchMode=yes "
+            f"-o UserKnownHostsFile={self.root}/known_hosts -o StrictHostKeyChecking=yes "
+            "-o LogLevel=ERROR"
+        )
+
+    def git_env(self) -> dict[str, str]:
+        return {**os.environ, "GIT_SSH_COMMAND": self.ssh_command()}
+
+    def ssh(self, *command: str) -> subprocess.CompletedProcess[str]:
+        """Run `command` over the deploy key, as someone trying for a shell would."""
+        return subprocess.run(
+            [*self.ssh_command().split(), "-p", str(self.port), f"{self.user}@127.0.0.1",
+             *command],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

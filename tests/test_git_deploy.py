@@ -1,0 +1,439 @@
+"""`git push` deploys end to end, on real parts only.
+
+Real git over real ssh (Debian's sshd on a loopback port, the deploy key forced to
+`fluster git-shell`), the app's pre-receive hook running `fluster deploy`, the real Docker
+engine building on the locally made base image, Debian's docker-registry on loopback, a
+real sidekick host agent registering the containers, a real reloader with HAProxy routing
+them, and a bounded request loop through HAProxy counting every failure.
+
+One registry, etcd, reloader, sidekick and sshd serve the whole module, and the tests run
+in order on one app: v1 is deployed once by the fixture, each test pushes from there.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support.docker import BASE_IMAGE, Engine, docker_cmd
+from tests.support.etcd import Etcd, wait_for
+from tests.support.haproxy import ReloaderProcess
+from tests.support.registry import Registry
+from tests.support.sidekick import Sidekicks
+from tests.support.sshd import Sshd
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+FLUSTER = str(Path(sys.executable).with_name("fluster"))
+IDENTITY = {
+    "GIT_AUTHOR_NAME": "Dev",
+    "GIT_AUTHOR_EMAIL": "dev@example.invalid",
+    "GIT_COMMITTER_NAME": "Dev",
+    "GIT_COMMITTER_EMAIL": "dev@example.invalid",
+}
+
+APP = """\
+import http.server, os, signal, sys
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+MARK, SICK = {mark!r}, {sick!r}
+print(f"app {{MARK}} starting", flush=True)
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        sick = SICK and self.path == "/health"
+        body = (b"sick " if sick else b"") + MARK.encode()
+        self.send_response(500 if sick else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        if sick:
+            print(f"health check failed on purpose ({{MARK}})", flush=True)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+DOCKERFILE = f"""\
+FROM {BASE_IMAGE}
+ENV PYTHONUNBUFFERED=1
+COPY app.py /app.py
+{{extra}}CMD ["python3", "/app.py"]
+"""
+
+
+@dataclass
+class Load:
+    """Bounded request loops through HAProxy (one new connection per request, one kept
+    alive); counts answers by body, keeps every failure."""
+
+    port: int
+    host: str
+    limit: float = 240.0
+    served: Counter[str] = field(default_factory=Counter)
+    recent: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.threads = [
+            threading.Thread(target=self._loop, args=(keep,), daemon=True) for keep in (False, True)
+        ]
+        self.lock = threading.Lock()
+
+    def _loop(self, keep_alive: bool) -> None:
+        deadline = time.monotonic() + self.limit
+        conn: http.client.HTTPConnection | None = None
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/", headers={"Host": self.host})
+                resp = conn.getresponse()
+                body = resp.read().decode()
+                with self.lock:
+                    if resp.status == 200:
+                        self.served[body] += 1
+                        self.recent = [*self.recent[-39:], body]
+                    else:
+                        self.failures.append(f"{time.strftime('%T')} {resp.status} {body[:80]}")
+                if not keep_alive or resp.will_close:
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException) as exc:
+                with self.lock:
+                    self.failures.append(f"{time.strftime('%T')} {exc!r}")
+                if conn is not None:
+                    conn.close()
+                conn = None
+            time.sleep(0.005)  # pacing, not synchronisation
+        if conn is not None:
+            conn.close()
+
+    def only(self) -> set[str]:
+        with self.lock:
+            return set(self.recent[-20:])
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
+@dataclass
+class World:
+    etcd: Etcd
+    registry: Registry
+    reloader: ReloaderProcess
+    sshd: Sshd
+    engine: Engine
+    root: Path
+    app: str
+    repos: Path
+    remote: str
+    work: Path
+    versions: dict[str, str] = field(default_factory=dict)  # mark -> deployed version
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "ETCD_ENDPOINTS": self.etcd.endpoints,
+            "FLUSTER_REGISTRY": self.registry.address,
+            "FLUSTER_REPOS": str(self.repos),
+        }
+
+    def fluster(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [FLUSTER, *args], capture_output=True, text=True, env=self.env, timeout=timeout
+        )
+
+    def git(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["git", *args],
+            cwd=cwd or self.work,
+            capture_output=True,
+            text=True,
+            env={**self.sshd.git_env(), **IDENTITY},
+            timeout=300,
+        )
+
+    @property
+    def bare(self) -> str:
+        """The app's repository as a local path: the deploy key may only push, not fetch."""
+        return str(self.repos / f"{self.app}.git")
+
+    def commit(
+        self, mark: str, *, sick: bool = False, extra: str = "", cwd: Path | None = None
+    ) -> str:
+        where = cwd or self.work
+        (where / "app.py").write_text(APP.format(mark=mark, sick=sick))
+        (where / "Dockerfile").write_text(DOCKERFILE.format(extra=extra))
+        for args in (("add", "-A"), ("commit", "-q", "-m", f"app {mark}")):
+            out = self.git(*args, cwd=where)
+            assert out.returncode == 0, out.stderr
+        return self.git("rev-parse", "HEAD", cwd=where).stdout.strip()
+
+    def push(self, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return self.git("push", "origin", "HEAD:main", cwd=cwd)
+
+    def containers(self, version: str, *, running: bool = True) -> list[str]:
+        args = ["ps", "-q", "--filter", f"label=fluster.app={self.app}"]
+        args += ["--filter", f"label=fluster.version={version}"]
+        return self.engine.docker(*args, *([] if running else ["-a"])).split()
+
+    def active(self) -> str | None:
+        out = self.fluster("ls", self.app, "--json").stdout
+        import json
+
+        spec = json.loads(out)["services"].get(self.app, {}).get("spec", {}) if out else {}
+        return spec.get("active_version")
+
+    def served(self, timeout: float = 30) -> str:
+        """Wait until one body answers alone through HAProxy; return it."""
+
+        def alone() -> str | None:
+            bodies = self.reloader.served_by(f"{self.app}.localhost", 6)
+            return next(iter(bodies)) if len(bodies) == 1 else None
+
+        return str(wait_for(alone, timeout=timeout, interval=0.2, what="one version serving"))
+
+
+@pytest.fixture(scope="module")
+def world(docker_engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    if os.geteuid() != 0:
+        pytest.skip("the ssh deploy path starts sshd, which needs root here")
+    root = tmp_path_factory.mktemp("gitdeploy")
+    app = f"d{uuid.uuid4().hex[:8]}"
+    etcd = Etcd(root / "etcd").start()
+    registry = reloader = sshd = None
+    sidekicks = Sidekicks(etcd, root)
+    engine = Engine(docker_engine.host)
+    try:
+        registry = Registry(root / "registry").start()
+        reloader = ReloaderProcess(etcd, root / "reloader").start()
+        sidekicks.start("--all", "--node", f"n{app}", "--ttl", "3", "--check-interval", "0.2",
+                        "--drain-seconds", "1")  # fmt: skip
+        repos = root / "repos"
+        sshd = Sshd(root / "sshd").start(f"{FLUSTER} git-shell --repos {repos}")
+        work = root / "work"
+        world = World(etcd, registry, reloader, sshd, engine, root, app, repos, "", work)
+        created = world.fluster(
+            "app", "create", app, "--replicas", "2", "--health-timeout", "30",
+            "--drain-seconds", "1", "--keep-old", "1h", "--ssh-host", "127.0.0.1",
+            "--ssh-port", str(sshd.port),
+        )  # fmt: skip
+        assert created.returncode == 0, created.stderr
+        remote = next(line.split()[-1] for line in created.stdout.splitlines() if "ssh://" in line)
+        assert remote == f"ssh://{sshd.user}@127.0.0.1:{sshd.port}{repos}/{app}.git"
+        world.remote = remote
+        work.mkdir()
+        for args in (("init", "-q", "-b", "main"), ("remote", "add", "origin", remote)):
+            assert world.git(*args).returncode == 0
+        world.commit("v1")
+        pushed = world.push()
+        assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+        assert world.served(60) == "v1"
+        world.versions["v1"] = str(world.active())
+        yield world
+    finally:
+        ids = docker_cmd("ps", "-aq", "--filter", f"label=fluster.app={app}", check=False)
+        if ids.stdout.split():
+            docker_cmd("rm", "-f", *ids.stdout.split(), check=False)
+        sidekicks.close()
+        for part in (sshd, reloader, registry):
+            if part is not None:
+                part.stop()
+        etcd.stop()
+
+
+def test_push_v2_over_ssh_serves_alone_without_a_failed_request(world: World) -> None:
+    v1 = world.versions["v1"]
+    sha = world.commit("v2")
+    with Load(world.reloader.http_port, f"{world.app}.localhost") as load:
+        wait_for(lambda: load.served["v1"] > 20, what="load running on v1")
+        pushed = world.push()
+        after_push = load.only()
+        time.sleep(0.5)  # let the loop send a few more requests after the push returned
+    output = pushed.stdout + pushed.stderr
+    assert pushed.returncode == 0, output
+    for stage in ("build", "push", "start", "healthy", "promote", "retire"):
+        assert f"remote: -----> {stage}: done" in output, output
+    assert "fork" not in output, "gRPC's fork warnings reached the user"
+    v2 = sha[:12]
+    world.versions["v2"] = v2
+    assert world.active() == v2
+    assert after_push == {"v2"}, f"answers right after the push: {after_push}"
+    assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:10]}"
+    assert load.served["v2"] > 0
+    assert world.containers(v1) == [], "v1 containers still running"
+    assert len(world.containers(v1, running=False)) == 2, "v1 containers kept for a rollback"
+    assert len(world.containers(v2)) == 2
+    assert v2 in world.registry.tags(world.app)
+
+
+def test_failing_health_check_rejects_the_push_and_v2_keeps_serving(world: World) -> None:
+    before = world.served()
+    active = world.active()
+    sha = world.commit("v3-sick", sick=True)
+    world.fluster("app", "config", world.app, "--health-timeout", "8")
+    try:
+        with Load(world.reloader.http_port, f"{world.app}.localhost") as load:
+            pushed = world.push()
+    finally:
+        world.fluster("app", "config", world.app, "--health-timeout", "30")
+        world.git("reset", "-q", "--hard", "HEAD~1")
+    output = pushed.stdout + pushed.stderr
+    assert pushed.returncode != 0, output
+    assert "health check failed on purpose (v3-sick)" in output, output
+    assert "healthy: FAILED" in output
+    assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:10]}"
+    assert set(load.served) == {before}
+    assert world.active() == active
+    assert world.containers(sha[:12], running=False) == [], "a v3 container was left"
+    listed = world.fluster("deploys", world.app)
+    assert "failed" in listed.stdout.splitlines()[-3] + listed.stdout, listed.stdout
+
+
+def test_failing_dockerfile_rejects_the_push_with_the_build_error(world: World) -> None:
+    before = world.served()
+    sha = world.commit("v4-broken", extra='RUN echo "compiling the frobnicator" && exit 3\n')
+    try:
+        with Load(world.reloader.http_port, f"{world.app}.localhost") as load:
+            pushed = world.push()
+    finally:
+        world.git("reset", "-q", "--hard", "HEAD~1")
+    output = pushed.stdout + pushed.stderr
+    assert pushed.returncode != 0, output
+    assert "remote:        compiling the frobnicator" in output, output
+    assert "build: FAILED" in output and "returned a non-zero code: 3" in output, output
+    assert load.failures == []
+    assert set(load.served) == {before}
+    assert world.containers(sha[:12], running=False) == []
+
+
+def test_two_pushes_at_once_are_serialized(world: World) -> None:
+    """Two developers push main at the same moment. The hooks take turns on the app's lock:
+    one deploys; the other waits ("waiting for deploy ... to finish"), then finds main moved
+    under it and is refused without deploying, as git itself would refuse its ref update.
+    Its developer fetches, merges and pushes again, and that deploys too."""
+    other = world.root / "other"
+    assert world.git("clone", "-q", world.bare, str(other), cwd=world.root).returncode == 0
+    assert world.git("remote", "set-url", "origin", world.remote, cwd=other).returncode == 0
+    mine = world.commit("v5-mine")
+    theirs = world.commit("v5-theirs", cwd=other)
+    results: dict[str, subprocess.CompletedProcess[str]] = {}
+
+    def push(name: str, cwd: Path) -> None:
+        results[name] = world.push(cwd)
+
+    threads = [
+        threading.Thread(target=push, args=("mine", world.work)),
+        threading.Thread(target=push, args=("theirs", other)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    won = [name for name, r in results.items() if r.returncode == 0]
+    assert len(won) == 1, "\n\n".join(f"{n}: {r.stdout}{r.stderr}" for n, r in results.items())
+    lost = "theirs" if won == ["mine"] else "mine"
+    lost_output = results[lost].stdout + results[lost].stderr
+    assert "waiting for deploy" in lost_output, lost_output
+    assert "moved to" in lost_output, lost_output
+    winner, loser = (mine, theirs) if won == ["mine"] else (theirs, mine)
+    assert world.active() == winner[:12]
+    assert world.containers(loser[:12], running=False) == []
+    # The loser catches up and deploys.
+    where = other if lost == "theirs" else world.work
+    for args in (("fetch", "-q", world.bare, "main"), ("reset", "-q", "--hard", "FETCH_HEAD")):
+        assert world.git(*args, cwd=where).returncode == 0
+    world.commit("v6", cwd=where)  # their change again, on top of the winner's
+    again = world.push(where)
+    assert again.returncode == 0, again.stdout + again.stderr
+    head = world.git("rev-parse", "HEAD", cwd=where).stdout.strip()
+    assert world.active() == head[:12]
+    if lost == "mine":
+        for args in (("fetch", "-q", world.bare, "main"), ("reset", "-q", "--hard", "FETCH_HEAD")):
+            assert world.git(*args).returncode == 0
+    world.versions["v5"] = head[:12]
+
+
+def test_rollback_brings_the_previous_version_back_without_a_build(world: World) -> None:
+    current = world.active()
+    assert current is not None
+    before = world.served()
+    with Load(world.reloader.http_port, f"{world.app}.localhost") as load:
+        rolled = world.fluster("rollback", world.app)
+        after = load.only()
+    output = rolled.stdout + rolled.stderr
+    assert rolled.returncode == 0, output
+    assert "build" not in output and "push" not in output, output
+    previous = world.active()
+    assert previous not in (None, current)
+    assert after == {world.served()} and after != {before}
+    assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:10]}"
+    assert world.containers(current) == []
+    assert len(world.containers(str(previous))) == 2
+    history = world.fluster("deploys", world.app).stdout
+    assert "rollback" in history
+
+
+def test_deploy_an_image_without_git_no_promote_then_promote(world: World) -> None:
+    """`fluster deploy APP --image IMAGE` takes an image built elsewhere (no git); with
+    --no-promote it stops once the new version is healthy, beside the serving one, and a
+    second deploy of the same image promotes the containers already running."""
+    before = world.served()
+    build = world.root / "image"
+    build.mkdir()
+    (build / "app.py").write_text(APP.format(mark="img", sick=False))
+    (build / "Dockerfile").write_text(DOCKERFILE.format(extra=""))
+    image = f"fluster-test-{world.app}:img"
+    world.engine.docker("build", "-q", "-t", image, str(build), timeout=300)
+    try:
+        with Load(world.reloader.http_port, f"{world.app}.localhost") as load:
+            staged = world.fluster("deploy", world.app, "--image", image, "--no-promote")
+            assert staged.returncode == 0, staged.stdout + staged.stderr
+            assert "not promoted" in staged.stdout
+            version = world.engine.docker("image", "inspect", "-f", "{{.Id}}", image)[7:19]
+            assert world.active() != version
+            assert len(world.containers(version)) == 2
+            promoted = world.fluster("deploy", world.app, "--image", image)
+            assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+            assert "already running" in promoted.stdout
+            after = load.only()
+    finally:
+        world.engine.docker("rmi", image, check=False)
+    assert world.active() == version
+    assert after == {"img"}
+    assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:10]}"
+    assert "img" in load.served and before in load.served
+    assert version in world.registry.tags(world.app)
+
+
+def test_ssh_key_allows_nothing_but_a_push_to_an_app(world: World) -> None:
+    shell = world.sshd.ssh("id")
+    assert shell.returncode != 0
+    assert "refused" in shell.stderr and "uid=" not in shell.stdout
+    clone = world.git("clone", "-q", world.remote, str(world.root / "clone"), cwd=world.root)
+    assert clone.returncode != 0 and "refused" in clone.stderr, clone.stderr
+    missing = world.remote.replace(world.app, "nosuchapp")
+    pushed = world.git("push", missing, "HEAD:main")
+    assert pushed.returncode != 0 and "no app 'nosuchapp'" in pushed.stderr, pushed.stderr
+    outside = world.git("push", world.remote.replace(str(world.repos), "/tmp"), "HEAD:main")
+    assert outside.returncode != 0 and "refused" in outside.stderr, outside.stderr
