@@ -2,11 +2,14 @@
 # Installs the real parts the tests and the demo use, from Debian's packages, when they
 # are missing: etcd, HAProxy, the Docker engine and compose, wrk/hey, mmdebstrap, chromium
 # (the dashboard test), promtool (the alert rules test), curl (the demo's readiness wait),
-# pebble + pebble-challtestsrv (the ACME test CA, tests/test_acme.py).
+# pebble + pebble-challtestsrv (the ACME test CA, tests/test_acme.py), git and
+# docker-registry (git push deploys), openssh-server and -client (the deploy test's push
+# over ssh).
 #
 #   scripts/setup-host.sh        everything (`make test`)
 #   scripts/setup-host.sh demo   only what `make demo` calls: the Docker engine, compose,
-#                                curl (its readiness wait), mmdebstrap (the base image)
+#                                curl (its readiness wait), mmdebstrap (the base image),
+#                                git and docker-registry (its git push deploy)
 set -euo pipefail
 
 need=()
@@ -15,6 +18,8 @@ want dockerd docker.io
 want docker-compose docker-compose
 want curl curl
 want mmdebstrap mmdebstrap
+want git git
+want docker-registry docker-registry
 if [ "${1:-}" != demo ]; then
   want etcd etcd-server
   want etcdctl etcd-client
@@ -27,6 +32,8 @@ if [ "${1:-}" != demo ]; then
   want promtool prometheus
   want pebble pebble
   want ip iproute2
+  want sshd openssh-server
+  want ssh openssh-client
 fi
 
 if [ ${#need[@]} -eq 0 ]; then
