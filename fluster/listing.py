@@ -10,13 +10,12 @@ without it. `--json` gives scripts the same facts.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 
 from fluster.catalog import Service, Snapshot
-from fluster.records import ReloaderStatus
+from fluster.records import Instance, ReloaderStatus
 from fluster.routing import Routing, routing
 
 RED, YELLOW, RESET = "\033[31m", "\033[33m", "\033[0m"
@@ -158,6 +157,13 @@ def instances_text(svc: Service, now: datetime, paint: Paint) -> str:
     return "\n".join(lines + (["", warning] if warning else []))
 
 
+def _fields(inst: Instance) -> dict[str, object]:
+    """The record as a dict (what `to_json` writes), without a JSON round trip each."""
+    out: dict[str, object] = {f.name: getattr(inst, f.name) for f in fields(inst)}
+    out["tags"] = dict(inst.tags)
+    return out
+
+
 def ls_json(
     snap: Snapshot,
     live: Mapping[str, ReloaderStatus | None],
@@ -176,7 +182,7 @@ def ls_json(
             "routes_to_nothing": decided.empty,
             "fallback_version": decided.fallback,
             "instances": {
-                iname: {**json.loads(inst.to_json()), "routed": iname in decided.instances}
+                iname: {**_fields(inst), "routed": iname in decided.instances}
                 for iname, inst in svc.instances.items()
             },
         }

@@ -172,3 +172,21 @@ def test_ls_text_colours_problems_only_when_asked_and_shows_age() -> None:
         "100",
         "yes",
     ]
+
+
+def test_ls_json_instances_are_the_records_fields() -> None:
+    import json
+
+    from fluster.listing import _fields
+    from fluster.records import Instance
+
+    inst = Instance.from_dict(
+        {
+            "host": "::1",
+            "port": 80,
+            "version": "v1",
+            "tags": {"a": "b"},
+            "since": "2026-01-01T00:00:00Z",
+        }
+    )
+    assert _fields(inst) == json.loads(inst.to_json())
