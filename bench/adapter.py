@@ -1,7 +1,9 @@
 """Everything the bench knows about the reloader's interfaces, in one place.
 
 - its render function (`reloader.render.Renderer`), which the baseline reuses so the
-  comparison is about applying a config, not about templating it;
+  comparison is about applying a config, not about templating it (the baseline only
+  overrides routing.j2 with the classic chain of one ACL per service, and has no
+  backend pool: bench/baseline_templates/);
 - its command line (`reloader run ...`, the console script);
 - its counters, read from `/metrics` (`reloader_applies_total{kind=...}`): /status would
   do too, but it lists every instance, too heavy to poll every few milliseconds;
@@ -28,14 +30,18 @@ _APPLIES = re.compile(r'^reloader_applies_total\{kind="(\w+)"\} (\S+)$', re.M)
 _DURATION = re.compile(r"^reloader_apply_duration_seconds_(sum|count) (\S+)$", re.M)
 
 
+BASELINE_TEMPLATES = Path(__file__).with_name("baseline_templates")
+POOL = 100  # the reloader's --http-pool in the bench: P2's first 100 trials use it
+
+
 @functools.cache
 def _renderer() -> Renderer:
-    return Renderer()
+    return Renderer(BASELINE_TEMPLATES)
 
 
 def render(snapshot: Snapshot, *, state_dir: Path, http_bind: str) -> str:
     host, _, port = http_bind.rpartition(":")
-    settings = RenderSettings(state_dir=state_dir, http_bind=(host, int(port)))
+    settings = RenderSettings(state_dir=state_dir, http_bind=(host, int(port)), pool_size=0)
     return _renderer().render(snapshot, settings).text
 
 
@@ -65,6 +71,7 @@ def reloader_command(p: Pipeline) -> list[str]:
         "--status-bind", f"127.0.0.1:{p.status_port}",
         "--etcd-endpoints", p.etcd_endpoints,
         "--prefix", p.prefix,
+        "--http-pool", str(POOL),
         "--log-level", "warning",
     ]  # fmt: skip
 

@@ -84,6 +84,8 @@ class Latencies:
     budget_hit: bool = False  # stopped before the asked trials: the time budget ran out
     check_seconds: float | None = None  # `haproxy -c` of the live config, median of 5
     applied: Counts | None = None  # the pipeline's own counters over the trials
+    reloaded: list[float] = field(default_factory=list)  # P2: the samples that took a reload
+    pooled: list[float] = field(default_factory=list)  # P2: the others (runtime API only)
 
     @property
     def p50(self) -> float | None:
@@ -272,17 +274,20 @@ async def p2_trials(env: Env, pipeline: Pipeline, trials: int, budget: float) ->
         port = env.p2[k % len(env.p2)]
         service = f"n{k:04d}"
         probe = Probe(pipeline.http_port, f"{service}.localhost")
+        reloads = pipeline.counts().reloads
         try:
             t0 = time.monotonic()
             await env.store.put(keys.instance_key(prefix, service, "i0"), instance(port))
             seen = await probe.until(str(port).encode(), within=10.0)
         finally:
             probe.close()
+        await asyncio.sleep(0.05)  # let the reload finish (old worker handed over)
         if seen is None:
             result.misses += 1
         else:
             result.samples.append(seen - t0)
-        await asyncio.sleep(0.05)  # let the reload finish (old worker handed over)
+            reloaded = pipeline.counts().reloads > reloads
+            (result.reloaded if reloaded else result.pooled).append(seen - t0)
     result.applied = pipeline.counts() - before
     return result
 
@@ -328,7 +333,11 @@ async def p3_reloads(env: Env, pipeline: Pipeline, reloads: int, budget: float) 
             if time.monotonic() > stop_at:
                 break
             before = pipeline.counts().reloads
-            key = keys.instance_key(prefix, f"r{k:03d}", "i0")
+            # leastconn: not a plain HTTP backend, so the reloader cannot put the new
+            # service in a pool backend and must reload (the baseline reloads anyway).
+            service = f"r{k:03d}"
+            await env.store.put(keys.spec_key(prefix, service), '{"balance": "leastconn"}')
+            key = keys.instance_key(prefix, service, "i0")
             await env.store.put(key, instance(env.p2[k % len(env.p2)]))
             if await wait_counts(pipeline, lambda c, b=before: c.reloads > b, 10.0) is None:
                 raise RuntimeError(f"{pipeline.name}: reload {k} never happened")
