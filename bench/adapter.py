@@ -62,6 +62,20 @@ def service_of_backend(backend: str) -> str:
     return backend.removeprefix(prefix)
 
 
+def pooled_backends(state_dir: Path) -> dict[str, str]:
+    """pool_N -> service, from the reloader's routes map (`SERVICE.localhost/ pool_N`)."""
+    try:
+        lines = (state_dir / "routes.map").read_text().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, backend = line.partition(" ")
+        if backend.startswith("pool_"):
+            out[backend] = key.split(".", 1)[0]
+    return out
+
+
 def reloader_command(p: Pipeline) -> list[str]:
     return [
         str(Path(sys.executable).with_name("reloader")),

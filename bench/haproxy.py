@@ -65,10 +65,18 @@ async def servers(socket_path: Path) -> list[Server]:
     return out
 
 
-def serving(all_servers: list[Server], service: str) -> Counter[str]:
-    """addr:port of every serving server in the backends of `service` (with multiplicity)."""
+def serving(
+    all_servers: list[Server], service: str, pooled: dict[str, str] | None = None
+) -> Counter[str]:
+    """addr:port of every serving server in the backends of `service` (with multiplicity).
+    `pooled`: backend -> service for the reloader's pool backends (pool_N)."""
+    pooled = pooled or {}
+
+    def of(backend: str) -> str:
+        return pooled.get(backend) or backend_of(backend)
+
     return Counter(
-        f"{s.addr}:{s.port}" for s in all_servers if s.serving and backend_of(s.backend) == service
+        f"{s.addr}:{s.port}" for s in all_servers if s.serving and of(s.backend) == service
     )
 
 

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import haproxy
+from bench import adapter, haproxy
 from bench import sidekick_footprint as footprint
 from bench.backends import Backends
 from bench.load import LoadResult, keepalive, new_connections
@@ -132,7 +132,8 @@ async def serving(pipeline: Pipeline, service: str) -> Counter[str]:
     if sock is None:
         return Counter()
     try:
-        return haproxy.serving(await haproxy.servers(sock), service)
+        pooled = adapter.pooled_backends(pipeline.state_dir)
+        return haproxy.serving(await haproxy.servers(sock), service, pooled)
     except (OSError, TimeoutError, ValueError, KeyError):
         return Counter()  # between two HAProxy processes: ask again
 
@@ -238,7 +239,8 @@ async def haproxy_floor(env: Env, pipeline: Pipeline, trials: int = 20) -> Laten
     sock = pipeline.stats_socket()
     if sock is None:
         return result
-    backend = adapter.backend_name("p1")
+    pooled = adapter.pooled_backends(pipeline.state_dir)
+    backend = next((b for b, s in pooled.items() if s == "p1"), adapter.backend_name("p1"))
     probe = Probe(pipeline.http_port, "p1.localhost")
     try:
         for k in range(trials):

@@ -26,7 +26,7 @@ from reloader.debounce import Debouncer
 from reloader.facts import FactFinder, Reporter
 from reloader.guard import RemovalGuard
 from reloader.haproxy import Haproxy, HaproxyError, StartFailed
-from reloader.model import Model, build_model, with_servers_of
+from reloader.model import Model, ServiceCache, build_model, with_servers_of
 from reloader.publish import Publisher
 from reloader.render import Renderer, RenderError
 from reloader.server import StatusServer
@@ -101,6 +101,7 @@ class Reloader:
         self.facts = FactFinder(rs)
         self.reporter = Reporter()
         self.changed_at = time.monotonic()  # the last snapshot from the catalog
+        self.pieces = ServiceCache()  # per-service model pieces, reused while unchanged
 
     # -- catalog -> pipeline -------------------------------------------------------------
 
@@ -160,7 +161,7 @@ class Reloader:
         are free, which addresses are this edge's own."""
         live = self.applier.live
         facts = await self.facts.find(snapshot, live.model if live else None)
-        return build_model(snapshot, self.settings.render, facts, tls=tls)
+        return build_model(snapshot, self.settings.render, facts, tls=tls, cache=self.pieces)
 
     async def _apply_servers_only(self, model: Model, revision: int) -> None:
         """After a refused structural change, apply what still can be: server changes of

@@ -402,12 +402,62 @@ def is_ip(host: str) -> bool:
     return True
 
 
+Piece = tuple["Route | None", tuple["Backend", ...], tuple[Skip, ...]]
+
+
+def _piece(
+    svc: Service,
+    settings: RenderSettings,
+    policy: TargetPolicy,
+    facts: HostFacts,
+    ports: Mapping[str, int],
+) -> Piece:
+    """One service's route, backends and skips (route None: the service is left out)."""
+    skips: list[Skip] = []
+    decided = routing.routing(svc)
+    try:
+        usable = _usable(svc, decided.instances, policy, facts, ports.values(), skips)
+        route, svc_backends = _service(svc, settings, usable, decided.fallback)
+    except ModelError as exc:
+        return None, (), (*skips, Skip(svc.name, "render", str(exc)))
+    return route, tuple(svc_backends), tuple(skips)
+
+
+class ServiceCache:
+    """Each service's piece of the last model, reused while the service is the same
+    object (the catalog keeps an unchanged service's object) and the build's context
+    (settings, target policy, host facts, TCP ports) is equal: a membership change in
+    one service then costs that service's work, not the whole catalog's (issue 15)."""
+
+    def __init__(self) -> None:
+        self.context: object = None
+        self.pieces: dict[str, tuple[Service, Piece]] = {}
+
+    def begin(self, context: object) -> None:
+        if context != self.context:
+            self.pieces.clear()
+            self.context = context
+
+    def piece(self, svc: Service) -> Piece | None:
+        kept = self.pieces.get(svc.name)
+        return kept[1] if kept is not None and kept[0] is svc else None
+
+    def keep(self, svc: Service, piece: Piece) -> None:
+        self.pieces[svc.name] = (svc, piece)
+
+    def retain(self, names: Iterable[str]) -> None:
+        """Forget the services that are gone."""
+        for name in self.pieces.keys() - set(names):
+            del self.pieces[name]
+
+
 def build_model(
     snapshot: Snapshot,
     settings: RenderSettings,
     facts: HostFacts | None = None,
     *,
     tls: bool = False,
+    cache: ServiceCache | None = None,
 ) -> Model:
     """Snapshot + settings + host facts -> Model; deterministic, no I/O. `tls`: some
     certificate exists, which turns on an HTTPS frontend that waits for one.
@@ -424,6 +474,8 @@ def build_model(
     losers = routing.host_conflicts([s for s in services if s.spec.mode == "http"], settings.domain)
     ports, port_skips = _tcp_ports([s for s in services if s.spec.mode == "tcp"], own, facts)
     skipped.extend(port_skips)
+    if cache:
+        cache.begin((settings, policy, facts, tuple(sorted(ports.items()))))
     http: list[Route] = []
     tcp: list[Route] = []
     backends: list[Backend] = []
@@ -433,12 +485,14 @@ def build_model(
             continue
         if svc.spec.mode == "tcp" and name not in ports:
             continue
-        decided = routing.routing(svc)
-        try:
-            usable = _usable(svc, decided.instances, policy, facts, ports.values(), skipped)
-            route, svc_backends = _service(svc, settings, usable, decided.fallback)
-        except ModelError as exc:
-            skipped.append(Skip(name, "render", str(exc)))
+        piece = cache.piece(svc) if cache else None
+        if piece is None:
+            piece = _piece(svc, settings, policy, facts, ports)
+            if cache:
+                cache.keep(svc, piece)
+        route, svc_backends, skips = piece
+        skipped.extend(skips)
+        if route is None:
             continue
         (tcp if route.port is not None else http).append(route)
         backends.extend(svc_backends)
@@ -446,4 +500,6 @@ def build_model(
     http.sort(key=lambda r: (-len(r.path_prefix), r.service))
     skipped.sort(key=lambda s: (s.service, s.instance or "", s.kind))
     backends.extend(pool_backends(settings.pool_size))
+    if cache:
+        cache.retain(snapshot.services)
     return Model(settings, tuple(http), tuple(tcp), tuple(backends), tuple(skipped), https_bind)

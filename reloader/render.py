@@ -8,11 +8,20 @@ alone is enough to change backends.
 
 Rendering is pure: `Renderer.render(snapshot, settings)` reads nothing but its
 arguments and the templates loaded at construction.
+
+A membership change must not cost a render of the whole config (issue 15: CPU per
+change grew with the number of services). `render_model` keeps the last structure's
+text as a frame, with one marker server per backend, and fills in the server lines of
+the model at hand: string joins, no template. Templates print a server as
+`server {{ server.line }}` (see haproxy.cfg.j2), which the marker reveals with its
+prefix and suffix; a frame is only used when filling it gives exactly what the
+templates render, checked each time a new frame is made, so templates that do more
+with servers fall back to a full render.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jinja2
@@ -23,6 +32,7 @@ from reloader.model import (
     Model,
     ModelError,
     RenderSettings,
+    Server,
     build_model,
     format_bind,
     host_header,
@@ -68,6 +78,7 @@ class Renderer:
             keep_trailing_newline=True,
             auto_reload=False,
         )
+        self._frame: tuple[Model, list[str | tuple[int, str, str]] | None] | None = None
         self.env.globals["bind"] = _bind
         self.env.filters["host_header"] = host_header
         try:
@@ -102,7 +113,60 @@ class Renderer:
             routes = model.routes_text()
         except ModelError as exc:
             raise RenderError(f"routes map: {exc}") from exc
-        return Rendered(self.text(model), model, routes)
+        return Rendered(self.framed_text(model), model, routes)
+
+    def framed_text(self, model: Model) -> str:
+        """`text(model)`, by filling the frame of its structure when there is one."""
+        key = model.without_servers()
+        if self._frame is not None and self._frame[0] == key:
+            parts = self._frame[1]
+            return self.text(model) if parts is None else _fill(parts, model)
+        text = self.text(model)
+        parts = _frame(self.text(_marked(key)), key)
+        if parts is not None and _fill(parts, model) != text:
+            parts = None  # the templates do more with servers than print their lines
+        self._frame = (key, parts)
+        return text
+
+
+def _marker(index: int) -> Server:
+    return Server(f"\x00{index}\x00", "", 0, 0)
+
+
+def _marked(model: Model) -> Model:
+    """`model` with one marker server per backend (a name no record can have)."""
+    backends = tuple(replace(b, servers=(_marker(i),)) for i, b in enumerate(model.backends))
+    return replace(model, backends=backends)
+
+
+def _frame(text: str, model: Model) -> list[str | tuple[int, str, str]] | None:
+    """The marked text as fixed lines and (backend index, prefix, suffix) slots; None
+    when a marker is not printed exactly once as a whole server line."""
+    parts: list[str | tuple[int, str, str]] = []
+    found = 0
+    for line in text.split("\n"):
+        if "\x00" not in line:
+            parts.append(line)
+            continue
+        index = int(line.split("\x00")[1])
+        marker = _marker(index).line
+        at = line.find(marker)
+        if at < 0 or line.count("\x00") != 2 or index >= len(model.backends):
+            return None
+        parts.append((index, line[:at], line[at + len(marker) :]))
+        found += 1
+    return parts if found == len(model.backends) else None
+
+
+def _fill(parts: list[str | tuple[int, str, str]], model: Model) -> str:
+    lines: list[str] = []
+    for part in parts:
+        if isinstance(part, str):
+            lines.append(part)
+            continue
+        index, prefix, suffix = part
+        lines.extend(prefix + server.line + suffix for server in model.backends[index].servers)
+    return "\n".join(lines)
 
 
 def render(snapshot: Snapshot, settings: RenderSettings, templates: Path | None = None) -> str:

@@ -191,3 +191,46 @@ def test_values_are_rechecked_before_rendering() -> None:
     assert [b.name for b in model.backends if b.service] == ["be_ok"]
     assert [(s.service, s.kind) for s in model.skipped] == [("web", "render")]
     assert "bind :1" not in render(bad_name, SETTINGS)
+
+
+def test_a_framed_render_equals_a_full_render(tmp_path: Path) -> None:
+    renderer = Renderer()
+    snaps = [
+        snapshot(service("web", a=inst(1)), service("api", {"balance": "first"})),
+        snapshot(service("web", a=inst(1), b=inst(2)), service("api", {"balance": "first"})),
+        snapshot(service("web"), service("api", {"balance": "first"}, a=inst(3, weight=7))),
+    ]
+    for snap in snaps:
+        model = build_model(snap, SETTINGS)
+        assert renderer.render_model(model).text == renderer.text(model)
+    assert renderer._frame is not None and renderer._frame[1] is not None, "the frame is used"
+    # Templates that do more with servers than print their lines: full renders only.
+    (tmp_path / "backends.j2").write_text(
+        "{% for b in backends %}\nbackend {{ b.name }}\n    # {{ b.servers | length }}\n"
+        "{% for s in b.servers %}\n    server {{ s.line }}\n{% endfor %}\n{% endfor %}\n"
+    )
+    custom = Renderer(tmp_path)
+    for snap in snaps:
+        model = build_model(snap, SETTINGS)
+        assert custom.render_model(model).text == custom.text(model)
+    assert custom._frame is not None and custom._frame[1] is None
+
+
+def test_a_model_built_from_cached_pieces_equals_a_fresh_one() -> None:
+    from reloader.model import ServiceCache
+
+    cache = ServiceCache()
+    web, api = service("web", a=inst(1)), service("api", {"hosts": ["x.example"]}, a=inst(2))
+    db = service("db", {"mode": "tcp", "port": 5432}, a=inst(3))
+    steps = [
+        snapshot(web, api, db),
+        snapshot(service("web", a=inst(1), b=inst(4)), api, db),  # one service changed
+        snapshot(api, db),  # one gone
+        snapshot(web, api, service("bad", {"hosts": ["x.example"]}, a=inst(5))),  # loser
+    ]
+    for snap in steps:
+        assert build_model(snap, SETTINGS, cache=cache) == build_model(snap, SETTINGS)
+    assert set(cache.pieces) <= {"web", "api", "bad"}
+    # Another context (settings) starts over.
+    other = RenderSettings(state_dir=Path("/x"))
+    assert build_model(steps[0], other, cache=cache) == build_model(steps[0], other)
