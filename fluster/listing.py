@@ -60,6 +60,8 @@ def service_warning(svc: Service, decided: Routing, paint: Paint) -> str | None:
 def lag_text(lag: int | None) -> str:
     if lag == 0:
         return "in step"
+    if lag is not None and lag < 0:
+        return "ahead of etcd (applied a revision etcd has not reached: restored from a backup?)"
     if lag is None:
         return "behind (by more than etcd still remembers)"
     return f"behind by {lag} change{'s' if lag != 1 else ''}"

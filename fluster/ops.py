@@ -22,7 +22,7 @@ from fluster.catalog import Catalog, Service, Snapshot
 from fluster.certs import Certificate, validate_cert_name
 from fluster.records import Instance, RecordError, ReloaderStatus, ServiceSpec
 from fluster.routing import claims, owner_of, routing
-from fluster.store import Compacted, Conflict, Store
+from fluster.store import AuthError, Compacted, Conflict, Store, StoreError, Unavailable
 
 
 class Refused(Exception):
@@ -247,10 +247,14 @@ async def reloaders(store: Store, prefix: str) -> dict[str, ReloaderStatus | Non
     return out
 
 
+AHEAD = -1  # changes_since: the reloader applied a revision etcd has not reached
+
+
 async def changes_since(store: Store, prefix: str, revision: int) -> int | None:
     """How many service records changed after `revision` (puts plus deletes): what a
     reloader that applied `revision` has still to apply. None when etcd no longer
-    keeps that revision (compacted): it is behind by an unknown amount.
+    keeps that revision (compacted): it is behind by an unknown amount; AHEAD when etcd
+    has not reached it (restored from an older backup).
 
     Three counts, no values: records changed since, records created since, and how
     many there were at `revision`; deleted = then - (now - created since)."""
@@ -264,6 +268,12 @@ async def changes_since(store: Store, prefix: str, revision: int) -> int | None:
         then = await store.count_prefix(services, revision=revision)
     except Compacted:
         return None
+    except (Unavailable, AuthError):
+        raise
+    except StoreError as exc:
+        if "future revision" in str(exc):  # etcd restored from an older backup
+            return AHEAD
+        raise
     return changed + max(0, then - (now - created))
 
 

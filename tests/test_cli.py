@@ -275,6 +275,9 @@ def test_ls_says_in_step_or_behind_by_n(etcd: Etcd, cli) -> None:  # type: ignor
     code, out, _ = cli("ls", "--json")
     reloaders = json.loads(out)["reloaders"]
     assert (reloaders["edge-1"]["behind"], reloaders["edge-2"]["behind"]) == (3, 0)
+    reloader_at(etcd, "edge-3", etcd.revision() + 1000)  # etcd restored from a backup
+    code, out, err = cli("ls")
+    assert code == 0 and "edge-3 ahead of etcd" in out, err
 
 
 def test_ls_warns_when_a_service_routes_to_nothing_or_falls_back(etcd: Etcd, cli) -> None:  # type: ignore[no-untyped-def]
