@@ -15,8 +15,8 @@ used 2/3 of its lifetime) and, when there are some:
    as `fluster cert add`; the edges load it through the runtime API, no reload.
 
 A failure (CA unreachable, challenge refused) is retried per host with exponential
-backoff (1 min up to 1 h), counted and shown in /status and /metrics; the certificate
-already in etcd, if any, keeps serving until it expires. The `acme` library is
+backoff (15-30 s, doubling, up to 1 h), counted and shown in /status and /metrics; the
+certificate already in etcd, if any, keeps serving until it expires. The `acme` library is
 synchronous (requests), so an order runs in a worker thread.
 """
 
@@ -177,15 +177,15 @@ class AcmeIssuer:
                         return
                     if host not in self.due():  # another edge's certificate arrived meanwhile
                         continue
-                    await self._issue(host)
+                    await self._issue(host, lease)
         except StoreError as exc:
             log.warning("acme: etcd error, retrying later", error=str(exc))
 
-    async def _issue(self, host: str) -> None:
-        backoff = self._backoff.setdefault(host, Backoff(base=60.0, cap=3600.0))
+    async def _issue(self, host: str, lease: Lease) -> None:
+        backoff = self._backoff.setdefault(host, Backoff(base=30.0, cap=3600.0))
         started = time.monotonic()
         try:
-            pem = await self._order(host)
+            pem = await self._order(host, lease)
             Certificate.parse(host, pem, now=self.now())
             await self.store.put(keys.cert_key(self.prefix, host), pem)
         except (AcmeError, RecordError, StoreError) as exc:
@@ -208,12 +208,14 @@ class AcmeIssuer:
 
     # -- one order -----------------------------------------------------------------------
 
-    async def _order(self, host: str) -> str:
+    async def _order(self, host: str, lease: Lease) -> str:
+        """One order; challenge tokens live under the lock's lease, so an edge that dies
+        mid-order leaves none behind."""
         loop = asyncio.get_running_loop()
 
         def put_token(token: str, validation: str) -> None:
             asyncio.run_coroutine_threadsafe(
-                self.store.put(challenge_key(self.prefix, token), validation), loop
+                lease.put(challenge_key(self.prefix, token), validation), loop
             ).result(10)
 
         tokens: list[str] = []
@@ -274,7 +276,7 @@ class AcmeIssuer:
     def _order_sync(
         self, host: str, put_token: Callable[[str, str], None], tokens: list[str]
     ) -> str:
-        from acme import challenges, crypto_util
+        from acme import challenges, crypto_util, messages
         from acme import errors as acme_errors
 
         try:
@@ -287,6 +289,8 @@ class AcmeIssuer:
             )
             order = acme.new_order(crypto_util.make_csr(key_pem, [host]))
             for authz in order.authorizations:
+                if authz.body.status == messages.STATUS_VALID:
+                    continue  # the CA reuses a recent validation of this name
                 chall = next(
                     (c for c in authz.body.challenges if isinstance(c.chall, challenges.HTTP01)),
                     None,

@@ -427,8 +427,6 @@ class Reloader:
                 self.publisher.publish(first.revision)
             supervisor.start("haproxy", self.haproxy.supervise())
             supervisor.start("pipeline", self.pipeline())
-            if self.acme is not None:
-                supervisor.start("acme", self.acme.run())
             supervisor.start("publisher", self.publisher.run())
             try:
                 await status.start(*self.settings.status_bind)
@@ -439,6 +437,8 @@ class Reloader:
                     status_bind=self.settings.status_bind,
                 )
                 return 1
+            if self.acme is not None:  # after the status server: it answers the challenges
+                supervisor.start("acme", self.acme.run())
             log.info(
                 "reloader running",
                 status_bind=self.settings.status_bind,

@@ -72,7 +72,7 @@ def test_two_edges_one_order_then_served_and_renewed(
             out = etcd.ctl("get", CERT.format("web.test"), "-w", "json").stdout
             return '"kvs"' in out
 
-        wait_for(issued, timeout=60, what=f"a certificate from pebble (logs: {tmp_path})")
+        wait_for(issued, timeout=90, what=f"a certificate from pebble (logs: {tmp_path})")
         # one order for two edges: the record was written once, by one of them
         meta = json.loads(etcd.ctl("get", CERT.format("web.test"), "-w", "json").stdout)
         assert meta["kvs"][0]["version"] == 1
@@ -92,8 +92,8 @@ def test_two_edges_one_order_then_served_and_renewed(
         etcd.put(CERT.format("web.test"), old)
         wait_for(
             lambda: sum(e.status()["acme_orders"] for e in (a, b)) == 2,
-            timeout=60,
-            what="the aging certificate renewed",
+            timeout=90,
+            what=f"the aging certificate renewed (logs: {tmp_path})",
         )
         wait_for(
             lambda: "Pebble" in s_client_subject_issuer(b_https, "web.test"),
