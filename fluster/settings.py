@@ -261,6 +261,16 @@ def existing_file(text: Any) -> Path:
     return path
 
 
+def pem_file(text: Any) -> Path:
+    """An existing PEM file (certificate or key): gRPC would only log a C-level error."""
+    path = existing_file(text)
+    with path.open("rb") as fh:
+        head = fh.read(1 << 20)
+    if b"-----BEGIN " not in head:
+        raise ValueError(f"not a PEM file (no '-----BEGIN'): {text}")
+    return path
+
+
 def bind_address(text: Any) -> tuple[str, int]:
     """`host:port`, `*:port` or `:port` -> (host, port); `*` and empty mean all addresses."""
     host, sep, port = str(text).rpartition(":")
@@ -293,13 +303,13 @@ ETCD_ENDPOINTS: Option[tuple[str, ...]] = Option(
     parse=endpoints_from_text,
 )
 ETCD_CACERT: Option[Path | None] = Option(
-    "--etcd-cacert", "ETCD_CACERT", "CA bundle to verify etcd (enables TLS)", None, existing_file
+    "--etcd-cacert", "ETCD_CACERT", "CA bundle to verify etcd (enables TLS)", None, pem_file
 )
 ETCD_CERT: Option[Path | None] = Option(
-    "--etcd-cert", "ETCD_CERT", "client certificate for etcd", None, existing_file
+    "--etcd-cert", "ETCD_CERT", "client certificate for etcd", None, pem_file
 )
 ETCD_KEY: Option[Path | None] = Option(
-    "--etcd-key", "ETCD_KEY", "client private key for etcd", None, existing_file
+    "--etcd-key", "ETCD_KEY", "client private key for etcd", None, pem_file
 )
 ETCD_USER: Option[str] = Option("--etcd-user", "ETCD_USER", "etcd user name", "")
 ETCD_PASSWORD: Option[str] = Option(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -143,3 +144,10 @@ def test_help_shows_every_option_with_its_variable_and_default(command: str, opt
         assert not option.env or f"[env{option.env}]" in line
         shows_default = option.shown or option.default not in (None, "", False, (), {})
         assert not shows_default or "(default:" in line or option.required, line
+
+
+def test_etcd_tls_files_must_be_pem(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("garbage\n")
+    code, err = fluster(capsys, "ls", ETCD_CACERT=str(bad))
+    assert code == 2 and "--etcd-cacert: not a PEM file" in err, err
