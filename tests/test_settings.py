@@ -151,3 +151,19 @@ def test_etcd_tls_files_must_be_pem(capsys: pytest.CaptureFixture[str], tmp_path
     bad.write_text("garbage\n")
     code, err = fluster(capsys, "ls", ETCD_CACERT=str(bad))
     assert code == 2 and "--etcd-cacert: not a PEM file" in err, err
+
+
+def test_every_fluster_subcommand_explains_each_option(capsys: pytest.CaptureFixture[str]) -> None:
+    commands = [
+        ([c.name, *([a.name] if a else [])], (*c.options, *(a.options if a else ())))
+        for c in fluster_cli.COMMANDS
+        for a in (c.actions or (None,))
+    ]
+    for argv, options in commands:
+        with pytest.raises(SystemExit) as done:
+            fluster_cli.main([*argv, "--help"], {})
+        assert done.value.code == 0
+        text = "".join(capsys.readouterr().out.split())
+        for option in options:
+            line = "".join(option.help_text().replace("%%", "%").split())
+            assert line in text, (argv, option.flag)
