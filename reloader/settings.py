@@ -132,6 +132,13 @@ def _fraction(text: object) -> float:
     return value
 
 
+def _reachable(bind: tuple[str, int]) -> tuple[str, int]:
+    """Where HAProxy reaches a listener bound to `bind` (a wildcard: over loopback)."""
+    host, port = bind
+    wildcard = {"": "127.0.0.1", "*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+    return wildcard.get(host, host), port
+
+
 def _acme(
     directory: str | None, email: str, ca_file: Path | None, renew_at: float
 ) -> AcmeSettings | None:
@@ -392,7 +399,7 @@ def load(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             ),
             https_bind=v[HTTPS_BIND][0],
             https_always=v[HTTPS_BIND][1],
-            acme_backend=v[STATUS_BIND] if v[ACME_DIRECTORY] else None,
+            acme_backend=_reachable(v[STATUS_BIND]) if v[ACME_DIRECTORY] else None,
             hard_stop_after_s=v[HARD_STOP_AFTER],
             pool_size=v[HTTP_POOL],
         ),
