@@ -33,7 +33,6 @@ from fluster.settings import (
     MAX_LEASE_TTL,
     Option,
     Problems,
-    Values,
     add_options,
     etcd_settings,
     integer,
@@ -164,7 +163,7 @@ def _check(text: Any) -> CheckSpec | str:
     return STATUS_CHECK if text == STATUS_CHECK else parse_check(text)
 
 
-def _optional_port(text: Any) -> int | None:
+def _port(text: Any) -> int:
     return validate_port(integer()(text), "--port")
 
 
@@ -180,7 +179,7 @@ SERVICE: Option[str] = Option(
     _record(validate_service_name),
 )
 PORT: Option[int | None] = Option(
-    "--port", "SIDEKICK_PORT", "the container's port (companion)", None, _record(_optional_port)
+    "--port", "SIDEKICK_PORT", "the container's port (companion)", None, _record(_port)
 )
 ADDRESS: Option[tuple[str, int] | None] = Option(
     "--address", "SIDEKICK_ADDRESS", "static: HOST:PORT of the process", None, parse_address
@@ -419,4 +418,4 @@ def build(argv: Sequence[str] | None, environ: Mapping[str, str]) -> tuple[Setti
     return settings, status_check
 
 
-__all__ = ["OPTIONS", "STATUS_CHECK", "Settings", "Values", "build", "build_parser"]
+__all__ = ["OPTIONS", "STATUS_CHECK", "Settings", "build", "build_parser"]
