@@ -1,35 +1,28 @@
 """One deploy per app at a time: `{prefix}/apps/{app}/lock`, bound to this process's lease.
 
-The key holds the running deploy's id. It is created only if absent (a transaction on
-mod revision 0) and lives as long as the lease: a deploy that finishes revokes it, one
-whose process died loses it when the lease's TTL runs out, so a crashed deploy never
-blocks the next one for longer than the TTL. A second deploy waits, saying for whom,
-and gives up after `wait_limit` seconds.
+The key holds the running deploy's id. It is taken only if absent (`Lease.put_if_absent`)
+and lives as long as the lease: a deploy that finishes revokes it, one whose process
+died loses it when the lease's TTL runs out, so a crashed deploy never blocks the next
+one for longer than the TTL. A second deploy waits, saying for whom, and gives up after
+`wait_limit` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 from deployer.engine import DeployError
 from fluster import keys
-from fluster.store import Conflict, LeaseLost, Store, StoreError
+from fluster.lease import Lease
+from fluster.store import Conflict, Store
 
 TTL = 10
 
 
-async def _keep(store: Store, lease: int, lost: asyncio.Event) -> None:
-    try:
-        async for _ in store.keepalive(lease, TTL / 3):
-            pass
-    except (LeaseLost, StoreError):
-        lost.set()
-
-
-@contextlib.asynccontextmanager
+@asynccontextmanager
 async def deploy_lock(
     store: Store,
     prefix: str,
@@ -39,18 +32,16 @@ async def deploy_lock(
     wait_limit: float,
     say: Callable[[str], None],
     poll: float = 0.2,
-) -> AsyncIterator[asyncio.Event]:
-    """Hold the app's lock for the block; yields an event set if the lease is lost."""
+) -> AsyncIterator[Callable[[], bool]]:
+    """Hold the app's lock for the block; yields `held()`, False once the lock is lost
+    (the lease expired during a partition and another deploy took the key)."""
     key = keys.app_lock_key(prefix, app)
-    lease = await store.grant(TTL)
-    lost = asyncio.Event()
-    keeper = asyncio.create_task(_keep(store, lease, lost), name=f"lock {app}")
-    try:
+    async with Lease(store, ttl=TTL, name=f"deploy lock of {app}") as lease:
         deadline = time.monotonic() + wait_limit
         waited_for = None
         while True:
             try:
-                await store.replace(key, deploy_id, mod_revision=0, lease=lease)
+                await lease.put_if_absent(key, deploy_id)
                 break
             except Conflict:
                 _, kv = await store.get(key)
@@ -64,10 +55,4 @@ async def deploy_lock(
                         "try again later"
                     ) from None
                 await asyncio.sleep(poll)
-        yield lost
-    finally:
-        keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
-        with contextlib.suppress(StoreError):
-            await store.revoke(lease)
+        yield lambda: lease.holds(key)

@@ -78,6 +78,7 @@ class Deployer:
         self.say = say
         self.now = now
         self.record: DeployRecord | None = None
+        self.held: Callable[[], bool] = lambda: True  # the deploy lock is still ours
 
     # -- output and the record --------------------------------------------------------
 
@@ -98,6 +99,11 @@ class Deployer:
     async def stage(self, name: str, work: Callable[[], object]) -> object:
         """Run one stage: print and record its start, end and duration."""
         assert self.record is not None
+        if not self.held():
+            raise DeployError(
+                "lost the deploy lock (etcd unreachable for longer than its lease?); "
+                "stopped before " + name
+            )
         started = self._stamp()
         t0 = time.monotonic()
         self.head(f"{name}")
@@ -133,7 +139,8 @@ class Deployer:
             deploy_id,
             wait_limit=self.settings.lock_timeout,
             say=self.head,
-        ):
+        ) as held:
+            self.held = held
             self.record = DeployRecord(
                 id=deploy_id,
                 app=app,
@@ -370,16 +377,20 @@ class Deployer:
             {r.version for r in await self.scheduler.instances(app) if r.state == "running"}
             - {keep}
         )
-        if not old:
+        if old:
+            await asyncio.sleep(config.drain_seconds)  # the drain period, not synchronisation
+        else:
             self.detail("no older version running")
-            return
-        await asyncio.sleep(config.drain_seconds)  # the drain period, not synchronisation
         for version in old:
             count = await self.scheduler.stop(app, version)
             self.detail(
                 f"stopped {count} container(s) of {version} "
                 f"(kept for `fluster rollback {app}` for {config.keep_old})"
             )
+        # Older stopped versions go: a rollback beyond the last one starts from the registry.
+        removed = await self.scheduler.remove(app, keep=lambda v: v in (keep, *old))
+        if removed:
+            self.detail(f"removed {removed} stopped container(s) of older versions")
 
     # -- rollback ---------------------------------------------------------------------
 
@@ -400,7 +411,8 @@ class Deployer:
             deploy_id,
             wait_limit=self.settings.lock_timeout,
             say=self.head,
-        ):
+        ) as held:
+            self.held = held
             self.record = DeployRecord(
                 id=deploy_id,
                 app=app,

@@ -13,6 +13,7 @@ container here only has to run and publish its port.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,11 +67,20 @@ class Scheduler(Protocol):
 
 
 class LocalScheduler:
-    """Containers on one Docker engine, ports published on `publish_ip`."""
+    """Containers on one Docker engine, ports published on `publish_ip`; on `network`
+    when given (an edge in a container on that network reaches them by their own IP)."""
 
-    def __init__(self, engine: Engine, *, publish_ip: str = "127.0.0.1", stop_grace: int = 10):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        publish_ip: str = "127.0.0.1",
+        network: str = "",
+        stop_grace: int = 10,
+    ):
         self.engine = engine
         self.publish_ip = publish_ip
+        self.network = network
         self.stop_grace = stop_grace
 
     def container_config(self, release: Release, config: AppConfig) -> dict[str, Any]:
@@ -97,6 +107,7 @@ class LocalScheduler:
             "HostConfig": {
                 "PortBindings": {port: [{"HostIp": self.publish_ip, "HostPort": ""}]},
                 "RestartPolicy": {"Name": "unless-stopped"},
+                **({"NetworkMode": self.network} if self.network else {}),
             },
         }
 
@@ -111,13 +122,15 @@ class LocalScheduler:
         return cid
 
     async def start(self, release: Release, config: AppConfig) -> list[str]:
-        ids: list[str] = []
-        try:
-            for _ in range(config.replicas):
-                ids.append(await self._create(release, config))
-        except DeployError:
+        made = await asyncio.gather(
+            *(self._create(release, config) for _ in range(config.replicas)),
+            return_exceptions=True,
+        )
+        ids = [m for m in made if isinstance(m, str)]
+        failed = [m for m in made if isinstance(m, BaseException)]
+        if failed:
             await self.remove_ids(ids)
-            raise
+            raise failed[0]
         return ids
 
     async def crashed(self, ids: list[str]) -> tuple[str, list[str]] | None:
@@ -165,8 +178,8 @@ class LocalScheduler:
         running = [
             r for r in await self.instances(app) if r.version == version and r.state == "running"
         ]
-        for r in running:
-            await self.engine.stop(r.id, self.stop_grace)
+        # In parallel: each app drains on SIGTERM for its own grace period.
+        await asyncio.gather(*(self.engine.stop(r.id, self.stop_grace) for r in running))
         return len(running)
 
     async def remove(self, app: str, keep: Callable[[str], bool]) -> int:
