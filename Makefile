@@ -7,11 +7,12 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup test lint demo demo-down bench clean images e2e
+.PHONY: help setup test lint demo demo-deploy demo-down bench clean images e2e
 
 help:
 	@echo "make test       set up (venv, etcd, HAProxy, Docker) and run every test"
 	@echo "make demo       bring up the local cluster (etcd, HAProxy+reloader, sidekick, demo app)"
+	@echo "make demo-deploy a git push deploy of the demo app onto the running demo"
 	@echo "make demo-down  stop it"
 	@echo "make bench      run the benchmarks, write docs/BENCHMARKS.md"
 	@echo "make lint       ruff + mypy"
@@ -44,6 +45,9 @@ test: setup lint
 demo: $(VENV)/.runtime
 	scripts/setup-host.sh demo
 	scripts/demo.sh up
+
+demo-deploy: $(VENV)/.runtime
+	scripts/demo.sh deploy
 
 demo-down:
 	scripts/demo.sh down

@@ -98,14 +98,13 @@ def hook_env(v: Values, prefix: str) -> dict[str, str]:
         "FLUSTER_PREFIX": prefix,
         "FLUSTER_REGISTRY": v[D.REGISTRY],
     }
-    for name, opt in (
-        ("ETCD_CACERT", ETCD_CACERT),
-        ("ETCD_CERT", ETCD_CERT),
-        ("ETCD_KEY", ETCD_KEY),
-    ):
-        path = v[opt]
-        if path is not None:
-            env[name] = str(path.resolve())
+    for opt in (D.NETWORK, D.PUBLISH_IP, D.DOCKER_HOST):
+        if v.given(opt) and opt.env:
+            env[opt.env] = v[opt]
+    for tls in (ETCD_CACERT, ETCD_CERT, ETCD_KEY):
+        path: Path | None = v[tls]
+        if path is not None and tls.env:
+            env[tls.env] = str(path.resolve())
     if v[ETCD_USER]:
         env["ETCD_USER"] = v[ETCD_USER]
     return env
@@ -225,7 +224,7 @@ async def deploy_command(command: str, v: Values, store: Store, prefix: str) -> 
             wait_timeout=v[D.DEPLOY_WAIT],
             by=f"{getpass.getuser()}@{socket.gethostname()}",
         )
-        scheduler = LocalScheduler(engine, publish_ip=v[D.PUBLISH_IP])
+        scheduler = LocalScheduler(engine, publish_ip=v[D.PUBLISH_IP], network=v[D.NETWORK])
         d = Deployer(store, prefix, engine, scheduler, settings, say)
         if command == "rollback":
             await d.rollback(v[D.SERVICE_ARG])

@@ -124,6 +124,13 @@ PUBLISH_IP: Option[str] = Option(
     "host address the containers' ports are published on",
     "127.0.0.1",
 )
+NETWORK: Option[str] = Option(
+    "--network",
+    "FLUSTER_NETWORK",
+    "Docker network the containers join (an edge in a container on it reaches them)",
+    "",
+    shown="Docker's default bridge",
+)
 DOCKER_HOST: Option[str] = Option(
     "--docker-host", "DOCKER_HOST", "Docker engine API", "", shown="the local socket"
 )
@@ -137,7 +144,9 @@ DEPLOY_WAIT: Option[float] = Option(
 )
 JSON = switch("--json", None, "machine-readable output")
 
-APP_CREATE = (APP, *APP_FIELDS, REPOS, REGISTRY, SSH_HOST, SSH_USER, SSH_PORT)
+# What `app create` writes into the hook, for every deploy a push runs.
+HOOK_SETTINGS = (REGISTRY, PUBLISH_IP, NETWORK, DOCKER_HOST)
+APP_CREATE = (APP, *APP_FIELDS, REPOS, SSH_HOST, SSH_USER, SSH_PORT, *HOOK_SETTINGS)
 APP_CONFIG = (APP, *APP_FIELDS)
 DEPLOY = (
     APP,
@@ -151,11 +160,12 @@ DEPLOY = (
     LOCK_TIMEOUT,
     REGISTRY,
     PUBLISH_IP,
+    NETWORK,
     DOCKER_HOST,
     DEPLOY_WAIT,
 )
 DEPLOYS = (APP, JSON)
 # `fluster rollback APP` of an app restarts its previous version's containers.
-ROLLBACK_APP = (REGISTRY, PUBLISH_IP, DOCKER_HOST, LOCK_TIMEOUT)
+ROLLBACK_APP = (REGISTRY, PUBLISH_IP, NETWORK, DOCKER_HOST, LOCK_TIMEOUT)
 # The rollback command's positional (declared in fluster.cli), read by its dest.
 SERVICE_ARG: Option[str] = Option("service", None, "", "", kind="positional")

@@ -4,6 +4,7 @@
 #   fluster/sidekick  the host agent                      haproxy/Dockerfile, target sidekick
 #   fluster/etcd      Debian's etcd-server                docker/etcd/
 #   fluster/demo-app  the demo service                    examples/demo-app/
+#   fluster/registry  Debian's docker-registry            docker/registry/
 # all FROM debian:bookworm-slim (scripts/base-image.sh provides it where no registry does).
 #
 # Python code reaches the images only as wheels built here on the host, installed with
@@ -131,6 +132,14 @@ build() {
   fi
 }
 build etcd docker/etcd
+# The registry's context: docker/registry, plus the host's docker-registry when it has one
+# (no package mirror needed in the build then).
+registry_ctx=$(mktemp -d)
+trap 'rm -rf "$registry_ctx"' EXIT
+cp docker/registry/* "$registry_ctx/"
+mkdir -p "$registry_ctx/bin"
+if [ -x /usr/bin/docker-registry ]; then cp /usr/bin/docker-registry "$registry_ctx/bin/"; fi
+build registry "$registry_ctx"
 build demo-app examples/demo-app
 build sidekick -f haproxy/Dockerfile --target sidekick .
 build haproxy -f haproxy/Dockerfile --target haproxy .

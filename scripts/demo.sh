@@ -4,6 +4,10 @@
 #                          packages when no registry answers), build wheels and images,
 #                          bring up etcd, HAProxy+reloader, the sidekick and 3 demo
 #                          instances, wait until they serve, print the URLs
+#   scripts/demo.sh deploy a `git push` deploy of the demo app onto the running cluster:
+#                          the app `web` (its repository in .cache/demo/), a commit of
+#                          examples/demo-app pushed to it; the new version takes over
+#                          web.localhost. Run it again for the next version.
 #   scripts/demo.sh down   stop and remove it all (containers, network, volumes)
 #
 #   COMPOSE_PROJECT_NAME  (default fluster)   FLUSTER_HTTP_PORT (8080)
@@ -51,7 +55,7 @@ up() {
   # The services by name: a bare `up` would also put web-v2 back to its scale of 0 and,
   # after a promotion to v2, take every v2 instance away. Containers whose image and
   # settings did not change are left running (the image builds are reproducible).
-  "${compose[@]}" up -d --no-build --scale "web=$scale" etcd haproxy sidekick web
+  "${compose[@]}" up -d --no-build --scale "web=$scale" etcd haproxy sidekick registry web
   "$here/build-images.sh" prune
   local deadline=$((SECONDS + timeout)) seen=0
   until seen=$(instances | wc -l) && [ "$seen" -ge "$scale" ]; do
@@ -72,11 +76,50 @@ fluster demo is up ($seen instances of web answering):
   status page   http://127.0.0.1:$status_port/   (JSON: /status, metrics: /metrics)
   etcd          ETCD_ENDPOINTS=$etcd .venv/bin/fluster ls
                   or: ${compose[*]} exec sidekick fluster ls
-Try (docs/DEPLOYING.md, "A deploy, by hand"):
+Deploy the demo app with git push: make demo-deploy   (docs/DEPLOYING.md)
+Or by hand (docs/DEPLOYING.md, "A deploy, by hand"):
      ${compose[*]} up -d --no-deps --scale web=5 web
      ${compose[*]} up -d --no-deps --scale web-v2=2 web-v2
      ${compose[*]} exec sidekick fluster promote web v2
 Stop: make demo-down
+MSG
+}
+
+# A git push deploy of examples/demo-app as the app `web`, through the cluster's registry
+# and sidekick: fluster app create (config + bare repository + hook), then a commit pushed
+# to that repository, whose hook runs `fluster deploy` and prints every stage.
+deploy() {
+  local fluster=$repo/.venv/bin/fluster work=$repo/.cache/demo/web repos=$repo/.cache/demo/repos
+  [ -x "$fluster" ] || { echo "demo: run make demo first (it makes .venv)" >&2; exit 1; }
+  local etcd registry
+  etcd=$("${compose[@]}" port etcd 2379 2>/dev/null || true)
+  registry=$("${compose[@]}" port registry 5000 2>/dev/null || true)
+  if [ -z "$etcd" ] || [ -z "$registry" ]; then
+    echo "demo: the cluster is not up (make demo)" >&2
+    exit 1
+  fi
+  export ETCD_ENDPOINTS=$etcd FLUSTER_REGISTRY=$registry FLUSTER_REPOS=$repos
+  # The sidekick registers containers by their IP on the project's network (--internal),
+  # where the edge reaches them: the deployed containers join that network.
+  export FLUSTER_NETWORK=${COMPOSE_PROJECT_NAME}_default
+  "$fluster" app create web --replicas 2 --port 8000 --check http:/health --ssh-host localhost
+  mkdir -p "$work"
+  cp examples/demo-app/Dockerfile examples/demo-app/app.py "$work/"
+  date -u +"deployed by make demo-deploy at %FT%TZ" >"$work/DEPLOYED"
+  git -C "$work" init -q -b main 2>/dev/null || true
+  git -C "$work" remote remove production 2>/dev/null || true
+  git -C "$work" remote add production "$repos/web.git"
+  git -C "$work" add -A
+  git -C "$work" -c user.name=demo -c user.email=demo@localhost commit -q -m "demo deploy $(date -u +%T)"
+  echo "demo: git push production main (from $work)"
+  git -C "$work" push production HEAD:main
+  cat <<MSG
+
+The new version serves web.localhost:
+  curl -H 'Host: web.localhost' -H 'Accept: application/json' http://127.0.0.1:$http_port/
+  ETCD_ENDPOINTS=$etcd .venv/bin/fluster deploys web      (history, each stage's time)
+  ETCD_ENDPOINTS=$etcd .venv/bin/fluster rollback web     (the previous version, no build)
+Deploy the next version: make demo-deploy (or commit in $work and git push production main)
 MSG
 }
 
@@ -90,9 +133,10 @@ down() {
 
 case "${1:-}" in
   up) up ;;
+  deploy) deploy ;;
   down) down ;;
   *)
-    echo "usage: $0 up|down" >&2
+    echo "usage: $0 up|deploy|down" >&2
     exit 2
     ;;
 esac
