@@ -76,6 +76,11 @@ def families(s: Status) -> Iterator[Metric]:
         ),
         ("certificates", "Valid certificates loaded from etcd.", len(s.certificates)),
         (
+            "certificate_soonest_expiry_seconds",
+            "Seconds until the first served certificate expires (+Inf: none).",
+            min((c.expires_in_seconds for c in s.certificates.values()), default=float("inf")),
+        ),
+        (
             "rejected_certificates",
             "Certificate records in etcd skipped as invalid.",
             len(s.rejected_certificates),
