@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -376,3 +377,56 @@ def test_status_page_in_headless_chromium(project: Project) -> None:
 
         page = wait_for(shows_everything, timeout=60, what=f"status page listing web and {web}")
     assert "reloader" in page.lower()
+
+
+def documented_steps() -> list[list[str]]:
+    """The commands of docs/DEPLOYING.md's "A deploy, by hand", as written there."""
+    text = (REPO / "docs" / "DEPLOYING.md").read_text()
+    block = text.split("A deploy, by hand", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    lines = (line.split("#", 1)[0].strip() for line in block.splitlines())
+    return [shlex.split(line) for line in lines if line]
+
+
+@pytest.mark.timeout(900)
+def test_the_documented_deploy_by_hand_never_fails_a_request(images: None) -> None:
+    """Follows docs/DEPLOYING.md's by-hand deploy line by line, on a fresh project of its
+    own, under a request loop: not one request may fail (a bare `up --scale web=3` after
+    the promotion used to stop every v2 container), and v2 must still run at the end."""
+    steps = documented_steps()
+    assert [s[:2] for s in steps][:2] == [["docker-compose", "up"]] * 2, steps
+    assert all("-T" in s for s in steps if s[1] == "exec"), "exec lines must work unattended"
+    proj = Project(
+        compose=compose_command(),
+        name=f"fluster-doc-{uuid.uuid4().hex[:8]}",
+        http_port=free_port(),
+        status_port=free_port(),
+        stats_port=free_port(),
+    )
+    load = Load(proj.http_port)
+    try:
+        proj("up", "-d", "--no-build", "--scale", "web=1", timeout=180)
+        wait_for(lambda: get(proj.http_port, timeout=2), timeout=90, what="web through HAProxy")
+        load.start()
+        for step in steps:
+            command = step[1:]
+            if command[0] == "up":
+                command.insert(1, "--no-build")  # the images are built; never rebuild here
+            # A person reads each answer before typing the next line: wait until the step
+            # shows (new containers answer; a promotion waits for its instances by itself).
+            proj(*command, timeout=180)
+            if command[0] == "up":
+                service = command[-1]
+                started = proj.containers(service)
+                wait_for(
+                    lambda s=started: s <= load.seen(),  # type: ignore[misc]
+                    timeout=90,
+                    what=f"every {service} container answering after {' '.join(step)}",
+                )
+        assert len(proj.containers("web-v2")) == 2, "the v2 instances still run"
+    finally:
+        load.stop()
+        proj("down", "--volumes", "--remove-orphans", "--timeout", "30", timeout=180)
+    print(f"requests: {load.total()}, failed: {len(load.failures)}")
+    assert load.failures == [], (
+        f"{len(load.failures)} of {load.total()} failed: {load.failures[:10]}"
+    )
