@@ -194,12 +194,24 @@ class Reloader:
         self.tls_live = self.tls.written
         self.debouncer.poke()
 
+    def _live_servers(self) -> dict[str, set[str]] | None:
+        """Service -> the servers HAProxy has now, for the blast-radius guard; None when
+        the live config is a previous run's file, whose model is unknown."""
+        live = self.applier.live
+        if live is None or not live.known:
+            return None
+        out: dict[str, set[str]] = {}
+        for backend in live.model.backends:
+            if backend.service:
+                out.setdefault(backend.service, set()).update(s.name for s in backend.servers)
+        return out
+
     async def apply(self, snapshot: Snapshot, tidy: bool = False) -> None:
         started = time.monotonic()
         at = datetime.now(UTC).isoformat(timespec="milliseconds")
         model: Model | None = None
         try:
-            guarded = self.guard.filter(snapshot, self.applied)
+            guarded = self.guard.filter(snapshot, self.applied, self._live_servers())
             tls = self._write_tls(guarded)
             model = await self._model(guarded, tls=bool(tls.certs))
             kind = await self.applier.apply(model, tidy)

@@ -17,7 +17,8 @@ Not guarded, because they are someone's deliberate decision:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
@@ -54,9 +55,19 @@ class RemovalGuard:
         """Clock time of the earliest hold expiry, so the caller can apply again then."""
         return min((h.since + self.hold for h in self.held.values()), default=None)
 
-    def filter(self, snapshot: Snapshot, applied: Snapshot | None) -> Snapshot:
+    def filter(
+        self,
+        snapshot: Snapshot,
+        applied: Snapshot | None,
+        live: Mapping[str, AbstractSet[str]] | None = None,
+    ) -> Snapshot:
         """`snapshot` with guarded removals put back, relative to the last `applied` one
-        and to the removals applied within the last `hold` seconds."""
+        and to the removals applied within the last `hold` seconds.
+
+        `live`: service -> the names of the servers HAProxy has now. The guard compares
+        against that (what a removal would actually take away), not against what the
+        spec routes: a fallback version's servers count, a server left out for a bad
+        target does not. Without it, the routed instances of `applied` stand in."""
         if not self.enabled or applied is None:
             self.held.clear()
             self.removed.clear()
@@ -68,7 +79,13 @@ class RemovalGuard:
             before, after = applied.services.get(name), snapshot.services.get(name)
             if before is not None and after is not None and _promoted(before, after):
                 continue
-            previous = before.routed() if before is not None else {}
+            if before is None:
+                previous = {}
+            elif live is None:
+                previous = before.routed()
+            else:
+                have = live.get(name, frozenset())
+                previous = {i: inst for i, inst in before.instances.items() if i in have}
             present = after.instances if after is not None else {}
             gone = {i: inst for i, inst in previous.items() if i not in present}
             # Leases expire over a TTL, not at once: removals applied a moment ago count.
@@ -77,27 +94,35 @@ class RemovalGuard:
                 for (svc, i), r in self.removed.items()
                 if svc == name and i not in present and i not in previous
             }
-            candidates = {**earlier, **gone}
             base = len(previous) + len(earlier)
-            if not base or 100.0 * len(candidates) / base <= self.max_removal_pct:
+            share = 100.0 * (len(gone) + len(earlier)) / base if base else 0.0
+            if not gone or share <= self.max_removal_pct:
                 # Below the threshold now (some came back): running holds still run out.
                 for key, held in self.held.items():
                     if key[0] == name and key[1] in gone and now - held.since < self.hold:
                         keep[key] = held
             else:
-                for inst_name, inst in candidates.items():
-                    held = self.held.get((name, inst_name)) or Held(inst, now)
-                    if now - held.since < self.hold:
-                        keep[(name, inst_name)] = held
-                log.error(
-                    "blast-radius guard: holding removals",
-                    service=name,
-                    removing=len(candidates),
-                    of=base,
-                    max_removal_pct=self.max_removal_pct,
-                    hold_s=self.hold,
-                    revision=snapshot.revision,
-                )
+                # Only what HAProxy still has is held: a removal applied earlier counts
+                # towards the share but its server is never put back.
+                started = []
+                for inst_name, inst in gone.items():
+                    running = self.held.get((name, inst_name))
+                    if running is None:
+                        running = Held(inst, now)
+                        started.append(inst_name)
+                    if now - running.since < self.hold:
+                        keep[(name, inst_name)] = running
+                if started:
+                    log.error(
+                        "blast-radius guard: holding removals",
+                        service=name,
+                        removing=len(gone) + len(earlier),
+                        of=base,
+                        held=len(gone),
+                        max_removal_pct=self.max_removal_pct,
+                        hold_s=self.hold,
+                        revision=snapshot.revision,
+                    )
             for inst_name, inst in gone.items():
                 key = (name, inst_name)
                 if key not in keep and key not in self.held:  # a released hold is final

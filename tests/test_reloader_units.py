@@ -280,7 +280,9 @@ def test_guard_counts_removals_that_trickle_in_over_the_window() -> None:
         assert len(applied.services["web"].instances) == left
     clock.now += 1
     out = guard.filter(snap(svc("web", **dict(list(all4.items())[:1]))), applied)
-    assert sorted(out.services["web"].instances) == ["i0", "i1", "i2", "i3"]  # 75 %: held
+    # 75 % within the window: held, but only what HAProxy still has (i1); the removals
+    # already applied are never put back.
+    assert sorted(out.services["web"].instances) == ["i0", "i1"]
     clock.now += 30
     final = guard.filter(snap(svc("web", **dict(list(all4.items())[:1]))), out)
     assert sorted(final.services["web"].instances) == ["i0"]
@@ -288,3 +290,40 @@ def test_guard_counts_removals_that_trickle_in_over_the_window() -> None:
     again = guard.filter(snap(svc("web", **dict(list(all4.items())[:1]))), final)
     assert sorted(again.services["web"].instances) == ["i0"]
     assert not guard.held
+
+
+def test_guard_never_puts_back_a_removal_already_applied() -> None:
+    """A host agent after a dockerd restart: the dead container's record goes first (one
+    of three: applied), then the survivors deregister and register again. The share trips
+    the guard, but only servers HAProxy still has are held; the dead one stays out."""
+    clock = Clock()
+    guard = RemovalGuard(max_removal_pct=50, hold=30, clock=clock)
+    three = snap(svc("web", **insts(3)))
+    live = {"web": {"i0", "i1", "i2"}}
+    survivors = {k: v for k, v in insts(3).items() if k != "i0"}
+    first = guard.filter(snap(svc("web", **survivors)), three, live)
+    assert sorted(first.services["web"].instances) == ["i1", "i2"] and not guard.held
+    live = {"web": {"i1", "i2"}}
+    during = guard.filter(snap(svc("web")), first, live)  # the survivors deregistered
+    assert sorted(during.services["web"].instances) == ["i1", "i2"]
+    assert sorted(guard.held) == [("web", "i1"), ("web", "i2")]
+    back = guard.filter(snap(svc("web", **survivors)), during, live)
+    assert sorted(back.services["web"].instances) == ["i1", "i2"] and not guard.held
+
+
+def test_guard_compares_against_the_servers_haproxy_has() -> None:
+    clock = Clock()
+    guard = RemovalGuard(max_removal_pct=50, hold=30, clock=clock)
+    # Four records, but HAProxy has only two of them (say a fallback version's, or two
+    # left out as bad targets): losing one of those two is not over 50 %, losing
+    # both is.
+    four = snap(svc("web", **insts(4)))
+    live = {"web": {"i0", "i1"}}
+    one_gone = {k: v for k, v in insts(4).items() if k != "i0"}
+    assert (
+        guard.filter(snap(svc("web", **one_gone)), four, live).services["web"].instances.keys()
+        == one_gone.keys()
+    )
+    both_gone = {k: v for k, v in insts(4).items() if k not in ("i0", "i1")}
+    held = guard.filter(snap(svc("web", **both_gone)), four, live)
+    assert sorted(held.services["web"].instances) == ["i0", "i1", "i2", "i3"]
