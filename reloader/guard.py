@@ -5,13 +5,19 @@ When leases expire en masse (an etcd partition, a sidekick fleet restart, a stra
 containers are still serving. Removing them all from HAProxy turns an etcd hiccup into
 an outage. So when the removals of one apply, together with those applied in the last
 `hold` seconds (leases expire over a TTL, not at once), come to more than
-`max_removal_pct` percent of a service's routed instances, all of them are held (kept
-in, or put back into, HAProxy) for `hold` seconds, loudly logged. Instances that come
+`max_removal_pct` percent of a service's servers, the ones HAProxy still has are held
+(kept in HAProxy) for `hold` seconds, loudly logged. Instances that come
 back end their hold; a hold that ran out is final.
 
 Not guarded, because they are someone's deliberate decision:
 - removals from a changed `active_version`/`canary` (an operator promotion or rollback);
-- instances that still exist but turned `draining` (the sidekick is retiring them).
+- instances that still exist but turned `draining` (the sidekick is retiring them); they
+  also count in the share's base, so the removal of the one dead container beside
+  records being drained and registered again is not a mass removal.
+
+The share is taken of what HAProxy has (the live config's servers), and only servers
+HAProxy still has are held: a removal already applied counts towards the share but is
+never put back.
 """
 
 from __future__ import annotations
@@ -94,7 +100,17 @@ class RemovalGuard:
                 for (svc, i), r in self.removed.items()
                 if svc == name and i not in present and i not in previous
             }
-            base = len(previous) + len(earlier)
+            # Records the sidekick is draining are its deliberate work in progress (a host
+            # agent re-registering its containers after a dockerd restart drains the old
+            # records first): they count in the base, so the one dead container removed
+            # beside them is not "all of them".
+            draining = (
+                {i for i, inst in before.instances.items() if inst.state == "draining"}
+                - previous.keys()
+                if before is not None
+                else set()
+            )
+            base = len(previous) + len(draining) + len(earlier)
             share = 100.0 * (len(gone) + len(earlier)) / base if base else 0.0
             if not gone or share <= self.max_removal_pct:
                 # Below the threshold now (some came back): running holds still run out.

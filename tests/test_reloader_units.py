@@ -327,3 +327,17 @@ def test_guard_compares_against_the_servers_haproxy_has() -> None:
     both_gone = {k: v for k, v in insts(4).items() if k not in ("i0", "i1")}
     held = guard.filter(snap(svc("web", **both_gone)), four, live)
     assert sorted(held.services["web"].instances) == ["i0", "i1", "i2", "i3"]
+
+
+def test_guard_does_not_trip_on_a_host_agent_reregistering_its_containers() -> None:
+    """R6's sequence: the survivors' old records turn draining (the agent re-registers
+    them), then the dead container's record goes. HAProxy then has only the dead one,
+    but the draining records show the agent at work: not a mass removal."""
+    clock = Clock()
+    guard = RemovalGuard(max_removal_pct=50, hold=30, clock=clock)
+    names = insts(3)
+    draining = {k: v.replace(state="draining") if k != "i0" else v for k, v in names.items()}
+    applied = snap(svc("web", **draining))
+    survivors = {k: v for k, v in draining.items() if k != "i0"}
+    out = guard.filter(snap(svc("web", **survivors)), applied, {"web": {"i0"}})
+    assert sorted(out.services["web"].instances) == ["i1", "i2"] and not guard.held
