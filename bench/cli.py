@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import adapter, report, routing, scenarios, tls
+from bench import adapter, cdf, report, routing, scenarios, tls
 from bench.backends import Backends, raise_fd_limit
 from bench.report import Row, ms, ratio
 from fluster.store import EtcdSettings, Store
@@ -151,6 +151,7 @@ def comparison_rows(args: argparse.Namespace, c: dict[str, scenarios.Compared]) 
     rows = []
     if "P1" in args.only:
         row = latency_row(args, "P1", ours.p1, base.p1, p50_goal=0.008, p99_goal=0.025)
+        picture(args, row, "P1", {"fluster": ours.p1, "baseline": base.p1})
         if ours.floor and ours.floor.samples:
             f = ours.floor
             row.notes.append(
@@ -162,12 +163,30 @@ def comparison_rows(args: argparse.Namespace, c: dict[str, scenarios.Compared]) 
             )
         rows.append(row)
     if "P2" in args.only:
-        rows.append(latency_row(args, "P2", ours.p2, base.p2, p50_goal=0.015, p99_goal=0.040))
+        row = latency_row(args, "P2", ours.p2, base.p2, p50_goal=0.015, p99_goal=0.040)
+        pool = scenarios.Latencies(samples=ours.p2.pooled) if ours.p2 else None
+        fallback = scenarios.Latencies(samples=ours.p2.reloaded) if ours.p2 else None
+        series = {"fluster, pool": pool, "fluster, reload fallback": fallback}
+        picture(args, row, "P2", {**series, "baseline": base.p2})
+        rows.append(row)
     if "P3" in args.only:
         rows.append(p3_row(args, ours.p3, base.p3))
     if "P4" in args.only:
         rows.append(p4_row(args, ours.p4, base.p4))
     return rows
+
+
+def picture(
+    args: argparse.Namespace, row: Row, key: str, series: dict[str, scenarios.Latencies | None]
+) -> None:
+    """Write the row's latency CDF beside the document and link it from the row."""
+    samples = {name: lat.samples for name, lat in series.items() if lat and lat.samples}
+    if args.no_write or not samples:
+        return
+    name = f"bench-{key.lower()}-cdf.svg"
+    (args.out.parent / name).parent.mkdir(parents=True, exist_ok=True)
+    (args.out.parent / name).write_text(cdf.svg(f"{key}: {row.what}", samples))
+    row.notes.append(f"Distribution (written by this run): ![{key} CDF]({name})")
 
 
 def lat_text(lat: scenarios.Latencies | None) -> str:
@@ -585,6 +604,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             took=took,
             notes=notes,
         )
+        if set(args.only) != set(ROWS) and args.out.exists():
+            run_line = (
+                f"rows {', '.join(args.only)} updated by `{command.strip()}`, started "
+                f"{started_at}, took {took / 60:.1f} min"
+            )
+            prefix = f"rows {', '.join(args.only)}: "
+            doc = report.merge(
+                args.out.read_text(),
+                rows,
+                order=ROWS,
+                run_line=run_line,
+                notes=[prefix + n for n in notes],
+            )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(doc)
         print(f"[bench] wrote {args.out}")

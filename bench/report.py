@@ -98,3 +98,35 @@ def document(
     if notes:
         parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(parts)
+
+
+_ROW = re.compile(r"^\| (\w+) \|")
+
+
+def merge(
+    old: str, rows: list[Row], *, order: tuple[str, ...], run_line: str, notes: list[str]
+) -> str:
+    """`old` (a document this module wrote) with `rows` replacing or joining its rows of
+    the same keys: a run of some rows (`--only`) updates the document instead of
+    dropping the rows it did not run. `run_line` and `notes` say which rows this run
+    wrote and under what conditions."""
+    head, _, rest = old.partition("\n| row |")
+    table_part, _, body = ("| row |" + rest).partition("\n\n## Rows: how each was produced\n")
+    old_rows = {m.group(1): line for line in table_part.splitlines() if (m := _ROW.match(line))}
+    sections_part, _, old_notes = body.partition("\n## Notes\n")
+    sections: dict[str, str] = {}
+    for block in ("\n" + sections_part).split("\n### ")[1:]:
+        sections[block.split(":", 1)[0]] = "### " + block.rstrip("\n") + "\n"
+    for r in rows:
+        old_rows[r.key] = table([r]).splitlines()[-1]
+        lines = [f"### {r.key}: {r.what}", "", f"Command: `{r.command}`", ""]
+        sections[r.key] = "\n".join(lines + [f"- {n}" for n in r.notes]) + "\n"
+    keys = [k for k in order if k in old_rows] + sorted(set(old_rows) - set(order))
+    out = [head.rstrip("\n") + "\n" + f"- {run_line}", ""]
+    out += table([]).splitlines() + [old_rows[k] for k in keys]
+    out += ["", "## Rows: how each was produced", ""]
+    out += [sections[k] for k in keys if k in sections]
+    note_lines = [n for n in old_notes.strip().splitlines() if n.strip()]
+    note_lines += [f"- {n}" for n in notes]
+    out += ["## Notes", "", *note_lines, ""]
+    return "\n".join(out)
