@@ -334,7 +334,7 @@ class Reloader:
             haproxy_up=self.haproxy.up,
             haproxy_pid=self.haproxy.proc.pid if self.haproxy.proc else None,
             haproxy_restarts=self.haproxy.restarts,
-            backends=len(live.model.backends) if live else 0,
+            backends=sum(1 for b in live.model.backends if b.service) if live else 0,
             servers=live.model.server_count if live else 0,
             rejections_total=self.catalog.rejected_total,
             catalog_resyncs=self.catalog.resyncs,

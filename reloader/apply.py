@@ -32,7 +32,7 @@ import structlog
 from reloader.haproxy import Haproxy, HaproxyError, check_config, cli
 from reloader.model import Model
 from reloader.pool import Placement, free_slots, place
-from reloader.render import Rendered, Renderer
+from reloader.render import Rendered, Renderer, RenderError
 from reloader.runtime_api import RuntimeApi, plan
 
 log = structlog.get_logger("reloader.apply")
@@ -174,13 +174,12 @@ class Applier:
             changes = plan(live.model, adapted)
             if changes is not None:
                 touched = True
-                rendered = self.renderer.render_model(adapted)
                 try:
                     await self.runtime.apply(changes)
                 except HaproxyError as exc:
                     log.warning("runtime API apply failed, reloading instead", error=str(exc))
                 else:
-                    self._write_live(rendered)
+                    self._write_live(adapted)  # after the change serves: off its latency
                     return "runtime"
         if placement.pool_empty:
             self.pool_fallbacks += 1
@@ -193,8 +192,15 @@ class Applier:
         await self._reload(rendered)
         return "reload"
 
-    def _write_live(self, rendered: Rendered) -> None:
-        """After runtime changes: the files a reload or restart would read, unchecked."""
+    def _write_live(self, model: Model) -> None:
+        """After runtime changes: the files a reload or restart would read, unchecked.
+        Should the render fail, the next apply reloads rather than trust the layout."""
+        assert self.live is not None
+        try:
+            rendered = self.renderer.render_model(model)
+        except RenderError:
+            self.live = replace(self.live, known=False)
+            raise
         write_atomic(self.routes_file, rendered.routes)
         write_atomic(self.live_file, rendered.text)
         self.live = rendered

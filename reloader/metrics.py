@@ -49,7 +49,11 @@ def families(s: Status) -> Iterator[Metric]:
         sum_value=s.apply_seconds_sum,
     )
     gauges: list[tuple[str, str, float]] = [
-        ("backends", "Backends in the live config.", s.backends),
+        (
+            "backends",
+            "Service backends in the live config (free pool ones not counted).",
+            s.backends,
+        ),
         ("servers", "Servers in the live config.", s.servers),
         ("rejected_records", "Records in etcd skipped as invalid.", s.rejected_records),
         ("held_removals", "Removals held by the blast-radius guard.", s.held_removals),

@@ -50,6 +50,14 @@ def same_kind(a: Backend, b: Backend) -> bool:
     return (a.mode, a.balance, a.check_path) == (b.mode, b.balance, b.check_path)
 
 
+def _emptied(backend: Backend) -> Backend:
+    """A live backend nothing in the target uses: no servers (a pool one: free again)."""
+    service = "" if is_pool(backend.name) else backend.service
+    if not backend.servers and backend.service == service:
+        return backend
+    return replace(backend, servers=(), service=service)
+
+
 def place(live: Model, target: Model) -> Placement:
     have = live.backend_map()
     pooled = {b.service: b.name for b in live.backends if is_pool(b.name) and b.service}
@@ -77,11 +85,11 @@ def place(live: Model, target: Model) -> Placement:
         slot = free.pop(0)
         placed[slot] = replace(b, name=slot)
         rename[b.name] = slot
-    backends = tuple(
-        placed.get(b.name) or replace(b, servers=(), service="" if is_pool(b.name) else b.service)
-        for b in live.backends
+    backends = tuple(placed.get(b.name) or _emptied(b) for b in live.backends)
+    routes = tuple(
+        replace(r, backend=rename[r.backend]) if r.backend in rename else r
+        for r in target.http_routes
     )
-    routes = tuple(replace(r, backend=rename.get(r.backend, r.backend)) for r in target.http_routes)
     adapted = replace(target, http_routes=routes, backends=backends)
     if adapted.structure() != live.structure():
         return Placement(None, "the frontends changed (TCP service, canary, settings)")

@@ -63,6 +63,8 @@ def plan(live: Model, target: Model) -> Plan | None:
     result = Plan()
     for name, want in target_backends.items():
         have = live_backends[name]
+        if have.servers == want.servers:
+            continue  # most backends, most of the time: one tuple comparison
         old = {s.name: s for s in have.servers}
         new = {s.name: s for s in want.servers}
         if old == new:
@@ -80,6 +82,8 @@ def plan(live: Model, target: Model) -> Plan | None:
             if a.check_inter_ms != b.check_inter_ms:
                 return None  # check settings cannot change at runtime
             result.update.append((name, a, b))
+    if live.http_routes == target.http_routes:
+        return result
     old_routes, new_routes = dict(live.route_entries()), dict(target.route_entries())
     for key, backend in new_routes.items():
         if key not in old_routes:
