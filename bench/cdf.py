@@ -51,7 +51,7 @@ def svg(title: str, series: dict[str, list[float]]) -> str:
                 f'<text x="{x:.1f}" y="{HEIGHT - BOTTOM + 16}" text-anchor="middle">{label}</text>'
             )
         decade *= 10
-    for frac in (0.0, 0.5, 0.9, 0.99, 1.0):
+    for frac in (0.0, 0.5, 0.9, 1.0):
         y = _y(frac)
         parts.append(
             f'<line x1="{LEFT}" y1="{y:.1f}" x2="{WIDTH - RIGHT}" y2="{y:.1f}" stroke="#ddd"/>'

@@ -112,7 +112,11 @@ def merge(
     wrote and under what conditions."""
     head, _, rest = old.partition("\n| row |")
     table_part, _, body = ("| row |" + rest).partition("\n\n## Rows: how each was produced\n")
-    old_rows = {m.group(1): line for line in table_part.splitlines() if (m := _ROW.match(line))}
+    old_rows = {
+        m.group(1): line
+        for line in table_part.splitlines()
+        if (m := _ROW.match(line)) and m.group(1) != "row"  # not the header
+    }
     sections_part, _, old_notes = body.partition("\n## Notes\n")
     sections: dict[str, str] = {}
     for block in ("\n" + sections_part).split("\n### ")[1:]:
