@@ -14,6 +14,7 @@ file describe the same servers, so a reload reproduces what the runtime API did.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -38,9 +39,15 @@ class ModelError(ValueError):
 
 
 def safe(value: str) -> str:
-    if not SAFE_TOKEN.fullmatch(value):
+    if not _is_safe(value):
         raise ModelError(f"refusing to render {value[:80]!r}")
     return value
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _is_safe(value: str) -> bool:
+    """Memoized: every change re-checks the names and addresses of the changed service."""
+    return SAFE_TOKEN.fullmatch(value) is not None
 
 
 def format_bind(host: str, port: int) -> str:
@@ -366,6 +373,25 @@ def _tcp_ports(
     return granted, skipped
 
 
+Verdict = tuple[str | None, str, str]  # (ip or None, skip kind, why) for one host:port
+
+
+def _target(
+    host: str, port: int, policy: TargetPolicy, facts: HostFacts, tcp_ports: Iterable[int]
+) -> Verdict:
+    """Where `host`:`port` may be sent traffic: its IP, or None with the skip's kind and why."""
+    ip: str | None = host
+    if not is_ip(host):
+        ip = facts.addresses.get(host)
+        if ip is None:
+            return None, "dns", f"host name {host} does not resolve"
+    assert ip is not None
+    problem = target_problem(ip, port, policy, facts, tcp_ports)
+    if problem is not None:
+        return None, "target", problem
+    return ip, "", ""
+
+
 def _usable(
     svc: Service,
     instances: Mapping[str, Instance],
@@ -373,22 +399,22 @@ def _usable(
     facts: HostFacts,
     tcp_ports: Iterable[int],
     skipped: list[Skip],
+    memo: dict[tuple[str, int], Verdict] | None = None,
 ) -> dict[str, Instance]:
-    """`instances` with resolved addresses, minus the ones that must not be targets."""
+    """`instances` with resolved addresses, minus the ones that must not be targets.
+    `memo` keeps each host:port's verdict for a build context (see ServiceCache), so a
+    service of 1,000 instances that gains one does not parse 1,000 addresses again."""
+    memo = {} if memo is None else memo
     out: dict[str, Instance] = {}
     for name, inst in instances.items():
-        ip: str | None = inst.host
-        if not is_ip(inst.host):
-            ip = facts.addresses.get(inst.host)
-            if ip is None:
-                skipped.append(
-                    Skip(svc.name, "dns", f"host name {inst.host} does not resolve", name)
-                )
-                continue
-        assert ip is not None
-        problem = target_problem(ip, inst.port, policy, facts, tcp_ports)
-        if problem is not None:
-            skipped.append(Skip(svc.name, "target", problem, name))
+        verdict = memo.get((inst.host, inst.port))
+        if verdict is None:
+            verdict = memo[(inst.host, inst.port)] = _target(
+                inst.host, inst.port, policy, facts, tcp_ports
+            )
+        ip, kind, why = verdict
+        if ip is None:
+            skipped.append(Skip(svc.name, kind, why, name))
             continue
         out[name] = inst if ip == inst.host else replace(inst, host=ip)
     return out
@@ -411,12 +437,13 @@ def _piece(
     policy: TargetPolicy,
     facts: HostFacts,
     ports: Mapping[str, int],
+    memo: dict[tuple[str, int], Verdict] | None = None,
 ) -> Piece:
     """One service's route, backends and skips (route None: the service is left out)."""
     skips: list[Skip] = []
     decided = routing.routing(svc)
     try:
-        usable = _usable(svc, decided.instances, policy, facts, ports.values(), skips)
+        usable = _usable(svc, decided.instances, policy, facts, ports.values(), skips, memo)
         route, svc_backends = _service(svc, settings, usable, decided.fallback)
     except ModelError as exc:
         return None, (), (*skips, Skip(svc.name, "render", str(exc)))
@@ -432,10 +459,12 @@ class ServiceCache:
     def __init__(self) -> None:
         self.context: object = None
         self.pieces: dict[str, tuple[Service, Piece]] = {}
+        self.verdicts: dict[tuple[str, int], Verdict] = {}  # host:port -> target verdict
 
     def begin(self, context: object) -> None:
         if context != self.context:
             self.pieces.clear()
+            self.verdicts.clear()
             self.context = context
 
     def piece(self, svc: Service) -> Piece | None:
@@ -487,7 +516,7 @@ def build_model(
             continue
         piece = cache.piece(svc) if cache else None
         if piece is None:
-            piece = _piece(svc, settings, policy, facts, ports)
+            piece = _piece(svc, settings, policy, facts, ports, cache.verdicts if cache else None)
             if cache:
                 cache.keep(svc, piece)
         route, svc_backends, skips = piece
@@ -502,4 +531,6 @@ def build_model(
     backends.extend(pool_backends(settings.pool_size))
     if cache:
         cache.retain(snapshot.services)
+        if len(cache.verdicts) > 4 * max(1, snapshot.instance_count):
+            cache.verdicts.clear()  # addresses gone long ago
     return Model(settings, tuple(http), tuple(tcp), tuple(backends), tuple(skipped), https_bind)
