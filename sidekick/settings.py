@@ -1,7 +1,7 @@
 """The sidekick's one settings object, built from flags and `SIDEKICK_*` variables.
 
-Three modes share every option that makes sense for them (DESIGN.md, command-line
-contract): companion (`--container`), host agent (`--all`) and static (`--address`).
+Three modes share every option that makes sense for them (docs/REGISTRY.md, "Commands and
+environment"): companion (`--container`), host agent (`--all`) and static (`--address`).
 Every bad value is reported in one message with exit status 2, before anything runs.
 
 `--check` is two things by contract: with a value it chooses the app's health check
