@@ -22,7 +22,7 @@ import pytest
 
 from tests.support.docker import Engine, PrivateDockerd
 from tests.support.etcd import Etcd, free_port, wait_for
-from tests.support.faults import haproxy_servers
+from tests.support.faults import service_servers
 from tests.support.haproxy import ReloaderProcess
 from tests.support.sidekick import Sidekicks
 from tests.support.waiting import Compared
@@ -35,7 +35,7 @@ def records(sidekicks: Sidekicks, service: str) -> dict[str, str]:
 
 
 def served(reloader: ReloaderProcess, service: str) -> set[str]:
-    servers = haproxy_servers(reloader.state_dir / "admin.sock").get(f"be_{service}", set())
+    servers = service_servers(reloader.state_dir, service)
     return {f"{host}:{port}" for host, port in servers}
 
 

@@ -135,6 +135,21 @@ def haproxy_servers(sock: Path) -> dict[str, set[tuple[str, int]]]:
     return out
 
 
+def service_servers(
+    state_dir: Path, service: str, domain: str = "localhost"
+) -> set[tuple[str, int]]:
+    """The servers in rotation for an HTTP service, wherever HAProxy keeps them: its own
+    `be_SERVICE` backend, or the pool backend the routes map points its host at (a
+    service that arrived after the last reload lives in a pool backend)."""
+    sock = state_dir / "admin.sock"
+    backend = f"be_{service}"
+    for line in admin_command(sock, f"show map {state_dir / 'routes.map'}").splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] == f"{service}.{domain}/":
+            backend = parts[2]
+    return haproxy_servers(sock).get(backend, set())
+
+
 class TcpProxy:
     """127.0.0.1:`port` -> `target`, in threads; `cut()`/`heal()` make a partition."""
 
