@@ -260,8 +260,13 @@ def _rerun_in_netns(nodeid: str) -> None:
         f"{sys.executable} -m pytest -q -x -p no:cacheprovider {nodeid!r} 2>&1"
     )
     root = Path(__file__).resolve().parent.parent
+    # As root a new network namespace is enough; elsewhere a user namespace maps us to
+    # root inside it (where the kernel allows unprivileged user namespaces).
+    flags = ["--net"]
+    if subprocess.run([unshare, *flags, "true"], capture_output=True).returncode != 0:
+        flags = ["--map-root-user", "--net"]
     result = subprocess.run(
-        [unshare, "--net", "--", "sh", "-c", script],
+        [unshare, *flags, "--", "sh", "-c", script],
         cwd=root,
         env={**os.environ, "FLUSTER_TEST_IN_NETNS": "1"},
         capture_output=True,
