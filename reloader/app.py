@@ -365,7 +365,11 @@ class Reloader:
                 name: ServiceStatus.of(
                     svc,
                     self.settings.render.domain,
-                    held=frozenset(i for s, i in held if s == name),
+                    held={
+                        i: self.guard.hold - (self.guard.clock() - h.since)
+                        for (s, i), h in self.guard.held.items()
+                        if s == name
+                    },
                     skipped=why_skipped.get(name),
                     left_out={i: r for (s, i), r in left_out.items() if s == name and i},
                 )

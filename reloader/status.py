@@ -91,6 +91,7 @@ class InstanceStatus:
     node: str = ""
     routed: bool = False  # HAProxy sends it traffic
     held: bool = False  # gone from etcd, kept in HAProxy by the blast-radius guard
+    hold_left_seconds: float | None = None  # until the guard lets the removal through
     skipped: str | None = None  # why HAProxy does not get it (bad target, no DNS answer)
 
 
@@ -116,12 +117,13 @@ class ServiceStatus:
         cls,
         svc: Service,
         domain: str,
-        held: frozenset[str] = frozenset(),
+        held: Mapping[str, float] | None = None,
         skipped: str | None = None,
         left_out: Mapping[str, str] | None = None,
     ) -> ServiceStatus:
-        """`left_out`: instance -> why HAProxy does not get it (reloader.model)."""
-        left_out = left_out or {}
+        """`held`: instance -> seconds its hold has left (reloader.guard); `left_out`:
+        instance -> why HAProxy does not get it (reloader.model)."""
+        left_out, held = left_out or {}, held or {}
         decided = routing(svc)
         spec = svc.spec
         routed = {n for n in decided.instances if n not in left_out}
@@ -134,6 +136,7 @@ class ServiceStatus:
                 node=inst.node,
                 routed=name in routed,
                 held=name in held,
+                hold_left_seconds=None if name not in held else round(max(0.0, held[name]), 1),
                 skipped=left_out.get(name),
             )
             for name, inst in svc.instances.items()

@@ -129,7 +129,16 @@ async def test_blast_radius_guard_holds_mass_removals_but_not_promotions(
     # that trickle in over several applies count towards the share, but one already
     # applied is never put back (tests/test_reloader_units.py).
     etcd.delete(KEY.format("web", "b"), prefix=True)
-    wait_for(lambda: reloader.status()["held_removals"] == 3, what="removals held")
+    held = wait_for(
+        lambda: (s := reloader.status())["held_removals"] == 3 and s, what="removals held"
+    )
+    left = {
+        name: i["hold_left_seconds"]
+        for name, i in held["services"]["web"]["instances"].items()
+        if i["held"]
+    }
+    assert sorted(left) == ["b1", "b2", "b3"], held["services"]["web"]
+    assert all(0 <= t <= 2 for t in left.values()), left
     assert reloader.served_by("web.localhost", 12) == everyone
     assert "blast-radius guard" in reloader.log()
     reloader.wait_served("web.localhost", {apps[0].ident})  # released after the hold

@@ -233,3 +233,14 @@ def test_dashboard_lists_left_out_instances_and_rejected_certificates() -> None:
     assert html.count('class="left-out-row"') == 1
     assert 'web/w1</code></td><td class="bad">169.254.1.1 is link-local' in html
     assert "expired 2026-01-01" in html
+
+
+def test_a_held_removal_says_how_long_it_stays() -> None:
+    svc = ServiceStatus.of(
+        web(("a", "v1", "up"), ("b", "v1", "up")), "localhost", held={"b": 12.34}
+    )
+    assert (svc.instances["a"].held, svc.instances["b"].held) == (False, True)
+    assert svc.instances["b"].hold_left_seconds == 12.3
+    html = dashboard.page(status(services={"web": svc}, held_removals=1), {})
+    assert "● held (12.3 s left)" in html
+    assert "kept in HAProxy for 12.3 s more, unless it comes back" in html
