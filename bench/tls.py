@@ -33,7 +33,7 @@ from tests.support.etcd import free_port
 
 PREFIX = "/bench-https"
 OTHERS = 199
-ROUNDS = 3
+ROUNDS = 5
 HEY_SECONDS = 4
 
 
