@@ -39,6 +39,11 @@ from fluster.store import Store
 REVISION_LABEL = "org.opencontainers.image.revision"
 
 
+def short(ref: str) -> str:
+    """A container id as `docker ps` shows it; a Swarm service's name as it is."""
+    return ref[:12] if len(ref) == 64 else ref
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     registry: str = "127.0.0.1:5000"
@@ -273,7 +278,7 @@ class Deployer:
                 ids.extend(made)
             else:
                 ids.extend(await self.scheduler.resume(release, config))
-            self.detail(f"{len(ids)} container(s): {', '.join(i[:12] for i in ids)}")
+            self.detail(f"{len(ids)} started: {', '.join(short(i) for i in ids)}")
 
         try:
             await self.stage("start", start)
@@ -311,7 +316,7 @@ class Deployer:
             if crashed is not None:
                 cid, lines = crashed
                 raise DeployError(
-                    f"container {cid[:12]} of {release.version} exited; its last log lines:\n"
+                    f"instance {short(cid)} of {release.version} exited; its last log lines:\n"
                     + "\n".join(f"  {line}" for line in lines)
                 )
             if time.monotonic() > deadline:
@@ -328,10 +333,10 @@ class Deployer:
         out = []
         for cid in ids[:3]:
             try:
-                lines = await self.engine.logs(cid, 10)
+                lines = await self.scheduler.logs(cid, 10)
             except DeployError as exc:
                 lines = [str(exc)]
-            out += [f"  {cid[:12]}: {line}" for line in lines] or [f"  {cid[:12]}: (no output)"]
+            out += [f"  {short(cid)}: {line}" for line in lines] or [f"  {short(cid)}: (no output)"]
         return "\n".join(out)
 
     async def _wait(self, revision: int) -> None:

@@ -65,6 +65,9 @@ class Scheduler(Protocol):
 
     async def instances(self, app: str) -> list[Running]: ...
 
+    async def logs(self, ref: str, lines: int = 20) -> list[str]:
+        """The last log lines of one of the ids `start`/`resume` returned."""
+
 
 class LocalScheduler:
     """Containers on one Docker engine, ports published on `publish_ip`; on `network`
@@ -192,3 +195,6 @@ class LocalScheduler:
     async def remove_ids(self, ids: list[str]) -> None:
         for cid in ids:
             await self.engine.remove(cid)
+
+    async def logs(self, ref: str, lines: int = 20) -> list[str]:
+        return await self.engine.logs(ref, lines)
