@@ -22,7 +22,8 @@ from deployer import apps, source
 from deployer.engine import DeployError, Engine
 from deployer.pipeline import Deployer, DeployFailed, Settings, Source
 from deployer.records import AppConfig, DeployRecord
-from deployer.scheduler import LocalScheduler
+from deployer.scheduler import LocalScheduler, Scheduler
+from deployer.swarm import SwarmScheduler
 from fluster import deploy_options as D
 from fluster import ops
 from fluster.records import RecordError
@@ -224,16 +225,22 @@ async def deploy_command(command: str, v: Values, store: Store, prefix: str) -> 
             wait_timeout=v[D.DEPLOY_WAIT],
             by=f"{getpass.getuser()}@{socket.gethostname()}",
         )
-        scheduler = LocalScheduler(engine, publish_ip=v[D.PUBLISH_IP], network=v[D.NETWORK])
+        if command != "rollback" and bool(v[D.IMAGE]) == bool(v[D.GIT]):
+            return fail("give one of --image IMAGE or --git DIR", EXIT_USAGE)
+        app = v[D.SERVICE_ARG] if command == "rollback" else v[D.APP]
+        # --scheduler wins; else the app's config says where its versions run.
+        kind = (None if command == "rollback" else v[D.DEPLOY_SCHEDULER]) or (
+            await apps.load(store, prefix, app)
+        ).config.scheduler
+        scheduler: Scheduler = (
+            SwarmScheduler(engine)
+            if kind == "swarm"
+            else LocalScheduler(engine, publish_ip=v[D.PUBLISH_IP], network=v[D.NETWORK])
+        )
         d = Deployer(store, prefix, engine, scheduler, settings, say)
         if command == "rollback":
-            await d.rollback(v[D.SERVICE_ARG])
+            await d.rollback(app)
             return EXIT_OK
-        if v[D.DEPLOY_SCHEDULER] == "swarm":
-            return fail("--scheduler swarm is not available yet; use local", EXIT_USAGE)
-        if bool(v[D.IMAGE]) == bool(v[D.GIT]):
-            return fail("give one of --image IMAGE or --git DIR", EXIT_USAGE)
-        app = v[D.APP]
         src = Source(image=v[D.IMAGE])
         if v[D.GIT]:
             git_dir = source.git_dir_of(Path(v[D.GIT]))

@@ -52,7 +52,12 @@ APP_KEEP_OLD: Option[str | None] = Option(
     metavar="DURATION",
 )
 SCHEDULER: Option[str | None] = Option(
-    "--scheduler", None, "where containers run: local", None, one_of("local", "swarm")
+    "--scheduler",
+    None,
+    "where containers run: local (this Docker engine) or swarm (a Swarm service per version)",
+    None,
+    one_of("local", "swarm"),
+    shown="local",
 )
 HEALTH_TIMEOUT: Option[float | None] = Option(
     "--health-timeout",
@@ -107,8 +112,13 @@ NO_PROMOTE = switch("--no-promote", None, "stop once the new version is healthy"
 CANARY: Option[int | None] = Option(
     "--canary", None, "send PCT% to the new version, then wait", None, integer(1, 99), metavar="PCT"
 )
-DEPLOY_SCHEDULER: Option[str] = Option(
-    "--scheduler", None, "where containers run", "local", one_of("local", "swarm")
+DEPLOY_SCHEDULER: Option[str | None] = Option(
+    "--scheduler",
+    None,
+    "where containers run: local or swarm (DOCKER_HOST then names a swarm manager)",
+    None,
+    one_of("local", "swarm"),
+    shown="the app's config",
 )
 LOCK_TIMEOUT: Option[float] = Option(
     "--lock-timeout",

@@ -1,0 +1,147 @@
+"""`fluster deploy` with the Swarm scheduler, end to end on real parts.
+
+A one-node swarm on a dockerd of the test's own (tests/support/swarm.py; never the
+machine's engine), Debian's docker-registry on loopback that the swarm pulls from, real
+etcd, a real reloader with HAProxy, the real sidekick host agent on the swarm's engine,
+and `fluster deploy --git` building on that engine. v1 then v2 are deployed under a
+bounded request loop through HAProxy; every failed request is kept and must be none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support.etcd import Etcd, wait_for
+from tests.support.haproxy import ReloaderProcess
+from tests.support.registry import Registry
+from tests.support.sidekick import Sidekicks
+from tests.support.swarm import PrivateSwarm
+from tests.test_git_deploy import APP, DOCKERFILE, IDENTITY, Load
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+FLUSTER = str(Path(sys.executable).with_name("fluster"))
+CRASH = 'print("cannot start: no database", flush=True)\nraise SystemExit(3)\n'
+
+
+class Deploys:
+    def __init__(self, swarm: PrivateSwarm, etcd: Etcd, registry: Registry, root: Path) -> None:
+        self.swarm, self.root = swarm, root
+        self.app = f"w{uuid.uuid4().hex[:8]}"
+        self.work = root / "work"
+        self.work.mkdir()
+        self.env = {
+            **{k: v for k, v in os.environ.items() if k != "DOCKER_HOST"},
+            **IDENTITY,
+            "ETCD_ENDPOINTS": etcd.endpoints,
+            "FLUSTER_REGISTRY": registry.address,
+            "FLUSTER_REPOS": str(root / "repos"),
+            "DOCKER_HOST": swarm.host,
+        }
+
+    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            args, capture_output=True, text=True, env=self.env, cwd=self.work, timeout=timeout
+        )
+
+    def fluster(self, *args: str) -> str:
+        out = self.run(FLUSTER, *args)
+        assert out.returncode == 0, f"fluster {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
+        return out.stdout
+
+    def commit(self, mark: str, app: str = "") -> str:
+        (self.work / "app.py").write_text(app or APP.format(mark=mark, sick=False))
+        (self.work / "Dockerfile").write_text(DOCKERFILE.format(extra=""))
+        for args in (("add", "-A"), ("commit", "-q", "-m", f"app {mark}")):
+            assert self.run("git", *args).returncode == 0
+        return self.run("git", "rev-parse", "HEAD").stdout.strip()
+
+    def deploy(self, mark: str) -> str:
+        sha = self.commit(mark)
+        self.fluster("deploy", self.app, "--git", str(self.work), "--ref", "main")
+        return sha
+
+    def services(self) -> dict[str, int]:
+        """version -> replicas of every Swarm service of the app."""
+        out = self.swarm.docker(
+            "service", "ls", "--filter", f"label=fluster.app={self.app}", "-q"
+        ).split()
+        found = {}
+        for sid in out:
+            spec = json.loads(self.swarm.docker("service", "inspect", sid))[0]["Spec"]
+            found[spec["Labels"]["fluster.version"]] = spec["Mode"]["Replicated"]["Replicas"]
+        return found
+
+    def running_tasks(self, version: str) -> int:
+        return len(
+            self.swarm.docker(
+                "ps", "-q", "--filter", f"label=fluster.app={self.app}",
+                "--filter", f"label=fluster.version={version}",
+            ).split()
+        )  # fmt: skip
+
+
+def test_swarm_deploys_v2_beside_v1_promotes_retires_and_rolls_back(
+    private_swarm: PrivateSwarm, etcd: Etcd, sidekicks: Sidekicks, tmp_path: Path
+) -> None:
+    registry = Registry(tmp_path / "registry").start()
+    reloader = ReloaderProcess(etcd, tmp_path / "reloader").start()
+    try:
+        d = Deploys(private_swarm, etcd, registry, tmp_path)
+        sidekick = sidekicks.start(
+            "--all", "--node", f"n{d.app}", "--ttl", "3", "--check-interval", "0.2",
+            "--drain-seconds", "1", DOCKER_HOST=private_swarm.host,
+        )  # fmt: skip
+        d.fluster(
+            "app", "create", d.app, "--replicas", "2", "--health-timeout", "90",
+            "--drain-seconds", "1", "--keep-old", "1h", "--scheduler", "swarm",
+        )  # fmt: skip
+        assert d.run("git", "init", "-q", "-b", "main").returncode == 0
+        host = f"{d.app}.localhost"
+
+        v1 = d.deploy("v1")[:12]
+        reloader.wait_served(host, {"v1"}, timeout=60)
+        # One Swarm service per version, named {app}-{sha7}, with the app's replicas,
+        # its image from the registry.
+        assert d.services() == {v1: 2}
+        name = private_swarm.docker("service", "ls", "--filter", f"label=fluster.app={d.app}",
+                                    "--format", "{{.Name}} {{.Image}}")  # fmt: skip
+        assert name == f"{d.app}-{v1[:7]} {registry.address}/{d.app}:{v1}"
+        assert v1 in registry.tags(d.app)
+
+        # A version that crashes at start: the gate sees its failed task at once, the
+        # deploy fails with the app's output, its service is removed, v1 serves on.
+        with Load(reloader.http_port, host) as load:
+            d.commit("crash", app=CRASH)
+            out = d.run(FLUSTER, "deploy", d.app, "--git", str(d.work), "--ref", "main")
+        assert out.returncode != 0, out.stdout
+        assert "cannot start: no database" in out.stdout + out.stderr, out.stdout + out.stderr
+        assert d.services() == {v1: 2}
+        assert load.failures == [], f"{len(load.failures)} failed requests: {load.failures[:10]}"
+        assert set(load.served) == {"v1"}, load.served
+
+        with Load(reloader.http_port, host) as load:
+            v2 = d.deploy("v2")[:12]
+            reloader.wait_served(host, {"v2"}, timeout=30)
+        assert load.served["v2"] > 0, load.served
+        assert load.failures == [], f"{len(load.failures)} failed requests: {load.failures[:10]}"
+        # Retired: v1's service is at 0 (kept for a rollback), its tasks are gone.
+        assert d.services() == {v1: 0, v2: 2}
+        wait_for(lambda: d.running_tasks(v1) == 0, timeout=60, what="v1 tasks stopped")
+
+        with Load(reloader.http_port, host) as load:
+            d.fluster("rollback", d.app)
+            reloader.wait_served(host, {"v1"}, timeout=30)
+        assert load.failures == [], f"{len(load.failures)} failed requests: {load.failures[:10]}"
+        assert d.services() == {v1: 2, v2: 0}
+        assert sidekick.proc.poll() is None, sidekick.log()
+    finally:
+        reloader.stop()
+        registry.stop()
