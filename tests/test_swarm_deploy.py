@@ -9,6 +9,7 @@ bounded request loop through HAProxy; every failed request is kept and must be n
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from deployer.engine import Engine
+from deployer.swarm import SwarmScheduler
 from tests.support.etcd import Etcd, wait_for
 from tests.support.haproxy import ReloaderProcess
 from tests.support.registry import Registry
@@ -142,6 +145,18 @@ def test_swarm_deploys_v2_beside_v1_promotes_retires_and_rolls_back(
         assert load.failures == [], f"{len(load.failures)} failed requests: {load.failures[:10]}"
         assert d.services() == {v1: 2, v2: 0}
         assert sidekick.proc.poll() is None, sidekick.log()
+
+        # Past the keep-old window: the scheduler removes the services at 0 replicas of
+        # versions not kept, never one that runs.
+        removed = asyncio.run(remove_stopped(private_swarm.host, d.app, keep=set()))
+        assert removed == 1
+        assert d.services() == {v1: 2}
+        reloader.wait_served(host, {"v1"})
     finally:
         reloader.stop()
         registry.stop()
+
+
+async def remove_stopped(docker_host: str, app: str, keep: set[str]) -> int:
+    async with Engine(docker_host) as engine:
+        return await SwarmScheduler(engine).remove(app, keep.__contains__)
