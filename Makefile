@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup test lint demo demo-deploy demo-down bench clean images e2e
+.PHONY: help setup test lint demo demo-deploy demo-down bench clean images e2e e2e-swarm
 
 help:
 	@echo "make test       set up (venv, etcd, HAProxy, Docker) and run every test"
@@ -18,6 +18,7 @@ help:
 	@echo "make lint       ruff + mypy"
 	@echo "make images     build the wheels and Docker images (base image too, without a registry)"
 	@echo "make e2e        the end-to-end test on the Docker engine (compose, scale, promote)"
+	@echo "make e2e-swarm  a node of a two-node swarm (two private dockerds) fails, under load"
 
 # The venv in two steps: what running fluster needs (the demo stops here: its CLI and the
 # pip that builds the images' wheels), then the test and lint tools on top.
@@ -58,6 +59,10 @@ images: $(VENV)/.installed
 
 e2e: setup
 	$(VENV)/bin/pytest tests/test_e2e_compose.py $(PYTEST_ARGS)
+
+# Opt-in: two private dockerds joined to one swarm, the worker killed under a request loop.
+e2e-swarm: setup
+	FLUSTER_E2E_SWARM=1 $(VENV)/bin/pytest -s tests/test_swarm_nodes.py $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)

@@ -45,6 +45,7 @@ def get(port: int) -> str:
         return str(resp.read().decode())
 
 
+@pytest.mark.timeout(300)  # a private dockerd and a swarm to set up first
 def test_host_agent_registers_swarm_tasks_at_the_node_advertise_address(
     private_swarm: PrivateSwarm, sidekicks: Sidekicks
 ) -> None:

@@ -91,6 +91,7 @@ class Deploys:
         )  # fmt: skip
 
 
+@pytest.mark.timeout(600)  # a private dockerd and a swarm to set up first
 def test_swarm_deploys_v2_beside_v1_promotes_retires_and_rolls_back(
     private_swarm: PrivateSwarm, etcd: Etcd, sidekicks: Sidekicks, tmp_path: Path
 ) -> None:
