@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from deployer.engine import DeployError, Engine, NotFound, _mapped
@@ -205,14 +206,19 @@ class SwarmScheduler:
                 pass
 
     async def instances(self, app: str) -> list[Running]:
-        """One entry per version's service: `running` while it has replicas."""
-        return [
-            Running(
-                id=str(s["ID"]),
-                name=str(s["Spec"]["Name"]),
-                version=str(s["Spec"]["Labels"].get(VERSION_LABEL, "")),
-                image=str(s["Spec"]["TaskTemplate"]["ContainerSpec"].get("Image", "")),
-                state="running" if replicas_of(s) else "exited",
+        """One entry per replica a version's service asks for, `running`, all with the
+        service's name as id (what `crashed`, `logs` and `remove_ids` take); a service
+        at 0 replicas is one `exited` entry, so a stopped version is still seen."""
+        out = []
+        for s in await self._services(app):
+            spec = s["Spec"]
+            entry = Running(
+                id=str(spec["Name"]),
+                name=str(spec["Name"]),
+                version=str(spec["Labels"].get(VERSION_LABEL, "")),
+                image=str(spec["TaskTemplate"]["ContainerSpec"].get("Image", "")),
+                state="running",
             )
-            for s in await self._services(app)
-        ]
+            replicas = replicas_of(s)
+            out += [entry] * replicas if replicas else [replace(entry, state="exited")]
+        return out
