@@ -214,3 +214,54 @@ def test_https_bind_auto_waits_for_a_certificate_an_address_binds_always() -> No
     assert render(["--https-bind", "off"], tls=True) is None
     with pytest.raises(SettingsError, match="--https-bind"):
         settings.load(["--https-bind", "nonsense"], {})
+
+
+def test_watcher_keeps_the_last_valid_certificate_of_a_name() -> None:
+    """CertWatcher's bookkeeping, fed etcd's shapes directly (no etcd needed for this)."""
+    from fluster.store import Event, KeyValue, WatchBatch
+    from reloader.certs import CertWatcher
+
+    def kv(name: str, value: str, rev: int) -> KeyValue:
+        return KeyValue(f"/fluster/certs/{name}", value.encode(), rev, rev)
+
+    watcher = CertWatcher(None, "/fluster")  # type: ignore[arg-type]
+    good = pem("web.test")
+    watcher.on_list(5, [kv("web.test", good, 5), kv("junk", "nope", 4)])
+    assert list(watcher.certs) == ["web.test"] and "junk" in watcher.rejected
+    fp = watcher.certs["web.test"].fingerprint
+    watcher.on_events(WatchBatch(6, (Event("put", kv("web.test", expired("web.test"), 6)),)))
+    assert watcher.certs["web.test"].fingerprint == fp, "the old one keeps serving"
+    assert "expired" in watcher.rejected["web.test"]
+    # a relist (after compaction) still remembers it while the key holds junk
+    watcher.on_list(7, [kv("web.test", "junk", 6)])
+    assert watcher.certs["web.test"].fingerprint == fp
+    newer = pem("web.test")
+    watcher.on_events(WatchBatch(8, (Event("put", kv("web.test", newer, 8)),)))
+    assert watcher.certs["web.test"].fingerprint != fp and "web.test" not in watcher.rejected
+    watcher.on_events(WatchBatch(9, (Event("delete", kv("web.test", "", 9)),)))
+    assert watcher.valid() == {} and watcher.rejected_total == 3
+
+
+def test_tls_files_hold_exactly_the_target(tmp_path: Path) -> None:
+    from reloader.certs import TlsFiles, TlsTarget
+    from reloader.model import RenderSettings
+
+    settings = RenderSettings(state_dir=tmp_path)
+    files = TlsFiles(settings, tmp_path / "admin.sock")
+    files.ensure_default()
+    default = settings.default_cert.read_text()
+    files.ensure_default()
+    assert settings.default_cert.read_text() == default, "made once, then kept"
+    assert settings.default_cert.stat().st_mode & 0o777 == 0o600
+    files.write(TlsTarget({"a": "A\n", "b": "B\n"}, {"a.test": "redirect"}, {"a.test": 60}))
+    assert settings.crt_list.read_text().splitlines() == [
+        str(files.cert_file("a")),
+        str(files.cert_file("b")),
+    ]
+    assert settings.https_map.read_text() == "a.test redirect\n"
+    assert settings.hsts_map.read_text() == "a.test 60\n"
+    assert files.cert_file("a").stat().st_mode & 0o777 == 0o600
+    files.write(TlsTarget({"b": "B2\n"}, {}, {}))
+    assert not files.cert_file("a").exists() and files.cert_file("b").read_text() == "B2\n"
+    assert settings.crt_list.read_text() == f"{files.cert_file('b')}\n"
+    assert settings.https_map.read_text() == ""
