@@ -22,7 +22,7 @@ from fluster.catalog import Catalog, Service, Snapshot
 from fluster.certs import Certificate, validate_cert_name
 from fluster.records import Instance, RecordError, ReloaderStatus, ServiceSpec
 from fluster.routing import claims, owner_of, routing
-from fluster.store import AuthError, Compacted, Conflict, Store, StoreError, Unavailable
+from fluster.store import AuthError, Compacted, Store, StoreError, Unavailable
 
 
 class Refused(Exception):
@@ -344,12 +344,12 @@ async def add_cert(store: Store, prefix: str, name: str, pem: str, *, replace: b
     """Validate and write a certificate; without `replace`, only if the name is free."""
     cert = Certificate.parse(name, pem)
     key = keys.cert_key(prefix, cert.name)
-    if replace:
-        return await store.put(key, cert.pem)
-    try:
-        return await store.replace(key, cert.pem, mod_revision=0)
-    except Conflict:
-        raise Refused(f"certificate {name!r} exists; --replace to rotate it") from None
+    _, current = await store.get(key)
+    if current is not None and not replace:
+        raise Refused(f"certificate {name!r} exists; --replace to rotate it")
+    # Compare-and-swap against what was read: two operators rotating at once conflict
+    # (exit 3) instead of one silently undoing the other.
+    return await store.replace(key, cert.pem, mod_revision=current.mod_revision if current else 0)
 
 
 async def remove_cert(store: Store, prefix: str, name: str) -> int:
