@@ -2,9 +2,8 @@
 
 The catalog is what the reloader renders from and what `fluster ls` prints. It holds
 exactly the state of etcd at one revision, never a mix: a watch response is applied
-whole before anything sees it. After a transient error it resumes from the last
-revision + 1 (nothing missed, nothing twice); when etcd has compacted that history it
-lists everything again, because skipping ahead would silently lose deletes.
+whole before anything sees it. Listing, resuming after a break and listing again after
+a compaction are `fluster.follow.Follow`'s; this module says what the records mean.
 
 Records that fail validation are skipped with one log line and a counter; they never
 reach a Snapshot and never hide the valid records beside them. An invalid spec is the
@@ -15,15 +14,15 @@ promotion and route every version again.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import structlog
 
 from fluster import keys
+from fluster.follow import Follow
 from fluster.records import (
     Instance,
     RecordError,
@@ -31,8 +30,7 @@ from fluster.records import (
     validate_instance_name,
     validate_service_name,
 )
-from fluster.runtime import Backoff
-from fluster.store import Compacted, Event, KeyValue, Store, Unavailable
+from fluster.store import Event, KeyValue, Store, Unavailable, WatchBatch
 
 log = structlog.get_logger("fluster.catalog")
 
@@ -107,7 +105,8 @@ class Catalog:
 
     `run(on_change)` runs until cancelled, calling `on_change(snapshot)` after the
     initial list, after each watch response that changed something and after each
-    resync. AuthError and WatchRefused propagate: retrying cannot fix them.
+    resync. Only Unavailable is retried: AuthError and WatchRefused propagate, since a
+    reloader that may not read the registry must stop rather than serve stale routes.
     """
 
     def __init__(
@@ -120,14 +119,16 @@ class Catalog:
     ) -> None:
         self.store = store
         self.prefix = prefix
-        self.clock = clock
-        self.progress_every = progress_every
         self.snapshot = Snapshot()
-        self.last_sync: float | None = None  # clock() when etcd last confirmed our state
         self.rejected_total = 0
         self.specs_kept_total = 0  # invalid specs answered by keeping the last good one
-        self.resyncs = 0
-        self.reconnects = 0
+        self.follow = Follow(
+            store,
+            keys.services_prefix(prefix),
+            progress_every=progress_every,
+            clock=clock,
+            retried=(Unavailable,),
+        )
         self._building: dict[str, _Building] = {}
         self._frozen: dict[str, Service] = {}
         self._rejected: dict[str, str] = {}
@@ -137,71 +138,58 @@ class Catalog:
     def revision(self) -> int:
         return self.snapshot.revision
 
+    @property
+    def last_sync(self) -> float | None:
+        """clock() when etcd last confirmed the state we hold."""
+        return self.follow.last_sync
+
+    @property
+    def resyncs(self) -> int:
+        return self.follow.resyncs
+
+    @property
+    def reconnects(self) -> int:
+        return self.follow.reconnects
+
     def sync_age(self) -> float | None:
         """Seconds since etcd last confirmed the state we hold; None before the first."""
-        return None if self.last_sync is None else self.clock() - self.last_sync
+        return self.follow.sync_age()
 
     # -- loading ------------------------------------------------------------------------
 
     async def load(self) -> Snapshot:
         """Replace all state with a fresh consistent read of the prefix."""
-        revision, kvs = await self.store.get_prefix(keys.services_prefix(self.prefix))
+        revision, kvs = await self.store.get_prefix(self.follow.prefix)
+        return self._listed(revision, kvs)
+
+    async def run(self, on_change: Callable[[Snapshot], None]) -> None:
+        """Follow the prefix until cancelled (a catalog loaded or run before resumes
+        from its revision rather than listing again)."""
+
+        def listed(revision: int, kvs: Sequence[KeyValue]) -> None:
+            on_change(self._listed(revision, kvs))
+
+        def changed(batch: WatchBatch) -> None:
+            touched = {
+                name
+                for name in (self._apply(ev, batch.revision) for ev in batch.events)
+                if name is not None
+            }
+            snapshot = self._publish(max(batch.revision, self.revision), touched)
+            if touched:
+                on_change(snapshot)
+
+        await self.follow.run(listed, changed)
+
+    def _listed(self, revision: int, kvs: Sequence[KeyValue]) -> Snapshot:
         self._building.clear()
         self._frozen.clear()
         self._rejected.clear()
         for kv in kvs:
             self._put(kv, revision)
-        return self._publish(revision, set(self._building))
-
-    async def run(self, on_change: Callable[[Snapshot], None]) -> None:
-        backoff = Backoff(base=0.1, cap=5.0)
-        need_list = self.snapshot.revision == 0  # a catalog run again resumes where it was
-        while True:
-            try:
-                if need_list:
-                    on_change(await self.load())
-                    need_list = False
-                    backoff.reset()
-                watch = self.store.watch(
-                    keys.services_prefix(self.prefix),
-                    self.revision + 1,
-                    progress_every=self.progress_every,
-                )
-                async for batch in watch:
-                    backoff.reset()
-                    self.last_sync = self.clock()
-                    if not batch.events:
-                        # A progress notification proves the stream alive, but etcd 3.4
-                        # can send it ahead of events still queued for this watcher
-                        # (etcd-io/etcd#15220): its revision is not ours to claim.
-                        continue
-                    touched = {
-                        name
-                        for name in (self._apply(ev, batch.revision) for ev in batch.events)
-                        if name is not None
-                    }
-                    snapshot = self._publish(max(batch.revision, self.revision), touched)
-                    if touched:
-                        on_change(snapshot)
-            except Compacted as exc:
-                self.resyncs += 1
-                need_list = True
-                log.warning(
-                    "watch history compacted, listing again",
-                    revision=self.revision,
-                    compact_revision=exc.compact_revision,
-                )
-            except Unavailable as exc:
-                self.reconnects += 1
-                delay = backoff.next_delay()
-                log.warning(
-                    "watch interrupted, resuming",
-                    revision=self.revision,
-                    error=str(exc),
-                    attempt=backoff.attempt,
-                    retry_in=round(delay, 2),
-                )
-                await asyncio.sleep(delay)
+        snapshot = self._publish(revision, set(self._building))
+        self.follow.synced(revision)
+        return snapshot
 
     # -- applying records ---------------------------------------------------------------
 
@@ -287,5 +275,4 @@ class Catalog:
             services=MappingProxyType(dict(sorted(self._frozen.items()))),
             rejected=MappingProxyType(dict(self._rejected)),
         )
-        self.last_sync = self.clock()
         return self.snapshot

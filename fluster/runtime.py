@@ -163,7 +163,11 @@ class Backoff:
     attempt: int = 0
     rng: random.Random = field(default_factory=random.Random)
 
-    def next_delay(self) -> float:
+    def next_delay(self, cap: float | None = None) -> float:
+        """The next delay; `cap` replaces the cap (an error that retrying will not fix
+        soon earns a longer one)."""
+        if cap is not None:
+            self.cap = cap
         ceiling = min(self.cap, self.base * (2 ** min(self.attempt, 32)))
         self.attempt += 1
         return self.rng.uniform(ceiling / 2, ceiling)
@@ -172,11 +176,8 @@ class Backoff:
         self.attempt = 0
 
     async def sleep(self, stop: asyncio.Event | None = None, *, cap: float | None = None) -> None:
-        """Sleep the next delay, waking early if `stop` is set; `cap` replaces the cap
-        (an error that retrying will not fix soon earns a longer one)."""
-        if cap is not None:
-            self.cap = cap
-        delay = self.next_delay()
+        """Sleep the next delay (see `next_delay`), waking early if `stop` is set."""
+        delay = self.next_delay(cap)
         if stop is None:
             await asyncio.sleep(delay)
             return

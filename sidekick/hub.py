@@ -7,21 +7,22 @@ answers both for any number of local instances of the service, and costs no requ
 while nothing changes: progress requests are rare (`PROGRESS_EVERY`), since a frozen
 member is already detected by the channel's HTTP/2 keepalive pings.
 
-The watch starts from a snapshot (range-get) and resumes from the last revision after
-a broken stream; compaction means a new snapshot, so no delete is ever missed.
+List, watch, resume and relist are `fluster.follow.Follow`'s, so no delete is ever
+missed; this module says what a listed or changed key means to the registrations.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 
+from fluster.follow import Follow
 from fluster.keys import service_prefix, spec_key
 from fluster.records import RecordError, ServiceSpec
-from fluster.store import Compacted, Event, Store, StoreError, retry_backoff, retry_cap
+from fluster.store import Event, KeyValue, Store, WatchBatch
 from sidekick.registration import Registration
 
 log = structlog.get_logger("sidekick.hub")
@@ -40,6 +41,7 @@ class ServiceWatch:
         self.registrations: dict[str, Registration] = {}
         self.log = log.bind(service=service)
         self.task: asyncio.Task[None] | None = None
+        self.follow = Follow(store, self.prefix, progress_every=PROGRESS_EVERY)
 
     def add(self, reg: Registration) -> None:
         self.registrations[reg.key] = reg
@@ -47,32 +49,10 @@ class ServiceWatch:
             reg.observe_spec(self.spec)
 
     async def run(self) -> None:
-        backoff = retry_backoff()
-        revision = 0
-        while True:
-            try:
-                if revision == 0:
-                    revision = await self._snapshot()
-                async for batch in self.store.watch(
-                    self.prefix, revision + 1, progress_every=PROGRESS_EVERY
-                ):
-                    for event in batch.events:
-                        self._apply(event)
-                    if batch.events:  # not a progress notice: etcd-io/etcd#15220
-                        revision = max(revision, batch.revision)
-                    backoff.reset()
-            except Compacted:
-                self.log.info("watch history compacted, resyncing")
-                revision = 0
-            except StoreError as exc:
-                # Refused (no permission on this service): retrying fast will not help.
-                self.log.warning(
-                    "service watch failed, retrying", error=str(exc), attempt=backoff.attempt + 1
-                )
-                await backoff.sleep(cap=retry_cap(exc))
+        """Follow the service's keys until cancelled; every error is retried."""
+        await self.follow.run(self._listed, self._changed)
 
-    async def _snapshot(self) -> int:
-        revision, kvs = await self.store.get_prefix(self.prefix)
+    def _listed(self, revision: int, kvs: Sequence[KeyValue]) -> None:
         present = {kv.key for kv in kvs}
         spec = ServiceSpec()
         for kv in kvs:
@@ -82,7 +62,10 @@ class ServiceWatch:
         for reg in self.registrations.values():
             if reg.key not in present and reg.put_revision <= revision:
                 reg.key_deleted(revision)
-        return revision
+
+    def _changed(self, batch: WatchBatch) -> None:
+        for event in batch.events:
+            self._apply(event)
 
     def _apply(self, event: Event) -> None:
         if event.kv.key == self.spec_key:
