@@ -113,42 +113,75 @@ class TaskDied(Exception):
 
 
 class Supervisor:
-    """Owns the named long-lived tasks of a process.
+    """Owns every background task of a process; modelled on kopf's guarded tasks.
 
-    `wait()` returns when `stop` is set and raises TaskDied as soon as any task ends
-    on its own: a background loop that quietly stops is how a discovery daemon ends up
-    serving stale state for days, so we prefer to exit and let systemd/Docker restart us.
+    Two kinds: `start` a task that should run until cancelled (a watch, a health check,
+    a registration's writer), `spawn` one that may end (a deregistration, a cleanup).
+    A started task that returns or raises makes `wait()` raise TaskDied, also when it
+    was started after `wait()` began: a background loop that quietly stops is how a
+    discovery daemon ends up serving stale state for days, so we prefer to exit and let
+    systemd/Docker restart us. A spawned task's failure is logged, never silent.
+    Cancelling a task (its owner's decision, or shutdown) is not a death.
     """
 
     def __init__(self) -> None:
-        self.tasks: dict[str, asyncio.Task[Any]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._died: asyncio.Future[TaskDied] | None = None
 
     def start(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro, name=name)
-        self.tasks[name] = task
+        """Run `coro` until cancelled; its end stops the process (see `wait`)."""
+        return self._track(asyncio.create_task(coro, name=name), forever=True)
+
+    def spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run `coro` to its end in the background; a failure is logged."""
+        return self._track(asyncio.create_task(coro, name=name), forever=False)
+
+    def _track(self, task: asyncio.Task[Any], *, forever: bool) -> asyncio.Task[Any]:
+        self._tasks.add(task)
+        task.add_done_callback(lambda done: self._ended(done, forever))
         return task
 
+    def _ended(self, task: asyncio.Task[Any], forever: bool) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if not forever:
+            if exc is not None:
+                log.error("background task failed", task=task.get_name(), error=repr(exc))
+            return
+        log.error("task ended unexpectedly", task=task.get_name(), error=repr(exc))
+        died = self._death()
+        if not died.done():
+            death = TaskDied(f"task {task.get_name()} ended: {exc!r}")
+            death.__cause__ = exc
+            died.set_result(death)
+
+    def _death(self) -> asyncio.Future[TaskDied]:
+        if self._died is None:
+            self._died = asyncio.get_running_loop().create_future()
+        return self._died
+
     async def wait(self, stop: asyncio.Event) -> None:
-        stopper = asyncio.create_task(stop.wait(), name="stop-signal")
+        """Return when `stop` is set; raise TaskDied as soon as a started task ends."""
+        died = self._death()
+        stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         try:
-            done, _ = await asyncio.wait(
-                [stopper, *self.tasks.values()], return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait([stopper, died], return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopper.cancel()
-        for task in done:
-            if task is stopper:
-                continue
-            exc = None if task.cancelled() else task.exception()
-            log.error("task ended unexpectedly", task=task.get_name(), error=repr(exc))
-            raise TaskDied(f"task {task.get_name()} ended: {exc!r}") from exc
+        if died.done():
+            raise died.result()
+
+    async def cancel(self, *tasks: asyncio.Task[Any], grace: float = 5.0) -> None:
+        """Cancel `tasks` and wait up to `grace` seconds for them to finish."""
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
 
     async def cancel_all(self, grace: float = 5.0) -> None:
-        for task in self.tasks.values():
-            task.cancel()
-        if self.tasks:
-            await asyncio.wait(self.tasks.values(), timeout=grace)
-        self.tasks.clear()
+        await self.cancel(*self._tasks, grace=grace)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
@@ -424,10 +425,11 @@ class Reloader:
         status = StatusServer(
             self.status, self.healthy, self.acme.answer if self.acme is not None else None
         )
+        intake: list[asyncio.Task[Any]] = []  # what takes changes in: stopped first
         try:
             await self.store.connect()
-            supervisor.start("catalog", self.catalog.run(self.on_snapshot))
-            supervisor.start("certs", self.certs.run())
+            intake.append(supervisor.start("catalog", self.catalog.run(self.on_snapshot)))
+            intake.append(supervisor.start("certs", self.certs.run()))
             try:
                 first = await self._install_first_config()
             except (Rejected, RenderError) as exc:
@@ -442,7 +444,7 @@ class Reloader:
             if first is not None and first.revision:
                 self.publisher.publish(first.revision)
             supervisor.start("haproxy", self.haproxy.supervise())
-            supervisor.start("pipeline", self.pipeline())
+            intake.append(supervisor.start("pipeline", self.pipeline()))
             supervisor.start("publisher", self.publisher.run())
             try:
                 await status.start(*self.settings.status_bind)
@@ -466,13 +468,12 @@ class Reloader:
                 return 1
             return 0
         finally:
-            await self._shutdown(supervisor, status)
+            await self._shutdown(supervisor, intake, status)
 
-    async def _shutdown(self, supervisor: Supervisor, status: StatusServer) -> None:
-        for name in ("pipeline", "catalog", "certs"):
-            task = supervisor.tasks.pop(name, None)
-            if task is not None:
-                task.cancel()
+    async def _shutdown(
+        self, supervisor: Supervisor, intake: list[asyncio.Task[Any]], status: StatusServer
+    ) -> None:
+        await supervisor.cancel(*intake)
         # The last runtime apply's file, so that the next start serves the same.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.applier.flush(), 10)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,7 @@ import structlog
 
 from fluster.keys import instance_key, parse_key, services_prefix
 from fluster.records import Instance, RecordError
-from fluster.runtime import Backoff
+from fluster.runtime import Backoff, Supervisor
 from fluster.store import AuthError, Store, StoreError
 from sidekick.docker import ContainerGone, Docker, DockerEvent, DockerUnavailable
 from sidekick.health import HealthGate, Probe, docker_healthy, make_probe, watch_health
@@ -45,42 +44,24 @@ class Tracked:
 
 class Sidekick:
     def __init__(
-        self, settings: Settings, store: Store, docker: Docker | None, node: str, detected_ip: str
+        self,
+        settings: Settings,
+        store: Store,
+        docker: Docker | None,
+        node: str,
+        detected_ip: str,
+        supervisor: Supervisor,
     ) -> None:
         self.s, self.store, self.docker = settings, store, docker
         self.node, self.detected_ip = node, detected_ip
-        self.hub = Hub(store, settings.prefix, on_task=self.guard)
+        self.supervisor = supervisor  # every task of ours: one that dies stops the process
+        self.hub = Hub(store, settings.prefix, supervisor)
         self.tracked: dict[str, Tracked] = {}  # container id (or "static") -> registration
         self.leaving: dict[str, Registration] = {}  # draining after a stop
-        self.crashed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
-        self._background: set[asyncio.Task[Any]] = set()
+        self._deregistering: set[asyncio.Task[Any]] = set()  # waited for at shutdown
 
     def registrations(self) -> list[Registration]:
         return [t.reg for t in self.tracked.values()] + list(self.leaving.values())
-
-    def _crash(self, exc: BaseException) -> None:
-        if not self.crashed.done():
-            self.crashed.set_result(exc)
-
-    def guard(self, task: asyncio.Task[Any]) -> None:
-        """A task meant to run until cancelled that ends anyway stops the process."""
-
-        def done(task: asyncio.Task[Any]) -> None:
-            if not task.cancelled():
-                self._crash(task.exception() or RuntimeError(f"{task.get_name()} ended"))
-
-        task.add_done_callback(done)
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._background.add(task)
-
-        def done(task: asyncio.Task[Any]) -> None:
-            self._background.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                log.error("background task failed", task=name, error=repr(task.exception()))
-
-        task.add_done_callback(done)
 
     # -- adding and removing ------------------------------------------------------------
 
@@ -98,16 +79,15 @@ class Sidekick:
         tracked = Tracked(plan, reg)
         if probe is not None:
             gate = HealthGate(self.s.rise, self.s.fall)
-            tracked.health = asyncio.create_task(
+            tracked.health = self.supervisor.start(
+                f"health {plan.name}",
                 watch_health(probe, gate, self.s.check_interval, reg.set_healthy),
-                name=f"health {plan.name}",
             )
-            self.guard(tracked.health)
         if self.s.on_retire == "stop" and self.docker is not None and key != "static":
-            reg.on_retired = lambda: self._spawn(self._stop_container(key, reg), f"stop {key}")
+            reg.on_retired = lambda: self._stop_container(key, reg)
         self.tracked[key] = tracked
         self.hub.add(reg)
-        reg.start(self._crash)
+        reg.start(self.supervisor)
         log.info(
             "tracking",
             service=plan.service,
@@ -130,7 +110,9 @@ class Sidekick:
         self.leaving[key] = tracked.reg
         if died:
             tracked.reg.container_died()
-        self._spawn(self._close(key, tracked.reg), f"deregister {key}")
+        task = self.supervisor.spawn(f"deregister {key}", self._close(key, tracked.reg))
+        self._deregistering.add(task)
+        task.add_done_callback(self._deregistering.discard)
 
     async def _close(self, key: str, reg: Registration) -> None:
         try:
@@ -140,21 +122,24 @@ class Sidekick:
             if self.leaving.get(key) is reg:
                 del self.leaving[key]
 
-    async def _stop_container(self, key: str, reg: Registration) -> None:
-        assert self.docker is not None
-        reg.log.info("stopping retired container", container=key[:12])
-        with contextlib.suppress(ContainerGone, DockerUnavailable):
-            await self.docker.stop(key)
+    def _stop_container(self, key: str, reg: Registration) -> None:
+        docker = self.docker
+        assert docker is not None
+
+        async def stop() -> None:
+            reg.log.info("stopping retired container", container=key[:12])
+            with contextlib.suppress(ContainerGone, DockerUnavailable):
+                await docker.stop(key)
+
+        self.supervisor.spawn(f"stop {key}", stop())
 
     async def shutdown(self) -> None:
-        """SIGTERM: drain and deregister everything, in parallel, bounded."""
+        """SIGTERM: drain and deregister everything, in parallel, bounded; the
+        supervisor cancels what is left afterwards."""
         for key in list(self.tracked):
             self.leave(key, died=False)
-        pending = [t for t in self._background if t.get_name().startswith("deregister")]
-        if pending:
-            await asyncio.wait(pending, timeout=self.s.drain_seconds + 10)
-        for task in list(self._background):
-            task.cancel()
+        if self._deregistering:
+            await asyncio.wait(self._deregistering, timeout=self.s.drain_seconds + 10)
         for reg in self.registrations():
             await reg.cancel()
         await self.hub.close()
@@ -211,7 +196,7 @@ class Sidekick:
                 log.info("container gone while we were not looking", container=cid[:12])
                 self.leave(cid, died=True)
         if self.s.mode == "all":
-            self._spawn(self.remove_zombies(set(running)), "remove zombies")
+            self.supervisor.spawn("remove zombies", self.remove_zombies(set(running)))
 
     async def remove_zombies(self, running: set[str]) -> None:
         """Delete records of this node naming containers that no longer run."""

@@ -12,6 +12,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 
@@ -54,9 +55,10 @@ async def serve(s: Settings) -> int:
     # Docker modes learn the node name from dockerd (the host's name even when the
     # sidekick itself runs in a container) unless --node says otherwise.
     node = node_name(s.node) if s.node or s.mode == "static" else ""
-    sidekick = Sidekick(s, store, docker, node, s.advertise_ip or detect_ip())
     supervisor = Supervisor()
+    sidekick = Sidekick(s, store, docker, node, s.advertise_ip or detect_ip(), supervisor)
     status_path = s.state_dir / s.status_name
+    intake: list[asyncio.Task[Any]] = []
     code = 0
     log.info(
         "sidekick starting",
@@ -72,9 +74,10 @@ async def serve(s: Settings) -> int:
             if s.mode == "static":
                 sidekick.start_static()
             else:
-                supervisor.start("docker events", sidekick.follow_docker())
-            supervisor.start("status file", write_status(sidekick, status_path, s.ttl / 3))
-            supervisor.start("registrations", crashed(sidekick))
+                intake.append(supervisor.start("docker events", sidekick.follow_docker()))
+            intake.append(
+                supervisor.start("status file", write_status(sidekick, status_path, s.ttl / 3))
+            )
             await supervisor.wait(stop)
         except PlanError as exc:
             log.error("cannot register", error=str(exc))
@@ -82,8 +85,9 @@ async def serve(s: Settings) -> int:
         except TaskDied:
             code = 1
         finally:
-            await supervisor.cancel_all()
+            await supervisor.cancel(*intake)  # no new registrations while we drain
             await sidekick.shutdown()
+            await supervisor.cancel_all()
             with contextlib.suppress(OSError):
                 status_path.unlink()
             if docker is not None:
@@ -118,13 +122,6 @@ async def write_status(sidekick: Sidekick, path: os.PathLike[str], every: float)
         except OSError as exc:
             log.warning("cannot write status file", path=str(path), error=str(exc))
         await asyncio.sleep(every)
-
-
-async def crashed(sidekick: Sidekick) -> None:
-    """Ends (and so stops the process, loudly) if a registration or health task died."""
-    exc = await sidekick.crashed
-    log.error("registration task died", error=repr(exc))
-    raise exc
 
 
 if __name__ == "__main__":

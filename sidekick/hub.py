@@ -14,14 +14,14 @@ missed; this module says what a listed or changed key means to the registrations
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import structlog
 
 from fluster.follow import Follow
 from fluster.keys import service_prefix, spec_key
 from fluster.records import RecordError, ServiceSpec
+from fluster.runtime import Supervisor
 from fluster.store import Event, KeyValue, Store, WatchBatch
 from sidekick.registration import Registration
 
@@ -97,19 +97,16 @@ class ServiceWatch:
 class Hub:
     """The service watches of one sidekick process; a watch lives while it has users."""
 
-    def __init__(
-        self, store: Store, prefix: str, on_task: Callable[[asyncio.Task[None]], None]
-    ) -> None:
+    def __init__(self, store: Store, prefix: str, supervisor: Supervisor) -> None:
         self.store, self.prefix = store, prefix
-        self.on_task = on_task  # guards each watch task: one that ends stops the process
+        self.supervisor = supervisor  # a watch task that ends stops the process
         self.watches: dict[str, ServiceWatch] = {}
 
     def add(self, reg: Registration) -> None:
         watch = self.watches.get(reg.service)
         if watch is None:
             watch = self.watches[reg.service] = ServiceWatch(self.store, self.prefix, reg.service)
-            watch.task = asyncio.create_task(watch.run(), name=f"watch {watch.prefix}")
-            self.on_task(watch.task)
+            watch.task = self.supervisor.start(f"watch {watch.prefix}", watch.run())
         watch.add(reg)
 
     async def remove(self, reg: Registration) -> None:
@@ -119,16 +116,9 @@ class Hub:
         del watch.registrations[reg.key]
         if not watch.registrations:
             del self.watches[reg.service]
-            await _cancel(watch.task)
+            if watch.task is not None:
+                await self.supervisor.cancel(watch.task)
 
     async def close(self) -> None:
         watches, self.watches = list(self.watches.values()), {}
-        for watch in watches:
-            await _cancel(watch.task)
-
-
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await self.supervisor.cancel(*(w.task for w in watches if w.task is not None))

@@ -28,6 +28,7 @@ import structlog
 
 from fluster.lease import Lease, hex_id
 from fluster.records import Instance, RecordError, ServiceSpec
+from fluster.runtime import Supervisor
 from fluster.store import LeaseLost, Store, StoreError, retry_backoff, retry_cap
 
 log = structlog.get_logger("sidekick.registration")
@@ -175,14 +176,9 @@ class Registration:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def start(self, on_crash: Callable[[BaseException], None]) -> None:
-        self._task = asyncio.create_task(self.run(), name=f"register {self.key}")
-
-        def done(task: asyncio.Task[None]) -> None:
-            if not task.cancelled() and task.exception() is not None:
-                on_crash(task.exception())  # type: ignore[arg-type]
-
-        self._task.add_done_callback(done)
+    def start(self, supervisor: Supervisor) -> None:
+        """Run the writer under `supervisor`: if it ever dies, the process stops."""
+        self._task = supervisor.start(f"register {self.key}", self.run())
         self._poke()
 
     async def close(self, *, limit: float | None = None) -> None:
