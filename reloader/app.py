@@ -59,14 +59,12 @@ class Reloader:
         self.guard = RemovalGuard(settings.max_removal_pct, settings.removal_hold, settings.guard)
         self.haproxy = Haproxy(
             settings.haproxy,
-            rs.config_file,
-            rs.master_socket,
-            rs.state_dir / "haproxy.pid",
+            rs.files.config,
+            rs.files.master_socket,
+            rs.files.pid_file,
             on_restart=self._haproxy_restarted,
         )
-        self.applier = Applier(
-            self.haproxy, settings.haproxy, rs.state_dir, rs.admin_socket, renderer
-        )
+        self.applier = Applier(self.haproxy, settings.haproxy, rs.files, renderer)
         self.applier.on_late_rejection = self._late_rejection
         self.publisher = Publisher(self.store, settings.prefix, settings.reloader_id, settings.node)
         self.stats = Stats()

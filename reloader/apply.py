@@ -34,6 +34,7 @@ from reloader.model import Model
 from reloader.pool import Placement, free_slots, place
 from reloader.render import Rendered, Renderer, RenderError
 from reloader.runtime_api import RuntimeApi, plan
+from reloader.state_dir import StateDir
 
 log = structlog.get_logger("reloader.apply")
 
@@ -88,22 +89,14 @@ class Applier:
         self,
         haproxy: Haproxy,
         binary: str,
-        state_dir: Path,
-        admin_socket: Path,
+        files: StateDir,
         renderer: Renderer,
     ) -> None:
         self.haproxy = haproxy
         self.binary = binary
         self.renderer = renderer
-        self.state_dir = state_dir
-        self.admin_socket = admin_socket
-        self.live_file = state_dir / "haproxy.cfg"
-        self.candidate = state_dir / "haproxy.cfg.candidate"
-        self.rejected = state_dir / "haproxy.cfg.rejected"
-        self.last_good = state_dir / "haproxy.cfg.last-good"
-        self.state_file = state_dir / "server-state"
-        self.routes_file = state_dir / "routes.map"
-        self.runtime = RuntimeApi(admin_socket, self.routes_file)
+        self.files = files
+        self.runtime = RuntimeApi(files.admin_socket, files.routes_map)
         self.live: Rendered | None = None
         self.on_late_rejection: Callable[[str], None] | None = None
         self._installed: Rendered | None = None  # the last config that passed `haproxy -c`
@@ -116,7 +109,7 @@ class Applier:
         return free_slots(self.live.model) if self.live is not None else 0
 
     async def admin(self, command: str) -> str:
-        return await cli(self.admin_socket, command)
+        return await cli(self.files.admin_socket, command)
 
     async def validate(self, text: str) -> None:
         error = await check_config(self.binary, self._write_candidate(text))
@@ -126,21 +119,21 @@ class Applier:
         raise Rejected(error)
 
     def _write_candidate(self, text: str) -> Path:
-        write_atomic(self.candidate, text)
-        return self.candidate
+        write_atomic(self.files.candidate, text)
+        return self.files.candidate
 
     def _keep_rejected(self, text: str, error: str) -> None:
-        write_atomic(self.rejected, text)
-        write_atomic(self.rejected.with_name(self.rejected.name + ".txt"), error + "\n")
+        write_atomic(self.files.rejected, text)
+        write_atomic(self.files.rejected_reason, error + "\n")
 
     async def initial(self, rendered: Rendered) -> None:
         """Before HAProxy starts: validate and install the first config."""
-        if not self.state_file.exists():
-            self.state_file.write_text("1\n")  # the format version, no servers
-        write_atomic(self.routes_file, rendered.routes)
+        if not self.files.server_state.exists():
+            self.files.server_state.write_text("1\n")  # the format version, no servers
+        write_atomic(self.files.routes_map, rendered.routes)
         await self.validate(rendered.text)
-        os.replace(self.candidate, self.live_file)
-        write_atomic(self.last_good, rendered.text)
+        os.replace(self.files.candidate, self.files.config)
+        write_atomic(self.files.last_good, rendered.text)
         self.live = self._installed = rendered
 
     async def initial_from_file(self, placeholder: Rendered) -> bool:
@@ -148,12 +141,12 @@ class Applier:
 
         Its structure is unknown to us, so the first real apply is a reload.
         """
-        if not self.live_file.is_file():
+        if not self.files.config.is_file():
             return False
-        if await check_config(self.binary, self.live_file) is not None:
+        if await check_config(self.binary, self.files.config) is not None:
             return False
-        text = self.live_file.read_text()
-        routes = self.routes_file.read_text() if self.routes_file.is_file() else ""
+        text = self.files.config.read_text()
+        routes = self.files.routes_map.read_text() if self.files.routes_map.is_file() else ""
         self.live = self._installed = Rendered(text, placeholder.model, routes, known=False)
         return True
 
@@ -201,8 +194,8 @@ class Applier:
         except RenderError:
             self.live = replace(self.live, known=False)
             raise
-        write_atomic(self.routes_file, rendered.routes)
-        write_atomic(self.live_file, rendered.text)
+        write_atomic(self.files.routes_map, rendered.routes)
+        write_atomic(self.files.config, rendered.text)
         self.live = rendered
         if self.unchecked_since is None:
             self.unchecked_since = time.monotonic()
@@ -214,12 +207,12 @@ class Applier:
         live = self.live
         if self.unchecked_since is None or live is None:
             return
-        error = await check_config(self.binary, self.live_file)
+        error = await check_config(self.binary, self.files.config)
         if self.live is not live:
             return  # an apply ran meanwhile: it has its own file to check
         self.unchecked_since = None
         if error is None:
-            write_atomic(self.last_good, live.text)
+            write_atomic(self.files.last_good, live.text)
             self._installed = live
             return
         self._keep_rejected(live.text, error)
@@ -253,7 +246,7 @@ class Applier:
         except HaproxyError as exc:
             log.warning("could not save server state before reload", error=str(exc))
             return
-        write_atomic(self.state_file, filter_server_state(dump, model))
+        write_atomic(self.files.server_state, filter_server_state(dump, model))
 
     async def _reload(self, rendered: Rendered) -> None:
         assert self._installed is not None
@@ -261,14 +254,14 @@ class Applier:
         await self._save_server_state(rendered.model)
         # The map's values are only backend names and its keys safe tokens: it cannot make
         # a config invalid, so the one validated beside the old map is valid with the new.
-        write_atomic(self.routes_file, rendered.routes)
-        os.replace(self.candidate, self.live_file)
+        write_atomic(self.files.routes_map, rendered.routes)
+        os.replace(self.files.candidate, self.files.config)
         try:
             await self.haproxy.reload()
         except HaproxyError as exc:
             log.error("reload failed, restoring the last good config", error=str(exc))
-            write_atomic(self.routes_file, previous.routes)
-            write_atomic(self.live_file, previous.text)
+            write_atomic(self.files.routes_map, previous.routes)
+            write_atomic(self.files.config, previous.text)
             self.live = previous
             try:
                 await self.haproxy.reload()
@@ -277,7 +270,7 @@ class Applier:
             raise ApplyFailed(str(exc)) from exc
         finally:
             self.runtime.forget()
-        write_atomic(self.last_good, rendered.text)
+        write_atomic(self.files.last_good, rendered.text)
         self.live = self._installed = rendered
         self.unchecked_since = None
 
@@ -285,7 +278,7 @@ class Applier:
         """HAProxy was restarted from the live file: nothing is pending any more, and
         what runs is that file, which the next apply reloads if it differs."""
         self.runtime.forget()
-        if self.live is not None and self.live_file.read_text() != self.live.text:
-            text = self.live_file.read_text()
-            routes = self.routes_file.read_text() if self.routes_file.is_file() else ""
+        if self.live is not None and self.files.config.read_text() != self.live.text:
+            text = self.files.config.read_text()
+            routes = self.files.routes_map.read_text() if self.files.routes_map.is_file() else ""
             self.live = Rendered(text, self.live.model, routes, known=False)

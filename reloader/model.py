@@ -25,6 +25,7 @@ from typing import Final
 from fluster import routing
 from fluster.catalog import Service, Snapshot
 from fluster.records import Instance
+from reloader.state_dir import StateDir
 from reloader.targets import HostFacts, TargetPolicy, target_problem
 
 # Balance algorithms that accept dynamic servers and runtime weight changes.
@@ -102,25 +103,21 @@ class RenderSettings:
     acme_backend: tuple[str, int] | None = None
 
     @property
-    def admin_socket(self) -> Path:
-        return self.state_dir / "admin.sock"
+    def files(self) -> StateDir:
+        """The state directory's files; the template prints a few of them."""
+        return StateDir(self.state_dir)
 
     @property
-    def master_socket(self) -> Path:
-        return self.state_dir / "master.sock"
+    def admin_socket(self) -> Path:
+        return self.files.admin_socket
 
     @property
     def server_state_file(self) -> Path:
-        return self.state_dir / "server-state"
-
-    @property
-    def config_file(self) -> Path:
-        return self.state_dir / "haproxy.cfg"
+        return self.files.server_state
 
     @property
     def routes_map(self) -> Path:
-        """The HTTP frontend's routing table: `host/path-prefix/ backend` per line."""
-        return self.state_dir / "routes.map"
+        return self.files.routes_map
 
     # HTTPS state lives beside the config, not in it (reloader.certs keeps these files
     # and HAProxy's memory in step through the runtime API): a certificate or a policy
