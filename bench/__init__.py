@@ -1,4 +1,4 @@
-"""Benchmarks for fluster (issue 7): convergence, reload safety, storms, scale, footprint.
+"""Benchmarks for fluster: convergence, reload safety, storms, scale, footprint.
 
 `python -m bench` runs every row against real etcd, real HAProxy and the real reloader and
 sidekick, next to a naive confd-style baseline (bench/baseline.py), prints a markdown

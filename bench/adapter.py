@@ -16,15 +16,13 @@ import functools
 import re
 import sys
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fluster.catalog import Snapshot
 from reloader.model import RenderSettings, backend_name
 from reloader.render import Renderer
-
-if TYPE_CHECKING:
-    from bench.pipelines import Counts, Pipeline
+from reloader.state_dir import StateDir
 
 _APPLIES = re.compile(r'^reloader_applies_total\{kind="(\w+)"\} (\S+)$', re.M)
 _DURATION = re.compile(r"^reloader_apply_duration_seconds_(sum|count) (\S+)$", re.M)
@@ -65,7 +63,7 @@ def service_of_backend(backend: str) -> str:
 def pooled_backends(state_dir: Path) -> dict[str, str]:
     """pool_N -> service, from the reloader's routes map (`SERVICE.localhost/ pool_N`)."""
     try:
-        lines = (state_dir / "routes.map").read_text().splitlines()
+        lines = StateDir(state_dir).routes_map.read_text().splitlines()
     except OSError:
         return {}
     out = {}
@@ -76,24 +74,46 @@ def pooled_backends(state_dir: Path) -> dict[str, str]:
     return out
 
 
-def reloader_command(p: Pipeline) -> list[str]:
+def reloader_command(
+    *, state_dir: Path, http_port: int, status_port: int, etcd_endpoints: str, prefix: str
+) -> list[str]:
     return [
         str(Path(sys.executable).with_name("reloader")),
         "run",
-        "--state-dir", str(p.state_dir),
-        "--http-bind", f"127.0.0.1:{p.http_port}",
-        "--status-bind", f"127.0.0.1:{p.status_port}",
-        "--etcd-endpoints", p.etcd_endpoints,
-        "--prefix", p.prefix,
+        "--state-dir", str(state_dir),
+        "--http-bind", f"127.0.0.1:{http_port}",
+        "--status-bind", f"127.0.0.1:{status_port}",
+        "--etcd-endpoints", etcd_endpoints,
+        "--prefix", prefix,
         "--http-pool", str(POOL),
         "--log-level", "warning",
     ]  # fmt: skip
 
 
-def reloader_counts(p: Pipeline) -> Counts:
-    from bench.pipelines import Counts
+@dataclass(frozen=True, slots=True)
+class Counts:
+    applies: int = 0  # config changes applied in any way
+    reloads: int = 0  # of which: HAProxy reloads/restarts (new processes)
+    runtime: int = 0  # of which: through the runtime API only
+    apply_seconds: float = 0.0  # total time spent applying (render -> HAProxy has it)
+    timed: int = 0  # applies that apply_seconds covers
 
-    url = f"http://127.0.0.1:{p.status_port}/metrics"
+    def __sub__(self, other: Counts) -> Counts:
+        return Counts(
+            self.applies - other.applies,
+            self.reloads - other.reloads,
+            self.runtime - other.runtime,
+            self.apply_seconds - other.apply_seconds,
+            self.timed - other.timed,
+        )
+
+    @property
+    def mean_apply(self) -> float | None:
+        return self.apply_seconds / self.timed if self.timed else None
+
+
+def reloader_counts(status_port: int) -> Counts:
+    url = f"http://127.0.0.1:{status_port}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=2) as reply:  # loopback only
             text = reply.read().decode()

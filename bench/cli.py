@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from bench import adapter, cdf, report, routing, scenarios, tls
 from bench.backends import Backends, raise_fd_limit
 from bench.report import Row, ms, ratio
 from fluster.store import EtcdSettings, Store
-from tests.support.etcd import Etcd
+from testbed.etcd import Etcd
 
 ROWS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P10", "H1")
 DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
@@ -588,11 +589,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else list(argv))
-    with tempfile.TemporaryDirectory(prefix="fluster-bench-") as tmp:
-        work = Path(tmp)
+    work = Path(tempfile.mkdtemp(prefix="fluster-bench-"))
+    try:
         rows, notes = asyncio.run(run(args, work))
+    finally:
         if args.keep:
             print(f"[bench] work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     took = time.monotonic() - started
     notes.append(
         f"1-minute load average {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the "

@@ -1,6 +1,6 @@
 """The two things being compared, behind one small interface.
 
-`Ours` runs `reloader run` (issue 4); `Naive` runs bench/baseline.py. Both are started as
+`Ours` runs `reloader run`; `Naive` runs bench/baseline.py. Both are started as
 separate processes on their own etcd prefix, HTTP port and state directory, so a row
 measures whole processes (their CPU, their RSS) the way they run in production.
 """
@@ -13,33 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from bench import adapter
-
-
-@dataclass(frozen=True, slots=True)
-class Counts:
-    applies: int = 0  # config changes applied in any way
-    reloads: int = 0  # of which: HAProxy reloads/restarts (new processes)
-    runtime: int = 0  # of which: through the runtime API only
-    apply_seconds: float = 0.0  # total time spent applying (render -> HAProxy has it)
-    timed: int = 0  # applies that apply_seconds covers
-
-    def __sub__(self, other: Counts) -> Counts:
-        return Counts(
-            self.applies - other.applies,
-            self.reloads - other.reloads,
-            self.runtime - other.runtime,
-            self.apply_seconds - other.apply_seconds,
-            self.timed - other.timed,
-        )
-
-    @property
-    def mean_apply(self) -> float | None:
-        return self.apply_seconds / self.timed if self.timed else None
+from bench.adapter import Counts
+from reloader.state_dir import StateDir
 
 
 class Pipeline:
@@ -95,8 +73,12 @@ class Pipeline:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def config_file(self) -> Path:
+        return StateDir(self.state_dir).config
+
     def config_text(self) -> str:
-        path = self.state_dir / "haproxy.cfg"
+        path = self.config_file
         return path.read_text() if path.exists() else ""
 
     def stats_socket(self) -> Path | None:
@@ -144,10 +126,16 @@ class Ours(Pipeline):
     label = "reloader run"
 
     def command(self) -> list[str]:
-        return adapter.reloader_command(self)
+        return adapter.reloader_command(
+            state_dir=self.state_dir,
+            http_port=self.http_port,
+            status_port=self.status_port,
+            etcd_endpoints=self.etcd_endpoints,
+            prefix=self.prefix,
+        )
 
     def counts(self) -> Counts:
-        return adapter.reloader_counts(self)
+        return adapter.reloader_counts(self.status_port)
 
 
 def haproxy_pids(state_dir: Path) -> list[int]:
@@ -177,12 +165,3 @@ def rss_kb(pid: int, field: str = "VmRSS") -> int:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_until(predicate: object, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"timed out after {within}s waiting for {what}")

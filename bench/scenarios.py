@@ -1,6 +1,6 @@
 """The rows: each scenario drives etcd and HAProxy and returns raw figures.
 
-Shared by every row: one etcd (a real member, tests/support/etcd.py), one backend process
+Shared by every row: one etcd (a real member, testbed/etcd.py), one backend process
 (bench/backends.py), one bench-side Store for the writes. Every latency starts just
 before the etcd put is sent and ends when the probe's response body names the new
 backend, so it covers watch delivery, debounce, render, validation, apply and HAProxy
@@ -22,13 +22,15 @@ from pathlib import Path
 
 from bench import adapter, haproxy
 from bench import sidekick_footprint as footprint
+from bench.adapter import Counts
 from bench.backends import Backends
 from bench.load import LoadResult, keepalive, new_connections
-from bench.pipelines import Counts, Naive, Ours, Pipeline, rss_kb
+from bench.pipelines import Naive, Ours, Pipeline, rss_kb
 from bench.probe import Probe
 from fluster import keys
 from fluster.store import Store
-from tests.support.etcd import Etcd, free_port
+from reloader.state_dir import StateDir
+from testbed.etcd import Etcd, free_port
 
 BASE_SERVERS = 1000
 HEAVY, LIGHT = 256, 1  # new backend's weight vs the existing 1,000 (see P1 notes)
@@ -189,7 +191,7 @@ async def check_time(pipeline: Pipeline, runs: int = 5) -> float:
     for _ in range(runs):
         t0 = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
-            "haproxy", "-c", "-q", "-f", str(pipeline.state_dir / "haproxy.cfg"),
+            "haproxy", "-c", "-q", "-f", str(pipeline.config_file),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         await proc.wait()
@@ -503,7 +505,7 @@ async def p5_scale(env: Env, services: int = 500, per_service: int = 20) -> Scal
         t1 = time.monotonic()
         text = adapter.render(snapshot, state_dir=state, http_bind="127.0.0.1:1")
         t2 = time.monotonic()
-        cfg = state / "haproxy.cfg"
+        cfg = StateDir(state).config
         cfg.write_text(text)
         check = await asyncio.create_subprocess_exec(
             "haproxy", "-c", "-q", "-f", str(cfg), stderr=asyncio.subprocess.PIPE

@@ -21,7 +21,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from tests.support.etcd import Etcd
+from testbed.etcd import Etcd
 
 SIDEKICK = [sys.executable, "-m", "sidekick.cli"]
 
@@ -134,7 +134,7 @@ def main() -> int:
 
 
 def docker_row(etcd: Etcd, args: argparse.Namespace, work: Path) -> dict[str, object]:
-    from tests.support.docker import BASE_IMAGE, docker_cmd
+    from testbed.docker import BASE_IMAGE, docker_cmd
 
     ids = [
         docker_cmd("run", "-d", "--label", "fluster.service=benchdocker", "--label",

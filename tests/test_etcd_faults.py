@@ -17,8 +17,8 @@ import pytest
 
 from fluster.catalog import Catalog
 from fluster.store import AuthError, EtcdSettings, Store, StoreError, Unavailable
+from testbed.pki import Pki
 from tests.support.etcd import Etcd, Member, eventually
-from tests.support.pki import Pki
 
 PREFIX = "/fluster"
 pytestmark = pytest.mark.slow

@@ -1,7 +1,7 @@
 """R7: least privilege on etcd. Each identity can do its job and nothing else.
 
 etcd runs with mutual TLS and `--client-cert-auth`; the test makes its own CA and
-certificates (tests/support/pki.py) and roles (tests/support/rbac.py). These checks go
+certificates (testbed/pki.py) and roles (tests/support/rbac.py). These checks go
 through `Store`, the same client every component uses, so "allowed" here means the
 component's real calls are allowed, and "forbidden" means the AuthError it would see.
 """
@@ -29,8 +29,8 @@ from fluster.store import (
     Unavailable,
     WatchRefused,
 )
+from testbed.pki import Pki
 from tests.support.etcd import eventually, wait_for
-from tests.support.pki import Pki
 from tests.support.rbac import (
     PREFIX,
     RELOADER_PASSWORD,

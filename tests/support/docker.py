@@ -26,12 +26,11 @@ from pathlib import Path
 
 import pytest
 
+from testbed.docker import BASE_IMAGE, DOCKER, docker_cmd
 from tests.support.etcd import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker")
 DOCKERD = shutil.which("dockerd") or "/usr/sbin/dockerd"
-BASE_IMAGE = os.environ.get("BASE_IMAGE", "debian:bookworm-slim")
 
 # The test app: an HTTP server that exits promptly on SIGTERM (as PID 1 it would
 # otherwise ignore it) and answers 503 on /health while /tmp/sick exists.
@@ -48,17 +47,6 @@ class H(http.server.BaseHTTPRequestHandler):
         pass
 http.server.ThreadingHTTPServer(("", int(sys.argv[1])), H).serve_forever()
 """
-
-
-def docker_cmd(
-    *args: str, host: str | None = None, check: bool = True, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    assert DOCKER is not None
-    cmd = [DOCKER, *(["-H", host] if host else []), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} failed: {result.stderr.strip()}")
-    return result
 
 
 @dataclass

@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,7 +28,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.etcd import Etcd, free_port, wait_for
+from reloader.state_dir import StateDir
+from tests.support.etcd import Etcd, GaveUp, free_port, wait_for
 from tests.support.waiting import Compared
 
 HAPROXY = "/usr/sbin/haproxy"
@@ -113,6 +115,15 @@ def unix_command(path: Path, command: str, timeout: float = 5.0) -> str:
     return b"".join(chunks).decode()
 
 
+# HAProxy: "cannot bind socket (Address already in use)"; the status server: "[Errno 98]".
+ADDRESS_IN_USE = re.compile(r"address already in use", re.IGNORECASE)
+PORT_ATTEMPTS = 3
+
+
+class Exited(GaveUp):
+    """The process ended while we waited for it to come up."""
+
+
 class ReloaderProcess:
     def __init__(self, etcd: Etcd, root: Path, *args: str, prefix: str = "/fluster") -> None:
         self.etcd = etcd
@@ -126,9 +137,28 @@ class ReloaderProcess:
 
     @property
     def config(self) -> str:
-        return (self.state_dir / "haproxy.cfg").read_text()
+        return StateDir(self.state_dir).config.read_text()
 
     def start(self, wait: bool = True) -> ReloaderProcess:
+        """Start the reloader; with `wait`, until HAProxy serves. Its ports come from
+        `free_port()`, which another process may take before HAProxy (or the status
+        server) binds them on a busy machine: then start again on fresh ports."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self._spawn()
+            if not wait:
+                return self
+            try:
+                wait_for(self._up, timeout=20, what="reloader up")
+                return self
+            except AssertionError:
+                lost = ADDRESS_IN_USE.search(self.log()[offset:])
+                if attempt == PORT_ATTEMPTS or lost is None or self.proc.poll() is None:
+                    raise
+                self.http_port, self.status_port = free_port(), free_port()
+        raise AssertionError("unreachable")
+
+    def _spawn(self) -> None:
         env = {
             **os.environ,
             "ETCD_ENDPOINTS": self.etcd.endpoints,
@@ -147,14 +177,11 @@ class ReloaderProcess:
                 stderr=subprocess.STDOUT,
                 env=env,
             )
-        if wait:
-            wait_for(self._up, timeout=20, what="reloader up")
-        return self
 
     def _up(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise AssertionError(f"reloader exited {self.proc.returncode}:\n{self.log()[-3000:]}")
+            raise Exited(f"reloader exited {self.proc.returncode}:\n{self.log()[-3000:]}")
         return bool(self.status().get("haproxy_up"))
 
     def status(self) -> dict[str, Any]:

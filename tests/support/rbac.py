@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 
 from fluster.store import EtcdSettings
+from testbed.pki import Pki
 from tests.support.etcd import Etcd
-from tests.support.pki import Pki
 
 PREFIX = "/fluster"
 RBAC_SERVICES = ("web", "api")
