@@ -30,8 +30,12 @@ def service_prefix(prefix: str, service: str) -> str:
     return f"{prefix}/services/{service}/"
 
 
+def instances_prefix(prefix: str, service: str) -> str:
+    return f"{prefix}/services/{service}/instances/"
+
+
 def instance_key(prefix: str, service: str, instance: str) -> str:
-    return f"{prefix}/services/{service}/instances/{instance}"
+    return instances_prefix(prefix, service) + instance
 
 
 def spec_key(prefix: str, service: str) -> str:

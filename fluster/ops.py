@@ -213,7 +213,7 @@ async def gc(
             f"served by {now_routed.fallback}; removing old versions would route it to "
             "nothing (start the active version, roll back, or --force)"
         )
-    _, kvs = await store.get_prefix(keys.service_prefix(prefix, service) + "instances/")
+    _, kvs = await store.get_prefix(keys.instances_prefix(prefix, service))
     removed = []
     for kv in kvs:
         try:

@@ -34,6 +34,7 @@ from etcd3aio import _protobuf as pb
 from fluster.runtime import Backoff
 
 _PROGRESS = pb.rpc_pb2.WatchProgressRequest()  # type: ignore[attr-defined]
+_DELETE = pb.kv_pb2.Event.DELETE  # type: ignore[attr-defined]
 
 # Pings every 6 s, dead after 5 s more without an ack: a frozen member is noticed in ~11 s.
 # etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time), hence not lower.
@@ -210,7 +211,6 @@ class Store:
             self._lease = pb.LeaseStub(self._channel)
             self._watch = pb.WatchStub(self._channel)
             self._auth = pb.AuthStub(self._channel)
-            self._maint = pb.MaintenanceStub(self._channel)
         if self.settings.user:
             await self._authenticate()
 
@@ -485,7 +485,7 @@ class Store:
                     continue
                 events = tuple(
                     Event(
-                        type="delete" if ev.type == 1 else "put",
+                        type="delete" if ev.type == _DELETE else "put",
                         kv=_kv(ev.kv),
                         prev=_kv(ev.prev_kv) if ev.HasField("prev_kv") else None,
                     )

@@ -15,7 +15,8 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from signal import SIGINT, SIGKILL, SIGQUIT, SIGTERM
+from typing import Any, Literal
 
 import structlog
 
@@ -32,7 +33,26 @@ from sidekick.settings import Settings
 
 log = structlog.get_logger("sidekick")
 
-STOP_SIGNALS = (None, 2, 3, 9, 15)  # `docker kill -s HUP` is a reload, not a stop
+# Signals a `kill` event stops the app with (None: Docker sent no signal attribute).
+# `docker kill -s HUP` or USR1 is a reload or a log rotation, not a stop.
+STOP_SIGNALS = frozenset({None, SIGINT, SIGQUIT, SIGKILL, SIGTERM})
+
+# What a container event asks of us: follow it, drain it, drop it (nothing left to
+# drain), or take its Docker health status.
+Response = Literal["track", "drain", "drop", "health"]
+
+
+def response_to(event: DockerEvent) -> Response | None:
+    """What to do about `event` for a container we follow; None: nothing."""
+    if event.action in ("start", "unpause"):
+        return "track"
+    if event.action == "kill":
+        return "drain" if event.signal in STOP_SIGNALS else None
+    if event.action in ("die", "stop", "destroy", "pause"):
+        return "drop"
+    if event.action == "health_status":
+        return "health"
+    return None
 
 
 @dataclass
@@ -236,13 +256,12 @@ class Sidekick:
             or self._selected(event.id, event.name, event.labels)
         ):
             return
-        if event.action in ("start", "unpause"):
+        response = response_to(event)
+        if response == "track":
             await self._track_container(event.id)
-        elif event.action == "kill" and event.signal in STOP_SIGNALS:
-            self.leave(event.id, died=False)
-        elif event.action in ("die", "stop", "destroy", "pause"):  # nothing left to drain
-            self.leave(event.id, died=True)
-        elif event.action == "health_status" and event.id in self.tracked:
+        elif response in ("drain", "drop"):
+            self.leave(event.id, died=response == "drop")
+        elif response == "health" and event.id in self.tracked:
             tracked = self.tracked[event.id]
             if tracked.plan.check.kind == "docker":
                 tracked.reg.set_healthy(docker_healthy(event.status))
