@@ -15,7 +15,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import structlog
+
 from fluster.records import CHECK_PATH_RE
+
+log = structlog.get_logger("sidekick.health")
 
 Kind = Literal["http", "tcp", "docker", "none"]
 # A probe answers healthy/unhealthy, or None for "cannot tell now": an unknown result
@@ -121,6 +125,8 @@ async def watch_health(
     """Run `probe` every `interval` seconds forever, reporting state changes."""
     while True:
         result = await probe()
+        if result is False:
+            log.debug("app check failed")  # each one; the state change is logged elsewhere
         changed = None if result is None else gate.observe(result)
         if changed is not None:
             on_change(changed)

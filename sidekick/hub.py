@@ -89,6 +89,12 @@ class ServiceWatch:
             return None
 
     def _set_spec(self, spec: ServiceSpec) -> None:
+        if spec != self.spec:
+            self.log.info(
+                "service spec",
+                active_version=spec.active_version,
+                canary_version=spec.canary.version if spec.canary else None,
+            )
         self.spec = spec
         for reg in list(self.registrations.values()):
             reg.observe_spec(spec)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc.aio
@@ -358,6 +357,15 @@ def test_known_escape_in_a_spec_under_a_running_sidekick(etcd: Etcd, sidekicks: 
         lambda: proc.proc.poll() is not None or "invalid service spec ignored" in proc.log(),
         what="the sidekick saw the spec",
     )
-    time.sleep(1.0)
+    # A later valid spec is seen too: the watch outlived the bad one and kept going.
+    seen = sum(e.get("event") == "service spec" for e in proc.events())
+    etcd.put(keys.spec_key(PREFIX, "web"), '{"path_prefix": "/after"}')
+    wait_for(
+        lambda: (
+            proc.proc.poll() is not None
+            or sum(e.get("event") == "service spec" for e in proc.events()) > seen
+        ),
+        what="the sidekick seeing the next spec",
+    )
     assert proc.proc.poll() is None, "the sidekick exited"
     assert "n1-127.0.0.1-8080" in sidekicks.instances("web")

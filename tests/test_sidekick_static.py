@@ -19,10 +19,26 @@ from pathlib import Path
 import pytest
 
 from tests.support.etcd import Etcd, free_port, wait_for
-from tests.support.sidekick import Sidekicks
+from tests.support.sidekick import SidekickProcess, Sidekicks
 
 TTL = "2"
 KEY = "/fluster/services/web/instances/"
+
+
+def events_named(proc: SidekickProcess, event: str) -> list[dict[str, object]]:
+    return [e for e in proc.events() if e.get("event") == event]
+
+
+def failed_checks(proc: SidekickProcess) -> int:
+    return len(events_named(proc, "app check failed"))
+
+
+def failed_watches(proc: SidekickProcess) -> int:
+    return len(events_named(proc, "watch interrupted, resuming"))
+
+
+def spec_events(proc: SidekickProcess) -> list[dict[str, object]]:
+    return events_named(proc, "service spec")
 
 
 def static(
@@ -30,7 +46,7 @@ def static(
     *extra: str,
     port: int = 8080,
     version: str = "v1",
-) -> tuple[str, object]:
+) -> tuple[str, SidekickProcess]:
     name = f"n1-127.0.0.1-{port}"
     proc = sidekicks.start(
         "--service",
@@ -154,7 +170,7 @@ class Health(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def app() -> Iterator[tuple[int, type[Health]]]:
     handler = type("AppHealth", (Health,), {"ok": True})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -200,8 +216,7 @@ def test_registered_only_while_healthy(
 def test_not_registered_while_the_app_does_not_answer(sidekicks: Sidekicks) -> None:
     port = free_port()  # nothing listens there
     name, proc = static(sidekicks, "--check", "tcp", "--check-interval", "0.1", port=port)
-    wait_for(lambda: proc.logged("tracking"), what="sidekick running")
-    time.sleep(1)  # several failed checks
+    wait_for(lambda: failed_checks(proc) >= 5, what="several failed checks")
     assert name not in sidekicks.instances("web")
     assert proc.check().returncode == 0  # unhealthy app, but the sidekick is doing its job
 
@@ -236,7 +251,10 @@ def test_canary_version_is_not_retired(sidekicks: Sidekicks, etcd: Etcd) -> None
         "/fluster/services/web/spec",
         '{"active_version": "v1", "canary": {"version": "v2", "weight": 10}}',
     )
-    time.sleep(1)
+    wait_for(
+        lambda: any(e.get("canary_version") == "v2" for e in spec_events(proc)),
+        what="the sidekick seeing the spec with its canary",
+    )
     assert name in sidekicks.instances("web")
     assert not proc.logged("retired: traffic moved to another version")
 
@@ -255,11 +273,14 @@ def test_promotion_with_keep_old_retires_when_the_time_is_up(
 
 
 def test_operator_drain_is_not_undone(sidekicks: Sidekicks, etcd: Etcd) -> None:
-    name, _ = static(sidekicks)
+    name, proc = static(sidekicks)
     inst = wait_for(lambda: sidekicks.instances("web").get(name), what="registration")
     lease = sidekicks.lease_of(KEY + name)
     etcd.put(KEY + name, inst.replace(state="draining").to_json(), lease=f"{lease:x}")
-    time.sleep(0.5)  # let the sidekick see the operator's write
+    wait_for(
+        lambda: proc.logged("drained by an operator; staying draining"),
+        what="the sidekick seeing the operator's write",
+    )
     etcd.delete(KEY + name)  # the sidekick puts it back, still draining
     back = wait_for(lambda: sidekicks.instances("web").get(name), what="re-registration")
     assert back.state == "draining"
@@ -269,8 +290,7 @@ def test_waits_for_etcd_that_is_down_at_start(sidekicks: Sidekicks, etcd: Etcd) 
     member = etcd.members[0]
     member.stop()
     name, proc = static(sidekicks)
-    wait_for(lambda: proc.logged("tracking"), what="sidekick running")
-    time.sleep(2)  # several failed attempts
+    wait_for(lambda: failed_watches(proc) >= 3, what="several failed attempts to reach etcd")
     assert proc.proc.poll() is None
     assert proc.check().returncode != 0  # not registered: --check says so
     member.start(etcd.initial_cluster, state="existing")
