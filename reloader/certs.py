@@ -106,7 +106,7 @@ class TlsFiles:
     def __init__(self, settings: RenderSettings, admin_socket: Path) -> None:
         self.settings = settings
         self.admin_socket = admin_socket
-        self.certs_dir = settings.tls_dir / "certs"
+        self.certs_dir = settings.files.tls_certs
         self.written = TlsTarget()  # what the files hold
         self.commands = 0  # runtime API commands sent, for tests and metrics
         self._synced = False  # files from a previous run are rewritten at the first write

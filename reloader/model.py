@@ -124,23 +124,23 @@ class RenderSettings:
     # change never changes haproxy.cfg, so it never costs a reload.
     @property
     def tls_dir(self) -> Path:
-        return self.state_dir / "tls"
+        return self.files.tls_dir
 
     @property
     def default_cert(self) -> Path:
-        return self.tls_dir / "default.pem"
+        return self.files.default_cert
 
     @property
     def crt_list(self) -> Path:
-        return self.tls_dir / "crt-list"
+        return self.files.crt_list
 
     @property
     def https_map(self) -> Path:
-        return self.tls_dir / "https.map"
+        return self.files.https_map
 
     @property
     def hsts_map(self) -> Path:
-        return self.tls_dir / "hsts.map"
+        return self.files.hsts_map
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,3 +63,30 @@ class StateDir:
     def pid_file(self) -> Path:
         """HAProxy's master pid, so a restarted reloader can take over an orphan."""
         return self.root / "haproxy.pid"
+
+    # HTTPS: beside the config, not in it (reloader/certs.py keeps these files and
+    # HAProxy's memory in step through the runtime API, so they never cost a reload).
+    @property
+    def tls_dir(self) -> Path:
+        return self.root / "tls"
+
+    @property
+    def tls_certs(self) -> Path:
+        """One PEM (chain + key) per certificate record."""
+        return self.tls_dir / "certs"
+
+    @property
+    def default_cert(self) -> Path:
+        return self.tls_dir / "default.pem"
+
+    @property
+    def crt_list(self) -> Path:
+        return self.tls_dir / "crt-list"
+
+    @property
+    def https_map(self) -> Path:
+        return self.tls_dir / "https.map"
+
+    @property
+    def hsts_map(self) -> Path:
+        return self.tls_dir / "hsts.map"
