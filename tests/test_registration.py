@@ -60,6 +60,17 @@ def registration(store: Store, version: str = "v1", **kw: object) -> Registratio
     return Registration(store, KEY, instance, service="web", name="n1", **options)  # type: ignore[arg-type]
 
 
+async def registered(
+    store: Store, supervisor: Supervisor, first: ServiceSpec | None = None, **kw: object
+) -> Registration:
+    """A started registration, once it has put its record under `first` (the defaults)."""
+    reg = registration(store, **kw)
+    reg.start(supervisor)
+    reg.observe_spec(first or ServiceSpec())  # nothing is put before the spec is known
+    await eventually(lambda: reg.written, what="registered")
+    return reg
+
+
 def spec(**fields: object) -> ServiceSpec:
     return ServiceSpec.parse(json.dumps(fields))
 
@@ -73,10 +84,7 @@ async def test_freshness_follows_the_injected_clock_and_the_keepalive(
     store: Store, supervisor: Supervisor
 ) -> None:
     clock = Clock()
-    reg = registration(store, clock=clock)
-    reg.start(supervisor)
-    reg.observe_spec(ServiceSpec())  # nothing is put before the spec is known
-    await eventually(lambda: reg.written, what="registered")
+    reg = await registered(store, supervisor, clock=clock)
     _, kv = await store.get(KEY)
     assert kv is not None and kv.lease == reg.lease
     assert reg.current
@@ -90,11 +98,8 @@ async def test_retired_when_traffic_moves_away_and_told_once(
     store: Store, supervisor: Supervisor
 ) -> None:
     retired: list[int] = []
-    reg = registration(store)
+    reg = await registered(store, supervisor, spec(active_version="v1"))
     reg.on_retired = lambda: retired.append(1)
-    reg.start(supervisor)
-    reg.observe_spec(spec(active_version="v1"))
-    await eventually(lambda: reg.written, what="registered")
     reg.observe_spec(spec(active_version="v2", history=["v1"]))
     await eventually(lambda: retired, what="retired and deregistered")
     assert reg.retired and reg.lease is None and await record(store) is None
@@ -105,10 +110,7 @@ async def test_retired_when_traffic_moves_away_and_told_once(
 async def test_a_version_never_routed_registers_so_that_it_can_be_promoted(
     store: Store, supervisor: Supervisor
 ) -> None:
-    reg = registration(store, version="v2")
-    reg.start(supervisor)
-    reg.observe_spec(spec(active_version="v1"))
-    await eventually(lambda: reg.written, what="registered before its promotion")
+    reg = await registered(store, supervisor, spec(active_version="v1"), version="v2")
     assert not reg.retired
 
 
@@ -117,10 +119,7 @@ async def test_kept_for_a_rollback_until_the_injected_wall_clock_says(
 ) -> None:
     start = datetime(2030, 1, 1, tzinfo=UTC)
     wall = [start]
-    reg = registration(store, wall=lambda: wall[0])
-    reg.start(supervisor)
-    reg.observe_spec(spec(active_version="v1"))
-    await eventually(lambda: reg.written, what="registered")
+    reg = await registered(store, supervisor, spec(active_version="v1"), wall=lambda: wall[0])
     until = (start + timedelta(seconds=1)).isoformat()
     reg.observe_spec(spec(active_version="v2", history=["v1"], keep_old_until=until))
     assert not reg.retired and reg.written  # kept: a rollback still finds it
@@ -133,10 +132,7 @@ async def test_kept_for_a_rollback_until_the_injected_wall_clock_says(
 async def test_put_back_after_a_delete_keeping_an_operators_drain(
     store: Store, supervisor: Supervisor
 ) -> None:
-    reg = registration(store)
-    reg.start(supervisor)
-    reg.observe_spec(ServiceSpec())
-    await eventually(lambda: reg.written, what="registered")
+    reg = await registered(store, supervisor)
     inst = await record(store)
     assert inst is not None and reg.lease is not None
     # What the service watch (sidekick/hub.py) would report: an operator's drain...
@@ -154,10 +150,7 @@ async def test_put_back_after_a_delete_keeping_an_operators_drain(
 async def test_a_lease_revoked_behind_its_back_is_replaced(
     store: Store, supervisor: Supervisor
 ) -> None:
-    reg = registration(store)
-    reg.start(supervisor)
-    reg.observe_spec(ServiceSpec())
-    await eventually(lambda: reg.written, what="registered")
+    reg = await registered(store, supervisor)
     old = reg.lease
     assert old is not None
     await store.revoke(old)
@@ -175,10 +168,7 @@ async def test_close_drains_then_revokes_and_a_dead_container_cuts_the_drain(
         async for batch in store.watch(KEY, revision + 1):
             seen.extend(batch.events)
 
-    reg = registration(store, drain_seconds=60.0)
-    reg.start(supervisor)
-    reg.observe_spec(ServiceSpec())
-    await eventually(lambda: reg.written, what="registered")
+    reg = await registered(store, supervisor, drain_seconds=60.0)
     watcher = asyncio.create_task(watch(reg.put_revision))
     try:
         closing = asyncio.create_task(reg.close())
