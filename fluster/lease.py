@@ -79,6 +79,7 @@ class Lease:
         self.clock = clock
         self.refreshed: float | None = None  # clock() when etcd last confirmed the lease
         self.losses = 0
+        self.errors = 0  # etcd errors `run()` retried (a grant or a write refused)
         self.log = log.bind(lease_of=name)
         self._id: int | None = None
         self._keeper: asyncio.Task[None] | None = None
@@ -215,6 +216,7 @@ class Lease:
             except LeaseLost:
                 pass  # `_lost` forgot the lease and said so: grant again at once
             except StoreError as exc:
+                self.errors += 1
                 self.log.warning(
                     "lease or its keys not written, retrying",
                     error=str(exc),

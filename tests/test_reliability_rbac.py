@@ -20,6 +20,7 @@ import pytest
 
 from fluster import keys
 from fluster.catalog import Catalog
+from fluster.lease import Lease
 from fluster.records import Instance, ServiceSpec
 from fluster.store import (
     AuthError,
@@ -129,6 +130,21 @@ async def test_reloader_identity_reads_services_and_writes_only_reloaders(
         await forbidden(lambda: reloader.put(keys.cert_key(PREFIX, "web"), "x"))
         # (Not checked: etcd 3.4 lets any authenticated user compact; docs/OPERATIONS.md.)
         await reloader.revoke(lease)
+
+
+async def test_a_lease_holder_refused_its_key_retries_and_lives_on(etcd_rbac: RbacEtcd) -> None:
+    """The one retry policy: an AuthError is retried (slowly), never the end of a holder."""
+    async with Store(etcd_rbac.settings(sidekick_identity("web"))) as store:
+        lease = Lease(store, 10, name="status")
+        lease.set(keys.reloader_key(PREFIX, "edge-1"), "{}")  # not a sidekick's to write
+        runner = asyncio.create_task(lease.run())
+        try:
+            await eventually(lambda: lease.errors >= 2, what="the refused write retried")
+            assert not runner.done(), "an AuthError must not end the holder"
+            assert lease.id is not None  # granting was allowed
+        finally:
+            runner.cancel()
+            await lease.release()
 
 
 async def test_password_identity_and_operator(etcd_rbac: RbacEtcd) -> None:
