@@ -29,7 +29,8 @@ from bench.scenarios import Env, Latencies, instance
 from fluster import keys
 from fluster.certs import Certificate, self_signed
 from reloader.haproxy import HaproxyError, cli, parse_show_proc
-from tests.support.etcd import free_port
+from reloader.state_dir import StateDir
+from testbed.etcd import free_port
 
 PREFIX = "/bench-https"
 OTHERS = 199
@@ -97,7 +98,9 @@ async def reloads(p: OursHttps, within: float = 10.0) -> int:
     deadline = time.monotonic() + within
     while True:
         try:
-            return parse_show_proc(await cli(p.state_dir / "master.sock", "show proc")).reloads
+            return parse_show_proc(
+                await cli(StateDir(p.state_dir).master_socket, "show proc")
+            ).reloads
         except HaproxyError:
             if time.monotonic() > deadline:
                 raise
