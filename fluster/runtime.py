@@ -3,7 +3,8 @@
 - `setup_logging`: structlog, JSON lines when stdout is not a terminal.
 - `run`: one asyncio loop (uvloop when installed) around a component's main coroutine.
 - `capture_signals`: SIGTERM/SIGINT only set an event; the work happens in tasks.
-- `Supervisor`: named long-lived tasks; one that ends or fails stops the process loudly.
+- `Supervisor`: every background task; one meant to run forever that ends or fails
+  stops the process loudly, also when started late; one-off tasks are logged if they fail.
 - `Backoff`: the one retry delay policy (exponential, capped, jittered).
 """
 
