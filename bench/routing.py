@@ -27,7 +27,7 @@ from pathlib import Path
 from bench import haproxy
 from bench.scenarios import Env, instance, make_pipeline, put_many, start
 from fluster import keys
-from tests.support.etcd import free_port
+from testbed.etcd import free_port
 
 _RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
 

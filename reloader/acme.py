@@ -43,6 +43,7 @@ from fluster.lease import Lease
 from fluster.records import RecordError
 from fluster.runtime import Backoff
 from fluster.store import Conflict, Store, StoreError
+from reloader.state_dir import StateDir
 
 log = structlog.get_logger("reloader.acme")
 
@@ -123,7 +124,7 @@ class AcmeIssuer:
     ) -> None:
         self.settings = settings
         self.store, self.prefix = store, prefix
-        self.account_file = state_dir / "acme-account.pem"
+        self.account_file = StateDir(state_dir).acme_account
         self.holder = holder
         self.snapshot, self.certs, self.now = snapshot, certs, now
         self.stats = AcmeStats()

@@ -64,6 +64,11 @@ class StateDir:
         """HAProxy's master pid, so a restarted reloader can take over an orphan."""
         return self.root / "haproxy.pid"
 
+    @property
+    def acme_account(self) -> Path:
+        """The ACME account key of this edge (reloader/acme.py)."""
+        return self.root / "acme-account.pem"
+
     # HTTPS: beside the config, not in it (reloader/certs.py keeps these files and
     # HAProxy's memory in step through the runtime API, so they never cost a reload).
     @property
