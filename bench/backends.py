@@ -21,6 +21,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from testbed.process import wait_or_kill
+
 _HEAD_END = b"\r\n\r\n"
 
 
@@ -135,11 +137,7 @@ class Backends:
             return
         assert self.proc.stdin is not None
         self.proc.stdin.close()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        wait_or_kill(self.proc, 5)
         self.proc = None
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from bench import adapter
 from bench.adapter import Counts
 from reloader.state_dir import StateDir
+from testbed.process import wait_or_kill
 
 
 class Pipeline:
@@ -51,11 +52,7 @@ class Pipeline:
             return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            wait_or_kill(self.proc, 20)
         self.proc = None
         self.kill_leftover_haproxy()
 

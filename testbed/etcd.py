@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.pki import Pki
+from testbed.process import wait_or_kill
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
@@ -125,11 +126,7 @@ class Member:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signals.SIGCONT)
             self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            wait_or_kill(self.proc, 10)
         self.proc = None
 
     def kill(self) -> None:
