@@ -76,11 +76,18 @@ def test_stack_file_is_valid_and_places_each_role() -> None:
     # Host mode on every port: Swarm's ingress mesh would hide client addresses and add a
     # hop; each edge node's port 80 is its own HAProxy.
     assert {p["mode"] for p in edge["ports"]} == {"host"}
-    assert 80 in {p["target"] for p in edge["ports"]}
+    assert {(p["target"], p["published"]) for p in edge["ports"]} == {(80, 80), (443, 443)}
     assert edge["environment"]["ETCD_ENDPOINTS"] == MEMBERS
 
     # etcd runs outside the swarm unless asked for.
     assert services["etcd"]["deploy"]["replicas"] == 0
+
+
+def test_stack_file_edge_ports_can_move() -> None:
+    edge = parsed(ETCD_ENDPOINTS=MEMBERS, FLUSTER_HTTP_PORT="8080", FLUSTER_HTTPS_PORT="8443")[
+        "services"
+    ]["edge"]
+    assert {(p["target"], p["published"]) for p in edge["ports"]} == {(80, 8080), (443, 8443)}
 
 
 def test_stack_file_can_run_one_etcd_for_trying() -> None:
