@@ -503,11 +503,14 @@ class Cli:
         if v[HSTS] is not None:
             changes["hsts_seconds"] = None if v[HSTS] == "none" else v[HSTS]
         if not changes:
-            snap = await ops.snapshot(store, self.prefix)
-            svc = snap.services.get(service) or Service(name=service)
-            emit_json(svc.spec.to_dict())
+            _, found, invalid = await ops.read_for_write(store, self.prefix, service)
+            if invalid:
+                why, shown = invalid.reason, invalid.start
+                warn(f"{service}: the spec in etcd is invalid ({why}); shown: {shown}")
+            emit_json((found or Service(name=service)).spec.to_dict())
             return EXIT_OK
         written = await ops.edit_spec(store, self.prefix, service, changes, domain=v[DOMAIN])
+        replaced(service, written)
         say(f"{service}: spec written at revision {written.revision}")
         return EXIT_OK
 
@@ -522,6 +525,7 @@ class Cli:
             keep_old=v[KEEP_OLD],
             force=v[PROMOTE_FORCE],
         )
+        replaced(service, written)
         say(
             f"{service}: {version} is now the active version (revision {written.revision}); "
             f"old instances retire, records kept until {written.spec.keep_old_until}"
@@ -531,6 +535,7 @@ class Cli:
     async def cmd_canary(self, store: Store) -> int:
         service, version, weight = self.v[SERVICE], self.v[VERSION], self.v[WEIGHT]
         written = await ops.canary(store, self.prefix, service, version, weight)
+        replaced(service, written)
         share = f"{weight}% to {version}" if weight else "canary ended"
         say(f"{service}: {share} (revision {written.revision})")
         return await self._wait(store, written.revision)
@@ -545,6 +550,7 @@ class Cli:
         if (await store.get(keys.app_config_key(self.prefix, service)))[1] is not None:
             return await self.deployer(store)  # an app: its containers come back first
         written = await ops.rollback(store, self.prefix, service)
+        replaced(service, written)
         say(
             f"{service}: rolled back to {written.spec.active_version or '(all)'} "
             f"(revision {written.revision})"
@@ -588,6 +594,16 @@ class Cli:
 
 def say(text: str) -> None:
     print(text, flush=True)
+
+
+def warn(text: str) -> None:
+    """Something the user should know that did not stop the command: stderr, one line."""
+    print(f"fluster: warning: {text}", file=sys.stderr, flush=True)
+
+
+def replaced(service: str, written: ops.Written) -> None:
+    if bad := written.replaced:
+        warn(f"{service}: replaced an invalid spec ({bad.reason}), starting from {bad.start}")
 
 
 def fail(message: str, code: int) -> int:

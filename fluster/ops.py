@@ -22,7 +22,14 @@ from fluster.catalog import Catalog, Service, Snapshot
 from fluster.certs import Certificate, validate_cert_name
 from fluster.records import Instance, RecordError, ReloaderStatus, ServiceSpec
 from fluster.routing import claims, owner_of, routing
-from fluster.store import AuthError, Compacted, Store, StoreError, Unavailable
+from fluster.store import (
+    AuthError,
+    Compacted,
+    KeyValue,
+    Store,
+    StoreError,
+    Unavailable,
+)
 
 
 class Refused(Exception):
@@ -34,19 +41,38 @@ class WaitTimeout(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class InvalidSpec:
+    """A spec key that holds an invalid record, and what a write over it starts from."""
+
+    reason: str  # what the catalog found wrong with it
+    last_valid: int = 0  # mod revision of the valid spec started from; 0: the defaults
+
+    @property
+    def start(self) -> str:
+        if self.last_valid:
+            return f"the last valid spec (revision {self.last_valid})"
+        return "the defaults"
+
+
+@dataclass(frozen=True, slots=True)
 class Written:
-    """The outcome of a spec write: what it is now, and the etcd revision that holds it."""
+    """The outcome of a spec write: what it is now, and the etcd revision that holds it;
+    `replaced` says what was wrong with the invalid spec it overwrote, if it did."""
 
     spec: ServiceSpec
     revision: int
+    replaced: InvalidSpec | None = None
+
+
+# How many earlier values of an invalid spec key are read looking for a valid one.
+SPEC_LOOKBACK = 20
 
 
 async def snapshot(store: Store, prefix: str) -> Snapshot:
     return await Catalog(store, prefix).load()
 
 
-def _service(snap: Snapshot, name: str) -> Service:
-    svc = snap.services.get(name)
+def _service(svc: Service | None, name: str) -> Service:
     if svc is None:
         raise Refused(f"no service {name!r} in the registry (see `fluster ls`)")
     return svc
@@ -56,12 +82,69 @@ def up_count(svc: Service, version: str) -> int:
     return sum(1 for i in svc.instances.values() if i.version == version and i.state == "up")
 
 
-async def write_spec(store: Store, prefix: str, svc: Service, spec: ServiceSpec) -> Written:
+async def write_spec(
+    store: Store,
+    prefix: str,
+    svc: Service,
+    spec: ServiceSpec,
+    *,
+    replaced: InvalidSpec | None = None,
+) -> Written:
     """Compare-and-swap the spec against the revision `svc` was read at."""
     revision = await store.replace(
         keys.spec_key(prefix, svc.name), spec.to_json(), mod_revision=svc.spec_revision
     )
-    return Written(spec, revision)
+    return Written(spec, revision, replaced)
+
+
+async def read_for_write(
+    store: Store, prefix: str, service: str
+) -> tuple[Snapshot, Service | None, InvalidSpec | None]:
+    """The registry, the service as a spec write starts from, and, when its spec key holds
+    an invalid record, what was wrong with it and what the write starts from instead.
+
+    The catalog drops an invalid spec (a fresh one has no last good spec to keep), so
+    the service would look spec-less, at mod revision 0, and every compare-and-swap
+    would lose to the invalid record for ever. Here the service carries the invalid
+    key's own mod revision, read at the snapshot's revision (a write since then still
+    conflicts), and the last valid spec etcd keeps in that key's history, else the
+    defaults: a promotion is not undone just because someone wrote garbage over it."""
+    snap = await snapshot(store, prefix)
+    key = keys.spec_key(prefix, service)
+    why = snap.rejected.get(key)
+    svc = snap.services.get(service)
+    if why is None:
+        return snap, svc, None
+    _, kv = await store.get(key, revision=snap.revision)
+    if kv is None:  # the snapshot saw the key at this very revision
+        raise StoreError(f"{key} vanished from etcd's history at revision {snap.revision}")
+    good, at = await _last_valid_spec(store, kv)
+    svc = dataclasses.replace(
+        svc or Service(name=service),
+        spec=good or ServiceSpec(),
+        has_spec=good is not None,
+        spec_revision=kv.mod_revision,
+        spec_created=kv.create_revision,
+    )
+    return snap, svc, InvalidSpec(why[:200], at)
+
+
+async def _last_valid_spec(store: Store, kv: KeyValue) -> tuple[ServiceSpec | None, int]:
+    """The newest valid value `kv`'s key held before it, and its mod revision; only since
+    the key was last created (a deleted spec means the defaults) and within what etcd
+    has not compacted."""
+    for _ in range(SPEC_LOOKBACK):
+        try:
+            _, before = await store.get(kv.key, revision=kv.mod_revision - 1)
+        except Compacted:
+            break
+        if before is None:
+            break
+        try:
+            return ServiceSpec.parse(before.value), before.mod_revision
+        except RecordError:
+            kv = before
+    return None, 0
 
 
 async def edit_spec(
@@ -71,8 +154,8 @@ async def edit_spec(
 
     Refuses a host (+ path) or a TCP port that another service already has, naming it:
     the edge would leave one of the two out (`fluster.routing`), so the write is wrong."""
-    snap = await snapshot(store, prefix)
-    svc = snap.services.get(service) or Service(name=service)
+    snap, found, replaced = await read_for_write(store, prefix, service)
+    svc = found or Service(name=service)
     spec = svc.spec.replace(**changes)  # raises RecordError naming the field
     others = [s for name, s in snap.services.items() if name != service]
     candidate = dataclasses.replace(svc, spec=spec)
@@ -88,7 +171,7 @@ async def edit_spec(
         )
         if owner:
             raise Refused(f"TCP port {spec.port} belongs to service {owner}; choose another")
-    return await write_spec(store, prefix, svc, spec)
+    return await write_spec(store, prefix, svc, spec, replaced=replaced)
 
 
 async def promote(
@@ -104,7 +187,8 @@ async def promote(
 ) -> Written:
     """Make `version` the active one. Refused below `min_instances` up, and (unless
     forced) when no instance of it is up: the spec would then route to nothing."""
-    svc = _service(await snapshot(store, prefix), service)
+    _, found, replaced = await read_for_write(store, prefix, service)
+    svc = _service(found, service)
     have = up_count(svc, version)
     if have < min_instances:
         raise Refused(
@@ -124,11 +208,12 @@ async def promote(
         history=list(history),
         keep_old_until=(now() + keep_old).isoformat(timespec="seconds"),
     )
-    return await write_spec(store, prefix, svc, spec)
+    return await write_spec(store, prefix, svc, spec, replaced=replaced)
 
 
 async def canary(store: Store, prefix: str, service: str, version: str, weight: int) -> Written:
-    svc = _service(await snapshot(store, prefix), service)
+    _, found, replaced = await read_for_write(store, prefix, service)
+    svc = _service(found, service)
     if weight and not up_count(svc, version):
         raise Refused(f"{service} has no instance of {version} up to send a canary share to")
     if weight and version == svc.spec.active_version:
@@ -139,7 +224,7 @@ async def canary(store: Store, prefix: str, service: str, version: str, weight: 
             "then send a canary share to another"
         )
     spec = svc.spec.replace(canary={"version": version, "weight": weight} if weight else None)
-    return await write_spec(store, prefix, svc, spec)
+    return await write_spec(store, prefix, svc, spec, replaced=replaced)
 
 
 async def rollback(store: Store, prefix: str, service: str) -> Written:
@@ -148,14 +233,15 @@ async def rollback(store: Store, prefix: str, service: str) -> Written:
     A promotion from "(all)" records no history entry, so an empty history with an
     active version means "(all)" came before it (unless more than MAX_HISTORY
     promotions pushed older entries out)."""
-    svc = _service(await snapshot(store, prefix), service)
+    _, found, replaced = await read_for_write(store, prefix, service)
+    svc = _service(found, service)
     if not svc.spec.history:
         if svc.spec.active_version is None:
             raise Refused(f"{service} routes every version already: nothing to roll back")
         if not any(i.state == "up" for i in svc.instances.values()):
             raise Refused(f"{service}: no instance is up to route every version to")
         spec = svc.spec.replace(active_version=None, canary=None, history=[])
-        return await write_spec(store, prefix, svc, spec)
+        return await write_spec(store, prefix, svc, spec, replaced=replaced)
     previous, *rest = svc.spec.history
     if not up_count(svc, previous):
         raise Refused(
@@ -163,7 +249,7 @@ async def rollback(store: Store, prefix: str, service: str) -> Written:
             f"start some, then roll back (registered: {_versions(svc)})"
         )
     spec = svc.spec.replace(active_version=previous, canary=None, history=rest)
-    return await write_spec(store, prefix, svc, spec)
+    return await write_spec(store, prefix, svc, spec, replaced=replaced)
 
 
 async def drain(store: Store, prefix: str, service: str, instance: str) -> int:
@@ -200,7 +286,15 @@ async def gc(
     an instance that re-registered in the meantime is left alone.
     """
     snap = await snapshot(store, prefix)
-    svc = _service(snap, service)
+    svc = _service(snap.services.get(service), service)
+    invalid = snap.rejected.get(keys.spec_key(prefix, service))
+    if invalid:
+        # Reloaders may route by the last good spec or by the defaults (one started since
+        # the bad write has nothing to keep): what is old cannot be told.
+        raise Refused(
+            f"{service}: its spec in etcd is invalid ({invalid[:200]}); write a valid one "
+            "first (`fluster spec`, `promote` or `rollback` replace it)"
+        )
     if svc.spec.active_version is None:
         return []  # every version is routed: nothing is old
     until = svc.spec.keep_old_until

@@ -310,9 +310,11 @@ class Store:
 
     # -- key-value ----------------------------------------------------------------------
 
-    async def get(self, key: str) -> tuple[int, KeyValue | None]:
-        """(store revision, the key or None)."""
-        reply = await self._call("get", "kv.Range", pb.RangeRequest(key=key.encode()))
+    async def get(self, key: str, *, revision: int = 0) -> tuple[int, KeyValue | None]:
+        """(store revision, the key or None), now or as it was at `revision` (Compacted
+        when etcd no longer keeps that revision)."""
+        request = pb.RangeRequest(key=key.encode(), revision=revision)
+        reply = await self._call("get", "kv.Range", request)
         return reply.header.revision, (_kv(reply.kvs[0]) if reply.kvs else None)
 
     async def get_prefix(self, prefix: str, *, revision: int = 0) -> tuple[int, list[KeyValue]]:

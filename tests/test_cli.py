@@ -314,3 +314,78 @@ def test_spec_refuses_a_host_or_port_another_service_has(etcd: Etcd, cli) -> Non
     code, _, err = cli("spec", "db2", "--mode", "tcp", "--port", "15432")
     assert code == 4 and "TCP port 15432 belongs to service db" in err
     assert "db2" not in etcd.ctl("get", "--prefix", "--keys-only", f"{PREFIX}/").stdout
+
+
+SPEC_KEY = f"{PREFIX}/services/web/spec"
+
+
+def test_an_invalid_spec_with_no_valid_past_is_replaced_from_the_defaults(  # type: ignore[no-untyped-def]
+    etcd: Etcd, cli
+) -> None:
+    """Written by other means than `fluster spec`, an invalid spec must not lock the service's
+    spec for good: the write compares the invalid key's own revision and says what it replaced."""
+    etcd.put(SPEC_KEY, "garbage")
+    code, out, err = cli("spec", "web")
+    assert code == 0 and json.loads(out) == ServiceSpec().to_dict()
+    assert "web: the spec in etcd is invalid (spec: " in err and "shown: the defaults" in err
+    code, out, err = cli("spec", "web", "--host", "web.example.com")
+    assert code == 0, err
+    assert "replaced an invalid spec (spec: " in err and "starting from the defaults" in err
+    assert len(err.splitlines()) == 1, err
+    assert spec_of(etcd, "web") == ServiceSpec(hosts=("web.example.com",))
+    code, _, err = cli("spec", "web", "--check", "/")
+    assert code == 0 and "invalid" not in err  # valid now: nothing more to say
+
+    # With instances (the service exists), and for the other spec writers.
+    register(etcd, "web", "a", "v1")
+    etcd.put(SPEC_KEY, '{"active_version": 7}')
+    code, _, err = cli("promote", "web", "v1", "--no-wait")
+    assert code == 0, err
+    assert "replaced an invalid spec (active_version: " in err
+    assert spec_of(etcd, "web").active_version == "v1"
+
+
+def test_an_invalid_spec_over_a_promotion_is_replaced_from_the_last_valid_one(  # type: ignore[no-untyped-def]
+    etcd: Etcd, cli
+) -> None:
+    register(etcd, "web", "a", "v1")
+    register(etcd, "web", "b", "v2")
+    assert cli("promote", "web", "v1", "--no-wait")[0] == 0
+    assert cli("promote", "web", "v2", "--keep-old", "0s", "--no-wait")[0] == 0
+    promoted = spec_revision(etcd)
+    etcd.put(SPEC_KEY, "garbage")
+    etcd.put(SPEC_KEY, '{"mode": "udp"}')  # two bad writes: history is read past both
+
+    code, _, err = cli("gc", "web")  # what is "old" cannot be told from an invalid spec
+    assert code == 4 and "its spec in etcd is invalid (mode: " in err, err
+    assert cli("spec", "web")[2].endswith(f"shown: the last valid spec (revision {promoted})\n")
+    code, _, err = cli("canary", "web", "v1", "--weight", "10", "--no-wait")
+    assert code == 0, err
+    assert f"starting from the last valid spec (revision {promoted})" in err
+    spec = spec_of(etcd, "web")  # the promotion is not undone by the garbage
+    assert (spec.active_version, spec.history) == ("v2", ("v1",))
+    assert spec.canary and (spec.canary.version, spec.canary.weight) == ("v1", 10)
+
+    # Written over again, the rollback starts from the last valid spec too.
+    etcd.put(SPEC_KEY, "garbage")
+    code, _, err = cli("rollback", "web", "--no-wait")
+    assert code == 0 and "replaced an invalid spec" in err, err
+    assert (spec_of(etcd, "web").active_version, spec_of(etcd, "web").canary) == ("v1", None)
+
+    # History compacted away: the defaults, said so.
+    etcd.put(SPEC_KEY, "garbage")
+    etcd.compact()
+    code, _, err = cli("spec", "web", "--check", "/")
+    assert code == 0 and "starting from the defaults" in err, err
+    assert spec_of(etcd, "web").active_version is None
+
+
+async def test_a_write_over_an_invalid_spec_still_compares_what_it_read(etcd: Etcd) -> None:
+    etcd.put(SPEC_KEY, "garbage")
+    async with Store(EtcdSettings(endpoints=etcd.endpoint_list)) as store:
+        _, svc, invalid = await ops.read_for_write(store, PREFIX, "web")
+        assert svc is not None and invalid is not None and invalid.reason.startswith("spec: ")
+        etcd.put(SPEC_KEY, "other garbage")  # someone else wrote in between
+        with pytest.raises(Conflict):
+            await ops.write_spec(store, PREFIX, svc, svc.spec.replace(balance="first"))
+    assert etcd.ctl("get", "--print-value-only", SPEC_KEY).stdout.strip() == "other garbage"
