@@ -336,6 +336,7 @@ class Reloader:
             backends=sum(1 for b in live.model.backends if b.service) if live else 0,
             servers=live.model.server_count if live else 0,
             rejections_total=self.catalog.rejected_total,
+            specs_kept_total=self.catalog.specs_kept_total,
             catalog_resyncs=self.catalog.resyncs,
             catalog_reconnects=self.catalog.reconnects,
             rejected=dict(self.catalog.snapshot.rejected),

@@ -139,6 +139,11 @@ def families(s: Status) -> Iterator[Metric]:
             s.rejections_total,
         ),
         (
+            "specs_kept_total",
+            "Invalid spec writes answered by keeping the service's last good spec.",
+            s.specs_kept_total,
+        ),
+        (
             "catalog_resyncs_total",
             "Full relists of etcd after its history was compacted.",
             s.catalog_resyncs,

@@ -232,6 +232,7 @@ class Status:
     skips_total: Mapping[str, int] = field(default_factory=dict)  # kind -> times left out
     pool_free: int = 0  # empty HTTP backends a new service can take without a reload
     pool_fallbacks: int = 0  # new HTTP services that found the pool empty and reloaded
+    specs_kept_total: int = 0  # invalid specs answered by keeping the service's last good one
 
     @property
     def fallback_services(self) -> dict[str, str]:

@@ -109,6 +109,36 @@ def test_hostile_records_never_reach_haproxy_cfg(
     assert config.count("\n    server ") == 1
 
 
+def test_an_invalid_spec_over_a_good_one_keeps_it_and_is_counted(
+    etcd: Etcd, start_reloader: Start, backends: Backends
+) -> None:
+    """The promotion in the good spec stays in force (v2 is not routed again), and the
+    kept spec is counted in /status and /metrics (`reloader_specs_kept_total`)."""
+    a, b = backends(2)
+    spec = "/fluster/services/web/spec"
+    etcd.put(spec, json.dumps({"active_version": "v1"}))
+    etcd.put(KEY.format("web", "a"), a.json(version="v1"))
+    etcd.put(KEY.format("web", "b"), b.json(version="v2"))
+    reloader = start_reloader()
+    reloader.wait_served("web.localhost", {a.ident})
+    assert reloader.metrics()["reloader_specs_kept_total"] == 0
+
+    etcd.put(spec, '{"active_version": 7}')
+    wait_for(
+        lambda: Compared("specs_kept_total", reloader.status()["specs_kept_total"], 1),
+        what="the invalid spec answered by keeping the good one",
+    )
+    wait_for(
+        lambda: Compared("metric", reloader.metrics()["reloader_specs_kept_total"], 1),
+        what="reloader_specs_kept_total 1 on /metrics",
+    )
+    status = reloader.status()
+    assert "the last good spec is kept" in status["rejected"][spec], status["rejected"]
+    web = status["services"]["web"]
+    assert (web["active_version"], web["routed"]) == ("v1", ["a"]), web
+    reloader.wait_served("web.localhost", {a.ident})
+
+
 def test_compaction_while_away_resyncs_to_exactly_etcd(
     etcd: Etcd, start_reloader: Start, backends: Backends
 ) -> None:

@@ -48,6 +48,7 @@ METRIC_NAMES = {
     "reloader_servers",
     "reloader_rejected_records",
     "reloader_rejections_total",
+    "reloader_specs_kept_total",
     "reloader_catalog_resyncs_total",
     "reloader_catalog_reconnects_total",
     "reloader_held_removals",
