@@ -34,7 +34,7 @@ from deployer.records import AppConfig, DeployRecord, Stage
 from deployer.scheduler import Release, Scheduler
 from fluster import keys, ops
 from fluster.records import Instance, RecordError
-from fluster.store import Store
+from fluster.store import Store, StoreError
 
 REVISION_LABEL = "org.opencontainers.image.revision"
 
@@ -186,7 +186,7 @@ class Deployer:
                 await self.stage("promote", lambda: self._promote(config, version))
                 await self.stage("retire", lambda: self._retire(app, config, version))
                 return await self._finish("succeeded")
-            except (DeployError, ops.Refused, ops.WaitTimeout, RecordError) as exc:
+            except (DeployError, ops.Refused, ops.WaitTimeout, RecordError, StoreError) as exc:
                 await self._finish("failed", str(exc))
                 raise DeployFailed(str(exc)) from None
 
@@ -205,6 +205,9 @@ class Deployer:
         if src.git_dir is not None:
             commit = await source.resolve(src.git_dir, src.ref)
             return f"{registry}/{app}:{commit.version}", src.ref, commit.version, commit
+        if not await self.engine.has_image(src.image):
+            self.head(f"pulling {src.image}")
+            await self.engine.pull(src.image, self.detail)
         labels = await self.engine.image_labels(src.image)
         revision = labels.get(REVISION_LABEL, "")
         if source.SHA_RE.fullmatch(revision):
@@ -283,7 +286,7 @@ class Deployer:
         try:
             await self.stage("start", start)
             await self.stage("healthy", lambda: self._gate(release, config, ids))
-        except DeployError:
+        except BaseException:  # a failed gate, etcd gone, Ctrl-C: the new ones go
             if made:
                 await self.scheduler.remove_ids(made)
                 self.detail(f"removed the {len(made)} new container(s); nothing else changed")
@@ -435,7 +438,7 @@ class Deployer:
                 await self.stage("promote", lambda: self._rolled_back(config))
                 await self.stage("retire", lambda: self._retire(app, config, previous))
                 return await self._finish("succeeded")
-            except (DeployError, ops.Refused, ops.WaitTimeout, RecordError) as exc:
+            except (DeployError, ops.Refused, ops.WaitTimeout, RecordError, StoreError) as exc:
                 await self._finish("failed", str(exc))
                 raise DeployFailed(str(exc)) from None
 

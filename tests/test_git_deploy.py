@@ -426,6 +426,36 @@ def test_deploy_an_image_without_git_no_promote_then_promote(world: World) -> No
     assert version in world.registry.tags(world.app)
 
 
+def test_canary_sends_a_share_and_waits_for_the_promotion(world: World) -> None:
+    before = world.served()
+    active = world.active()
+    build = world.root / "canary"
+    build.mkdir()
+    (build / "app.py").write_text(APP.format(mark="canary", sick=False))
+    (build / "Dockerfile").write_text(DOCKERFILE.format(extra=""))
+    image = f"fluster-test-{world.app}:canary"
+    world.engine.docker("build", "-q", "-t", image, str(build), timeout=300)
+    try:
+        deployed = world.fluster("deploy", world.app, "--image", image, "--canary", "50")
+    finally:
+        world.engine.docker("rmi", image, check=False)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert "canary: done" in deployed.stdout and "promote" not in deployed.stdout.split("canary")[0]
+    version = deployed.stdout.split(": deploying ", 1)[1].split()[0]
+    assert world.active() == active
+    both = {before, "canary"}
+    wait_for(
+        lambda: world.reloader.served_by(f"{world.app}.localhost", 20) == both,
+        timeout=20,
+        what=f"both {sorted(both)} answering",
+    )
+    listed = world.fluster("deploys", world.app).stdout
+    assert "waiting" in listed.splitlines()[-1] or "waiting" in listed
+    promoted = world.fluster("promote", world.app, version)
+    assert promoted.returncode == 0, promoted.stderr
+    assert world.served() == "canary"
+
+
 def test_ssh_key_allows_nothing_but_a_push_to_an_app(world: World) -> None:
     shell = world.sshd.ssh("id")
     assert shell.returncode != 0
