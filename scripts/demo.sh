@@ -128,6 +128,14 @@ down() {
     echo "demo: Docker is not running; nothing to stop"
     return 0
   fi
+  # What make demo-deploy started on the project's network (compose does not own it).
+  local deployed
+  deployed=$("${DOCKER:-/usr/bin/docker}" ps -aq --filter label=fluster.app \
+    --filter "network=${COMPOSE_PROJECT_NAME}_default")
+  if [ -n "$deployed" ]; then
+    # shellcheck disable=SC2086
+    "${DOCKER:-/usr/bin/docker}" rm -f $deployed >/dev/null
+  fi
   "${compose[@]}" down --volumes --remove-orphans --timeout 30
 }
 
