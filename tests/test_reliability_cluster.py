@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.support.etcd import Etcd, wait_for
-from tests.support.faults import Load, TcpProxy, haproxy_servers
+from tests.support.faults import Load, TcpProxy, service_servers
 from tests.support.haproxy import HttpBackend, ReloaderProcess
 from tests.support.sidekick import Sidekicks
 from tests.support.waiting import Compared
@@ -48,7 +48,7 @@ def etcd_instances(etcd: Etcd, service: str, endpoints: str | None = None) -> di
 
 
 def served(reloader: ReloaderProcess, service: str) -> set[str]:
-    servers = haproxy_servers(reloader.state_dir / "admin.sock").get(f"be_{service}", set())
+    servers = service_servers(reloader.state_dir, service)
     return {f"{host}:{port}" for host, port in servers}
 
 

@@ -28,7 +28,7 @@ from fluster.catalog import Catalog, Snapshot
 from fluster.records import Instance, ServiceSpec
 from fluster.store import EtcdSettings, Store
 from tests.support.etcd import Etcd, eventually, wait_for
-from tests.support.faults import Load, haproxy_servers
+from tests.support.faults import Load, service_servers
 from tests.support.fuzz import Fuzzer, Record, known_escapes
 from tests.support.haproxy import HttpBackend, ReloaderProcess
 from tests.support.sidekick import Sidekicks
@@ -219,7 +219,7 @@ async def test_known_validator_escapes(store: Store, raw_put: RawPut, name: str)
 
 
 def served(reloader: ReloaderProcess, service: str) -> set[str]:
-    servers = haproxy_servers(reloader.state_dir / "admin.sock").get(f"be_{service}", set())
+    servers = service_servers(reloader.state_dir, service)
     return {f"{host}:{port}" for host, port in servers}
 
 
