@@ -19,7 +19,6 @@ validation never gets here (`CertWatcher` keeps the previous valid one for its n
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,9 +31,9 @@ import structlog
 from fluster import keys
 from fluster.catalog import Snapshot
 from fluster.certs import Certificate, self_signed
+from fluster.follow import Follow
 from fluster.records import RecordError
-from fluster.runtime import Backoff
-from fluster.store import Compacted, KeyValue, Store, Unavailable, WatchBatch
+from fluster.store import KeyValue, Store, Unavailable, WatchBatch
 from reloader.haproxy import HaproxyError, cli
 from reloader.model import RenderSettings
 
@@ -231,6 +230,7 @@ class CertWatcher:
         self.rejected_total = 0
         self.loaded = False
         self.on_change: Callable[[], None] = lambda: None
+        self.follow = Follow(store, self.prefix, retried=(Unavailable,))
 
     def _name(self, key: str) -> str:
         return key[len(self.prefix) :]
@@ -281,27 +281,7 @@ class CertWatcher:
         return {n: c for n, c in sorted(self.certs.items()) if c.not_after > now}
 
     async def run(self) -> None:
-        """List, then watch, until cancelled (resume after breaks, list after compaction)."""
-        backoff = Backoff(base=0.1, cap=5.0)
-        revision = 0
-        while True:
-            try:
-                if revision == 0:
-                    revision, kvs = await self.store.get_prefix(self.prefix)
-                    self.on_list(revision, kvs)
-                async for batch in self.store.watch(self.prefix, revision + 1):
-                    backoff.reset()
-                    if batch.events:
-                        self.on_events(batch)
-                        revision = max(revision, batch.revision)
-            except Compacted:
-                revision = 0
-            except Unavailable as exc:
-                delay = backoff.next_delay()
-                log.warning(
-                    "certificate watch interrupted, resuming",
-                    error=str(exc),
-                    attempt=backoff.attempt,
-                    retry_in=round(delay, 2),
-                )
-                await asyncio.sleep(delay)
+        """List, then watch, until cancelled: `fluster.follow` resumes after a break and
+        lists again after a compaction. Like the catalog, only Unavailable is retried: a
+        reloader that may not read certs/ stops loudly (see docs/OPERATIONS.md, RBAC)."""
+        await self.follow.run(self.on_list, self.on_events)
