@@ -212,6 +212,17 @@ class Model:
         """The same model with every backend emptied."""
         return replace(self, backends=tuple(replace(b, servers=()) for b in self.backends))
 
+    def frame_key(self) -> tuple[object, ...]:
+        """Everything the templates see but the servers (cheaper than without_servers)."""
+        return (
+            self.settings,
+            self.https_bind,
+            self.http_routes,
+            self.tcp_routes,
+            self.skipped,
+            tuple((b.name, b.service, b.mode, b.balance, b.check_path) for b in self.backends),
+        )
+
     def structure(self) -> tuple[object, ...]:
         """What only a reload can change: two models with equal structures differ in
         servers and routes map entries only, which the runtime API can apply. (The
@@ -417,7 +428,9 @@ def _usable(
     return out
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def is_ip(host: str) -> bool:
+    """Memoized: every apply asks it for every instance of the catalog."""
     try:
         ipaddress.ip_address(host)
     except ValueError:

@@ -78,7 +78,8 @@ class Renderer:
             keep_trailing_newline=True,
             auto_reload=False,
         )
-        self._frame: tuple[Model, list[str | tuple[int, str, str]] | None] | None = None
+        self._frame: tuple[object, list[str | tuple[int, str, str]] | None] | None = None
+        self._blocks: dict[int, tuple[tuple[Server, ...], str]] = {}  # frame slot -> text
         self.env.globals["bind"] = _bind
         self.env.filters["host_header"] = host_header
         try:
@@ -117,16 +118,36 @@ class Renderer:
 
     def framed_text(self, model: Model) -> str:
         """`text(model)`, by filling the frame of its structure when there is one."""
-        key = model.without_servers()
+        key = model.frame_key()
         if self._frame is not None and self._frame[0] == key:
             parts = self._frame[1]
-            return self.text(model) if parts is None else _fill(parts, model)
+            return self.text(model) if parts is None else self._fill(parts, model)
+        self._blocks.clear()
         text = self.text(model)
-        parts = _frame(self.text(_marked(key)), key)
-        if parts is not None and _fill(parts, model) != text:
+        empty = model.without_servers()
+        parts = _frame(self.text(_marked(empty)), empty)
+        if parts is not None and self._fill(parts, model) != text:
             parts = None  # the templates do more with servers than print their lines
         self._frame = (key, parts)
         return text
+
+    def _fill(self, parts: list[str | tuple[int, str, str]], model: Model) -> str:
+        """The frame with each backend's server lines; a backend whose servers are the
+        same as last time reuses its block of text."""
+        lines: list[str] = []
+        for part in parts:
+            if isinstance(part, str):
+                lines.append(part)
+                continue
+            index, prefix, suffix = part
+            servers = model.backends[index].servers
+            kept = self._blocks.get(index)
+            if kept is None or kept[0] != servers:
+                block = "\n".join(prefix + server.line + suffix for server in servers)
+                kept = self._blocks[index] = (servers, block)
+            if servers:
+                lines.append(kept[1])
+        return "\n".join(lines)
 
 
 def _marker(index: int) -> Server:
@@ -156,17 +177,6 @@ def _frame(text: str, model: Model) -> list[str | tuple[int, str, str]] | None:
         parts.append((index, line[:at], line[at + len(marker) :]))
         found += 1
     return parts if found == len(model.backends) else None
-
-
-def _fill(parts: list[str | tuple[int, str, str]], model: Model) -> str:
-    lines: list[str] = []
-    for part in parts:
-        if isinstance(part, str):
-            lines.append(part)
-            continue
-        index, prefix, suffix = part
-        lines.extend(prefix + server.line + suffix for server in model.backends[index].servers)
-    return "\n".join(lines)
 
 
 def render(snapshot: Snapshot, settings: RenderSettings, templates: Path | None = None) -> str:
