@@ -130,7 +130,10 @@ def merge(
     out += table([]).splitlines() + [old_rows[k] for k in keys]
     out += ["", "## Rows: how each was produced", ""]
     out += [sections[k] for k in keys if k in sections]
+    # Notes of an earlier run of the same rows give way to this run's.
+    stale = tuple({f"- {n.split(': ', 1)[0]}: " for n in notes if ": " in n})
     note_lines = [n for n in old_notes.strip().splitlines() if n.strip()]
+    note_lines = [n for n in note_lines if not (stale and n.startswith(stale))]
     note_lines += [f"- {n}" for n in notes]
     out += ["## Notes", "", *note_lines, ""]
     return "\n".join(out)
