@@ -98,6 +98,7 @@ class SwarmScheduler:
         self.engine = engine
         self.stop_grace = stop_grace
         self._old_tasks: dict[str, set[str]] = {}
+        self._reused: set[str] = set()  # services `start` found already there
 
     async def _services(self, app: str, version: str | None = None) -> list[dict[str, Any]]:
         labels = [f"{APP_LABEL}={app}"] + ([f"{VERSION_LABEL}={version}"] if version else [])
@@ -135,8 +136,11 @@ class SwarmScheduler:
 
     async def start(self, release: Release, config: AppConfig) -> list[str]:
         if await self._services(release.app, release.version):
-            # A version deployed before (e.g. a retry after a failed gate): reuse it.
-            return await self.resume(release, config)
+            # A version deployed before (--no-promote, or an older version deployed
+            # again): scale its service up rather than fail on the name.
+            names = await self.resume(release, config)
+            self._reused.update(names)
+            return names
         return [await self._create(release, config)]
 
     async def _tasks(self, name: str) -> list[dict[str, Any]]:
@@ -198,7 +202,12 @@ class SwarmScheduler:
         return len(gone)
 
     async def remove_ids(self, ids: list[str]) -> None:
+        """Delete these services; one `start` reused goes back to 0 replicas instead, so
+        a failed deploy of an older version does not take away its rollback."""
         for name in ids:
+            if name in self._reused:
+                await self._scale(name, 0)
+                continue
             try:
                 async with _mapped(f"remove service {name}"):
                     await self.engine.client.services.delete(name)

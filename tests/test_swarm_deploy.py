@@ -145,14 +145,22 @@ def test_swarm_deploys_v2_beside_v1_promotes_retires_and_rolls_back(
             reloader.wait_served(host, {"v1"}, timeout=30)
         assert load.failures == [], f"{len(load.failures)} failed requests: {load.failures[:10]}"
         assert d.services() == {v1: 2, v2: 0}
+
+        # v2 deployed again (its commit once more): its service at 0 is scaled up,
+        # not created a second time.
+        with Load(reloader.http_port, host) as load:
+            d.fluster("deploy", d.app, "--git", str(d.work), "--ref", v2)
+            reloader.wait_served(host, {"v2"}, timeout=30)
+        assert load.failures == [], f"{len(load.failures)} failed requests: {load.failures[:10]}"
+        assert d.services() == {v1: 0, v2: 2}
         assert sidekick.proc.poll() is None, sidekick.log()
 
         # Past the keep-old window: the scheduler removes the services at 0 replicas of
         # versions not kept, never one that runs.
         removed = asyncio.run(remove_stopped(private_swarm.host, d.app, keep=set()))
         assert removed == 1
-        assert d.services() == {v1: 2}
-        reloader.wait_served(host, {"v1"})
+        assert d.services() == {v2: 2}
+        reloader.wait_served(host, {"v2"})
     finally:
         reloader.stop()
         registry.stop()
