@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import adapter, cdf, report, routing, scenarios, tls
+from bench import adapter, cdf, deploy, report, routing, scenarios, tls
 from bench.backends import Backends, raise_fd_limit
 from bench.report import Row, ms, ratio
 from fluster.store import EtcdSettings, Store
 from testbed.etcd import Etcd
 
-ROWS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P10", "H1")
+ROWS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P10", "H1", "D1")
 DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 
 
@@ -135,6 +135,16 @@ async def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], list[str
             except Exception as exc:
                 notes.append(f"H1: {type(exc).__name__}: {exc}")
             print(f"[bench] H1 took {time.monotonic() - started:.0f}s", flush=True)
+        if "D1" in only:
+            started = time.monotonic()
+            try:
+                figures = await asyncio.to_thread(
+                    deploy.d1_deploy, work, etcd, 2 if args.quick else 3
+                )
+                rows.append(deploy.row(row_command(args, "D1"), figures))
+            except Exception as exc:
+                notes.append(f"D1: {type(exc).__name__}: {exc}")
+            print(f"[bench] D1 took {time.monotonic() - started:.0f}s", flush=True)
         if "P6" in only:
             try:
                 rows.append(p6_row(args, await scenarios.p6_sidekick(env, args.idle)))
