@@ -106,7 +106,14 @@ class Lease:
             self.log.debug("lease granted", lease=hex_id(self._id), ttl=self.ttl)
         if self._keeper is None or self._keeper.done():
             self._keeper = asyncio.create_task(self._keep(self._id), name=f"keepalive {self.name}")
+            self._keeper.add_done_callback(self._keeper_ended)
         return self._id
+
+    def _keeper_ended(self, task: asyncio.Task[None]) -> None:
+        # It returns after a loss and retries every StoreError: anything else is a bug,
+        # said loudly; the next `ensure()` starts a new one.
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("lease keepalive task failed", error=repr(task.exception()))
 
     async def put(self, key: str, value: str | bytes) -> int:
         """Write `key` under the lease (granting one if needed); returns the revision.
