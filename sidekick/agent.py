@@ -23,7 +23,7 @@ import structlog
 from fluster.keys import instance_key, parse_key, services_prefix
 from fluster.records import Instance, RecordError
 from fluster.runtime import Backoff, Supervisor
-from fluster.store import AuthError, Store, StoreError
+from fluster.store import AuthError, Store, StoreError, retry_backoff
 from sidekick.docker import ContainerGone, Docker, DockerEvent, DockerUnavailable
 from sidekick.health import HealthGate, Probe, docker_healthy, make_probe, watch_health
 from sidekick.hub import Hub
@@ -221,7 +221,7 @@ class Sidekick:
     async def remove_zombies(self, running: set[str]) -> None:
         """Delete records of this node naming containers that no longer run."""
         ours = {r.key for r in self.registrations()}
-        backoff = Backoff(cap=5.0)
+        backoff = retry_backoff()
         while True:
             try:
                 _, kvs = await self.store.get_prefix(services_prefix(self.s.prefix))

@@ -16,9 +16,9 @@ from typing import Any
 
 import structlog
 
-from fluster.runtime import Backoff, Supervisor, TaskDied, capture_signals, run, setup_logging
+from fluster.runtime import Supervisor, TaskDied, capture_signals, run, setup_logging
 from fluster.settings import SettingsError, exit_on_problems, make_directory
-from fluster.store import Store, StoreError
+from fluster.store import Store, StoreError, retry_backoff, retry_cap
 from sidekick import status
 from sidekick.agent import Sidekick
 from sidekick.docker import Docker
@@ -100,7 +100,7 @@ async def serve(s: Settings) -> int:
 
 async def connect(store: Store, stop: asyncio.Event) -> None:
     """Set up the etcd channel; with a user, authenticate (retried: etcd may be down)."""
-    backoff = Backoff(cap=5.0)
+    backoff = retry_backoff()
     while not stop.is_set():
         try:
             await store.connect()
@@ -109,7 +109,7 @@ async def connect(store: Store, stop: asyncio.Event) -> None:
             log.warning(
                 "cannot connect to etcd, retrying", error=str(exc), attempt=backoff.attempt + 1
             )
-            await backoff.sleep(stop)
+            await backoff.sleep(stop, cap=retry_cap(exc))
 
 
 async def write_status(sidekick: Sidekick, path: os.PathLike[str], every: float) -> None:
