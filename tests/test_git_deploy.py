@@ -456,6 +456,18 @@ def test_canary_sends_a_share_and_waits_for_the_promotion(world: World) -> None:
     assert world.served() == "canary"
 
 
+def test_a_push_of_another_branch_is_accepted_and_not_deployed(world: World) -> None:
+    active = world.active()
+    world.commit("feature")
+    try:
+        pushed = world.git("push", "origin", "HEAD:feature")
+    finally:
+        world.git("reset", "-q", "--hard", "HEAD~1")
+    assert pushed.returncode == 0, pushed.stderr
+    assert "accepted, not deployed (a push of main deploys)" in pushed.stderr, pushed.stderr
+    assert world.active() == active
+
+
 def test_ssh_key_allows_nothing_but_a_push_to_an_app(world: World) -> None:
     shell = world.sshd.ssh("id")
     assert shell.returncode != 0

@@ -1,0 +1,104 @@
+"""The deploy lock on a real etcd: one deploy per app, the second waits and says for whom,
+and a deploy whose process died (SIGKILL: nothing revokes anything) frees the lock when
+its lease runs out."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+
+import pytest
+
+from deployer.engine import DeployError
+from deployer.lock import TTL, deploy_lock
+from fluster import keys
+from fluster.store import EtcdSettings, Store
+from tests.support.etcd import Etcd
+
+HOLDER = """
+import asyncio, sys
+from deployer.lock import deploy_lock
+from fluster.store import EtcdSettings, Store
+
+async def main():
+    async with Store(EtcdSettings(endpoints=(sys.argv[1],))) as store:
+        async with deploy_lock(store, "/fluster", "web", "dead-deploy", wait_limit=5, say=print):
+            print("holding", flush=True)
+            await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_second_deploy_waits_for_the_first(etcd: Etcd) -> None:
+    said: list[str] = []
+    asked = asyncio.Event()
+
+    def say(text: str) -> None:
+        said.append(text)
+        asked.set()
+
+    async with Store(EtcdSettings(endpoints=etcd.endpoint_list)) as store:
+        holding, first_done = asyncio.Event(), asyncio.Event()
+        order: list[str] = []
+
+        async def first() -> None:
+            async with deploy_lock(store, "/fluster", "web", "deploy-1", wait_limit=5, say=say):
+                holding.set()
+                await first_done.wait()
+
+        async def second() -> None:
+            async with deploy_lock(store, "/fluster", "web", "deploy-2", wait_limit=5, say=say):
+                order.append("second")
+
+        task = asyncio.create_task(first())
+        await asyncio.wait_for(holding.wait(), 10)
+        waiting = asyncio.create_task(second())
+        await asyncio.wait_for(asked.wait(), 10)
+        assert said == ["waiting for deploy deploy-1 to finish"]
+        assert order == []
+        order.append("first done")
+        first_done.set()
+        await asyncio.wait_for(asyncio.gather(task, waiting), 10)
+        assert order == ["first done", "second"]
+        # Released on exit: the key is gone at once, not after a TTL.
+        assert (await store.get(keys.app_lock_key("/fluster", "web")))[1] is None
+
+
+async def test_a_lock_held_too_long_is_a_clear_error(etcd: Etcd) -> None:
+    async with (
+        Store(EtcdSettings(endpoints=etcd.endpoint_list)) as store,
+        deploy_lock(store, "/fluster", "web", "deploy-1", wait_limit=5, say=print),
+    ):
+        with pytest.raises(DeployError, match="deploy deploy-1 of web still running"):
+            async with deploy_lock(store, "/fluster", "web", "deploy-2", wait_limit=0.3, say=print):
+                pytest.fail("took a lock someone holds")
+
+
+@pytest.mark.slow
+async def test_a_dead_deploy_frees_the_lock_with_its_lease(etcd: Etcd) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, etcd.endpoints, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(30):
+            while (await proc.stdout.readline()).strip() != b"holding":
+                pass  # the holder's own log lines
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        killed = time.monotonic()
+        said: list[str] = []
+        async with (
+            Store(EtcdSettings(endpoints=etcd.endpoint_list)) as store,
+            deploy_lock(store, "/fluster", "web", "next", wait_limit=3 * TTL, say=said.append),
+        ):
+            took = time.monotonic() - killed
+        assert said == ["waiting for deploy dead-deploy to finish"]
+        assert took <= TTL + 3, f"the lock came free {took:.1f}s after the holder died"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
