@@ -24,7 +24,7 @@ from reloader.acme import AcmeIssuer
 from reloader.apply import Applier, ApplyFailed, Rejected
 from reloader.certs import CertWatcher, TlsFiles, TlsTarget, target
 from reloader.debounce import Debouncer
-from reloader.facts import FactFinder, Reporter
+from reloader.facts import FactFinder, Reporter, tcp_ports_in
 from reloader.guard import RemovalGuard
 from reloader.haproxy import Haproxy, HaproxyError, StartFailed
 from reloader.model import Model, ServiceCache, build_model, with_servers_of
@@ -32,6 +32,7 @@ from reloader.publish import Publisher
 from reloader.render import Renderer, RenderError
 from reloader.server import StatusServer
 from reloader.settings import Settings
+from reloader.state_dir import StateDir
 from reloader.status import (
     LATENCY_WINDOW,
     ApplyRecord,
@@ -159,7 +160,14 @@ class Reloader:
         """The model against the host's facts (reloader.facts): what resolves, which ports
         are free, which addresses are this edge's own."""
         live = self.applier.live
-        facts = await self.facts.find(snapshot, live.model if live else None)
+        if live is not None and live.known:
+            facts = await self.facts.find(snapshot, live.model)
+        else:
+            # A previous run's config (adopted, or still served by the HAProxy this run
+            # takes over): the TCP ports it binds are this edge's, not another process's.
+            file = StateDir(self.settings.render.state_dir).config
+            text = live.text if live is not None else file.read_text() if file.is_file() else ""
+            facts = await self.facts.find(snapshot, None, tcp_ports_in(text))
         return build_model(snapshot, self.settings.render, facts, tls=tls, cache=self.pieces)
 
     async def _apply_servers_only(self, model: Model, revision: int) -> None:

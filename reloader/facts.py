@@ -10,8 +10,10 @@ resolve) without any record changing.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 
 import structlog
 
@@ -22,7 +24,14 @@ from reloader.targets import HostFacts, Resolver, local_addresses, port_holder
 
 log = structlog.get_logger("reloader")
 
+# How the default templates bind a TCP service: `frontend tcp_NAME`, then its `bind`.
+TCP_BIND = re.compile(r"^frontend tcp_\S+\n(?:[ \t]+(?!bind )\S.*\n)*?[ \t]+bind \S*:(\d+)", re.M)
 RECHECK = 5.0  # seconds between retries of something left out for a busy port or DNS
+
+
+def tcp_ports_in(config: str) -> set[int]:
+    """The ports a config's TCP frontends bind (as the default templates write them)."""
+    return {int(port) for port in TCP_BIND.findall(config)}
 
 
 class FactFinder:
@@ -35,7 +44,11 @@ class FactFinder:
         self._local: dict[str, bool] = {}  # IP -> this host's own (kept for a resolver TTL)
         self._local_at = 0.0
 
-    async def find(self, snapshot: Snapshot, live: Model | None) -> HostFacts:
+    async def find(
+        self, snapshot: Snapshot, live: Model | None, held: AbstractSet[int] = frozenset()
+    ) -> HostFacts:
+        """`live`: the model HAProxy runs; `held`: TCP ports this edge's HAProxy binds
+        when that model is unknown (a previous run's config)."""
         rs = self.settings
         own = set(own_ports(rs, live.https_bind if live else None))
         tcp = {
@@ -60,7 +73,7 @@ class FactFinder:
         found = local_addresses(unknown)
         self._local.update({ip: ip in found for ip in unknown})
         # Ports our own HAProxy holds for the live config are ours to keep.
-        held = {r.port for r in live.tcp_routes if r.port} if live else set()
+        held = {r.port for r in live.tcp_routes if r.port} if live else set(held)
         busy = {}
         for port in sorted(tcp - held - own):
             holder = port_holder(rs.http_bind[0], port)

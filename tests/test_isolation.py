@@ -77,6 +77,16 @@ class Loop:
             self._thread.join(10)
 
 
+def tcp_get(port: int) -> str:
+    """An HTTP/1.0 request through a TCP frontend: the whole answer, read to the end."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        chunks = []
+        while chunk := conn.recv(4096):
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
 def skipped(reloader: ReloaderProcess) -> list[dict[str, str]]:
     return list(reloader.status()["skipped_services"])
 
@@ -137,15 +147,36 @@ def test_a_tcp_port_in_use_leaves_out_only_that_service(
         assert reloader.status()["failures"]["reload"] == 0
 
     # Once the port is free, the service comes in without any record changing.
-    def db_answers() -> bool:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-            conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            return db.ident.encode() in conn.recv(4096)
-
-    wait_for(db_answers, timeout=30, what=f"db served on its port; log: {reloader.log_path}")
+    wait_for(
+        lambda: db.ident in tcp_get(port),
+        timeout=30,
+        what=f"db served on its port; log: {reloader.log_path}",
+    )
     _, metrics = reloader.http_get("/metrics")
     assert 'reloader_skips_total{kind="port"}' in metrics
     assert "left out of the config" in reloader.log()
+
+
+def test_a_reloader_taking_over_its_haproxy_keeps_its_tcp_ports(
+    etcd: Etcd, start_reloader: Start, backends: Backends
+) -> None:
+    """The HAProxy a SIGKILLed reloader left running holds the TCP ports of its config:
+    the next reloader must not take them for another process's and leave them out."""
+    (db,) = backends(1, prefix="db")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    etcd.put(SPEC.format("db"), json.dumps({"mode": "tcp", "port": port}))
+    etcd.put(KEY.format("db", "x"), db.json())
+    reloader = start_reloader()
+    wait_for(lambda: "frontend tcp_db" in reloader.config, what="db routed")
+    assert reloader.proc is not None
+    reloader.proc.kill()
+    reloader.proc.wait(10)
+    reloader.start()
+    assert db.ident in tcp_get(port)
+    assert "left out of the config" not in reloader.log(), reloader.log_path
+    assert skipped(reloader) == []
 
 
 def test_two_tcp_services_on_one_port_the_older_spec_keeps_it(
