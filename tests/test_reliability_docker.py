@@ -57,7 +57,7 @@ def test_r6_dockerd_restart_under_the_host_agent_leaves_no_stale_or_duplicate_se
         )
 
     try:
-        ports = [free_port() for _ in range(4)]
+        ports = [free_port() for _ in range(3)]
         gone = run(ports[0])  # no restart policy: its process dies while dockerd is away
         kept = [run(p, "--restart", "always") for p in ports[1:3]]
         sidekicks.start(
@@ -83,9 +83,12 @@ def test_r6_dockerd_restart_under_the_host_agent_leaves_no_stale_or_duplicate_se
         private_dockerd.start()
         for cid in kept:
             wait_for(lambda cid=cid: engine.running(cid), timeout=30, what="restarted")
-        fresh = run(ports[3])  # started as soon as dockerd is back
+        # Its port picked now, not at the start: an ephemeral port left free for 10 s on a
+        # busy machine may be in use by then, and the app would exit at once.
+        fresh_port = free_port()
+        fresh = run(fresh_port)  # started as soon as dockerd is back
         want = {f"{node}-{c[:12]}": f"127.0.0.1:{p}" for c, p in zip(kept, ports[1:3], strict=True)}
-        want[f"{node}-{fresh[:12]}"] = f"127.0.0.1:{ports[3]}"
+        want[f"{node}-{fresh[:12]}"] = f"127.0.0.1:{fresh_port}"
         wait_for(
             lambda: Compared("etcd records", records(sidekicks, service), want),
             timeout=30,
