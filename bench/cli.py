@@ -575,7 +575,9 @@ def p10_row(args: argparse.Namespace, costs: dict[tuple[str, int], routing.Chang
     ]
     for (kind, n), c in sorted(costs.items()):
         notes.append(
-            f"{kind}, {n} services: {c.changes} changes, {c.cpu_seconds:.3f} s CPU in "
+            f"{kind}, {n} services: {c.changes} changes, {c.cpu_seconds:.3f} s CPU "
+            f"({c.cpu_during:.3f} s of it while the changes ran, the rest in the quiet "
+            "period after them) in "
             f"{c.wall_seconds:.1f} s, {c.applies} applies ({c.reloads} reloads), "
             f"{c.misses} never seen"
         )

@@ -126,6 +126,7 @@ class ChangeCost:
     services: int
     changes: int = 0
     cpu_seconds: float = 0.0  # the pipeline process and the children it waited for
+    cpu_during: float = 0.0  # of which before the quiet period (the deferred check after)
     wall_seconds: float = 0.0
     misses: int = 0
     applies: int = 0
@@ -185,6 +186,7 @@ async def p10_change_cost(
                 await asyncio.sleep(0.005)
             result.changes += 1
             await asyncio.sleep(0.1)
+        result.cpu_during = cpu_with_children(pipeline.pid) - cpu0
         await asyncio.sleep(quiet)
         result.cpu_seconds = cpu_with_children(pipeline.pid) - cpu0
         result.wall_seconds = time.monotonic() - t0
