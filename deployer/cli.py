@@ -48,6 +48,8 @@ async def run(command: str, action: str, v: Values, store: Store, prefix: str) -
             return await app_command(action, v, store, prefix)
         if command == "deploys":
             return await deploys_command(v, store, prefix)
+        if command == "gc":
+            return await gc_command(v, store, prefix)
         return await deploy_command(command, v, store, prefix)
     except apps.NoSuchApp as exc:
         return fail(str(exc), EXIT_USAGE)
@@ -257,3 +259,29 @@ async def deploy_command(command: str, v: Values, store: Store, prefix: str) -> 
             src = Source(git_dir=git_dir, ref=ref, update=update)
         record = await d.deploy(app, src, promote=not v[D.NO_PROMOTE], canary=v[D.CANARY])
         return EXIT_OK if record.result != "failed" else EXIT_FAILED
+
+
+async def gc_command(v: Values, store: Store, prefix: str) -> int:
+    """`fluster gc APP`, after the records (whose keep-old check it shares): the stopped
+    containers (or scaled-down Swarm services) of versions the spec no longer routes."""
+    app = v[D.SERVICE_ARG]
+    config = (await apps.load(store, prefix, app)).config
+    svc = (await ops.snapshot(store, prefix)).services.get(config.service)
+    if svc is None:
+        return EXIT_OK
+    spec = svc.spec
+    async with Engine(v[D.DOCKER_HOST] or None) as engine:
+        scheduler: Scheduler = (
+            SwarmScheduler(engine) if config.scheduler == "swarm" else LocalScheduler(engine)
+        )
+        if v[D.DRY_RUN]:
+            idle = {
+                r.version
+                for r in await scheduler.instances(app)
+                if r.state != "running" and not spec.routes_version(r.version)
+            }
+            say(f"{app}: would remove the stopped instances of {', '.join(sorted(idle)) or '-'}")
+            return EXIT_OK
+        removed = await scheduler.remove(app, keep=spec.routes_version)
+    say(f"{app}: removed {removed} stopped instance(s) of versions no longer routed")
+    return EXIT_OK

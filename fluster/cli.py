@@ -302,8 +302,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("drain", "stop sending new traffic to one instance", (SERVICE, INSTANCE, *WAIT)),
     Command(
         "gc",
-        "remove records of versions a service no longer routes",
-        (SERVICE, GC_FORCE, DRY_RUN),
+        "remove records of versions a service no longer routes (of an app: their containers)",
+        (SERVICE, GC_FORCE, DRY_RUN, D.DOCKER_HOST),
     ),
     Command(
         "cert",
@@ -570,6 +570,8 @@ class Cli:
         say(f"{service}: {verb} {len(removed)} record(s) of old versions")
         for key in removed:
             say(f"  {key}")
+        if (await store.get(keys.app_config_key(self.prefix, service)))[1] is not None:
+            return await self.deployer(store)  # an app: its old versions' containers too
         return EXIT_OK
 
     async def _wait(self, store: Store, revision: int) -> int:

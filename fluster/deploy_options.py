@@ -177,5 +177,6 @@ DEPLOY = (
 DEPLOYS = (APP, JSON)
 # `fluster rollback APP` of an app restarts its previous version's containers.
 ROLLBACK_APP = (REGISTRY, PUBLISH_IP, NETWORK, DOCKER_HOST, LOCK_TIMEOUT)
+DRY_RUN = switch("--dry-run", None, "only say what would go")  # gc's, read by its dest
 # The rollback command's positional (declared in fluster.cli), read by its dest.
 SERVICE_ARG: Option[str] = Option("service", None, "", "", kind="positional")

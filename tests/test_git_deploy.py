@@ -468,6 +468,27 @@ def test_a_push_of_another_branch_is_accepted_and_not_deployed(world: World) -> 
     assert world.active() == active
 
 
+def test_gc_removes_the_stopped_containers_of_versions_no_longer_routed(world: World) -> None:
+    def listing() -> list[tuple[str, str]]:
+        out = world.engine.docker(
+            "ps", "-a", "--filter", f"label=fluster.app={world.app}",
+            "--format", '{{.Label "fluster.version"}} {{.State}}',
+        )  # fmt: skip
+        return [tuple(line.split()) for line in out.splitlines()]  # type: ignore[misc]
+
+    active = world.active()
+    before = listing()
+    assert any(state != "running" for _, state in before), before
+    running_before = sorted(v for v, state in before if state == "running")
+    gc = world.fluster("gc", world.app, "--force")
+    assert gc.returncode == 0, gc.stdout + gc.stderr
+    assert "stopped instance(s) of versions no longer routed" in gc.stdout
+    after = listing()
+    assert [v for v, state in after if state != "running" and v != active] == [], after
+    assert sorted(v for v, state in after if state == "running") == running_before
+    assert world.served() == "canary"
+
+
 def test_ssh_key_allows_nothing_but_a_push_to_an_app(world: World) -> None:
     shell = world.sshd.ssh("id")
     assert shell.returncode != 0
