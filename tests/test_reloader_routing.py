@@ -111,3 +111,27 @@ async def test_a_new_http_service_is_served_by_the_same_worker_until_the_pool_ru
     etcd.delete(KEY.format("three", "a"))
     wait_for(lambda: reloader.get("three.localhost")[0] == 404, what="three unrouted")
     assert reloader.workers() == workers
+
+
+async def test_a_used_up_pool_is_refilled_by_one_reload_once_the_catalog_is_quiet(
+    etcd: Etcd, start_reloader: Start, backends: Backends
+) -> None:
+    one, two = backends(2)
+    reloader = start_reloader("--http-pool", "2")
+    etcd.put(KEY.format("one", "a"), one.json())
+    etcd.put(KEY.format("two", "a"), two.json())
+    reloader.wait_served("one.localhost", {one.ident})
+    reloader.wait_served("two.localhost", {two.ident})
+    assert reloader.status()["pool_free"] == 0
+    # Below half of the pool, and nothing changes for 10 s: one reload renames and refills.
+    wait_for(
+        lambda: reloader.status()["pool_free"] == 2,
+        timeout=40,
+        what="the pool refilled (pool_free 2)",
+    )
+    status = reloader.status()
+    assert status["applies"]["reload"] == 1 and status["pool_fallbacks"] == 0
+    routes = (reloader.state_dir / "routes.map").read_text()
+    assert "one.localhost/ be_one\n" in routes and "two.localhost/ be_two\n" in routes
+    assert reloader.get("one.localhost") == (200, one.ident)
+    assert reloader.get("two.localhost") == (200, two.ident)
