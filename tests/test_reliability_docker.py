@@ -21,7 +21,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.support.docker import Engine, PrivateDockerd
-from tests.support.etcd import Etcd, free_port, wait_for
+from tests.support.etcd import Etcd, wait_for
 from tests.support.faults import service_servers
 from tests.support.haproxy import ReloaderProcess
 from tests.support.sidekick import Sidekicks
@@ -50,16 +50,18 @@ def test_r6_dockerd_restart_under_the_host_agent_leaves_no_stale_or_duplicate_se
     service, node = f"r{tag}", f"n{tag}"
     engine = Engine(private_dockerd.host)
 
-    def run(port: int, *extra: str) -> str:
-        labels = {"fluster.service": service, "fluster.port": str(port)}
-        return engine.run_app(
-            port, publish=False, labels=labels, extra=("--network", "host", *extra)
+    def run(*extra: str) -> tuple[str, int]:
+        """A container of the service on the host network: (its id, its port)."""
+        return engine.run_host_app(
+            lambda port: {"fluster.service": service, "fluster.port": str(port)}, extra=extra
         )
 
     try:
-        ports = [free_port() for _ in range(3)]
-        gone = run(ports[0])  # no restart policy: its process dies while dockerd is away
-        kept = [run(p, "--restart", "always") for p in ports[1:3]]
+        # No restart policy: its process dies while dockerd is away.
+        gone, gone_port = run()
+        started = [run("--restart", "always") for _ in range(2)]
+        kept = [cid for cid, _ in started]
+        ports = [gone_port, *(port for _, port in started)]
         sidekicks.start(
             "--all", "--node", node, "--docker-host", private_dockerd.host,
             "--advertise-ip", "127.0.0.1", "--drain-seconds", "0.5",
@@ -84,9 +86,8 @@ def test_r6_dockerd_restart_under_the_host_agent_leaves_no_stale_or_duplicate_se
         for cid in kept:
             wait_for(lambda cid=cid: engine.running(cid), timeout=30, what="restarted")
         # Its port picked now, not at the start: an ephemeral port left free for 10 s on a
-        # busy machine may be in use by then, and the app would exit at once.
-        fresh_port = free_port()
-        fresh = run(fresh_port)  # started as soon as dockerd is back
+        # busy machine may be in use by then (and a port taken at the bind is retried).
+        fresh, fresh_port = run()  # started as soon as dockerd is back
         want = {f"{node}-{c[:12]}": f"127.0.0.1:{p}" for c, p in zip(kept, ports[1:3], strict=True)}
         want[f"{node}-{fresh[:12]}"] = f"127.0.0.1:{fresh_port}"
         wait_for(

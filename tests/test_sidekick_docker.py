@@ -13,7 +13,7 @@ import time
 import uuid
 
 from tests.support.docker import Engine, PrivateDockerd
-from tests.support.etcd import Etcd, free_port, wait_for
+from tests.support.etcd import Etcd, wait_for
 from tests.support.sidekick import Sidekicks
 
 COMMON = ("--ttl", "2", "--check-interval", "0.2")
@@ -190,21 +190,13 @@ def test_dockerd_restart_resyncs_without_zombies(
 ) -> None:
     service, node = names()
     engine = Engine(private_dockerd.host)
+
+    def labels(port: int) -> dict[str, str]:
+        return {"fluster.service": service, "fluster.port": str(port)}
+
     try:
-        port_a, port_b = free_port(), free_port()
-        labels = {"fluster.service": service}
-        a = engine.run_app(
-            port_a,
-            publish=False,
-            labels={**labels, "fluster.port": str(port_a)},
-            extra=("--network", "host"),
-        )
-        b = engine.run_app(
-            port_b,
-            publish=False,
-            labels={**labels, "fluster.port": str(port_b)},
-            extra=("--network", "host", "--restart", "always"),
-        )
+        a, port_a = engine.run_host_app(labels)
+        b, port_b = engine.run_host_app(labels, extra=("--restart", "always"))
         sidekicks.start(
             "--all",
             "--node",

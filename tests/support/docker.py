@@ -7,9 +7,13 @@ skip only when they cannot possibly run: not root and no engine, or no dockerd b
 
 `apps` runs throwaway containers of that image serving HTTP with `python3` (no image
 build needed), publishes their port on 127.0.0.1 with a Docker-assigned host port, and
-removes them after the test. `PrivateDockerd` is a second engine with its own socket and
-data root, for the tests that kill and restart dockerd without disturbing anyone else's
-containers on the shared one.
+removes them after the test. On the host network (`run_host_app`) the app's port is
+written into its labels before it starts, so it comes from `free_port()`; a port another
+process took meanwhile is retried on a fresh one.
+
+`PrivateDockerd` is a second engine with its own socket and data root, for the tests
+that kill and restart dockerd without disturbing anyone else's containers on the shared
+one.
 """
 
 from __future__ import annotations
@@ -20,20 +24,23 @@ import shutil
 import signal
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from testbed.docker import BASE_IMAGE, DOCKER, docker_cmd
-from tests.support.etcd import wait_for
+from testbed.ports import PORT_ATTEMPTS, lost_a_port
+from tests.support.etcd import GaveUp, free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERD = shutil.which("dockerd") or "/usr/sbin/dockerd"
 
 # The test app: an HTTP server that exits promptly on SIGTERM (as PID 1 it would
-# otherwise ignore it) and answers 503 on /health while /tmp/sick exists.
+# otherwise ignore it) and answers 503 on /health while /tmp/sick exists. It says SERVING
+# once its port is bound.
+SERVING = "serving on"
 APP = """
 import http.server, os, signal, sys
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
@@ -45,7 +52,9 @@ class H(http.server.BaseHTTPRequestHandler):
         self.wfile.write(b"sick" if sick else b"ok")
     def log_message(self, *a):
         pass
-http.server.ThreadingHTTPServer(("", int(sys.argv[1])), H).serve_forever()
+server = http.server.ThreadingHTTPServer(("", int(sys.argv[1])), H)
+print("serving on", server.server_address[1], flush=True)
+server.serve_forever()
 """
 
 
@@ -78,6 +87,49 @@ class Engine:
         cid = self.docker(*args, *extra, BASE_IMAGE, "python3", "-c", APP, str(port))
         self.containers.append(cid)
         return cid
+
+    def run_host_app(
+        self, labels_for: Callable[[int], dict[str, str]], *, extra: tuple[str, ...] = ()
+    ) -> tuple[str, int]:
+        """Start the test app on the host network; (container id, its port).
+
+        The port is in the labels (`labels_for(port)`, e.g. `fluster.port`) before the
+        app binds it, so it cannot be port 0: it comes from `free_port()`, and when
+        another process took it before the app's bind, the container is removed and
+        started again on a fresh port, at most PORT_ATTEMPTS times.
+        """
+        for _ in range(PORT_ATTEMPTS):
+            port = free_port()
+            cid = self.run_app(
+                port, publish=False, labels=labels_for(port), extra=("--network", "host", *extra)
+            )
+            logs = wait_for(
+                lambda cid=cid: self._bound(cid),  # type: ignore[misc]
+                timeout=30,
+                what=f"test app {cid[:12]} bound to port {port} (or losing it)",
+            )
+            if SERVING in logs:
+                return cid, port
+            self.docker("rm", "-f", cid)
+            self.containers.remove(cid)
+        raise AssertionError(
+            f"the test app lost its host port to another process {PORT_ATTEMPTS} times "
+            f"in a row (last: {port}): {logs.strip()[-500:]}"
+        )
+
+    def _bound(self, cid: str) -> str:
+        """The app's output once it bound its port or failed to; "" while it starts."""
+        result = docker_cmd("logs", cid, host=self.host)
+        logs = result.stdout + result.stderr
+        if SERVING in logs or lost_a_port(logs):
+            return logs
+        info = self.inspect(cid)
+        state, config = info["State"], info["HostConfig"]
+        assert isinstance(state, dict) and isinstance(config, dict)
+        restarts = config["RestartPolicy"]["Name"] not in ("", "no")
+        if state["Status"] == "exited" and not restarts:
+            raise GaveUp(f"test app {cid[:12]} exited before serving: {logs[-1000:]}")
+        return ""
 
     def host_port(self, cid: str, port: int = 8000) -> int:
         out = self.docker("port", cid, f"{port}/tcp")  # "127.0.0.1:49153"

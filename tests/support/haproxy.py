@@ -13,7 +13,6 @@ import contextlib
 import http.client
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -29,6 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from reloader.state_dir import StateDir
+from testbed.ports import PORT_ATTEMPTS, lost_a_port
 from tests.support.etcd import Etcd, GaveUp, free_port, wait_for
 from tests.support.waiting import Compared
 
@@ -115,11 +115,6 @@ def unix_command(path: Path, command: str, timeout: float = 5.0) -> str:
     return b"".join(chunks).decode()
 
 
-# HAProxy: "cannot bind socket (Address already in use)"; the status server: "[Errno 98]".
-ADDRESS_IN_USE = re.compile(r"address already in use", re.IGNORECASE)
-PORT_ATTEMPTS = 3
-
-
 class Exited(GaveUp):
     """The process ended while we waited for it to come up."""
 
@@ -152,8 +147,8 @@ class ReloaderProcess:
                 wait_for(self._up, timeout=20, what="reloader up")
                 return self
             except AssertionError:
-                lost = ADDRESS_IN_USE.search(self.log()[offset:])
-                if attempt == PORT_ATTEMPTS or lost is None or self.proc.poll() is None:
+                lost = lost_a_port(self.log()[offset:])
+                if attempt == PORT_ATTEMPTS or not lost or self.proc.poll() is None:
                     raise
                 self.http_port, self.status_port = free_port(), free_port()
         raise AssertionError("unreachable")
