@@ -13,11 +13,13 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from bench import adapter
 from bench.adapter import Counts
 from reloader.state_dir import StateDir
+from testbed.etcd import free_port
 from testbed.process import wait_or_kill
 
 
@@ -39,6 +41,24 @@ class Pipeline:
 
     def command(self) -> list[str]:
         raise NotImplementedError
+
+    def fresh_ports(self) -> None:
+        """New ports after another process took one of ours (see `scenarios.start`)."""
+        self.http_port, self.status_port = free_port(), free_port()
+
+    def own_ports_bound(self) -> bool:
+        """Whether the ports it serves itself answer; HAProxy's are checked by the caller."""
+        return True
+
+    def log_size(self) -> int:
+        return self.log.stat().st_size if self.log.exists() else 0
+
+    def log_since(self, offset: int) -> str:
+        if not self.log.exists():
+            return ""
+        with open(self.log, "rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
 
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +150,16 @@ class Ours(Pipeline):
             etcd_endpoints=self.etcd_endpoints,
             prefix=self.prefix,
         )
+
+    def own_ports_bound(self) -> bool:
+        """Its status server answers: it is bound after HAProxy started, so HAProxy's
+        stats socket answering alone does not say it got its port."""
+        url = f"http://127.0.0.1:{self.status_port}/status"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:  # loopback only
+                return "haproxy_up" in json.loads(reply.read())
+        except (OSError, ValueError):
+            return False
 
     def counts(self) -> Counts:
         return adapter.reloader_counts(self.status_port)

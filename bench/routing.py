@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 import statistics
 import subprocess
 import time
@@ -28,6 +29,8 @@ from bench import haproxy
 from bench.scenarios import Env, instance, make_pipeline, put_many, start
 from fluster import keys
 from testbed.etcd import free_port
+from testbed.ports import PORT_ATTEMPTS, lost_a_port
+from testbed.process import wait_or_kill
 
 _RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
 
@@ -46,19 +49,48 @@ class Lookup:
         return statistics.median(self.last) / statistics.median(self.first)
 
 
-def responder(work: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """A HAProxy answering 200 "ok" to everything on a free loopback port."""
-    port = free_port()
-    cfg = work / "p7-responder.cfg"
-    cfg.write_text(
-        "global\n    maxconn 2000\n"
-        "defaults\n    mode http\n    timeout client 30s\n    timeout connect 5s\n"
-        "    timeout server 30s\n"
-        f"frontend answer\n    bind 127.0.0.1:{port}\n"
-        "    http-request return status 200 content-type text/plain string ok\n"
+def responder(work: Path, within: float = 10.0) -> tuple[subprocess.Popen[bytes], int]:
+    """A HAProxy answering 200 "ok" to everything on a free loopback port. The port comes
+    from `free_port()`; if another process took it before HAProxy bound it, HAProxy is
+    started again on a fresh one, at most PORT_ATTEMPTS times."""
+    cfg, log_path = work / "p7-responder.cfg", work / "p7-responder.log"
+    for _ in range(PORT_ATTEMPTS):
+        port = free_port()
+        cfg.write_text(
+            "global\n    maxconn 2000\n"
+            "defaults\n    mode http\n    timeout client 30s\n    timeout connect 5s\n"
+            "    timeout server 30s\n"
+            f"frontend answer\n    bind 127.0.0.1:{port}\n"
+            "    http-request return status 200 content-type text/plain string ok\n"
+        )
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                ["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=log
+            )
+        deadline = time.monotonic() + within
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _answers_ok(port):
+                return proc, port
+            time.sleep(0.05)
+        wait_or_kill(proc, 5)
+        output = log_path.read_text(errors="replace")
+        if not lost_a_port(output):
+            raise RuntimeError(
+                f"the P7 responder did not answer on {port} within {within}s: {output[-2000:]}"
+            )
+    raise RuntimeError(
+        f"the P7 responder lost its port to another process {PORT_ATTEMPTS} "
+        f"times in a row: {output[-2000:]}"
     )
-    proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL)
-    return proc, port
+
+
+def _answers_ok(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            return sock.recv(4096).split(b"\r\n", 1)[0].endswith(b" 200 OK")
+    except OSError:
+        return False
 
 
 def wrk(port: int, host: str, seconds: float) -> tuple[float, str]:

@@ -31,6 +31,7 @@ from fluster import keys
 from fluster.store import Store
 from reloader.state_dir import StateDir
 from testbed.etcd import Etcd, free_port
+from testbed.ports import PORT_ATTEMPTS, lost_a_port
 
 BASE_SERVERS = 1000
 HEAVY, LIGHT = 256, 1  # new backend's weight vs the existing 1,000 (see P1 notes)
@@ -113,16 +114,37 @@ def make_pipeline(kind: str, env: Env, prefix: str) -> Pipeline:
 
 
 async def start(pipeline: Pipeline, within: float = 30.0) -> None:
-    pipeline.start()
+    """Start the pipeline and wait until its HAProxy answers. Its ports come from
+    `free_port()`; when its log says another process took one before HAProxy (or the
+    status server) bound it, it starts again on fresh ports, at most PORT_ATTEMPTS times."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        offset = pipeline.log_size()
+        pipeline.start()
+        if await _up(pipeline, offset, within):
+            return
+        pipeline.stop()
+        if attempt == PORT_ATTEMPTS:
+            raise RuntimeError(
+                f"{pipeline.name}: a port was taken by another process at each of "
+                f"{PORT_ATTEMPTS} starts; log {pipeline.log}:\n{pipeline.tail_log()}"
+            )
+        pipeline.fresh_ports()
+
+
+async def _up(pipeline: Pipeline, offset: int, within: float) -> bool:
+    """True once HAProxy answers, False if the pipeline lost a port; raises otherwise."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
+        text = pipeline.log_since(offset)
+        if lost_a_port(text):
+            return False
         if not pipeline.alive():
             raise RuntimeError(f"{pipeline.name} exited:\n{pipeline.tail_log()}")
         sock = pipeline.stats_socket()
-        if sock is not None and sock.exists():
+        if sock is not None and sock.exists() and pipeline.own_ports_bound():
             try:
                 await haproxy.servers(sock)
-                return
+                return True
             except OSError:
                 pass
         await asyncio.sleep(0.05)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench.pipelines import Ours
 from bench.report import Row, ms
-from bench.scenarios import Env, Latencies, instance
+from bench.scenarios import Env, Latencies, instance, start
 from fluster import keys
 from fluster.certs import Certificate, self_signed
 from reloader.haproxy import HaproxyError, cli, parse_show_proc
@@ -42,6 +42,10 @@ TRIAL_GAP = 0.2  # seconds between rotations
 class OursHttps(Ours):
     def __init__(self, workdir: Path, env: Env) -> None:
         super().__init__(workdir, env.etcd.endpoints, PREFIX, free_port(), free_port())
+        self.https_port = free_port()
+
+    def fresh_ports(self) -> None:
+        super().fresh_ports()
         self.https_port = free_port()
 
     def command(self) -> list[str]:
@@ -157,8 +161,8 @@ async def h1_https(env: Env, trials: int) -> HttpsFigures:
     await store.put(keys.instance_key(PREFIX, "web", "a"), instance(env.backends.ports[0]))
     first = _pem()
     await store.put(keys.cert_key(PREFIX, "web"), first)
-    p.start()
     try:
+        await start(p)
         served = await until_served(p.https_port, Certificate.parse("web", first).fingerprint, 30.0)
         if served is None:
             raise TimeoutError(f"HTTPS not served within 30s\n{p.tail_log()}")
