@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.ports import PORT_ATTEMPTS, lost_a_port
 from tests.support.etcd import free_port, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -80,6 +81,34 @@ class Project:
 
     def __call__(self, *args: str, timeout: float = 120) -> str:
         return run([*self.compose, *args], env=self.env, timeout=timeout)
+
+    def up(self, *args: str, timeout: float = 180) -> None:
+        """`up -d --no-build ARGS` on the project's host ports; when Docker could not
+        bind one because another process took it after `free_port()`, the project is
+        taken down and brought up again on fresh ports, at most PORT_ATTEMPTS times.
+
+        Host ports are fixed for the project's life, not left to Docker to pick (`::80`):
+        a later `up` that recreates the haproxy container (the documented steps may)
+        would move a Docker-picked port from under the request loop."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            proc = subprocess.run(
+                [*self.compose, "up", "-d", "--no-build", *args],
+                cwd=REPO,
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+            if proc.returncode == 0:
+                return
+            output = f"{proc.stdout}\n{proc.stderr}"
+            if not lost_a_port(output) or attempt == PORT_ATTEMPTS:
+                lost = f" (attempt {attempt}: a host port was taken)" if lost_a_port(output) else ""
+                raise AssertionError(f"compose up exited {proc.returncode}{lost}:\n{output}")
+            print(f"compose up: host port {self.http_port} or {self.status_port} taken; again")
+            self("down", "--volumes", "--remove-orphans", "--timeout", "5", timeout=180)
+            self.http_port, self.status_port = free_port(), free_port()
 
     def containers(self, service: str) -> set[str]:
         """Ids (12 characters, the containers' hostnames) of the service's containers."""
@@ -251,7 +280,7 @@ def project(images: None) -> Iterator[Project]:
         stats_port=free_port(),
     )
     try:
-        proj("up", "-d", "--no-build", "--scale", "web=1", timeout=180)
+        proj.up("--scale", "web=1")
         wait_for(lambda: get(proj.http_port, timeout=2), timeout=90, what="web through HAProxy")
         yield proj
     finally:
@@ -404,8 +433,9 @@ def test_the_documented_deploy_by_hand_never_fails_a_request(images: None) -> No
     )
     load = Load(proj.http_port)
     try:
-        proj("up", "-d", "--no-build", "--scale", "web=1", timeout=180)
+        proj.up("--scale", "web=1")
         wait_for(lambda: get(proj.http_port, timeout=2), timeout=90, what="web through HAProxy")
+        load.port = proj.http_port  # `up` may have moved it to a fresh one
         load.start()
         for step in steps:
             command = step[1:]
