@@ -26,7 +26,12 @@ async def render_once(settings: settings_mod.Settings, renderer: Renderer) -> in
     # edge holds its own and would make every TCP service look taken.
     names = {i.host for svc in snapshot.services.values() for i in svc.instances.values()}
     facts = HostFacts(addresses=await Resolver().resolve(n for n in names if not is_ip(n)))
-    sys.stdout.write(renderer.render(snapshot, settings.render, facts, tls=bool(certs)).text)
+    rendered = renderer.render(snapshot, settings.render, facts, tls=bool(certs))
+    sys.stdout.write(rendered.text)
+    # The frontend looks routes up in a map file a running reloader writes beside the
+    # config; without it the printed config would route nothing, so show it too.
+    sys.stdout.write(f"\n# {settings.render.routes_map} (host+path -> backend):\n")
+    sys.stdout.writelines(f"#   {line}\n" for line in rendered.routes.splitlines())
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -200,6 +201,9 @@ def test_render_once_prints_the_config(etcd: Etcd, backends: Backends, tmp_path:
     assert result.returncode == 0, result.stderr
     assert f"server a 127.0.0.1:{a.port} weight 100" in result.stdout
     assert "bind 127.0.0.1:8080" in result.stdout
+    # The routes the frontend looks up are shown too, as comments (a reloader writes them
+    # to routes.map), so the printed text is still a config `haproxy -c` reads.
+    assert re.search(r"^#   web\.localhost/ \S+$", result.stdout, re.M), result.stdout[-400:]
 
 
 def test_restart_without_etcd_serves_the_previous_config(
