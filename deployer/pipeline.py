@@ -20,12 +20,14 @@ containers from their labels, and the health gate waits for those records in etc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from deployer import apps, source
 from deployer.engine import DeployError, Engine
@@ -137,6 +139,51 @@ class Deployer:
         self.head(f"{app}: deploying {version} ({ref}) as deploy {deploy_id}")
         if commit is not None:
             self.detail(f"{commit.subject} ({commit.author})")
+        async with self._recorded(app, deploy_id, "deploy", ref, version, target):
+            await self._still_current(src)
+            svc = (await ops.snapshot(self.store, self.prefix)).services.get(config.service)
+            active = svc is not None and svc.spec.active_version == version
+            if active and svc and not canary and ops.up_count(svc, version) >= config.replicas:
+                self.head(f"{version} is already the active version of {app}")
+                return await self._finish("succeeded")
+            if src.git_dir is not None and commit is not None:
+                git_dir = src.git_dir
+                await self.stage("build", lambda: self._build(app, git_dir, commit, target))
+            else:
+                await self.stage("tag", lambda: self.engine.tag(src.image, target))
+            await self.stage("push", lambda: self.engine.push(target, self.detail))
+            if src.update is not None:
+                await self._save(branch=src.update.ref)
+            release = Release(app, version, target, deploy_id)
+            await self._start_and_gate(release, config, fresh=True)
+            if canary is not None:
+                await self.stage("canary", lambda: self._canary(config, version, canary))
+                return await self._finish("waiting")
+            if not promote:
+                self.head(
+                    f"not promoted (--no-promote): `fluster promote {config.service} "
+                    f"{version}` when ready"
+                )
+                return await self._finish("waiting")
+            await self.stage("promote", lambda: self._promote(config, version))
+            await self.stage("retire", lambda: self._retire(app, config, version))
+            return await self._finish("succeeded")
+
+    @contextlib.asynccontextmanager
+    async def _recorded(
+        self,
+        app: str,
+        deploy_id: str,
+        kind: Literal["deploy", "rollback"],
+        ref: str,
+        version: str,
+        image: str,
+    ) -> AsyncIterator[None]:
+        """Hold the app's deploy lock for one deploy or rollback, recorded from its start.
+
+        The record is written once the lock is ours (its `started` is then, not while
+        waiting); an error the body raises marks it failed and becomes `DeployFailed`.
+        """
         async with deploy_lock(
             self.store,
             self.prefix,
@@ -149,43 +196,16 @@ class Deployer:
             self.record = DeployRecord(
                 id=deploy_id,
                 app=app,
-                kind="deploy",
+                kind=kind,
                 ref=ref,
                 version=version,
-                image=target,
+                image=image,
                 by=self.settings.by,
                 started=self._stamp(),
             )
             await self._save()
             try:
-                await self._still_current(src)
-                svc = (await ops.snapshot(self.store, self.prefix)).services.get(config.service)
-                active = svc is not None and svc.spec.active_version == version
-                if active and svc and not canary and ops.up_count(svc, version) >= config.replicas:
-                    self.head(f"{version} is already the active version of {app}")
-                    return await self._finish("succeeded")
-                if src.git_dir is not None and commit is not None:
-                    git_dir = src.git_dir
-                    await self.stage("build", lambda: self._build(app, git_dir, commit, target))
-                else:
-                    await self.stage("tag", lambda: self.engine.tag(src.image, target))
-                await self.stage("push", lambda: self.engine.push(target, self.detail))
-                if src.update is not None:
-                    await self._save(branch=src.update.ref)
-                release = Release(app, version, target, deploy_id)
-                await self._start_and_gate(release, config, fresh=True)
-                if canary is not None:
-                    await self.stage("canary", lambda: self._canary(config, version, canary))
-                    return await self._finish("waiting")
-                if not promote:
-                    self.head(
-                        f"not promoted (--no-promote): `fluster promote {config.service} "
-                        f"{version}` when ready"
-                    )
-                    return await self._finish("waiting")
-                await self.stage("promote", lambda: self._promote(config, version))
-                await self.stage("retire", lambda: self._retire(app, config, version))
-                return await self._finish("succeeded")
+                yield
             except (DeployError, ops.Refused, ops.WaitTimeout, RecordError, StoreError) as exc:
                 await self._finish("failed", str(exc))
                 raise DeployFailed(str(exc)) from None
@@ -412,35 +432,13 @@ class Deployer:
         image = await self._image_of(app, previous)
         deploy_id = apps.deploy_id(self.now(), previous)
         self.head(f"{app}: rolling back to {previous} as deploy {deploy_id}")
-        async with deploy_lock(
-            self.store,
-            self.prefix,
-            app,
-            deploy_id,
-            wait_limit=self.settings.lock_timeout,
-            say=self.head,
-        ) as held:
-            self.held = held
-            self.record = DeployRecord(
-                id=deploy_id,
-                app=app,
-                kind="rollback",
-                ref=f"rollback from {svc.spec.active_version}",
-                version=previous,
-                image=image,
-                by=self.settings.by,
-                started=self._stamp(),
-            )
-            await self._save()
-            try:
-                release = Release(app, previous, image, deploy_id)
-                await self._start_and_gate(release, config, fresh=False)
-                await self.stage("promote", lambda: self._rolled_back(config))
-                await self.stage("retire", lambda: self._retire(app, config, previous))
-                return await self._finish("succeeded")
-            except (DeployError, ops.Refused, ops.WaitTimeout, RecordError, StoreError) as exc:
-                await self._finish("failed", str(exc))
-                raise DeployFailed(str(exc)) from None
+        ref = f"rollback from {svc.spec.active_version}"
+        async with self._recorded(app, deploy_id, "rollback", ref, previous, image):
+            release = Release(app, previous, image, deploy_id)
+            await self._start_and_gate(release, config, fresh=False)
+            await self.stage("promote", lambda: self._rolled_back(config))
+            await self.stage("retire", lambda: self._retire(app, config, previous))
+            return await self._finish("succeeded")
 
     async def _rolled_back(self, config: AppConfig) -> None:
         written = await ops.rollback(self.store, self.prefix, config.service)
