@@ -14,19 +14,18 @@ answer from any other version was seen: from then on every answer came from the 
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.report import Row
+from testbed.load import RequestLoops
 from tests.support.etcd import Etcd, wait_for
 from tests.support.haproxy import ReloaderProcess
 from tests.support.registry import Registry
@@ -54,51 +53,15 @@ class DeployFigures:
     errors: list[str] = field(default_factory=list)
 
 
-class Answers:
-    """A bounded request loop through HAProxy: (time, version) of every answer."""
+class Answers(RequestLoops):
+    """Request loops through HAProxy keeping (time, version) of every answer."""
 
     def __init__(self, port: int, host: str, limit: float = 300.0) -> None:
-        self.port, self.host, self.limit = port, host, limit
+        super().__init__(port, host, limit=limit, headers={"Accept": "application/json"})
         self.seen: list[tuple[float, str]] = []
-        self.failures: list[str] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._loop, args=(k,)) for k in (False, True)]
 
-    def _loop(self, keep: bool) -> None:
-        deadline = time.monotonic() + self.limit
-        conn = None
-        while not self.stop.is_set() and time.monotonic() < deadline:
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/", headers={"Host": self.host, "Accept": "application/json"})
-                resp = conn.getresponse()
-                body = resp.read()
-                if resp.status == 200:
-                    self.seen.append((time.monotonic(), json.loads(body)["version"]))
-                else:
-                    self.failures.append(f"{resp.status}")
-                if not keep or resp.will_close:
-                    conn.close()
-                    conn = None
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                self.failures.append(repr(exc))
-                if conn is not None:
-                    conn.close()
-                conn = None
-            time.sleep(0.005)
-        if conn is not None:
-            conn.close()
-
-    def __enter__(self) -> Answers:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
+    def answered(self, body: bytes) -> None:
+        self.seen.append((time.monotonic(), json.loads(body)["version"]))
 
 
 def _git(work: Path, *args: str) -> str:

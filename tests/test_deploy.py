@@ -4,18 +4,16 @@ two versions in front of real HTTP backends, and the `fluster` CLI as an operato
 
 from __future__ import annotations
 
-import http.client
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from testbed.load import Load
 from tests.support.etcd import Etcd, wait_for
 from tests.support.haproxy import HttpBackend, ReloaderProcess
 from tests.support.sidekick import Sidekicks
@@ -30,59 +28,6 @@ def fluster(etcd: Etcd, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "ETCD_ENDPOINTS": etcd.endpoints}
     proc = subprocess.run([FLUSTER, *args], capture_output=True, text=True, env=env, timeout=60)
     return proc
-
-
-@dataclass
-class Load:
-    """Bounded request loops through HAProxy: one opening a connection per request, one
-    keeping its connection alive. Counts every answer by body and every failure."""
-
-    port: int
-    limit: float = 90.0
-    served: Counter[str] = field(default_factory=Counter)
-    failures: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        self.threads = [
-            threading.Thread(target=self._loop, args=(keep,), daemon=True) for keep in (False, True)
-        ]
-
-    def _loop(self, keep_alive: bool) -> None:
-        deadline = time.monotonic() + self.limit
-        conn: http.client.HTTPConnection | None = None
-        while not self.stop.is_set() and time.monotonic() < deadline:
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/", headers={"Host": HOST})
-                resp = conn.getresponse()
-                body = resp.read().decode()
-                if resp.status == 200:
-                    self.served[body] += 1
-                else:
-                    self.failures.append(f"{resp.status} {body[:80]}")
-                if not keep_alive or resp.getheader("connection", "").lower() == "close":
-                    conn.close()
-                    conn = None
-            except (OSError, http.client.HTTPException) as exc:
-                self.failures.append(repr(exc))
-                if conn is not None:
-                    conn.close()
-                conn = None
-            time.sleep(0.002)  # pacing, not synchronisation: ~400 req/s per loop at most
-        if conn is not None:
-            conn.close()
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(10)
 
 
 @pytest.fixture
@@ -138,7 +83,7 @@ def test_side_by_side_canary_promote_rollback(
     assert 0.15 <= share <= 0.35, counts  # 25 % +- 10 points over 400 round-robin picks
 
     # Promote v2 under load: nothing fails, and afterwards only v2 serves.
-    with Load(reloader.http_port) as load:
+    with Load(reloader.http_port, HOST, limit=90.0, pace=0.002) as load:
         promoted = fluster(etcd, "promote", "web", "v2", "--keep-old", "10m")
         assert promoted.returncode == 0, promoted.stderr
         reloader.wait_served(HOST, idents(apps, "v2"))
@@ -153,7 +98,7 @@ def test_side_by_side_canary_promote_rollback(
     reloader.wait_served(HOST, idents(apps, "v1"))
 
     # A final promote with no keep-old: v1 sidekicks drain, deregister and stay away.
-    with Load(reloader.http_port) as load:
+    with Load(reloader.http_port, HOST, limit=90.0, pace=0.002) as load:
         assert fluster(etcd, "promote", "web", "v2", "--keep-old", "0s").returncode == 0
         reloader.wait_served(HOST, idents(apps, "v2"))
         wait_for(

@@ -12,22 +12,22 @@ in order on one app: v1 is deployed once by the fixture, each test pushes from t
 
 from __future__ import annotations
 
-import http.client
 import os
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.support.docker import BASE_IMAGE, Engine, docker_cmd
+from testbed.load import Load
+from tests.support.docker import Engine, docker_cmd
 from tests.support.etcd import Etcd, wait_for
+from tests.support.gitapp import APP, DOCKERFILE, IDENTITY
 from tests.support.haproxy import ReloaderProcess
 from tests.support.registry import Registry
 from tests.support.sidekick import Sidekicks
@@ -36,103 +36,6 @@ from tests.support.sshd import Sshd
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 FLUSTER = str(Path(sys.executable).with_name("fluster"))
-IDENTITY = {
-    "GIT_AUTHOR_NAME": "Dev",
-    "GIT_AUTHOR_EMAIL": "dev@example.invalid",
-    "GIT_COMMITTER_NAME": "Dev",
-    "GIT_COMMITTER_EMAIL": "dev@example.invalid",
-}
-
-APP = """\
-import http.server, os, signal, sys
-signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
-MARK, SICK = {mark!r}, {sick!r}
-print(f"app {{MARK}} starting", flush=True)
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        sick = SICK and self.path == "/health"
-        body = (b"sick " if sick else b"") + MARK.encode()
-        self.send_response(500 if sick else 200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-        if sick:
-            print(f"health check failed on purpose ({{MARK}})", flush=True)
-    def log_message(self, *a):
-        pass
-http.server.ThreadingHTTPServer(("", int(os.environ["PORT"])), H).serve_forever()
-"""
-
-DOCKERFILE = f"""\
-FROM {BASE_IMAGE}
-ENV PYTHONUNBUFFERED=1
-COPY app.py /app.py
-{{extra}}CMD ["python3", "/app.py"]
-"""
-
-
-@dataclass
-class Load:
-    """Bounded request loops through HAProxy (one new connection per request, one kept
-    alive); counts answers by body, keeps every failure."""
-
-    port: int
-    host: str
-    limit: float = 240.0
-    served: Counter[str] = field(default_factory=Counter)
-    recent: list[str] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        self.threads = [
-            threading.Thread(target=self._loop, args=(keep,), daemon=True) for keep in (False, True)
-        ]
-        self.lock = threading.Lock()
-
-    def _loop(self, keep_alive: bool) -> None:
-        deadline = time.monotonic() + self.limit
-        conn: http.client.HTTPConnection | None = None
-        while not self.stop.is_set() and time.monotonic() < deadline:
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/", headers={"Host": self.host})
-                resp = conn.getresponse()
-                body = resp.read().decode()
-                with self.lock:
-                    if resp.status == 200:
-                        self.served[body] += 1
-                        self.recent = [*self.recent[-39:], body]
-                    else:
-                        self.failures.append(f"{time.strftime('%T')} {resp.status} {body[:80]}")
-                if not keep_alive or resp.will_close:
-                    conn.close()
-                    conn = None
-            except (OSError, http.client.HTTPException) as exc:
-                with self.lock:
-                    self.failures.append(f"{time.strftime('%T')} {exc!r}")
-                if conn is not None:
-                    conn.close()
-                conn = None
-            time.sleep(0.005)  # pacing, not synchronisation
-        if conn is not None:
-            conn.close()
-
-    def only(self) -> set[str]:
-        with self.lock:
-            return set(self.recent[-20:])
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
 
 
 @dataclass

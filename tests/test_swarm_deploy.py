@@ -21,12 +21,13 @@ import pytest
 
 from deployer.engine import Engine
 from deployer.swarm import SwarmScheduler
+from testbed.load import Load
 from tests.support.etcd import Etcd, wait_for
+from tests.support.gitapp import APP, DOCKERFILE, IDENTITY
 from tests.support.haproxy import ReloaderProcess
 from tests.support.registry import Registry
 from tests.support.sidekick import Sidekicks
 from tests.support.swarm import PrivateSwarm
-from tests.test_git_deploy import APP, DOCKERFILE, IDENTITY, Load
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

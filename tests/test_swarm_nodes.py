@@ -28,12 +28,12 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from fluster.records import Instance
+from testbed.load import Load
 from tests.support.docker import APP, BASE_IMAGE, Engine
 from tests.support.etcd import Etcd, wait_for
 from tests.support.haproxy import ReloaderProcess
 from tests.support.sidekick import Sidekicks
 from tests.support.swarm import PrivateSwarm, start_node
-from tests.test_git_deploy import Load
 
 pytestmark = [
     pytest.mark.slow,

@@ -1,0 +1,105 @@
+"""Request loops through HAProxy that keep every answer and every failure.
+
+The deploy tests assert on them (no request fails while a version replaces another) and
+the bench times with them (when the last answer of the old version was seen). Two loops
+run side by side, one opening a connection per request and one keeping its connection
+alive, because a reload or a drain can fail either kind of client on its own.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from collections import Counter
+from typing import Self
+
+
+class RequestLoops:
+    """Two bounded request loops to `127.0.0.1:port` for `host`, stopped on leaving.
+
+    A 200 goes to `answered` (a subclass says what it keeps); anything else, a refused
+    or dropped connection, or a body `answered` rejects with ValueError, is a failure.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        host: str,
+        *,
+        limit: float,
+        pace: float = 0.005,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.port, self.host, self.limit, self.pace = port, host, limit, pace
+        self.headers = {"Host": host, **(headers or {})}
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self._loop, args=(keep,), daemon=True) for keep in (False, True)
+        ]
+
+    def answered(self, body: bytes) -> None:
+        """Keep one 200 answer (called with `self.lock` held)."""
+        raise NotImplementedError
+
+    def _failed(self, what: str) -> None:
+        with self.lock:
+            self.failures.append(f"{time.strftime('%T')} {what}")
+
+    def _loop(self, keep_alive: bool) -> None:
+        deadline = time.monotonic() + self.limit
+        conn: http.client.HTTPConnection | None = None
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/", headers=self.headers)
+                resp = conn.getresponse()
+                body = resp.read()
+                if resp.status == 200:
+                    with self.lock:
+                        self.answered(body)
+                else:
+                    self._failed(f"{resp.status} {body[:80].decode(errors='replace')}")
+                if not keep_alive or resp.will_close:
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                self._failed(repr(exc))
+                if conn is not None:
+                    conn.close()
+                conn = None
+            time.sleep(self.pace)  # pacing, not synchronisation
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self) -> Self:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
+class Load(RequestLoops):
+    """Request loops that count answers by body (the app answers its version's mark)."""
+
+    def __init__(self, port: int, host: str, limit: float = 240.0, pace: float = 0.005) -> None:
+        super().__init__(port, host, limit=limit, pace=pace)
+        self.served: Counter[str] = Counter()
+        self.recent: list[str] = []
+
+    def answered(self, body: bytes) -> None:
+        text = body.decode()
+        self.served[text] += 1
+        self.recent = [*self.recent[-39:], text]
+
+    def only(self) -> set[str]:
+        """The bodies of the last 20 answers: one element once one version serves alone."""
+        with self.lock:
+            return set(self.recent[-20:])
