@@ -32,6 +32,7 @@ from fluster.store import Store
 from reloader.state_dir import StateDir
 from testbed.etcd import Etcd, free_port
 from testbed.ports import PORT_ATTEMPTS, lost_a_port
+from testbed.process import wait_or_kill
 
 BASE_SERVERS = 1000
 HEAVY, LIGHT = 256, 1  # new backend's weight vs the existing 1,000 (see P1 notes)
@@ -631,11 +632,7 @@ async def p6_sidekick(env: Env, window: float, ttl: int = 10) -> Footprint:
         rss = rss_kb(proc.pid)
     finally:
         proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        wait_or_kill(proc, 15)
     elapsed = t1 - t0
     delta = {m: (m1[m] - m0[m]) * 60 / elapsed for m in m1 if m1[m] != m0[m]}
     return Footprint(

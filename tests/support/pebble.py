@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 from fluster.certs import self_signed
+from testbed.process import wait_or_kill
 from tests.support.etcd import free_port, wait_for
 
 
@@ -110,8 +111,4 @@ class Pebble:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                wait_or_kill(proc, 10)

@@ -13,6 +13,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+from testbed.process import wait_or_kill
 from tests.support.etcd import free_port, wait_for
 
 REGISTRY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
@@ -76,8 +77,4 @@ class Registry:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            wait_or_kill(self.proc, 10)

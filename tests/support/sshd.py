@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from testbed.process import wait_or_kill
 from tests.support.etcd import free_port, wait_for
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -104,8 +105,4 @@ class Sshd:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            wait_or_kill(self.proc, 10)
