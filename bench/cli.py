@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shlex
 import shutil
@@ -11,7 +12,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -67,6 +68,18 @@ def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("yes" if ok else "**no**")
 
 
+@contextlib.contextmanager
+def _noted(key: str, notes: list[str]) -> Iterator[None]:
+    """Run one scenario: an error becomes a note (the other rows still come), and the
+    time it took is printed as progress."""
+    started = time.monotonic()
+    try:
+        yield
+    except Exception as exc:
+        notes.append(f"{key}: {type(exc).__name__}: {exc}")
+    print(f"[bench] {key} took {time.monotonic() - started:.0f}s", flush=True)
+
+
 async def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], list[str]]:
     rows: list[Row] = []
     notes: list[str] = [
@@ -101,55 +114,33 @@ async def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], list[str
                 notes.extend(compared[kind].errors)
             rows += comparison_rows(args, compared)
         if "P5" in only:
-            started = time.monotonic()
-            try:
+            with _noted("P5", notes):
                 rows.append(p5_row(args, await scenarios.p5_scale(env)))
-            except Exception as exc:
-                notes.append(f"P5: {type(exc).__name__}: {exc}")
-            print(f"[bench] P5 took {time.monotonic() - started:.0f}s", flush=True)
         if "P7" in only:
-            started = time.monotonic()
-            try:
+            with _noted("P7", notes):
                 lookups = {k: await routing.p7_lookup(env, k) for k in ("fluster", "baseline")}
                 rows.append(p7_row(args, lookups))
-            except Exception as exc:
-                notes.append(f"P7: {type(exc).__name__}: {exc}")
-            print(f"[bench] P7 took {time.monotonic() - started:.0f}s", flush=True)
         if "P10" in only:
-            started = time.monotonic()
-            try:
+            with _noted("P10", notes):
                 costs = {
                     (k, n): await routing.p10_change_cost(env, k, n)
                     for k in ("fluster", "baseline")
                     for n in (1, 500)
                 }
                 rows.append(p10_row(args, costs))
-            except Exception as exc:
-                notes.append(f"P10: {type(exc).__name__}: {exc}")
-            print(f"[bench] P10 took {time.monotonic() - started:.0f}s", flush=True)
         if "H1" in only:
-            started = time.monotonic()
-            try:
+            with _noted("H1", notes):
                 figures = await tls.h1_https(env, args.trials)
                 rows.append(tls.row(row_command(args, "H1"), figures, args.trials))
-            except Exception as exc:
-                notes.append(f"H1: {type(exc).__name__}: {exc}")
-            print(f"[bench] H1 took {time.monotonic() - started:.0f}s", flush=True)
         if "D1" in only:
-            started = time.monotonic()
-            try:
+            with _noted("D1", notes):
                 figures = await asyncio.to_thread(
                     deploy.d1_deploy, work, etcd, 2 if args.quick else 3
                 )
                 rows.append(deploy.row(row_command(args, "D1"), figures))
-            except Exception as exc:
-                notes.append(f"D1: {type(exc).__name__}: {exc}")
-            print(f"[bench] D1 took {time.monotonic() - started:.0f}s", flush=True)
         if "P6" in only:
-            try:
+            with _noted("P6", notes):
                 rows.append(p6_row(args, await scenarios.p6_sidekick(env, args.idle)))
-            except Exception as exc:
-                notes.append(f"P6: {type(exc).__name__}: {exc}")
     finally:
         await store.close()
         backends.stop()
