@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from fluster.certs import Certificate, covers
-from fluster.cli import main
 from fluster.records import RecordError
 from fluster.settings import SettingsError
 from tests.support.certs import expired, mismatched, pem, write_pair
@@ -72,16 +71,6 @@ def test_renewal_point_is_a_fraction_of_the_lifetime() -> None:
 
 
 # -- the CLI against a real etcd ----------------------------------------------------------
-
-
-@pytest.fixture
-def cli(etcd: Etcd, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
-    def call(*args: str) -> tuple[int, str, str]:
-        code = main(list(args), {"ETCD_ENDPOINTS": etcd.endpoints})
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return call
 
 
 def test_cert_add_ls_rm(etcd: Etcd, cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

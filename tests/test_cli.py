@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from fluster import ops
-from fluster.cli import main
 from fluster.records import ServiceSpec
 from fluster.store import Conflict, EtcdSettings, Store
 from tests.support.etcd import Etcd, wait_for
@@ -38,16 +37,6 @@ def spec_of(etcd: Etcd, service: str) -> ServiceSpec:
 def fluster(etcd: Etcd, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "ETCD_ENDPOINTS": etcd.endpoints}
     return subprocess.run([FLUSTER, *args], capture_output=True, text=True, env=env, timeout=60)
-
-
-@pytest.fixture
-def cli(etcd: Etcd, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
-    def call(*args: str) -> tuple[int, str, str]:
-        code = main(list(args), {"ETCD_ENDPOINTS": etcd.endpoints})
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return call
 
 
 def test_ls_shows_services_versions_and_skipped_records(etcd: Etcd, cli) -> None:  # type: ignore[no-untyped-def]

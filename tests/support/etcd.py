@@ -7,11 +7,12 @@ the bench; it is re-exported here for the tests.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from fluster.cli import main
 from testbed.etcd import Etcd, Member, free_port
 from tests.support import waiting
 
@@ -82,3 +83,15 @@ def etcd3(tmp_path: Path) -> Iterator[Etcd]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def cli(etcd: Etcd, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """`fluster ARGS` run in this process against the `etcd` fixture: (exit code, out, err)."""
+
+    def call(*args: str) -> tuple[int, str, str]:
+        code = main(list(args), {"ETCD_ENDPOINTS": etcd.endpoints})
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
