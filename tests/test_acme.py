@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.certs import pem
+from tests.support.certs import pem, s_client, s_client_subject
 from tests.support.etcd import Etcd, free_port, wait_for
 from tests.support.haproxy import HttpBackend, ReloaderProcess
-from tests.test_https import s_client_subject
 
 SPEC = "/fluster/services/{}/spec"
 KEY = "/fluster/services/{}/instances/{}"
@@ -81,7 +80,7 @@ def test_two_edges_one_order_then_served_and_renewed(
         # both edges serve it, and route HTTPS; HTTP redirects
         for port in (a_https, b_https):
             wait_for(
-                lambda port=port: "Pebble" in s_client_subject_issuer(port, "web.test"),
+                lambda port=port: "Pebble" in s_client(port, "web.test"),
                 what="pebble's certificate served",
             )
         assert a.get("web.test")[0] == 308
@@ -96,7 +95,7 @@ def test_two_edges_one_order_then_served_and_renewed(
             what=f"the aging certificate renewed (logs: {tmp_path})",
         )
         wait_for(
-            lambda: "Pebble" in s_client_subject_issuer(b_https, "web.test"),
+            lambda: "Pebble" in s_client(b_https, "web.test"),
             what="the renewed certificate served",
         )
         status = a.status()
@@ -137,15 +136,3 @@ def test_ca_unreachable_is_retried_visibly_and_nothing_breaks(
         assert "fluster-default.invalid" in s_client_subject(https, "web.test")
     finally:
         web.stop()
-
-
-def s_client_subject_issuer(port: int, name: str) -> str:
-    import subprocess
-
-    return subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", name],
-        input="",
-        capture_output=True,
-        text=True,
-        timeout=10,
-    ).stdout

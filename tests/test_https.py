@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 
 from fluster.certs import Certificate
-from tests.support.certs import expired, mismatched, pem
+from tests.support.certs import expired, mismatched, pem, s_client_subject
 from tests.support.etcd import Etcd, free_port, wait_for
 from tests.support.haproxy import HttpBackend, ReloaderProcess, unix_command
 
@@ -40,17 +40,6 @@ def served_fingerprint(port: int, name: str) -> str:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return hashlib.sha256(der).hexdigest()
-
-
-def s_client_subject(port: int, name: str) -> str:
-    out = subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", name],
-        input="",
-        capture_output=True,
-        text=True,
-        timeout=10,
-    ).stdout
-    return next((line for line in out.splitlines() if line.startswith("subject=")), out[-500:])
 
 
 def curl(port: int, host: str, path: str = "/", *extra: str) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -34,3 +35,20 @@ def write_pair(directory: Path, name: str, text: str) -> tuple[Path, Path]:
     cert.write_text(text[:split])
     key.write_text(text[split:])
     return cert, key
+
+
+def s_client(port: int, name: str) -> str:
+    """What `openssl s_client` prints for a TLS handshake with the edge on `port` for `name`."""
+    return subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", name],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout
+
+
+def s_client_subject(port: int, name: str) -> str:
+    """The `subject=` line of the certificate served for `name` (else the output's tail)."""
+    out = s_client(port, name)
+    return next((line for line in out.splitlines() if line.startswith("subject=")), out[-500:])
