@@ -44,9 +44,10 @@ class RequestLoops:
         """Keep one 200 answer (called with `self.lock` held)."""
         raise NotImplementedError
 
-    def _failed(self, what: str) -> None:
+    def _failed(self, keep_alive: bool, what: str) -> None:
         with self.lock:
-            self.failures.append(f"{time.strftime('%T')} {what}")
+            loop = "keep-alive" if keep_alive else "new"
+            self.failures.append(f"{time.strftime('%T')} {loop}: {what}")
 
     def _loop(self, keep_alive: bool) -> None:
         deadline = time.monotonic() + self.limit
@@ -62,16 +63,17 @@ class RequestLoops:
                     with self.lock:
                         self.answered(body)
                 else:
-                    self._failed(f"{resp.status} {body[:80].decode(errors='replace')}")
+                    self._failed(keep_alive, f"{resp.status} {body[:80].decode(errors='replace')}")
                 if not keep_alive or resp.will_close:
                     conn.close()
                     conn = None
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                self._failed(repr(exc))
+                self._failed(keep_alive, repr(exc))
                 if conn is not None:
                     conn.close()
                 conn = None
-            time.sleep(self.pace)  # pacing, not synchronisation
+            if self.pace:
+                time.sleep(self.pace)  # pacing, not synchronisation
         if conn is not None:
             conn.close()
 

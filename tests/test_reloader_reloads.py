@@ -2,62 +2,24 @@
 
 from __future__ import annotations
 
-import http.client
-import threading
 from collections.abc import Callable
 
+from testbed.load import RequestLoops
 from tests.support.etcd import Etcd, wait_for
 from tests.support.haproxy import HttpBackend, ReloaderProcess
 
 KEY = "/fluster/services/{}/instances/{}"
 
 
-class Traffic:
-    """Request loops through HAProxy until stopped: one opens a connection per request,
-    one keeps a connection alive (reconnecting only when the server says close)."""
+class Traffic(RequestLoops):
+    """Request loops through HAProxy as fast as they go (no pacing), counting answers."""
 
     def __init__(self, port: int, host: str) -> None:
-        self.port, self.host = port, host
-        self.stop = threading.Event()
+        super().__init__(port, host, limit=300.0, pace=0.0)
         self.ok = 0
-        self.failures: list[str] = []
-        self.lock = threading.Lock()
-        self.threads = [
-            threading.Thread(target=self._loop, args=(keepalive,), daemon=True)
-            for keepalive in (False, True)
-        ]
 
-    def _count(self, error: str | None) -> None:
-        with self.lock:
-            if error is None:
-                self.ok += 1
-            else:
-                self.failures.append(error)
-
-    def _loop(self, keepalive: bool) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-        while not self.stop.is_set():
-            try:
-                conn.request("GET", "/", headers={"Host": self.host})
-                resp = conn.getresponse()
-                resp.read()
-                self._count(None if resp.status == 200 else f"status {resp.status}")
-                if resp.will_close or not keepalive:
-                    conn.close()
-            except (OSError, http.client.HTTPException) as exc:
-                self._count(f"{'keep-alive' if keepalive else 'new'}: {exc!r}")
-                conn.close()
-        conn.close()
-
-    def __enter__(self) -> Traffic:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(10)
+    def answered(self, body: bytes) -> None:
+        self.ok += 1
 
 
 def test_twenty_reloads_under_traffic_lose_no_request(
