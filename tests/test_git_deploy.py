@@ -92,6 +92,16 @@ class World:
             assert out.returncode == 0, out.stderr
         return self.git("rev-parse", "HEAD", cwd=where).stdout.strip()
 
+    def build_image(self, mark: str) -> str:
+        """An image of the app answering `mark`, built here without git (the caller removes it)."""
+        build = self.root / f"image-{mark}"
+        build.mkdir()
+        (build / "app.py").write_text(APP.format(mark=mark, sick=False))
+        (build / "Dockerfile").write_text(DOCKERFILE.format(extra=""))
+        image = f"fluster-test-{self.app}:{mark}"
+        self.engine.docker("build", "-q", "-t", image, str(build), timeout=300)
+        return image
+
     def push(self, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         return self.git("push", "origin", "HEAD:main", cwd=cwd)
 
@@ -302,12 +312,7 @@ def test_deploy_an_image_without_git_no_promote_then_promote(world: World) -> No
     --no-promote it stops once the new version is healthy, beside the serving one, and a
     second deploy of the same image promotes the containers already running."""
     before = world.served()
-    build = world.root / "image"
-    build.mkdir()
-    (build / "app.py").write_text(APP.format(mark="img", sick=False))
-    (build / "Dockerfile").write_text(DOCKERFILE.format(extra=""))
-    image = f"fluster-test-{world.app}:img"
-    world.engine.docker("build", "-q", "-t", image, str(build), timeout=300)
+    image = world.build_image("img")
     try:
         with Load(world.reloader.http_port, f"{world.app}.localhost") as load:
             staged = world.fluster("deploy", world.app, "--image", image, "--no-promote")
@@ -332,12 +337,7 @@ def test_deploy_an_image_without_git_no_promote_then_promote(world: World) -> No
 def test_canary_sends_a_share_and_waits_for_the_promotion(world: World) -> None:
     before = world.served()
     active = world.active()
-    build = world.root / "canary"
-    build.mkdir()
-    (build / "app.py").write_text(APP.format(mark="canary", sick=False))
-    (build / "Dockerfile").write_text(DOCKERFILE.format(extra=""))
-    image = f"fluster-test-{world.app}:canary"
-    world.engine.docker("build", "-q", "-t", image, str(build), timeout=300)
+    image = world.build_image("canary")
     try:
         deployed = world.fluster("deploy", world.app, "--image", image, "--canary", "50")
     finally:
