@@ -7,6 +7,12 @@ answers both for any number of local instances of the service, and costs no requ
 while nothing changes: progress requests are rare (`PROGRESS_EVERY`), since a frozen
 member is already detected by the channel's HTTP/2 keepalive pings.
 
+The watch also keeps the service's other instance records, because retiring is not
+only the spec's business: while the active version has no instance up, the edge serves
+a fallback version (`fluster.routing.routing`, the one policy, computed here from the
+same records the reloader sees), and the registrations of that version must not retire
+and leave the service routed to nothing. They are told the fallback with the spec.
+
 List, watch, resume and relist are `fluster.follow.Follow`'s, so no delete is ever
 missed; this module says what a listed or changed key means to the registrations.
 """
@@ -18,9 +24,11 @@ from collections.abc import Sequence
 
 import structlog
 
+from fluster.catalog import Service
 from fluster.follow import Follow
-from fluster.keys import service_prefix, spec_key
-from fluster.records import RecordError, ServiceSpec
+from fluster.keys import parse_key, service_prefix, spec_key
+from fluster.records import Instance, RecordError, ServiceSpec, validate_instance_name
+from fluster.routing import routing
 from fluster.runtime import Supervisor
 from fluster.store import Event, KeyValue, Store, WatchBatch
 from sidekick.registration import Registration
@@ -34,10 +42,14 @@ class ServiceWatch:
     """Watches one service's keys and tells its registrations what changed."""
 
     def __init__(self, store: Store, prefix: str, service: str) -> None:
-        self.store, self.service = store, service
+        self.store, self.service, self.root = store, service, prefix
         self.prefix = service_prefix(prefix, service)
         self.spec_key = spec_key(prefix, service)
         self.spec: ServiceSpec | None = None
+        # The service's valid instance records (name -> record, create revision).
+        self.instances: dict[str, Instance] = {}
+        self.created: dict[str, int] = {}
+        self.fallback: str | None = None  # the version the edge falls back to, if any
         self.registrations: dict[str, Registration] = {}
         self.log = log.bind(service=service)
         self.task: asyncio.Task[None] | None = None
@@ -46,7 +58,7 @@ class ServiceWatch:
     def add(self, reg: Registration) -> None:
         self.registrations[reg.key] = reg
         if self.spec is not None:
-            reg.observe_spec(self.spec)
+            reg.observe_spec(self.spec, fallback=self.fallback)
 
     async def run(self) -> None:
         """Follow the service's keys until cancelled; every error is retried."""
@@ -55,30 +67,78 @@ class ServiceWatch:
     def _listed(self, revision: int, kvs: Sequence[KeyValue]) -> None:
         present = {kv.key for kv in kvs}
         spec = ServiceSpec()
+        self.instances.clear()
+        self.created.clear()
         for kv in kvs:
             if kv.key == self.spec_key:
                 spec = self._parse_spec(kv.value) or self.spec or ServiceSpec()
+            else:
+                self._put_instance(kv)
         self._set_spec(spec)
+        self._notify()
         for reg in self.registrations.values():
             if reg.key not in present and reg.put_revision <= revision:
                 reg.key_deleted(revision)
 
     def _changed(self, batch: WatchBatch) -> None:
-        for event in batch.events:
-            self._apply(event)
+        # The whole batch first: the routing decision is taken on one revision's state.
+        fallback = self.fallback
+        spec_events = [self._apply(event) for event in batch.events]
+        if any(spec_events) or self._routing() != fallback:
+            self._notify()
 
-    def _apply(self, event: Event) -> None:
+    def _apply(self, event: Event) -> bool:
+        """Apply one event; True when it was the spec's."""
         if event.kv.key == self.spec_key:
             if event.type == "delete":
                 self._set_spec(ServiceSpec())
             elif (spec := self._parse_spec(event.kv.value)) is not None:
                 self._set_spec(spec)
-            return
+            return True
+        if event.type == "delete":
+            self._drop_instance(event.kv.key)
+        else:
+            self._put_instance(event.kv)
         reg = self.registrations.get(event.kv.key)
         if reg is not None and event.type == "delete":
             reg.key_deleted(event.kv.mod_revision)
         elif reg is not None:
             reg.foreign_put(event.kv.value, event.kv.mod_revision)
+        return False
+
+    def _put_instance(self, kv: KeyValue) -> None:
+        """Keep a valid instance record; an invalid one is skipped (the reloader, which
+        skips it too, reports it): whatever the key held before is gone."""
+        parsed = parse_key(self.root, kv.key)
+        if parsed is None or parsed.kind != "instance" or parsed.service != self.service:
+            return
+        try:
+            validate_instance_name(parsed.instance)
+            instance = Instance.parse(kv.value)
+        except RecordError:
+            self._drop_instance(kv.key)
+            return
+        self.instances[parsed.instance] = instance
+        self.created[parsed.instance] = kv.create_revision
+
+    def _drop_instance(self, key: str) -> None:
+        parsed = parse_key(self.root, key)
+        if parsed is not None and parsed.kind == "instance":
+            self.instances.pop(parsed.instance, None)
+            self.created.pop(parsed.instance, None)
+
+    def _routing(self) -> str | None:
+        """The version the edge falls back to now, by the reloader's own policy."""
+        if self.spec is None:
+            return None
+        svc = Service(
+            name=self.service,
+            spec=self.spec,
+            has_spec=True,
+            instances=dict(sorted(self.instances.items())),
+            created=dict(self.created),
+        )
+        return routing(svc).fallback
 
     def _parse_spec(self, raw: bytes) -> ServiceSpec | None:
         try:
@@ -96,8 +156,14 @@ class ServiceWatch:
                 canary_version=spec.canary.version if spec.canary else None,
             )
         self.spec = spec
+
+    def _notify(self) -> None:
+        """Tell every registration the spec and the fallback version."""
+        self.fallback = self._routing()
+        if self.spec is None:
+            return
         for reg in list(self.registrations.values()):
-            reg.observe_spec(spec)
+            reg.observe_spec(self.spec, fallback=self.fallback)
 
 
 class Hub:

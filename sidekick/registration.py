@@ -65,6 +65,8 @@ class Registration:
         self._clock = clock
         self._was_routed = False
         self._spec: ServiceSpec | None = None
+        self._fallback: str | None = None  # the version the edge falls back to, if any
+        self._held = False  # retirement held because the edge falls back to our version
         self._retire_timer: asyncio.TimerHandle | None = None
         self._wall = wall
         self._lease = Lease(store, ttl, name=key, on_lost=self._lease_lost, clock=clock)
@@ -87,6 +89,11 @@ class Registration:
     @property
     def put_revision(self) -> int:
         return self._put_revision
+
+    @property
+    def held(self) -> bool:
+        """Superseded, but kept: the edge falls back to our version (see observe_spec)."""
+        return self._held
 
     @property
     def written(self) -> bool:
@@ -116,21 +123,37 @@ class Registration:
             self._written = None
             self._poke()
 
-    def observe_spec(self, spec: ServiceSpec) -> None:
+    def observe_spec(self, spec: ServiceSpec, *, fallback: str | None = None) -> None:
         """Retire when a promotion moved traffic away from a version we once served.
 
         A version that was never routed (a new release started before its promotion)
         must register, or it could never be promoted; one listed in the spec's history
         was superseded while we were not looking, so it stays retired.
+
+        `fallback` is the version the edge serves because the active one has no
+        instance up (`fluster.routing.routing`, decided by the hub): retiring it would
+        route the service to nothing, so its retirement waits until the hub says the
+        active version has instances again (it calls us then with another fallback).
         """
-        self._spec = spec
+        self._spec, self._fallback = spec, fallback
         if self._retire_timer is not None:
             self._retire_timer.cancel()
             self._retire_timer = None
         version = self.instance.version
+        self._held = self._held and version == fallback
         if spec.routes_version(version):
             self._was_routed = True
-        elif not self.retired and (self._was_routed or (version and version in spec.history)):
+        elif self.retired or not (self._was_routed or (version and version in spec.history)):
+            pass  # retired stays so; a version never routed registers to be promoted
+        elif version and version == fallback:
+            if not self._held:
+                self.log.info(
+                    "retirement held: the edge falls back to this version",
+                    version=version,
+                    active_version=spec.active_version,
+                )
+            self._held = True
+        else:
             # `fluster promote --keep-old D` keeps old records for D so that a rollback
             # finds instances to roll back to; they retire when that time is up.
             wait = _seconds_until(spec.keep_old_until, self._wall())
@@ -153,7 +176,7 @@ class Registration:
     def _recheck(self) -> None:
         self._retire_timer = None
         if self._spec is not None:
-            self.observe_spec(self._spec)
+            self.observe_spec(self._spec, fallback=self._fallback)
 
     def foreign_put(self, raw: bytes, revision: int) -> None:
         """Someone else wrote our key. `fluster drain` marks it draining: keep it so,

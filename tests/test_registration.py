@@ -22,12 +22,15 @@ from fluster.runtime import Supervisor
 from fluster.store import EtcdSettings, Event, Store
 from sidekick.agent import Sidekick, response_to
 from sidekick.docker import DockerEvent
+from sidekick.hub import Hub
 from sidekick.plan import plan_static
 from sidekick.registration import Registration
 from sidekick.settings import build
 from tests.support.etcd import Etcd, eventually
 
-KEY = "/fluster/services/web/instances/n1"
+PREFIX = "/fluster/services/web/instances/"
+KEY = PREFIX + "n1"
+SPEC = "/fluster/services/web/spec"
 TTL = 3
 
 
@@ -69,6 +72,10 @@ async def registered(
     reg.observe_spec(first or ServiceSpec())  # nothing is put before the spec is known
     await eventually(lambda: reg.written, what="registered")
     return reg
+
+
+def v2(state: str = "up") -> str:
+    return json.dumps({"host": "127.0.0.1", "port": 8082, "version": "v2", "state": state})
 
 
 def spec(**fields: object) -> ServiceSpec:
@@ -127,6 +134,59 @@ async def test_kept_for_a_rollback_until_the_injected_wall_clock_says(
     wall[0] = start + timedelta(seconds=2)
     await eventually(lambda: reg.retired, timeout=5, what="retired when the time is up")
     await eventually(lambda: not reg.written, what="deregistered")
+
+
+async def test_the_version_the_edge_falls_back_to_is_kept_until_the_active_one_has_instances(
+    store: Store, supervisor: Supervisor
+) -> None:
+    """The hub reads every instance record of the service, asks `routing()` which version
+    the edge falls back to, and that version's registrations do not retire: else a
+    promoted version losing all its instances would leave the service routed to nothing."""
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    wall = [start]
+    hub = Hub(store, "/fluster", supervisor)
+    await store.put(SPEC, json.dumps({"active_version": "v1"}))
+    reg = registration(store, wall=lambda: wall[0])
+    reg.start(supervisor)
+    hub.add(reg)
+    await eventually(lambda: reg.written, what="registered")
+    watch = hub.watches["web"]
+
+    # Promoted to v2 (kept 1 s), but no v2 instance is up: the edge serves v1.
+    until = (start + timedelta(seconds=1)).isoformat()
+    promoted = spec(active_version="v2", history=["v1"], keep_old_until=until)
+    await store.put(SPEC, promoted.to_json())
+    await eventually(lambda: watch.spec == promoted, what="the promotion seen")
+    assert watch.fallback == "v1" and reg.held and reg.written
+    # Past keep-old (the clock moves and the spec is seen again), beside an invalid v2
+    # record (skipped, as the reloader skips it) and a draining one (takes no traffic):
+    # still held. The spec is written last, so once it is seen the records were too.
+    wall[0] = start + timedelta(seconds=5)
+    await store.put(f"{PREFIX}n2", b"{not json")
+    await store.put(f"{PREFIX}n3", v2(state="draining"))
+    again = spec(active_version="v2", history=["v1"], keep_old_until=start.isoformat())
+    await store.put(SPEC, again.to_json())
+    await eventually(lambda: watch.spec == again, what="the second spec seen")
+    assert set(watch.instances) == {"n1", "n3"}
+    assert watch.fallback == "v1" and reg.held and not reg.retired and reg.written
+
+    # A v2 instance up: the active version has instances again, v1 retires now.
+    await store.put(f"{PREFIX}n2", v2())
+    await eventually(lambda: reg.retired, what="v1 retired once v2 is up")
+    assert watch.fallback is None and not reg.held
+    await eventually(lambda: not reg.written, what="v1 deregistered")
+    await hub.close()
+
+
+async def test_a_held_retirement_is_released_when_the_fallback_moves(store: Store) -> None:
+    """`observe_spec` alone (not started: nothing is written): held while the edge falls
+    back to its version, retired as soon as it falls back to another one."""
+    reg = registration(store)
+    reg.observe_spec(spec(active_version="v1"))
+    reg.observe_spec(spec(active_version="v2", history=["v1"]), fallback="v1")
+    assert reg.held and not reg.retired
+    reg.observe_spec(spec(active_version="v2", history=["v1"]), fallback="v0")
+    assert reg.retired and not reg.held
 
 
 async def test_put_back_after_a_delete_keeping_an_operators_drain(

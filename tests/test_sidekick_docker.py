@@ -180,6 +180,9 @@ def test_retired_container_is_stopped_with_on_retire_stop(
     )
     name = f"{node}-{cid[:12]}"
     wait_for(lambda: name in sidekicks.instances(service), what="registration")
+    # A v2 instance up, or the edge would fall back to v1 and v1 would not retire.
+    v2 = '{"host": "127.0.0.1", "port": 8082, "version": "v2"}'
+    etcd.put(f"/fluster/services/{service}/instances/other-v2", v2)
     etcd.put(f"/fluster/services/{service}/spec", '{"active_version": "v2", "history": ["v1"]}')
     wait_for(lambda: name not in sidekicks.instances(service), timeout=5, what="deregistered")
     wait_for(lambda: not apps.running(cid), timeout=15, what="container stopped")

@@ -263,13 +263,39 @@ def test_promotion_with_keep_old_retires_when_the_time_is_up(
     sidekicks: Sidekicks, etcd: Etcd
 ) -> None:
     name, proc = static(sidekicks, version="v1")
-    wait_for(lambda: name in sidekicks.instances("web"), what="registration")
+    new, _ = static(sidekicks, port=8082, version="v2")  # v2 up: v1 is no fallback
+    wait_for(lambda: {name, new} <= set(sidekicks.instances("web")), what="registration")
     until = (datetime.now(UTC) + timedelta(seconds=3)).isoformat(timespec="seconds")
     spec = {"active_version": "v2", "history": ["v1"], "keep_old_until": until}
     etcd.put("/fluster/services/web/spec", json.dumps(spec))
     wait_for(lambda: proc.logged("superseded, kept for a rollback"), what="kept for rollback")
     assert name in sidekicks.instances("web")  # a rollback still finds it
     wait_for(lambda: name not in sidekicks.instances("web"), timeout=8, what="retired later")
+
+
+def test_the_version_the_edge_falls_back_to_is_not_retired(
+    sidekicks: Sidekicks, etcd: Etcd
+) -> None:
+    """Promoted to v2 while no v2 instance is up, the edge serves v1 (fluster.routing):
+    past keep-old, v1 must stay registered, or the service routes to nothing. It
+    retires once a v2 instance is up."""
+    name, proc = static(sidekicks, version="v1")
+    wait_for(lambda: name in sidekicks.instances("web"), what="registration")
+    until = datetime.now(UTC) + timedelta(seconds=2)
+    spec = {"active_version": "v2", "history": ["v1"], "keep_old_until": until.isoformat()}
+    etcd.put("/fluster/services/web/spec", json.dumps(spec))
+    wait_for(
+        lambda: proc.logged("retirement held: the edge falls back to this version"),
+        what="the retirement held",
+    )
+    # Not a synchronisation: keep-old must be over before "still registered" means much.
+    time.sleep(max(0.0, (until - datetime.now(UTC)).total_seconds()) + 1.5)
+    assert name in sidekicks.instances("web"), proc.log()[-3000:]
+    assert not proc.logged("retired: traffic moved to another version")
+    new, _ = static(sidekicks, port=8082, version="v2")
+    wait_for(lambda: name not in sidekicks.instances("web"), timeout=8, what="v1 retired")
+    assert new in sidekicks.instances("web")
+    assert proc.logged("retired: traffic moved to another version")
 
 
 def test_operator_drain_is_not_undone(sidekicks: Sidekicks, etcd: Etcd) -> None:
