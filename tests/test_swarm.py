@@ -19,6 +19,7 @@ from tests.support.docker import APP, BASE_IMAGE
 from tests.support.etcd import wait_for
 from tests.support.sidekick import Sidekicks
 from tests.support.swarm import PrivateSwarm
+from tests.support.waiting import Compared
 
 pytestmark = pytest.mark.slow
 
@@ -62,20 +63,33 @@ def test_host_agent_registers_swarm_tasks_at_the_node_advertise_address(
         up = {k: v for k, v in found.items() if v.state == "up"}
         return up if len(up) == 2 else None
 
+    def published() -> set[int]:
+        return {
+            int(line.rpartition(":")[2].partition("-")[0])
+            for line in private_swarm.docker(
+                "ps", "--filter", f"label=com.docker.swarm.service.name={service}-v1",
+                "--format", "{{.Ports}}",
+            ).replace(", ", "\n").splitlines()
+        }  # fmt: skip
+
+    # Swarm may replace a task that failed to start (say its random host port was taken
+    # meanwhile): wait until what is registered is what runs, both sides read together.
+    def registered_as_running() -> dict[str, Instance] | Compared | None:
+        up = two_up()
+        if up is None:
+            return None
+        ports = Compared("registered vs running ports", {i.port for i in up.values()}, published())
+        return up if ports else ports
+
     instances = wait_for(
-        two_up, timeout=120, interval=0.3, what=f"2 tasks registered ({proc.log_path})"
+        registered_as_running,
+        timeout=120,
+        interval=0.3,
+        what=f"2 tasks registered at their published ports ({proc.log_path})",
     )
-    published = {
-        int(line.rpartition(":")[2].partition("-")[0])
-        for line in private_swarm.docker(
-            "ps", "--filter", f"label=com.docker.swarm.service.name={service}-v1",
-            "--format", "{{.Ports}}",
-        ).replace(", ", "\n").splitlines()
-    }  # fmt: skip
     # The swarm advertises 127.0.0.1; no --advertise-ip was given: the sidekick took it
     # from the engine, not from the default route.
     assert {(i.host, i.version, i.node) for i in instances.values()} == {("127.0.0.1", "v1", node)}
-    assert {i.port for i in instances.values()} == published
     for inst in instances.values():
         assert get(inst.port) == "ok"
     assert proc.logged("advertising the swarm node address")
