@@ -23,8 +23,10 @@ services API; scaling is a service update with the spec's version, which aiodock
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -39,6 +41,9 @@ VERSION_LABEL = "fluster.version"
 # seen during the health gate means the version crashes. Not "shutdown" (scaled down,
 # removed) nor "orphaned" (its node was lost): neither is the app's doing.
 CRASHED = frozenset({"failed", "rejected", "complete"})
+# Task states whose container may still be running (or about to): a service scaled to 0
+# keeps such tasks for their stop grace period, serving and registered meanwhile.
+LIVE = frozenset({"new", "pending", "assigned", "accepted", "preparing", "starting", "running"})
 SHA_RE = re.compile(r"[0-9a-f]{7,64}")
 NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -179,16 +184,39 @@ class SwarmScheduler:
         if not found:
             return [await self._create(release, config)]
         name = str(found[0]["Spec"]["Name"])
+        if not replicas_of(found[0]):
+            # Tasks of the last scale-down may still be draining: their containers are up
+            # and registered, and the health gate would count them as the new replicas.
+            await self._wait_stopped(name)
         await self._remember(name)
         await self._scale(name, config.replicas)
         return [name]
+
+    async def _wait_stopped(self, name: str) -> None:
+        """Until no task of `name` can still be running (scaling to 0 returns at once;
+        the containers stop over their grace period)."""
+        limit = self.stop_grace + 30
+        deadline = time.monotonic() + limit
+        while True:
+            live = [
+                t for t in await self._tasks(name) if (t.get("Status") or {}).get("State") in LIVE
+            ]
+            if not live:
+                return
+            if time.monotonic() > deadline:
+                raise DeployError(
+                    f"{len(live)} task(s) of {name} still running {limit}s after it was scaled to 0"
+                )
+            await asyncio.sleep(0.25)
 
     async def stop(self, app: str, version: str) -> int:
         count = 0
         for service in await self._services(app, version):
             replicas = replicas_of(service)
             if replicas:
-                await self._scale(str(service["Spec"]["Name"]), 0)
+                name = str(service["Spec"]["Name"])
+                await self._scale(name, 0)
+                await self._wait_stopped(name)  # "stopped" means stopped, as on one host
                 count += replicas
         return count
 
