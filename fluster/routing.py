@@ -100,18 +100,65 @@ def _by_age(services: Iterable[Service]) -> list[Service]:
 
 def host_conflicts(services: Iterable[Service], domain: str) -> dict[str, str]:
     """Service name -> why it is left out: a host (+ path) an older service claimed."""
+    return _conflicts([_stake(svc, domain) for svc in services])
+
+
+Stake = tuple[float, str, tuple[Claim, ...]]  # (claim revision, service name, its claims)
+
+
+def _stake(svc: Service, domain: str) -> Stake:
+    return (claim_revision(svc), svc.name, tuple(claims(svc, domain)))
+
+
+def _conflicts(stakes: Iterable[Stake]) -> dict[str, str]:
     owner: dict[Claim, str] = {}
     losers: dict[str, str] = {}
-    for svc in _by_age(services):
-        mine = claims(svc, domain)
+    # Oldest first; two claims of one revision cannot happen in etcd, the name settles a
+    # built one (as in _by_age).
+    for _, name, mine in sorted(stakes, key=lambda s: (s[0], s[1])):
         taken = [(c, owner[c]) for c in mine if c in owner]
         if taken:
             (host, path), by = taken[0]
             where = host if path == "/" else f"{host}{path}"
-            losers[svc.name] = f"host {where} belongs to service {by}, which claimed it first"
+            losers[name] = f"host {where} belongs to service {by}, which claimed it first"
             continue
-        owner.update(dict.fromkeys(mine, svc.name))
+        owner.update(dict.fromkeys(mine, name))
     return losers
+
+
+class Ownership:
+    """`host_conflicts`, remembered between calls for a caller that asks again and again
+    (the reloader, once per change). The answer depends only on each service's claims
+    and claim revision, so a service whose object is the same as last time (the catalog
+    keeps an unchanged service's object) is not looked at again, and a change that
+    moves no claim (a membership change that keeps the service's oldest record)
+    reuses the last answer: the cost follows the change, not the catalog (issue 15)."""
+
+    def __init__(self) -> None:
+        self._stakes: dict[str, tuple[Service, Stake]] = {}
+        self._domain: str | None = None
+        self._last: tuple[Stake, ...] | None = None
+        self._losers: dict[str, str] = {}
+        self.computed = 0  # how many times the conflicts were worked out anew
+
+    def conflicts(self, services: Iterable[Service], domain: str) -> dict[str, str]:
+        if domain != self._domain:
+            self._stakes.clear()
+            self._domain = domain
+        stakes: dict[str, tuple[Service, Stake]] = {}
+        for svc in services:
+            kept = self._stakes.get(svc.name)
+            if kept is None or kept[0] is not svc:
+                kept = (svc, _stake(svc, domain))
+            stakes[svc.name] = kept
+        self._stakes = stakes
+        # The same stake objects compare by identity first: this is cheap when unchanged.
+        now = tuple(stake for _, stake in stakes.values())
+        if now != self._last:
+            self._last = now
+            self._losers = _conflicts(now)
+            self.computed += 1
+        return dict(self._losers)
 
 
 def owner_of(services: Iterable[Service], claim: Claim, domain: str) -> str | None:
@@ -120,6 +167,7 @@ def owner_of(services: Iterable[Service], claim: Claim, domain: str) -> str | No
 
 
 __all__ = [
+    "Ownership",
     "Routing",
     "claim_revision",
     "claims",

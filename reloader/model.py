@@ -470,6 +470,7 @@ class ServiceCache:
         self.context: object = None
         self.pieces: dict[str, tuple[Service, Piece]] = {}
         self.verdicts: dict[tuple[str, int], Verdict] = {}  # host:port -> target verdict
+        self.ownership = routing.Ownership()  # who owns which host, kept between builds
 
     def begin(self, context: object) -> None:
         if context != self.context:
@@ -510,7 +511,11 @@ def build_model(
     policy = replace(settings.targets, own_ports=tuple(sorted(own.items())))
     services = list(snapshot.services.values())
     skipped: list[Skip] = []
-    losers = routing.host_conflicts([s for s in services if s.spec.mode == "http"], settings.domain)
+    http_services = [s for s in services if s.spec.mode == "http"]
+    if cache:
+        losers = cache.ownership.conflicts(http_services, settings.domain)
+    else:
+        losers = routing.host_conflicts(http_services, settings.domain)
     ports, port_skips = _tcp_ports([s for s in services if s.spec.mode == "tcp"], own, facts)
     skipped.extend(port_skips)
     if cache:

@@ -74,6 +74,46 @@ def skips(snap: Snapshot, facts: HostFacts | None = None) -> list[tuple[str, str
 # -- host ownership ---------------------------------------------------------------------
 
 
+def test_a_membership_change_of_one_service_does_not_judge_the_others_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reloader's memo of host ownership (issue 15): a membership change in one
+    service looks at that service only and reuses the last answer; a change that moves
+    a claim works the answer out anew, equal to host_conflicts."""
+    judged: list[str] = []
+    claim_revision = routing.claim_revision
+
+    def counting(svc: Service) -> float:
+        judged.append(svc.name)
+        return claim_revision(svc)
+
+    monkeypatch.setattr(routing, "claim_revision", counting)
+    others = [service(f"s{k:03d}", created={"a": 10 + k}, a=inst(port=80 + k)) for k in range(50)]
+    web = service("web", created={"a": 5}, a=inst())
+    thief = service("aaa", {"hosts": ["web.localhost"]}, spec_created=9, a=inst(port=81))
+    ownership = routing.Ownership()
+    first = ownership.conflicts([thief, web, *others], "localhost")
+    assert first == routing.host_conflicts([thief, web, *others], "localhost")
+    assert set(first) == {"aaa"} and ownership.computed == 1
+    # One more instance of web, registered later: its oldest record still claims.
+    grown = service("web", created={"a": 5, "b": 60}, a=inst(), b=inst(port=90))
+    judged.clear()
+    again = ownership.conflicts([thief, grown, *others], "localhost")
+    assert (again, judged, ownership.computed) == (first, ["web"], 1)
+    # web's last record goes and comes back later than the thief's spec: the thief owns
+    # the host now, and the answer says so.
+    late = service("web", created={"b": 60}, b=inst(port=90))
+    judged.clear()
+    moved = ownership.conflicts([thief, late, *others], "localhost")
+    assert judged == ["web"] and ownership.computed == 2
+    assert moved == routing.host_conflicts([thief, late, *others], "localhost")
+    assert set(moved) == {"web"}
+    # Another domain: every default host is another claim.
+    judged.clear()
+    ownership.conflicts([thief, late, *others], "example.org")
+    assert len(judged) == 52 and ownership.computed == 3
+
+
 def test_a_later_spec_cannot_take_a_host_another_service_routes() -> None:
     web = service("web", created={"a": 5}, a=inst())
     thief = service("aaa", {"hosts": ["web.localhost"]}, spec_created=9, a=inst(port=81))
