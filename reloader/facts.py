@@ -18,7 +18,7 @@ from collections.abc import Set as AbstractSet
 import structlog
 
 from fluster import routing
-from fluster.catalog import Snapshot
+from fluster.catalog import Service, Snapshot
 from reloader.model import Model, RenderSettings, Skip, is_ip, own_ports
 from reloader.targets import HostFacts, Resolver, local_addresses, port_holder
 
@@ -93,6 +93,7 @@ class Reporter:
         self.fallbacks: dict[str, str] = {}  # service -> the version served in its place
         self.counts: dict[str, int] = {}  # skip kind -> times something was left out
         self.recheck_at: float | None = None
+        self._judged: dict[str, tuple[Service, str | None]] = {}  # service -> its fallback
 
     def report(self, model: Model, snapshot: Snapshot, resolver: Resolver) -> None:
         now = set(model.skipped)
@@ -115,11 +116,16 @@ class Reporter:
                     revision=snapshot.revision,
                 )
         self.skips = now
-        fallbacks = {
-            name: v
+        # The policy is looked at again only for services whose object changed (the
+        # catalog keeps an unchanged service's object): the cost follows the change.
+        judged = {
+            name: kept
+            if (kept := self._judged.get(name)) and kept[0] is svc
+            else (svc, routing.routing(svc).fallback)
             for name, svc in snapshot.services.items()
-            if (v := routing.routing(svc).fallback) is not None
         }
+        self._judged = judged
+        fallbacks = {name: v for name, (_, v) in judged.items() if v is not None}
         for name, version in sorted(fallbacks.items()):
             if self.fallbacks.get(name) != version:
                 log.warning(

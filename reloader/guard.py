@@ -81,7 +81,11 @@ class RemovalGuard:
         now = self.clock()
         self.removed = {k: r for k, r in self.removed.items() if now - r.since < self.hold}
         keep: dict[tuple[str, str], Held] = {}
-        for name in sorted(set(applied.services) | {k[0] for k in self.removed}):
+        # A service whose object is the one applied (the catalog keeps an unchanged
+        # service's object) has nothing removed: only the changed ones are looked at, so
+        # the cost follows the change, not the catalog (issue 15).
+        changed = {n for n, s in applied.services.items() if snapshot.services.get(n) is not s}
+        for name in sorted(changed | {k[0] for k in self.removed}):
             before, after = applied.services.get(name), snapshot.services.get(name)
             if before is not None and after is not None and _promoted(before, after):
                 continue

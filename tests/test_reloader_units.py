@@ -6,15 +6,19 @@ import subprocess
 from pathlib import Path
 from types import MappingProxyType
 
+import pytest
+
 from fluster.catalog import Service, Snapshot
 from fluster.records import Instance, ServiceSpec
 from reloader.apply import filter_server_state
 from reloader.debounce import Debouncer
+from reloader.facts import Reporter
 from reloader.guard import RemovalGuard
 from reloader.haproxy import parse_show_proc
 from reloader.model import Backend, Model, RenderSettings, Server, with_servers_of
 from reloader.render import Renderer
 from reloader.runtime_api import plan
+from reloader.targets import Resolver
 from tests.support.haproxy import HAPROXY
 
 
@@ -341,3 +345,46 @@ def test_guard_does_not_trip_on_a_host_agent_reregistering_its_containers() -> N
     survivors = {k: v for k, v in draining.items() if k != "i0"}
     out = guard.filter(snap(svc("web", **survivors)), applied, {"web": {"i0"}})
     assert sorted(out.services["web"].instances) == ["i1", "i2"] and not guard.held
+
+
+def test_guard_and_reporter_look_only_at_the_services_that_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A membership change in one service costs the guard and the reporter that
+    service's work, not the catalog's (issue 15): the catalog keeps an unchanged
+    service's object, and they look again only at services whose object changed. A
+    hold of another service still runs as before."""
+    looked: list[str] = []
+    routed = Service.routed
+
+    def counting(self: Service) -> dict[str, Instance]:
+        looked.append(self.name)
+        return routed(self)
+
+    monkeypatch.setattr(Service, "routed", counting)
+    clock = Clock()
+    guard = RemovalGuard(max_removal_pct=50, hold=30, clock=clock)
+    others = [svc(f"s{k:03d}", **insts(2)) for k in range(50)]
+    web, api = svc("web", **insts(4)), svc("api", **insts(2))
+    applied = snap(web, api, *others)
+    # web loses 3 of 4 (held), api gains one.
+    web_now, api_now = svc("web", i0=insts(1)["i0"]), svc("api", **insts(3))
+    looked.clear()
+    held = guard.filter(snap(web_now, api_now, *others), applied)
+    assert sorted(looked) == ["api", "web"]
+    assert sorted(held.services["web"].instances) == ["i0", "i1", "i2", "i3"]
+    # Next, only api changes again: web's hold runs on, the others are not looked at.
+    looked.clear()
+    again = guard.filter(snap(web_now, svc("api", **insts(2)), *others), held)
+    assert sorted(looked) == ["api", "web"]
+    assert sorted(again.services["web"].instances) == ["i0", "i1", "i2", "i3"]
+    assert again.services["s007"] is others[7]
+
+    reporter = Reporter(clock=clock)
+    resolver = Resolver(clock=clock)
+    looked.clear()
+    reporter.report(Model(RenderSettings()), again, resolver)
+    assert len(looked) == 52
+    looked.clear()
+    reporter.report(Model(RenderSettings()), snap(web_now, api_now, *others), resolver)
+    assert sorted(looked) == ["api", "web"]
