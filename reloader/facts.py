@@ -43,6 +43,9 @@ class FactFinder:
         self.resolver = Resolver(clock=clock)
         self._local: dict[str, bool] = {}  # IP -> this host's own (kept for a resolver TTL)
         self._local_at = 0.0
+        self._watched: set[int] = set()  # the ports the kept hosts were judged against
+        # service -> (its object, its host names, its IPs on a watched port)
+        self._hosts: dict[str, tuple[Service, frozenset[str], frozenset[str]]] = {}
 
     async def find(
         self, snapshot: Snapshot, live: Model | None, held: AbstractSet[int] = frozenset()
@@ -57,12 +60,20 @@ class FactFinder:
         watched = own | tcp | {p for _, p in rs.targets.etcd}
         names = {h for h, _ in rs.targets.etcd if not is_ip(h)}
         ips: set[str] = set()
-        for svc in snapshot.services.values():
-            for inst in svc.instances.values():
-                if not is_ip(inst.host):
-                    names.add(inst.host)
-                elif inst.port in watched:
-                    ips.add(inst.host)
+        # Each service's hosts are worked out again only when its object changed (the
+        # catalog keeps an unchanged service's object): the cost follows the change.
+        if watched != self._watched:
+            self._hosts.clear()
+            self._watched = watched
+        hosts: dict[str, tuple[Service, frozenset[str], frozenset[str]]] = {}
+        for name, svc in snapshot.services.items():
+            kept = self._hosts.get(name)
+            if kept is None or kept[0] is not svc:
+                kept = (svc, *_hosts_of(svc, watched))
+            hosts[name] = kept
+            names |= kept[1]
+            ips |= kept[2]
+        self._hosts = hosts
         addresses = await self.resolver.resolve(names)
         ips |= {ip for ip in addresses.values() if ip is not None}
         now = self.clock()
@@ -84,6 +95,19 @@ class FactFinder:
             local=frozenset(ip for ip, mine in self._local.items() if mine),
             busy_ports=busy,
         )
+
+
+def _hosts_of(svc: Service, watched: AbstractSet[int]) -> tuple[frozenset[str], frozenset[str]]:
+    """A service's instance host names (to resolve), and its IP hosts on a port in
+    `watched` (to ask whether they are this host's own)."""
+    names: set[str] = set()
+    ips: set[str] = set()
+    for inst in svc.instances.values():
+        if not is_ip(inst.host):
+            names.add(inst.host)
+        elif inst.port in watched:
+            ips.add(inst.host)
+    return frozenset(names), frozenset(ips)
 
 
 class Reporter:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from types import MappingProxyType
 
@@ -10,6 +13,7 @@ import pytest
 
 from fluster.catalog import Service, Snapshot
 from fluster.records import Instance, ServiceSpec
+from reloader import facts
 from reloader.apply import filter_server_state
 from reloader.debounce import Debouncer
 from reloader.facts import Reporter
@@ -388,3 +392,47 @@ def test_guard_and_reporter_look_only_at_the_services_that_changed(
     looked.clear()
     reporter.report(Model(RenderSettings()), snap(web_now, api_now, *others), resolver)
     assert sorted(looked) == ["api", "web"]
+
+
+def test_fact_finder_works_out_the_hosts_of_changed_services_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hosts to resolve and to check for being this host's own are kept per service
+    object (issue 15): after one service changed, only its hosts are looked at again,
+    and its new names and addresses are the ones asked about. The resolver is a fake:
+    no name lookup may leave the machine from a test."""
+    looked: list[str] = []
+    hosts_of = facts._hosts_of
+
+    def counting(s: Service, watched: AbstractSet[int]) -> tuple[frozenset[str], frozenset[str]]:
+        looked.append(s.name)
+        return hosts_of(s, watched)
+
+    monkeypatch.setattr(facts, "_hosts_of", counting)
+    asked: list[set[str]] = []
+    local_addresses = facts.local_addresses
+
+    def asking(ips: set[str]) -> set[str]:
+        asked.append(set(ips))
+        return local_addresses(ips)
+
+    monkeypatch.setattr(facts, "local_addresses", asking)
+    others = [svc(f"s{k:03d}", **insts(2)) for k in range(20)]
+    first = snap(svc("web", a=Instance("127.0.0.1", 80)), *others)
+    finder = facts.FactFinder(RenderSettings(http_bind=("127.0.0.1", 80)))
+    resolved: list[set[str]] = []
+
+    async def resolve(names: Iterable[str]) -> dict[str, str | None]:
+        resolved.append(set(names))
+        return dict.fromkeys(resolved[-1])
+
+    monkeypatch.setattr(finder.resolver, "resolve", resolve)
+    before = asyncio.run(finder.find(first, None))
+    assert len(looked) == 21 and "127.0.0.1" in before.local
+    looked.clear()
+    # web moves to another address on the watched port: only web is looked at, and the
+    # new address is asked about.
+    moved = snap(svc("web", a=Instance("10.0.0.9", 80), b=Instance("web-b.invalid", 80)), *others)
+    asyncio.run(finder.find(moved, None))
+    assert looked == ["web"] and asked[-1] == {"10.0.0.9"}
+    assert resolved[-1] == {"web-b.invalid"}
