@@ -264,15 +264,21 @@ class Catalog:
         )
 
     def _publish(self, revision: int, touched: set[str]) -> Snapshot:
+        # _frozen stays sorted by name: replacing or removing a service keeps the order,
+        # so only a new service costs a sort (a membership change costs a copy).
+        added = False
         for name in touched:
             building = self._building.get(name)
             if building is None:
                 self._frozen.pop(name, None)
             else:
+                added = added or name not in self._frozen
                 self._frozen[name] = building.freeze(name)
+        if added:
+            self._frozen = dict(sorted(self._frozen.items()))
         self.snapshot = Snapshot(
             revision=revision,
-            services=MappingProxyType(dict(sorted(self._frozen.items()))),
+            services=MappingProxyType(dict(self._frozen)),
             rejected=MappingProxyType(dict(self._rejected)),
         )
         return self.snapshot

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Literal, cast
 
 import pytest
 
 from fluster.catalog import Catalog, Snapshot
 from fluster.records import Instance
-from fluster.store import EtcdSettings, Store
+from fluster.store import EtcdSettings, Event, KeyValue, Store
 from tests.support.etcd import Etcd, eventually
 
 PREFIX = "/fluster"
@@ -175,3 +176,33 @@ async def test_an_invalid_spec_keeps_the_last_good_one(
     web = catalog.snapshot.services["web"]
     assert web.spec.active_version is None and not web.has_spec
     assert catalog.specs_kept_total == kept
+
+
+def test_a_membership_change_keeps_the_order_and_the_other_services_objects() -> None:
+    """The snapshot's services stay sorted by name while services come and go, and a
+    change keeps every other service's object (what the reloader's per-service memos
+    rely on, issue 15). Pure: the events are fed to the catalog directly, so no store
+    is needed (the cast stands in for one that is never called)."""
+    catalog = Catalog(cast(Store, None), PREFIX)
+    value = json.dumps({"host": "10.0.0.1", "port": 80}).encode()
+    listed = catalog._listed(10, [KeyValue(ikey(s, "a"), value, 10, 10) for s in "dbf"])
+    assert list(listed.services) == ["b", "d", "f"]
+
+    def event(rev: int, kind: Literal["put", "delete"], service: str) -> Snapshot:
+        kv = KeyValue(ikey(service, "x"), value if kind == "put" else b"", rev, rev)
+        touched = catalog._apply(Event(kind, kv), rev)
+        return catalog._publish(rev, {touched} if touched else set())
+
+    grown = event(11, "put", "d")
+    assert list(grown.services) == ["b", "d", "f"]
+    assert (
+        grown.services["b"] is listed.services["b"] and grown.services["f"] is listed.services["f"]
+    )
+    assert grown.services["d"] is not listed.services["d"]
+    added = event(12, "put", "a")
+    assert list(added.services) == ["a", "b", "d", "f"]
+    assert added.services["d"] is grown.services["d"]
+    event(13, "put", "e")
+    gone = event(14, "delete", "a")
+    assert list(gone.services) == ["b", "d", "e", "f"]
+    assert list(event(15, "put", "c").services) == ["b", "c", "d", "e", "f"]
