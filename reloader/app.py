@@ -25,7 +25,7 @@ from reloader.apply import Applier, ApplyFailed, Rejected
 from reloader.certs import CertWatcher, TlsFiles, TlsTarget, target
 from reloader.debounce import Debouncer
 from reloader.facts import FactFinder, Reporter, tcp_ports_in
-from reloader.guard import RemovalGuard
+from reloader.guard import LiveServers, RemovalGuard
 from reloader.haproxy import Haproxy, HaproxyError, StartFailed
 from reloader.model import Model, ServiceCache, build_model, with_servers_of
 from reloader.publish import Publisher
@@ -201,17 +201,13 @@ class Reloader:
         self.tls_live = self.tls.written
         self.debouncer.poke()
 
-    def _live_servers(self) -> dict[str, set[str]] | None:
+    def _live_servers(self) -> LiveServers | None:
         """Service -> the servers HAProxy has now, for the blast-radius guard; None when
         the live config is a previous run's file, whose model is unknown."""
         live = self.applier.live
         if live is None or not live.known:
             return None
-        out: dict[str, set[str]] = {}
-        for backend in live.model.backends:
-            if backend.service:
-                out.setdefault(backend.service, set()).update(s.name for s in backend.servers)
-        return out
+        return LiveServers(live.model.backends)
 
     async def apply(self, snapshot: Snapshot, tidy: bool = False) -> None:
         started = time.monotonic()

@@ -23,7 +23,7 @@ never put back.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -32,6 +32,7 @@ import structlog
 
 from fluster.catalog import Service, Snapshot
 from fluster.records import Instance
+from reloader.model import Backend
 
 log = structlog.get_logger("reloader.guard")
 
@@ -40,6 +41,27 @@ log = structlog.get_logger("reloader.guard")
 class Held:
     instance: Instance
     since: float
+
+
+class LiveServers(Mapping[str, AbstractSet[str]]):
+    """Service -> the names of the servers HAProxy has now (the guard's `live`), worked
+    out for a service only when asked: the guard asks about the services that changed,
+    so a membership change does not list every server of the catalog (issue 15)."""
+
+    def __init__(self, backends: Iterable[Backend]) -> None:
+        self._backends: dict[str, list[Backend]] = {}
+        for backend in backends:
+            if backend.service:
+                self._backends.setdefault(backend.service, []).append(backend)
+
+    def __getitem__(self, service: str) -> AbstractSet[str]:
+        return {s.name for b in self._backends[service] for s in b.servers}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._backends)
+
+    def __len__(self) -> int:
+        return len(self._backends)
 
 
 class RemovalGuard:

@@ -17,9 +17,16 @@ from reloader import facts
 from reloader.apply import filter_server_state
 from reloader.debounce import Debouncer
 from reloader.facts import Reporter
-from reloader.guard import RemovalGuard
+from reloader.guard import LiveServers, RemovalGuard
 from reloader.haproxy import parse_show_proc
-from reloader.model import Backend, Model, RenderSettings, Server, with_servers_of
+from reloader.model import (
+    Backend,
+    Model,
+    RenderSettings,
+    Server,
+    build_model,
+    with_servers_of,
+)
 from reloader.render import Renderer
 from reloader.runtime_api import plan
 from reloader.targets import Resolver
@@ -436,3 +443,30 @@ def test_fact_finder_works_out_the_hosts_of_changed_services_only(
     asyncio.run(finder.find(moved, None))
     assert looked == ["web"] and asked[-1] == {"10.0.0.9"}
     assert resolved[-1] == {"web-b.invalid"}
+
+
+def test_live_servers_are_worked_out_for_the_services_the_guard_asks_about() -> None:
+    """The guard's view of what HAProxy has: equal to listing every backend's servers,
+    but the guard asks only about the services that changed (issue 15)."""
+    others = [svc(f"s{k:03d}", **insts(2)) for k in range(20)]
+    applied = snap(svc("web", **insts(4)), *others)
+    model = build_model(applied, RenderSettings(state_dir=Path("/run/reloader")))
+    live = LiveServers(model.backends)
+    eager: dict[str, set[str]] = {}
+    for b in model.backends:
+        if b.service:
+            eager.setdefault(b.service, set()).update(s.name for s in b.servers)
+    assert dict(live) == eager and len(live) == 21
+
+    asked: list[str] = []
+
+    class Counting(LiveServers):
+        def __getitem__(self, service: str) -> AbstractSet[str]:
+            asked.append(service)
+            return super().__getitem__(service)
+
+    guard = RemovalGuard(max_removal_pct=50, hold=30, clock=Clock())
+    gone = snap(svc("web", i0=insts(1)["i0"]), *others)  # 3 of 4 gone: held
+    held = guard.filter(gone, applied, Counting(model.backends))
+    assert asked == ["web"]
+    assert sorted(held.services["web"].instances) == ["i0", "i1", "i2", "i3"]
