@@ -32,6 +32,7 @@ from reloader.model import (
     Model,
     ModelError,
     RenderSettings,
+    Route,
     Server,
     build_model,
     format_bind,
@@ -80,6 +81,7 @@ class Renderer:
         )
         self._frame: tuple[object, list[str | tuple[int, str, str]] | None] | None = None
         self._blocks: dict[int, tuple[tuple[Server, ...], str]] = {}  # frame slot -> text
+        self._routes: tuple[tuple[Route, ...], str] | None = None  # the last routes map
         self.env.globals["bind"] = _bind
         self.env.filters["host_header"] = host_header
         try:
@@ -110,10 +112,16 @@ class Renderer:
         return self.render_model(build_model(snapshot, settings, facts, tls=tls))
 
     def render_model(self, model: Model) -> Rendered:
-        try:
-            routes = model.routes_text()
-        except ModelError as exc:
-            raise RenderError(f"routes map: {exc}") from exc
+        # The map depends on the HTTP routes only; a membership change keeps them (and
+        # their objects, so the comparison is cheap): the last text is reused.
+        if self._routes is not None and self._routes[0] == model.http_routes:
+            routes = self._routes[1]
+        else:
+            try:
+                routes = model.routes_text()
+            except ModelError as exc:
+                raise RenderError(f"routes map: {exc}") from exc
+            self._routes = (model.http_routes, routes)
         return Rendered(self.framed_text(model), model, routes)
 
     def framed_text(self, model: Model) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from fluster.catalog import Service, Snapshot
 from fluster.records import Instance, ServiceSpec
-from reloader.model import ModelError, RenderSettings, build_model, safe
+from reloader.model import Model, ModelError, RenderSettings, build_model, safe
 from reloader.render import Renderer, RenderError, render
 
 SETTINGS = RenderSettings(state_dir=Path("/run/reloader"), http_bind=("127.0.0.1", 8080))
@@ -234,3 +234,33 @@ def test_a_model_built_from_cached_pieces_equals_a_fresh_one() -> None:
     # Another context (settings) starts over.
     other = RenderSettings(state_dir=Path("/x"))
     assert build_model(steps[0], other, cache=cache) == build_model(steps[0], other)
+
+
+def test_the_routes_map_is_written_again_only_when_the_routes_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A membership change keeps the HTTP routes, so the renderer reuses the last routes
+    map text (issue 15); a route change makes it anew, equal to a fresh render."""
+    made: list[int] = []
+    routes_text = Model.routes_text
+
+    def counting(self: Model) -> str:
+        made.append(1)
+        return routes_text(self)
+
+    monkeypatch.setattr(Model, "routes_text", counting)
+    renderer = Renderer()
+    first = renderer.render(
+        snapshot(service("web", a=inst(81)), service("api", a=inst(82))), SETTINGS
+    )
+    grown = renderer.render(
+        snapshot(service("web", a=inst(81), b=inst(83)), service("api", a=inst(82))), SETTINGS
+    )
+    assert len(made) == 1 and grown.routes == first.routes
+    assert "be_web" in grown.routes and "server b " in backend_block(grown.text, "be_web")
+    spec = {"hosts": ["shop.example"]}
+    moved = renderer.render(
+        snapshot(service("web", spec, a=inst(81)), service("api", a=inst(82))), SETTINGS
+    )
+    assert len(made) == 2 and "shop.example/ be_web" in moved.routes
+    assert moved.routes == Renderer().render_model(moved.model).routes
