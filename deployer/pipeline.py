@@ -50,7 +50,7 @@ def short(ref: str) -> str:
 class Settings:
     registry: str = "127.0.0.1:5000"
     lock_timeout: float = 600.0
-    wait_timeout: float = 30.0  # for every reloader to apply the promotion
+    wait_timeout: float = ops.WAIT_TIMEOUT_S  # for every reloader to apply the promotion
     by: str = ""  # who deploys, for the record
 
 

@@ -221,7 +221,7 @@ WAIT_TIMEOUT: Option[float] = Option(
     "--wait-timeout",
     None,
     "seconds to wait for every reloader",
-    30.0,
+    ops.WAIT_TIMEOUT_S,
     number(above=0),
     metavar="SECONDS",
 )

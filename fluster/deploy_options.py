@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fluster.ops import WAIT_TIMEOUT_S
 from fluster.records import RecordError, validate_service_name
 from fluster.settings import Option, integer, number, one_of, switch
 
@@ -148,7 +149,7 @@ DEPLOY_WAIT: Option[float] = Option(
     "--wait-timeout",
     None,
     "seconds for every reloader to apply the promotion",
-    30.0,
+    WAIT_TIMEOUT_S,
     number(above=0),
     metavar="SECONDS",
 )

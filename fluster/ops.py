@@ -66,6 +66,8 @@ class Written:
 
 # How many earlier values of an invalid spec key are read looking for a valid one.
 SPEC_LOOKBACK = 20
+# How long a write waits for every reloader to apply it (`fluster` and `fluster deploy`).
+WAIT_TIMEOUT_S = 30.0
 
 
 async def snapshot(store: Store, prefix: str) -> Snapshot:
