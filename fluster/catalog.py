@@ -70,10 +70,28 @@ class Snapshot:
     revision: int = 0
     services: Mapping[str, Service] = field(default_factory=dict)  # sorted by name
     rejected: Mapping[str, str] = field(default_factory=dict)  # key -> why, right now
+    # Changes when a service appears or goes or a spec changes, and only then: two
+    # snapshots of one layout have the same services and specs (their instances may
+    # differ), so what depends on those alone can be kept. 0: unknown, never the same.
+    layout: int = 0
 
     @property
     def instance_count(self) -> int:
         return sum(len(s.instances) for s in self.services.values())
+
+    def same_layout(self, other: Snapshot | None) -> bool:
+        return other is not None and self.layout != 0 and self.layout == other.layout
+
+
+def changed_services(before: Mapping[str, Service], after: Mapping[str, Service]) -> set[str]:
+    """The services added, removed or changed between two snapshots' services. The
+    catalog keeps an unchanged service's object, so this is an identity test per
+    service: cheap enough to run at every change, and what lets the work that follows
+    look at the changed services only (issue 15)."""
+    changed = {name for name, svc in after.items() if before.get(name) is not svc}
+    if len(after) != len(before) or changed:
+        changed.update(before.keys() - after.keys())
+    return changed
 
 
 class _Building:
@@ -133,6 +151,7 @@ class Catalog:
         self._frozen: dict[str, Service] = {}
         self._rejected: dict[str, str] = {}
         self._last_good: dict[str, ServiceSpec] = {}  # survives a relist, unlike _building
+        self._layout = 0  # Snapshot.layout of the last snapshot
 
     @property
     def revision(self) -> int:
@@ -185,6 +204,7 @@ class Catalog:
         self._building.clear()
         self._frozen.clear()
         self._rejected.clear()
+        self._layout += 1  # a new list: nothing kept from before can be trusted
         for kv in kvs:
             self._put(kv, revision)
         snapshot = self._publish(revision, set(self._building))
@@ -266,19 +286,29 @@ class Catalog:
     def _publish(self, revision: int, touched: set[str]) -> Snapshot:
         # _frozen stays sorted by name: replacing or removing a service keeps the order,
         # so only a new service costs a sort (a membership change costs a copy).
-        added = False
+        added = relaid = False
         for name in touched:
             building = self._building.get(name)
+            old = self._frozen.get(name)
             if building is None:
                 self._frozen.pop(name, None)
+                relaid = relaid or old is not None
             else:
-                added = added or name not in self._frozen
-                self._frozen[name] = building.freeze(name)
+                added = added or old is None
+                new = self._frozen[name] = building.freeze(name)
+                relaid = relaid or old is None or _spec_of(old) != _spec_of(new)
         if added:
             self._frozen = dict(sorted(self._frozen.items()))
+        if relaid or not self._layout:
+            self._layout += 1
         self.snapshot = Snapshot(
             revision=revision,
             services=MappingProxyType(dict(self._frozen)),
             rejected=MappingProxyType(dict(self._rejected)),
+            layout=self._layout,
         )
         return self.snapshot
+
+
+def _spec_of(svc: Service) -> tuple[object, ...]:
+    return (svc.spec, svc.has_spec, svc.spec_revision, svc.spec_created)

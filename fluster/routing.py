@@ -160,6 +160,25 @@ class Ownership:
             self.computed += 1
         return dict(self._losers)
 
+    def same_stakes(self, services: Iterable[Service], domain: str) -> bool:
+        """Whether `services` (changed objects of services asked about last time) claim
+        what they claimed then, as old: then `conflicts` would answer as last time, and
+        the new objects are remembered so that it is not worked out again."""
+        if domain != self._domain:
+            return False
+        fresh: list[tuple[str, tuple[Service, Stake]]] = []
+        for svc in services:
+            kept = self._stakes.get(svc.name)
+            if kept is None:
+                return False
+            if kept[0] is not svc:
+                stake = _stake(svc, domain)
+                if stake != kept[1]:
+                    return False
+                fresh.append((svc.name, (svc, kept[1])))
+        self._stakes.update(fresh)
+        return True
+
 
 def owner_of(services: Iterable[Service], claim: Claim, domain: str) -> str | None:
     """The service that owns `claim` now, if any."""

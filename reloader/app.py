@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from fluster.catalog import Catalog, Snapshot
+from fluster.certs import Certificate
 from fluster.runtime import Supervisor, TaskDied
 from fluster.store import Store
 from reloader.acme import AcmeIssuer
@@ -102,6 +103,7 @@ class Reloader:
         self.reporter = Reporter()
         self.changed_at = time.monotonic()  # the last snapshot from the catalog
         self.pieces = ServiceCache()  # per-service model pieces, reused while unchanged
+        self._tls_target: tuple[Snapshot, dict[str, Certificate], TlsTarget] | None = None
 
     # -- catalog -> pipeline -------------------------------------------------------------
 
@@ -122,21 +124,36 @@ class Reloader:
                 await self.apply(self.latest)
             elif self._due(self._refill_at()):
                 await self.apply(self.latest, tidy=True)
+            elif self._due(self._write_at()):
+                self.applier.write_live()
             elif self._due(self._check_at()):
                 await self.applier.check_live()
 
-    # Off the latency path, when the catalog is quiet: check the file runtime changes
-    # wrote (or at the latest CHECK_MAX after the first), and refill the backend pool
-    # with a reload once it is below half.
+    # Off the latency path, when the catalog is quiet: write the files for the runtime
+    # changes HAProxy runs (or at the latest WRITE_MAX after the first), check them on a
+    # timer (a whole-file `haproxy -c` costs 30-100 ms of CPU: at most once per
+    # CHECK_EVERY, so a lone change every few seconds does not pay one each; at the
+    # latest CHECK_MAX after the first unchecked write, quiet or not), and refill the
+    # backend pool with a reload once it is below half.
+    WRITE_QUIET = 0.5
+    WRITE_MAX = 5.0
     CHECK_QUIET = 2.0
-    CHECK_MAX = 60.0
+    CHECK_EVERY = 60.0
+    CHECK_MAX = 300.0
     REFILL_QUIET = 10.0
+
+    def _write_at(self) -> float | None:
+        since = self.applier.unwritten_since
+        if since is None:
+            return None
+        return min(self.changed_at + self.WRITE_QUIET, since + self.WRITE_MAX)
 
     def _check_at(self) -> float | None:
         since = self.applier.unchecked_since
         if since is None:
             return None
-        return min(self.changed_at + self.CHECK_QUIET, since + self.CHECK_MAX)
+        quiet = self.changed_at + self.CHECK_QUIET
+        return min(max(quiet, self.applier.checked_at + self.CHECK_EVERY), since + self.CHECK_MAX)
 
     def _refill_at(self) -> float | None:
         size = self.settings.render.pool_size
@@ -152,16 +169,16 @@ class Reloader:
         if self.applier.runtime.pending_deletes:
             return 1.0
         times = [self.guard.next_release(), self.reporter.recheck_at]
-        times += [self._check_at(), self._refill_at()]
+        times += [self._write_at(), self._check_at(), self._refill_at()]
         due = [t for t in times if t is not None]
         return None if not due else max(0.0, min(due) - time.monotonic()) + 0.01
 
     async def _model(self, snapshot: Snapshot, *, tls: bool) -> Model:
         """The model against the host's facts (reloader.facts): what resolves, which ports
         are free, which addresses are this edge's own."""
-        live = self.applier.live
-        if live is not None and live.known:
-            facts = await self.facts.find(snapshot, live.model)
+        live, running = self.applier.live, self.applier.running
+        if live is not None and live.known and running is not None:
+            facts = await self.facts.find(snapshot, running)
         else:
             # A previous run's config (adopted, or still served by the HAProxy this run
             # takes over): the TCP ports it binds are this edge's, not another process's.
@@ -174,12 +191,12 @@ class Reloader:
         """After a refused structural change, apply what still can be: server changes of
         the backends that exist now. The change as a whole stays unapplied (and
         unpublished); the next change retries it."""
-        live = self.applier.live
-        if live is None or not live.known:
+        live, running = self.applier.live, self.applier.running
+        if live is None or not live.known or running is None:
             return  # live came from a previous run's file: its model is unknown
         try:
-            partial = with_servers_of(live.model, model)
-            if partial == live.model:
+            partial = with_servers_of(running, model)
+            if partial == running:
                 return
             kind = await self.applier.apply(partial)
         except (Rejected, RenderError, ApplyFailed) as exc:
@@ -204,10 +221,10 @@ class Reloader:
     def _live_servers(self) -> LiveServers | None:
         """Service -> the servers HAProxy has now, for the blast-radius guard; None when
         the live config is a previous run's file, whose model is unknown."""
-        live = self.applier.live
-        if live is None or not live.known:
+        live, running = self.applier.live, self.applier.running
+        if live is None or not live.known or running is None:
             return None
-        return LiveServers(live.model.backends)
+        return LiveServers(running.backends)
 
     async def apply(self, snapshot: Snapshot, tidy: bool = False) -> None:
         started = time.monotonic()
@@ -281,7 +298,13 @@ class Reloader:
     def _write_tls(self, snapshot: Snapshot) -> TlsTarget:
         """The HTTPS files for `snapshot` and the certificates, on disk before HAProxy
         is asked to do anything, so a reload at any moment reproduces them."""
-        want = target(self.certs.valid(), snapshot, self.settings.render.domain)
+        certs = self.certs.valid()
+        kept = self._tls_target
+        if kept is not None and kept[1] == certs and snapshot.same_layout(kept[0]):
+            want = kept[2]  # the same specs and certificates: the same target
+        else:
+            want = target(certs, snapshot, self.settings.render.domain)
+            self._tls_target = (snapshot, certs, want)
         self.tls.write(want)
         return want
 
@@ -320,7 +343,7 @@ class Reloader:
     def status(self) -> Status:
         """The snapshot /status, /metrics and the dashboard read (reloader/status.py)."""
         snap = self.applied or Snapshot()
-        live = self.applier.live
+        running = self.applier.running
         age = self.catalog.sync_age()
         # The last render's, even when it changed nothing HAProxy runs (a noop apply).
         skipped = sorted(self.reporter.skips, key=lambda s: (s.service, s.instance or "", s.kind))
@@ -337,14 +360,14 @@ class Reloader:
             haproxy_up=self.haproxy.up,
             haproxy_pid=self.haproxy.proc.pid if self.haproxy.proc else None,
             haproxy_restarts=self.haproxy.restarts,
-            backends=sum(1 for b in live.model.backends if b.service) if live else 0,
-            servers=live.model.server_count if live else 0,
+            backends=sum(1 for b in running.backends if b.service) if running else 0,
+            servers=running.server_count if running else 0,
             rejections_total=self.catalog.rejected_total,
             specs_kept_total=self.catalog.specs_kept_total,
             catalog_resyncs=self.catalog.resyncs,
             catalog_reconnects=self.catalog.reconnects,
             rejected=dict(self.catalog.snapshot.rejected),
-            https=live is not None and live.model.https_bind is not None,
+            https=running is not None and running.https_bind is not None,
             certificates={name: CertStatus.of(cert) for name, cert in self.certs.certs.items()},
             rejected_certificates=dict(self.certs.rejected),
             tls_applies=self.tls_applies,

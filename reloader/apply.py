@@ -3,10 +3,14 @@
 1. the target laid onto the live backends (reloader/pool.py) is what runs: nothing;
 2. same structure, only servers and routes map entries differ (a new plain HTTP service
    takes a pool backend): the runtime API (HAProxy vets every server it is asked to
-   add), then the config and map files are rendered and written, so that a reload or
-   restart reproduces the state. No `haproxy -c` here: the structure is that of a
-   validated config and every server line comes from re-checked values HAProxy just
-   accepted. The app has the written file checked once the catalog is quiet
+   add). The config and map files that make a reload or restart reproduce the state are
+   rendered and written later (`write_live`, once the catalog is quiet for a moment and
+   at most WRITE_MAX after the first change they lack), so that a burst of changes
+   costs one render and one write, and a lone change none on its path. Every reload
+   renders the whole model anyway, and a HAProxy restarted from files that lag is
+   reconciled at once (`restarted`). No `haproxy -c` here either: the structure is that
+   of a validated config and every server line comes from re-checked values HAProxy
+   just accepted. The app has the written file checked once the catalog is quiet
    (`check_live`), so a full parse never sits on the latency path of a change;
 3. otherwise: render the canonical config (`be_<service>` names, a full pool),
    `haproxy -c` first (the exit code is the verdict), dump server state, rename the
@@ -31,9 +35,9 @@ import structlog
 
 from reloader.haproxy import Haproxy, HaproxyError, check_config, cli
 from reloader.model import Model
-from reloader.pool import Placement, free_slots, place
+from reloader.pool import Placement, free_slots, place, replace_servers
 from reloader.render import Rendered, Renderer, RenderError
-from reloader.runtime_api import RuntimeApi, plan
+from reloader.runtime_api import Plan, RuntimeApi, plan, server_changes
 from reloader.state_dir import StateDir
 
 log = structlog.get_logger("reloader.apply")
@@ -100,22 +104,42 @@ class Applier:
         self.renderer = renderer
         self.files = files
         self.runtime = RuntimeApi(files.admin_socket, files.routes_map)
-        self.live: Rendered | None = None
+        self.live: Rendered | None = None  # what the config and map files hold
+        # What HAProxy runs beyond the files: runtime changes not yet written.
+        self.pending: Model | None = None
+        self.unwritten_since: float | None = None  # monotonic time of the first of those
         self.on_late_rejection: Callable[[str], None] | None = None
         self._installed: Rendered | None = None  # the last config that passed `haproxy -c`
         self.unchecked_since: float | None = None  # monotonic time of the first unchecked write
+        self.checked_at = time.monotonic()  # of the last `haproxy -c` of a whole config
         self.pool_fallbacks = 0  # new services that found the pool empty and reloaded
         self.last_reason = ""  # why the last apply reloaded
+        self._pool_free: tuple[Model | None, int] = (None, 0)  # memo: model -> free slots
+        # The last target applied without a reload, and its placement (HAProxy runs it).
+        self._placed: tuple[Model, Placement] | None = None
+
+    @property
+    def running(self) -> Model | None:
+        """The model HAProxy runs (a placeholder when `live.known` is False)."""
+        if self.live is None:
+            return None
+        return self.pending if self.pending is not None else self.live.model
 
     @property
     def pool_free(self) -> int:
-        return free_slots(self.live.model) if self.live is not None else 0
+        running = self.running
+        if running is None:
+            return 0
+        if self._pool_free[0] is not running:
+            self._pool_free = (running, free_slots(running))
+        return self._pool_free[1]
 
     async def admin(self, command: str) -> str:
         return await cli(self.files.admin_socket, command)
 
     async def validate(self, text: str) -> None:
         error = await check_config(self.binary, self._write_candidate(text))
+        self.checked_at = time.monotonic()
         if error is None:
             return
         self._keep_rejected(text, error)
@@ -156,18 +180,24 @@ class Applier:
     async def apply(self, model: Model, tidy: bool = False) -> Kind:
         """Make HAProxy run `model`. With `tidy`, also reload when only the layout left by
         runtime changes differs (pool backends in use, emptied backends)."""
-        live = self.live
-        assert live is not None, "initial() first"
-        placement = (
-            place(live.model, model) if live.known else Placement(None, "a previous run's config")
-        )
+        live, running = self.live, self.running
+        assert live is not None and running is not None, "initial() first"
+        quick = None if tidy else self._servers_only(running, model)
+        if quick is not None:
+            placement, changes = quick
+        elif live.known:
+            placement, changes = place(running, model), None
+        else:
+            placement, changes = Placement(None, "a previous run's config"), None
         touched = False
         adapted = placement.model
-        if adapted is not None and adapted == live.model and not (tidy and adapted != model):
+        same = not changes if quick is not None else adapted == running
+        if adapted is not None and same and not (tidy and adapted != model):
+            self._placed = (model, replace(placement, model=running))
             await self._retry_pending()
             return "noop"
-        if adapted is not None and adapted != live.model:
-            changes = plan(live.model, adapted)
+        if adapted is not None and not same:
+            changes = changes if changes is not None else plan(running, adapted)
             if changes is not None:
                 touched = True
                 try:
@@ -175,8 +205,10 @@ class Applier:
                 except HaproxyError as exc:
                     log.warning("runtime API apply failed, reloading instead", error=str(exc))
                 else:
-                    self._write_live(adapted)  # after the change serves: off its latency
+                    self._ran(adapted)
+                    self._placed = (model, placement)
                     return "runtime"
+        self._placed = None
         if placement.pool_empty:
             self.pool_fallbacks += 1
         self.last_reason = placement.reason or ("tidy" if tidy else "server settings changed")
@@ -188,17 +220,46 @@ class Applier:
         await self._reload(rendered)
         return "reload"
 
-    def _write_live(self, model: Model) -> None:
-        """After runtime changes: the files a reload or restart would read, unchecked.
-        Should the render fail, the next apply reloads rather than trust the layout."""
+    def _servers_only(self, running: Model, model: Model) -> tuple[Placement, Plan] | None:
+        """The placement and plan for `model` when it differs from the last model applied
+        (whose placement HAProxy runs) in the servers of some backends only: the work of
+        the backends that changed, not of the catalog (issue 15). None: work it out whole
+        (`place`, `plan`)."""
+        if self._placed is None or self._placed[1].model is not running:
+            return None
+        last, placed = self._placed
+        found = replace_servers(placed, model, last)
+        if found is None:
+            return None
+        adapted, changed = found
+        changes = Plan()
+        for slot, backend in changed:
+            if not server_changes(running.backends[slot], backend, changes):
+                return None
+        return replace(placed, model=adapted), changes
+
+    def _ran(self, model: Model) -> None:
+        """HAProxy runs `model` after runtime changes; the files follow (`write_live`)."""
+        self.pending = model
+        if self.unwritten_since is None:
+            self.unwritten_since = time.monotonic()
+
+    def write_live(self) -> None:
+        """The files a reload or restart would read, for the runtime changes HAProxy
+        runs, unchecked (`check_live` checks them later). Should the render fail, the
+        next apply reloads rather than trust the layout."""
+        if self.pending is None:
+            return
         assert self.live is not None
+        model, self.pending, self.unwritten_since = self.pending, None, None
         try:
             rendered = self.renderer.render_model(model)
-        except RenderError:
-            self.live = replace(self.live, known=False)
-            raise
+        except RenderError as exc:
+            log.error("the config for runtime changes could not be rendered", error=str(exc))
+            self.live = replace(self.live, model=model, known=False)
+            return
         # No fsync: HAProxy already runs this state, and a crash that loses the file loses
-        # HAProxy's memory too; the fsync cost ~10 ms of blocked loop per change here.
+        # HAProxy's memory too; the fsync cost ~10 ms of blocked loop per write here.
         write_atomic(self.files.routes_map, rendered.routes, sync=False)
         write_atomic(self.files.config, rendered.text, sync=False)
         self.live = rendered
@@ -209,10 +270,12 @@ class Applier:
         """`haproxy -c` on a live file written after runtime changes (called when the
         catalog is quiet). A refusal is reported; the next apply then reloads the
         canonical config through the full check instead of trusting the layout."""
+        self.write_live()
         live = self.live
         if self.unchecked_since is None or live is None:
             return
         error = await check_config(self.binary, self.files.config)
+        self.checked_at = time.monotonic()
         if self.live is not live:
             return  # an apply ran meanwhile: it has its own file to check
         self.unchecked_since = None
@@ -227,7 +290,8 @@ class Applier:
             self.on_late_rejection(error)
 
     async def flush(self) -> None:
-        """Kept for shutdown: files are written at each apply, nothing is pending."""
+        """At shutdown: the files for what HAProxy runs, so the next start serves it."""
+        self.write_live()
 
     async def _validate_or_restore(self, text: str) -> None:
         """Validate after runtime changes; if invalid, reload the live file (which still
@@ -238,7 +302,7 @@ class Applier:
             log.error("config refused after runtime changes, reloading the live config")
             with contextlib.suppress(HaproxyError):
                 await self.haproxy.reload()
-            self.runtime.forget()
+            self._files_run()
             raise
 
     async def _retry_pending(self) -> None:
@@ -274,15 +338,21 @@ class Applier:
                 log.error("reload of the last good config failed too", error=str(again))
             raise ApplyFailed(str(exc)) from exc
         finally:
-            self.runtime.forget()
+            self._files_run()
         write_atomic(self.files.last_good, rendered.text)
         self.live = self._installed = rendered
         self.unchecked_since = None
 
+    def _files_run(self) -> None:
+        """HAProxy (re)started from the files: runtime changes not in them are gone."""
+        self.runtime.forget()
+        self.pending = self.unwritten_since = None
+
     def restarted(self) -> None:
         """HAProxy was restarted from the live file: nothing is pending any more, and
-        what runs is that file, which the next apply reloads if it differs."""
-        self.runtime.forget()
+        what runs is that file (without runtime changes not written yet: the next apply
+        makes them again), which the next apply reloads if it differs."""
+        self._files_run()
         if self.live is not None and self.files.config.read_text() != self.live.text:
             text = self.files.config.read_text()
             routes = self.files.routes_map.read_text() if self.files.routes_map.is_file() else ""

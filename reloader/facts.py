@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 
 import structlog
 
 from fluster import routing
-from fluster.catalog import Service, Snapshot
+from fluster.catalog import Service, Snapshot, changed_services
 from reloader.model import Model, RenderSettings, Skip, is_ip, own_ports
 from reloader.targets import HostFacts, Resolver, local_addresses, port_holder
 
@@ -46,6 +46,9 @@ class FactFinder:
         self._watched: set[int] = set()  # the ports the kept hosts were judged against
         # service -> (its object, its host names, its IPs on a watched port)
         self._hosts: dict[str, tuple[Service, frozenset[str], frozenset[str]]] = {}
+        self._seen: Mapping[str, Service] = {}  # the services `_hosts` was made from
+        self._union: tuple[frozenset[str], frozenset[str]] | None = None  # of `_hosts`
+        self._tcp: tuple[Snapshot, set[int]] | None = None  # the TCP ports of a layout
 
     async def find(
         self, snapshot: Snapshot, live: Model | None, held: AbstractSet[int] = frozenset()
@@ -54,26 +57,35 @@ class FactFinder:
         when that model is unknown (a previous run's config)."""
         rs = self.settings
         own = set(own_ports(rs, live.https_bind if live else None))
-        tcp = {
-            s.spec.port for s in snapshot.services.values() if s.spec.mode == "tcp" and s.spec.port
-        }
+        if self._tcp is None or not snapshot.same_layout(self._tcp[0]):
+            ports = {s.spec.port for s in snapshot.services.values() if s.spec.mode == "tcp"}
+            self._tcp = (snapshot, {p for p in ports if p})
+        tcp = self._tcp[1]
         watched = own | tcp | {p for _, p in rs.targets.etcd}
-        names = {h for h, _ in rs.targets.etcd if not is_ip(h)}
-        ips: set[str] = set()
         # Each service's hosts are worked out again only when its object changed (the
-        # catalog keeps an unchanged service's object): the cost follows the change.
+        # catalog keeps an unchanged service's object), and the union of them all only
+        # when one service's differ: the cost follows the change.
         if watched != self._watched:
             self._hosts.clear()
+            self._seen = {}
             self._watched = watched
-        hosts: dict[str, tuple[Service, frozenset[str], frozenset[str]]] = {}
-        for name, svc in snapshot.services.items():
-            kept = self._hosts.get(name)
-            if kept is None or kept[0] is not svc:
-                kept = (svc, *_hosts_of(svc, watched))
-            hosts[name] = kept
-            names |= kept[1]
-            ips |= kept[2]
-        self._hosts = hosts
+        moved = self._union is None
+        for name in changed_services(self._seen, snapshot.services):
+            old = self._hosts.pop(name, None)
+            svc = snapshot.services.get(name)
+            if svc is not None:
+                kept = self._hosts[name] = (svc, *_hosts_of(svc, watched))
+                moved = moved or old is None or old[1:] != kept[1:]
+            else:
+                moved = moved or old is None or bool(old[1] or old[2])
+        self._seen = snapshot.services
+        if moved:
+            all_names = set().union(*(h[1] for h in self._hosts.values()))
+            all_ips = set().union(*(h[2] for h in self._hosts.values()))
+            self._union = (frozenset(all_names), frozenset(all_ips))
+        assert self._union is not None
+        names = self._union[0] | {h for h, _ in rs.targets.etcd if not is_ip(h)}
+        ips = set(self._union[1])
         addresses = await self.resolver.resolve(names)
         ips |= {ip for ip in addresses.values() if ip is not None}
         now = self.clock()
@@ -117,7 +129,8 @@ class Reporter:
         self.fallbacks: dict[str, str] = {}  # service -> the version served in its place
         self.counts: dict[str, int] = {}  # skip kind -> times something was left out
         self.recheck_at: float | None = None
-        self._judged: dict[str, tuple[Service, str | None]] = {}  # service -> its fallback
+        self._seen: Mapping[str, Service] = {}  # the services `_fallback` was judged on
+        self._fallback: dict[str, str] = {}  # service -> the version served in its place
 
     def report(self, model: Model, snapshot: Snapshot, resolver: Resolver) -> None:
         now = set(model.skipped)
@@ -142,14 +155,15 @@ class Reporter:
         self.skips = now
         # The policy is looked at again only for services whose object changed (the
         # catalog keeps an unchanged service's object): the cost follows the change.
-        judged = {
-            name: kept
-            if (kept := self._judged.get(name)) and kept[0] is svc
-            else (svc, routing.routing(svc).fallback)
-            for name, svc in snapshot.services.items()
-        }
-        self._judged = judged
-        fallbacks = {name: v for name, (_, v) in judged.items() if v is not None}
+        for name in changed_services(self._seen, snapshot.services):
+            svc = snapshot.services.get(name)
+            fallback = routing.routing(svc).fallback if svc is not None else None
+            if fallback is None:
+                self._fallback.pop(name, None)
+            else:
+                self._fallback[name] = fallback
+        self._seen = snapshot.services
+        fallbacks = dict(self._fallback)
         for name, version in sorted(fallbacks.items()):
             if self.fallbacks.get(name) != version:
                 log.warning(

@@ -184,12 +184,15 @@ def _with_held(
     snapshot: Snapshot, applied: Snapshot, held: dict[tuple[str, str], Held]
 ) -> Snapshot:
     services = dict(snapshot.services)
+    layout = snapshot.layout
     for (name, inst_name), h in sorted(held.items()):
         svc = services.get(name)
         if svc is None:
+            layout = 0  # a service the catalog no longer has: not the catalog's layout
             kept = applied.services.get(name)
             svc = replace(kept, instances={}) if kept is not None else Service(name)
         instances = dict(svc.instances)
         instances[inst_name] = h.instance
         services[name] = replace(svc, instances=MappingProxyType(dict(sorted(instances.items()))))
-    return replace(snapshot, services=MappingProxyType(dict(sorted(services.items()))))
+    services_ = MappingProxyType(dict(sorted(services.items())))
+    return replace(snapshot, services=services_, layout=layout)

@@ -20,10 +20,10 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 from fluster import routing
-from fluster.catalog import Service, Snapshot
+from fluster.catalog import Service, Snapshot, changed_services
 from fluster.records import Instance
 from reloader.state_dir import StateDir
 from reloader.targets import HostFacts, TargetPolicy, target_problem
@@ -294,8 +294,10 @@ POOL_PREFIX: Final = "pool_"  # service backends start with "be_": no name can c
 POOL_BALANCE: Final = "roundrobin"
 
 
+@functools.lru_cache(maxsize=8)
 def pool_backends(size: int) -> tuple[Backend, ...]:
-    """The empty HTTP backends a new service can take (see reloader/pool.py)."""
+    """The empty HTTP backends a new service can take (see reloader/pool.py); the same
+    objects at every build, so that comparing models compares them by identity."""
     return tuple(Backend(f"{POOL_PREFIX}{i}", "", "http", POOL_BALANCE) for i in range(size))
 
 
@@ -460,17 +462,34 @@ def _piece(
     return route, tuple(svc_backends), tuple(skips)
 
 
+class Last(NamedTuple):
+    """A model and what it was built from (see ServiceCache.quick)."""
+
+    model: Model
+    snapshot: Snapshot
+    key: object  # settings, target policy, host facts, HTTPS bind
+    ports: dict[str, int]  # TCP service -> its port
+    positions: dict[str, tuple[int, int]]  # service -> (its first backend's index, count)
+
+
 class ServiceCache:
     """Each service's piece of the last model, reused while the service is the same
     object (the catalog keeps an unchanged service's object) and the build's context
     (settings, target policy, host facts, TCP ports) is equal: a membership change in
-    one service then costs that service's work, not the whole catalog's (issue 15)."""
+    one service then costs that service's work, not the whole catalog's (issue 15).
+
+    It also keeps the last model and where each service's backends sit in it, so that
+    a change that keeps the layout (see Snapshot.layout) and only changes the servers
+    of a few services makes the next model from the last one (`quick`)."""
 
     def __init__(self) -> None:
         self.context: object = None
         self.pieces: dict[str, tuple[Service, Piece]] = {}
         self.verdicts: dict[tuple[str, int], Verdict] = {}  # host:port -> target verdict
         self.ownership = routing.Ownership()  # who owns which host, kept between builds
+        self.last: Last | None = None
+        self.verdict_limit = 0  # more kept verdicts than this: clear them in a whole build
+        self.quick_builds = 0  # how many models were made from the last one
 
     def begin(self, context: object) -> None:
         if context != self.context:
@@ -489,6 +508,50 @@ class ServiceCache:
         """Forget the services that are gone."""
         for name in self.pieces.keys() - set(names):
             del self.pieces[name]
+
+    def quick(
+        self,
+        snapshot: Snapshot,
+        key: object,
+        settings: RenderSettings,
+        policy: TargetPolicy,
+        facts: HostFacts,
+    ) -> Model | None:
+        """The model for `snapshot` made from the last one, when only the servers of
+        some services changed: the same layout (services and specs), the same build
+        context, no host claim moved, and each changed service's route and skips as
+        before with backends of the same names. None: build it whole."""
+        if self.last is None or len(self.verdicts) > self.verdict_limit:
+            return None
+        model, before, last_key, ports, positions = self.last
+        if key != last_key or not snapshot.same_layout(before):
+            return None
+        changed = changed_services(before.services, snapshot.services)
+        services = [snapshot.services[name] for name in changed]
+        http = [svc for svc in services if svc.spec.mode == "http"]
+        if not self.ownership.same_stakes(http, settings.domain):
+            return None
+        backends = list(model.backends)
+        for svc in services:
+            at = positions.get(svc.name)
+            old = self.pieces.get(svc.name)
+            if at is None or old is None:
+                if svc.spec.mode == "http" or svc.name in ports:
+                    return None  # left out last time (a host claim, a render error)
+                continue  # a TCP service without its port: still left out
+            piece = _piece(svc, settings, policy, facts, ports, self.verdicts)
+            route, svc_backends, skips = piece
+            _, (old_route, old_backends, old_skips) = old
+            if route != old_route or skips != old_skips or len(svc_backends) != at[1]:
+                return None
+            if any(a.name != b.name for a, b in zip(svc_backends, old_backends, strict=True)):
+                return None
+            self.keep(svc, (old_route, svc_backends, old_skips))
+            backends[at[0] : at[0] + at[1]] = svc_backends
+        self.quick_builds += 1
+        quick = replace(model, backends=tuple(backends))
+        self.last = Last(quick, snapshot, key, ports, positions)
+        return quick
 
 
 def build_model(
@@ -509,6 +572,9 @@ def build_model(
     https_bind = settings.https_bind if tls or settings.https_always else None
     own = own_ports(settings, https_bind)
     policy = replace(settings.targets, own_ports=tuple(sorted(own.items())))
+    key = (settings, policy, facts, https_bind)
+    if cache is not None and (quick := cache.quick(snapshot, key, settings, policy, facts)):
+        return quick
     services = list(snapshot.services.values())
     skipped: list[Skip] = []
     http_services = [s for s in services if s.spec.mode == "http"]
@@ -523,6 +589,7 @@ def build_model(
     http: list[Route] = []
     tcp: list[Route] = []
     backends: list[Backend] = []
+    positions: dict[str, tuple[int, int]] = {}
     for name, svc in sorted(snapshot.services.items()):
         if name in losers:
             skipped.append(Skip(name, "host", losers[name]))
@@ -539,6 +606,7 @@ def build_model(
         if route is None:
             continue
         (tcp if route.port is not None else http).append(route)
+        positions[name] = (len(backends), len(svc_backends))
         backends.extend(svc_backends)
     # Longest path prefix first: for a host and prefix claimed twice, the first keeps it.
     http.sort(key=lambda r: (-len(r.path_prefix), r.service))
@@ -548,4 +616,8 @@ def build_model(
         cache.retain(snapshot.services)
         if len(cache.verdicts) > 4 * max(1, snapshot.instance_count):
             cache.verdicts.clear()  # addresses gone long ago
-    return Model(settings, tuple(http), tuple(tcp), tuple(backends), tuple(skipped), https_bind)
+    model = Model(settings, tuple(http), tuple(tcp), tuple(backends), tuple(skipped), https_bind)
+    if cache:
+        cache.last = Last(model, snapshot, key, ports, positions)
+        cache.verdict_limit = 8 * max(1, snapshot.instance_count)
+    return model

@@ -26,6 +26,9 @@ class Placement:
     model: Model | None  # `target` laid onto the live backends; None: reload
     reason: str = ""  # why a reload is needed
     pool_empty: bool = False  # a new service found no free pool backend
+    # For each of the target's backends, the index of the live backend that holds it
+    # (-1: the target's own pool backends, which only a reload makes).
+    slots: tuple[int, ...] = ()
 
 
 def is_pool(name: str) -> bool:
@@ -93,4 +96,40 @@ def place(live: Model, target: Model) -> Placement:
     adapted = replace(target, http_routes=routes, backends=backends)
     if adapted.structure() != live.structure():
         return Placement(None, "the frontends changed (TCP service, canary, settings)")
-    return Placement(adapted)
+    index = {b.name: i for i, b in enumerate(live.backends)}
+    slots = tuple(
+        -1 if is_pool(b.name) else index[rename.get(b.name, b.name)] for b in target.backends
+    )
+    return Placement(adapted, slots=slots)
+
+
+def replace_servers(
+    placed: Placement, target: Model, last: Model
+) -> tuple[Model, list[tuple[int, Backend]]] | None:
+    """`placed` (the placement of `last`) for `target`, when `target` differs from
+    `last` in the servers of some backends only (a membership change): the adapted
+    model, and (live index, target backend) for each backend whose servers changed.
+    None when anything else differs: then `place` works it out whole.
+
+    Backends are compared by identity (the model builder keeps an unchanged service's
+    objects), so this costs one pass of pointer comparisons, not a placement."""
+    adapted = placed.model
+    if adapted is None or len(target.backends) != len(last.backends):
+        return None
+    for field in ("settings", "http_routes", "tcp_routes", "skipped", "https_bind"):
+        if getattr(target, field) is not getattr(last, field):
+            return None
+    backends = list(adapted.backends)
+    changed: list[tuple[int, Backend]] = []
+    for i, (new, old) in enumerate(zip(target.backends, last.backends, strict=True)):
+        if new is old:
+            continue
+        slot = placed.slots[i]
+        if slot < 0 or (new.name, new.service) != (old.name, old.service):
+            return None
+        if not same_kind(new, old):
+            return None
+        held = backends[slot]
+        backends[slot] = new if held.name == new.name else replace(new, name=held.name)
+        changed.append((slot, backends[slot]))
+    return replace(adapted, backends=tuple(backends)), changed

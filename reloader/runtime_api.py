@@ -20,7 +20,7 @@ from pathlib import Path
 import structlog
 
 from reloader.haproxy import CliSession, HaproxyError
-from reloader.model import Model, Server
+from reloader.model import Backend, Model, Server
 
 log = structlog.get_logger("reloader.runtime_api")
 
@@ -62,26 +62,8 @@ def plan(live: Model, target: Model) -> Plan | None:
         return None
     result = Plan()
     for name, want in target_backends.items():
-        have = live_backends[name]
-        if have.servers == want.servers:
-            continue  # most backends, most of the time: one tuple comparison
-        old = {s.name: s for s in have.servers}
-        new = {s.name: s for s in want.servers}
-        if old == new:
-            continue
-        if not want.dynamic:
+        if not server_changes(live_backends[name], want, result):
             return None
-        for sname in sorted(old.keys() - new.keys()):
-            result.delete.append((name, sname))
-        for sname in sorted(new.keys() - old.keys()):
-            result.add.append((name, new[sname]))
-        for sname in sorted(old.keys() & new.keys()):
-            a, b = old[sname], new[sname]
-            if a == b:
-                continue
-            if a.check_inter_ms != b.check_inter_ms:
-                return None  # check settings cannot change at runtime
-            result.update.append((name, a, b))
     if live.http_routes == target.http_routes:
         return result
     old_routes, new_routes = dict(live.route_entries()), dict(target.route_entries())
@@ -92,6 +74,32 @@ def plan(live: Model, target: Model) -> Plan | None:
             result.route_set.append((key, backend))
     result.route_del.extend(k for k in old_routes if k not in new_routes)
     return result
+
+
+def server_changes(have: Backend, want: Backend, result: Plan) -> bool:
+    """Add to `result` what turns `have`'s servers into `want`'s (one backend, one
+    name); False if that takes a reload."""
+    if have.servers == want.servers:
+        return True  # most backends, most of the time: one tuple comparison
+    old = {s.name: s for s in have.servers}
+    new = {s.name: s for s in want.servers}
+    if old == new:
+        return True
+    if not want.dynamic:
+        return False
+    name = want.name
+    for sname in sorted(old.keys() - new.keys()):
+        result.delete.append((name, sname))
+    for sname in sorted(new.keys() - old.keys()):
+        result.add.append((name, new[sname]))
+    for sname in sorted(old.keys() & new.keys()):
+        a, b = old[sname], new[sname]
+        if a == b:
+            continue
+        if a.check_inter_ms != b.check_inter_ms:
+            return False  # check settings cannot change at runtime
+        result.update.append((name, a, b))
+    return True
 
 
 def _expect(reply: str, command: str, *accepted: str) -> None:

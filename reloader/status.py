@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from fluster.catalog import Service, Snapshot
+from fluster.catalog import Service, Snapshot, changed_services
 from fluster.certs import Certificate
 from fluster.routing import routing
 
@@ -290,10 +290,8 @@ def describe_change(before: Snapshot | None, after: Snapshot) -> str:
     """What differs between two snapshots, per service, in a few words."""
     old = before.services if before is not None else {}
     parts: list[str] = []
-    for name in sorted(set(old) | set(after.services)):
+    for name in sorted(changed_services(old, after.services)):
         a, b = old.get(name), after.services.get(name)
-        if a is b:
-            continue
         if a is None:
             parts.append(f"{name}: new")
             continue

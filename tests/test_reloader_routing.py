@@ -80,13 +80,23 @@ async def test_a_new_http_service_is_served_by_the_same_worker_until_the_pool_ru
     reloader.wait_served("two.localhost", {two.ident})
     assert reloader.workers() == workers, "new services in the pool need no new worker"
     assert "one.localhost/ pool_0" in reloader.admin(f"show map {reloader.state_dir}/routes.map")
-    routes = (reloader.state_dir / "routes.map").read_text()
-    assert "one.localhost/ pool_0\n" in routes and "two.localhost/ pool_1\n" in routes
     status = reloader.status()
     assert status["pool_free"] == 0 and status["pool_fallbacks"] == 0
     assert status["applies"]["reload"] == 0
-    # The file reproduces the runtime state: a reload of it serves the same.
-    assert "backend pool_0\n" in reloader.config and "server a 127.0.0.1:" in reloader.config
+    # The files follow once the catalog is quiet for a moment, and reproduce the runtime
+    # state: a reload of them serves the same.
+    map_file = reloader.state_dir / "routes.map"
+
+    def written() -> bool:
+        routes, config = map_file.read_text(), reloader.config
+        return (
+            "one.localhost/ pool_0\n" in routes
+            and "two.localhost/ pool_1\n" in routes
+            and "backend pool_0\n" in config
+            and "server a 127.0.0.1:" in config.split("backend pool_0\n")[1]
+        )
+
+    wait_for(written, what=f"the pool's routes and servers written to {reloader.state_dir}")
 
     # The pool is empty: the next new service takes a reload, and it is counted.
     etcd.put(KEY.format("three", "a"), three.json())

@@ -1,0 +1,129 @@
+"""The reloader's per-change shortcuts give what the whole computation gives (issue 15).
+
+A membership change is handled by looking at the changed services only: the catalog's
+`Snapshot.layout` says when services and specs are as before, `ServiceCache.quick` makes
+the next model from the last one, and the TLS target, host facts, fallback reports and
+change descriptions keep what they worked out. Each shortcut is checked here against the
+whole computation over random sequences of records fed to a real Catalog (pure: events
+are given to the catalog directly, so no store is needed; the cast stands in for one
+that is never called).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, cast
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fluster import routing
+from fluster.catalog import Catalog, Snapshot, changed_services
+from fluster.store import Event, KeyValue, Store
+from reloader.facts import Reporter
+from reloader.model import RenderSettings, ServiceCache, build_model
+from reloader.targets import HostFacts, Resolver
+
+PREFIX = "/fluster"
+SETTINGS = RenderSettings(
+    state_dir=Path("/run/reloader"), http_bind=("127.0.0.1", 8080), pool_size=2
+)
+SERVICES = ("a", "b", "c", "d")
+
+INSTANCES = st.fixed_dictionaries(
+    {
+        "host": st.sampled_from(["10.0.0.1", "10.0.0.2", "web.internal", "0.0.0.0"]),
+        "port": st.sampled_from([80, 81, 5000]),
+        "version": st.sampled_from(["", "v1", "v2"]),
+        "state": st.sampled_from(["up", "up", "draining"]),
+        "weight": st.sampled_from([1, 100]),
+    }
+)
+SPECS = st.one_of(
+    st.just({}),
+    st.just({"hosts": ["shared.example"]}),
+    st.just({"hosts": ["shared.example"], "path_prefix": "/api"}),
+    st.just({"mode": "tcp", "port": 5000}),
+    st.just({"mode": "tcp", "port": 5001}),
+    st.just({"active_version": "v1"}),
+    st.just({"active_version": "v1", "canary": {"version": "v2", "weight": 30}}),
+    st.just({"balance": "source"}),
+    st.just({"check": {"path": "/health"}}),
+)
+EVENTS = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.sampled_from(SERVICES), st.sampled_from("xyz"), INSTANCES),
+        st.tuples(st.just("delete"), st.sampled_from(SERVICES), st.sampled_from("xyz"), st.none()),
+        st.tuples(st.just("spec"), st.sampled_from(SERVICES), st.just(""), SPECS),
+        st.tuples(st.just("unspec"), st.sampled_from(SERVICES), st.just(""), st.none()),
+    ),
+    min_size=1,
+    max_size=40,
+)
+FACTS = HostFacts(addresses={"web.internal": "10.0.0.9"})
+
+
+class Feed:
+    def __init__(self) -> None:
+        self.catalog = Catalog(cast(Store, None), PREFIX)
+        self.revision = 1
+
+    def __call__(self, kind: str, service: str, instance: str, value: object) -> Snapshot:
+        self.revision += 1
+        base = f"{PREFIX}/services/{service}"
+        key = f"{base}/spec" if kind in ("spec", "unspec") else f"{base}/instances/{instance}"
+        action: Literal["put", "delete"] = "put" if kind in ("put", "spec") else "delete"
+        raw = json.dumps(value).encode() if value is not None else b""
+        kv = KeyValue(key, raw, self.revision, self.revision)
+        touched = self.catalog._apply(Event(action, kv), self.revision)
+        return self.catalog._publish(self.revision, {touched} if touched else set())
+
+
+@settings(max_examples=150, deadline=None)
+@given(EVENTS)
+def test_models_made_from_the_last_one_equal_whole_builds(events: list[tuple]) -> None:
+    feed, cache = Feed(), ServiceCache()
+    reporter, resolver = Reporter(), Resolver()
+    before = Snapshot()
+    for event in events:
+        snap = feed(*event)
+        if snap.same_layout(before):
+            assert snap.services.keys() == before.services.keys()
+            for name, svc in snap.services.items():
+                assert svc.spec == before.services[name].spec
+        # By identity: a service the catalog froze again unchanged counts too.
+        changed = changed_services(before.services, snap.services)
+        assert changed >= {
+            n
+            for n in snap.services.keys() | before.services.keys()
+            if snap.services.get(n) != before.services.get(n)
+        }
+        built = build_model(snap, SETTINGS, FACTS, cache=cache)
+        assert built == build_model(snap, SETTINGS, FACTS), event
+        reporter.report(built, snap, resolver)
+        assert reporter.fallbacks == {
+            name: version
+            for name, svc in snap.services.items()
+            if (version := routing.routing(svc).fallback) is not None
+        }
+        before = snap
+
+
+def test_a_membership_change_is_made_from_the_last_model() -> None:
+    feed, cache = Feed(), ServiceCache()
+    up = {"host": "10.0.0.1", "port": 80}
+    feed("spec", "a", "", {"hosts": ["a.example"]})
+    feed("put", "a", "x", up)
+    first = feed("put", "b", "x", up)
+    build_model(first, SETTINGS, FACTS, cache=cache)
+    for i, instance in enumerate("yzyz"):
+        snap = feed("put" if i < 2 else "delete", "a", instance, {**up, "port": 81 + i})
+        assert snap.same_layout(first)
+        assert build_model(snap, SETTINGS, FACTS, cache=cache) == build_model(snap, SETTINGS, FACTS)
+    assert cache.quick_builds == 4
+    # A new spec is another layout: a whole build.
+    moved = feed("spec", "b", "", {"hosts": ["b.example"]})
+    assert not moved.same_layout(first)
+    build_model(moved, SETTINGS, FACTS, cache=cache)
+    assert cache.quick_builds == 4
