@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
 import socket
 import statistics
 import subprocess
@@ -163,6 +164,7 @@ class ChangeCost:
     misses: int = 0
     applies: int = 0
     reloads: int = 0
+    check_cpu: float = 0.0  # one `haproxy -c` of the pipeline's live config (CPU seconds)
 
     @property
     def per_change(self) -> float | None:
@@ -224,6 +226,20 @@ async def p10_change_cost(
         result.wall_seconds = time.monotonic() - t0
         after = pipeline.counts() - before
         result.applies, result.reloads = after.applies, after.reloads
+        result.check_cpu = await check_cpu(pipeline.config_file)
     finally:
         pipeline.stop()
     return result
+
+
+async def check_cpu(config: Path) -> float:
+    """CPU seconds of one `haproxy -c` of `config`, from this process's children's
+    rusage (the bench runs nothing else meanwhile)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = await asyncio.create_subprocess_exec(
+        "haproxy", "-c", "-q", "-f", str(config),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    await proc.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

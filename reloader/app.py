@@ -224,7 +224,7 @@ class Reloader:
         live, running = self.applier.live, self.applier.running
         if live is None or not live.known or running is None:
             return None
-        return LiveServers(running.backends)
+        return LiveServers(running.backends, self.applier.service_index())
 
     async def apply(self, snapshot: Snapshot, tidy: bool = False) -> None:
         started = time.monotonic()

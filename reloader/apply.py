@@ -33,6 +33,7 @@ from typing import Literal
 
 import structlog
 
+from reloader.guard import service_index
 from reloader.haproxy import Haproxy, HaproxyError, check_config, cli
 from reloader.model import Model
 from reloader.pool import Placement, free_slots, place, replace_servers
@@ -117,6 +118,7 @@ class Applier:
         self._pool_free: tuple[Model | None, int] = (None, 0)  # memo: model -> free slots
         # The last target applied without a reload, and its placement (HAProxy runs it).
         self._placed: tuple[Model, Placement] | None = None
+        self._index: tuple[Model, dict[str, list[int]]] | None = None  # see service_index
 
     @property
     def running(self) -> Model | None:
@@ -205,6 +207,8 @@ class Applier:
                 except HaproxyError as exc:
                     log.warning("runtime API apply failed, reloading instead", error=str(exc))
                 else:
+                    if quick is not None:  # the backends stay where they were
+                        self._carry(running, adapted)
                     self._ran(adapted)
                     self._placed = (model, placement)
                     return "runtime"
@@ -219,6 +223,22 @@ class Applier:
             await self.validate(rendered.text)
         await self._reload(rendered)
         return "reload"
+
+    def service_index(self) -> dict[str, list[int]]:
+        """Service -> the positions of its backends in the running model (for the
+        guard's LiveServers), kept while runtime changes leave the backends in place."""
+        running = self.running
+        assert running is not None
+        if self._index is None or self._index[0] is not running:
+            self._index = (running, service_index(running.backends))
+        return self._index[1]
+
+    def _carry(self, running: Model, adapted: Model) -> None:
+        """`adapted` has `running`'s backends in the same places, pool included."""
+        if self._index is not None and self._index[0] is running:
+            self._index = (adapted, self._index[1])
+        if self._pool_free[0] is running:
+            self._pool_free = (adapted, self._pool_free[1])
 
     def _servers_only(self, running: Model, model: Model) -> tuple[Placement, Plan] | None:
         """The placement and plan for `model` when it differs from the last model applied

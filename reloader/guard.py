@@ -23,7 +23,7 @@ never put back.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -46,22 +46,34 @@ class Held:
 class LiveServers(Mapping[str, AbstractSet[str]]):
     """Service -> the names of the servers HAProxy has now (the guard's `live`), worked
     out for a service only when asked: the guard asks about the services that changed,
-    so a membership change does not list every server of the catalog (issue 15)."""
+    so a membership change does not list every server of the catalog (issue 15).
 
-    def __init__(self, backends: Iterable[Backend]) -> None:
-        self._backends: dict[str, list[Backend]] = {}
-        for backend in backends:
-            if backend.service:
-                self._backends.setdefault(backend.service, []).append(backend)
+    `index` (service -> the positions of its backends in `backends`, see
+    `service_index`) can be kept by the caller while the backends stay where they are."""
+
+    def __init__(
+        self, backends: Sequence[Backend], index: Mapping[str, list[int]] | None = None
+    ) -> None:
+        self._backends = backends
+        self._index = service_index(backends) if index is None else index
 
     def __getitem__(self, service: str) -> AbstractSet[str]:
-        return {s.name for b in self._backends[service] for s in b.servers}
+        return {s.name for i in self._index[service] for s in self._backends[i].servers}
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._backends)
+        return iter(self._index)
 
     def __len__(self) -> int:
-        return len(self._backends)
+        return len(self._index)
+
+
+def service_index(backends: Iterable[Backend]) -> dict[str, list[int]]:
+    """Service -> the positions of its backends."""
+    index: dict[str, list[int]] = {}
+    for i, backend in enumerate(backends):
+        if backend.service:
+            index.setdefault(backend.service, []).append(i)
+    return index
 
 
 class RemovalGuard:

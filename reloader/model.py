@@ -173,7 +173,7 @@ class Backend:
     mode: str
     balance: str
     check_path: str | None = None
-    servers: tuple[Server, ...] = ()
+    servers: tuple[Server, ...] = ()  # sorted by name (see _servers); plans rely on it
 
     @property
     def dynamic(self) -> bool:
@@ -301,15 +301,33 @@ def pool_backends(size: int) -> tuple[Backend, ...]:
     return tuple(Backend(f"{POOL_PREFIX}{i}", "", "http", POOL_BALANCE) for i in range(size))
 
 
-def _servers(instances: Mapping[str, Instance], check_ms: int | None) -> tuple[Server, ...]:
-    return tuple(
-        Server(safe(name), safe(inst.host), inst.port, inst.weight, check_ms)
-        for name, inst in sorted(instances.items())
-    )
+# (instance name, id of its Instance) -> (the Instance, check interval, its Server)
+ServerMemo = dict[tuple[str, int], tuple[Instance, "int | None", Server]]
+
+
+def _servers(
+    instances: Mapping[str, Instance], check_ms: int | None, memo: ServerMemo | None = None
+) -> tuple[Server, ...]:
+    """The servers of `instances`. `memo` keeps each instance's Server while the catalog
+    keeps its Instance object: a backend of 1,000 servers that gains one makes one."""
+    if memo is None:
+        memo = {}
+    out: list[Server] = []
+    for name, inst in sorted(instances.items()):
+        kept = memo.get((name, id(inst)))
+        if kept is None or kept[0] is not inst or kept[1] != check_ms:
+            server = Server(safe(name), safe(inst.host), inst.port, inst.weight, check_ms)
+            kept = memo[(name, id(inst))] = (inst, check_ms, server)
+        out.append(kept[2])
+    return tuple(out)
 
 
 def _service(
-    svc: Service, settings: RenderSettings, usable: dict[str, Instance], fallback: str | None
+    svc: Service,
+    settings: RenderSettings,
+    usable: dict[str, Instance],
+    fallback: str | None,
+    servers: ServerMemo | None = None,
 ) -> tuple[Route, list[Backend]]:
     """`usable`: the instances routing sends traffic to that passed the target checks,
     hosts resolved; `fallback`: the version serving in place of the active one."""
@@ -328,7 +346,12 @@ def _service(
 
     def backend(name: str, instances: dict[str, Instance]) -> Backend:
         return Backend(
-            name, svc.name, spec.mode, spec.balance, check_path, _servers(instances, check_ms)
+            name,
+            svc.name,
+            spec.mode,
+            spec.balance,
+            check_path,
+            _servers(instances, check_ms, servers),
         )
 
     backends = [backend(backend_name(svc.name), main)]
@@ -450,13 +473,14 @@ def _piece(
     facts: HostFacts,
     ports: Mapping[str, int],
     memo: dict[tuple[str, int], Verdict] | None = None,
+    servers: ServerMemo | None = None,
 ) -> Piece:
     """One service's route, backends and skips (route None: the service is left out)."""
     skips: list[Skip] = []
     decided = routing.routing(svc)
     try:
         usable = _usable(svc, decided.instances, policy, facts, ports.values(), skips, memo)
-        route, svc_backends = _service(svc, settings, usable, decided.fallback)
+        route, svc_backends = _service(svc, settings, usable, decided.fallback, servers)
     except ModelError as exc:
         return None, (), (*skips, Skip(svc.name, "render", str(exc)))
     return route, tuple(svc_backends), tuple(skips)
@@ -486,6 +510,7 @@ class ServiceCache:
         self.context: object = None
         self.pieces: dict[str, tuple[Service, Piece]] = {}
         self.verdicts: dict[tuple[str, int], Verdict] = {}  # host:port -> target verdict
+        self.servers: ServerMemo = {}  # instance -> its Server
         self.ownership = routing.Ownership()  # who owns which host, kept between builds
         self.last: Last | None = None
         self.verdict_limit = 0  # more kept verdicts than this: clear them in a whole build
@@ -495,6 +520,7 @@ class ServiceCache:
         if context != self.context:
             self.pieces.clear()
             self.verdicts.clear()
+            self.servers.clear()
             self.context = context
 
     def piece(self, svc: Service) -> Piece | None:
@@ -521,7 +547,7 @@ class ServiceCache:
         some services changed: the same layout (services and specs), the same build
         context, no host claim moved, and each changed service's route and skips as
         before with backends of the same names. None: build it whole."""
-        if self.last is None or len(self.verdicts) > self.verdict_limit:
+        if self.last is None or max(len(self.verdicts), len(self.servers)) > self.verdict_limit:
             return None
         model, before, last_key, ports, positions = self.last
         if key != last_key or not snapshot.same_layout(before):
@@ -539,7 +565,7 @@ class ServiceCache:
                 if svc.spec.mode == "http" or svc.name in ports:
                     return None  # left out last time (a host claim, a render error)
                 continue  # a TCP service without its port: still left out
-            piece = _piece(svc, settings, policy, facts, ports, self.verdicts)
+            piece = _piece(svc, settings, policy, facts, ports, self.verdicts, self.servers)
             route, svc_backends, skips = piece
             _, (old_route, old_backends, old_skips) = old
             if route != old_route or skips != old_skips or len(svc_backends) != at[1]:
@@ -598,7 +624,8 @@ def build_model(
             continue
         piece = cache.piece(svc) if cache else None
         if piece is None:
-            piece = _piece(svc, settings, policy, facts, ports, cache.verdicts if cache else None)
+            memos = (cache.verdicts, cache.servers) if cache else (None, None)
+            piece = _piece(svc, settings, policy, facts, ports, *memos)
             if cache:
                 cache.keep(svc, piece)
         route, svc_backends, skips = piece
@@ -616,6 +643,8 @@ def build_model(
         cache.retain(snapshot.services)
         if len(cache.verdicts) > 4 * max(1, snapshot.instance_count):
             cache.verdicts.clear()  # addresses gone long ago
+        if len(cache.servers) > 4 * max(1, snapshot.instance_count):
+            cache.servers.clear()  # instances gone long ago
     model = Model(settings, tuple(http), tuple(tcp), tuple(backends), tuple(skipped), https_bind)
     if cache:
         cache.last = Last(model, snapshot, key, ports, positions)

@@ -81,25 +81,48 @@ def server_changes(have: Backend, want: Backend, result: Plan) -> bool:
     name); False if that takes a reload."""
     if have.servers == want.servers:
         return True  # most backends, most of the time: one tuple comparison
-    old = {s.name: s for s in have.servers}
-    new = {s.name: s for s in want.servers}
-    if old == new:
+    delete, add, update = _walk(have.servers, want.servers)
+    if not (delete or add or update):
         return True
     if not want.dynamic:
         return False
+    if any(a.check_inter_ms != b.check_inter_ms for a, b in update):
+        return False  # check settings cannot change at runtime
     name = want.name
-    for sname in sorted(old.keys() - new.keys()):
-        result.delete.append((name, sname))
-    for sname in sorted(new.keys() - old.keys()):
-        result.add.append((name, new[sname]))
-    for sname in sorted(old.keys() & new.keys()):
-        a, b = old[sname], new[sname]
-        if a == b:
-            continue
-        if a.check_inter_ms != b.check_inter_ms:
-            return False  # check settings cannot change at runtime
-        result.update.append((name, a, b))
+    result.delete.extend((name, s) for s in delete)
+    result.add.extend((name, s) for s in add)
+    result.update.extend((name, a, b) for a, b in update)
     return True
+
+
+Diff = tuple[list[str], list[Server], list[tuple[Server, Server]]]  # delete, add, update
+
+
+def _walk(old: tuple[Server, ...], new: tuple[Server, ...]) -> Diff:
+    """The difference of two server lists sorted by name (`Backend.servers` always
+    is), in one pass that steps over a server kept as the same object: a backend of
+    1,000 servers that gains one costs pointer comparisons, not two dicts of 1,000."""
+    delete: list[str] = []
+    add: list[Server] = []
+    update: list[tuple[Server, Server]] = []
+    i = j = 0
+    while i < len(old) and j < len(new):
+        a, b = old[i], new[j]
+        if a is b:
+            i, j = i + 1, j + 1
+        elif a.name == b.name:
+            if a != b:
+                update.append((a, b))
+            i, j = i + 1, j + 1
+        elif a.name < b.name:
+            delete.append(a.name)
+            i += 1
+        else:
+            add.append(b)
+            j += 1
+    delete.extend(s.name for s in old[i:])
+    add.extend(new[j:])
+    return delete, add, update
 
 
 def _expect(reply: str, command: str, *accepted: str) -> None:

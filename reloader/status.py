@@ -303,8 +303,11 @@ def describe_change(before: Snapshot | None, after: Snapshot) -> str:
             words.append("spec")
         added = len(b.instances.keys() - a.instances.keys())
         removed = len(a.instances.keys() - b.instances.keys())
-        changed = sum(
-            1 for i in a.instances.keys() & b.instances.keys() if a.instances[i] != b.instances[i]
+        before_, after_ = a.instances, b.instances
+        changed = sum(  # the catalog keeps an unchanged instance's object
+            1
+            for i in before_.keys() & after_.keys()
+            if before_[i] is not after_[i] and before_[i] != after_[i]
         )
         counts = " ".join(
             f"{sign}{n}" for sign, n in (("+", added), ("-", removed), ("~", changed)) if n

@@ -22,7 +22,8 @@ from fluster import routing
 from fluster.catalog import Catalog, Snapshot, changed_services
 from fluster.store import Event, KeyValue, Store
 from reloader.facts import Reporter
-from reloader.model import RenderSettings, ServiceCache, build_model
+from reloader.model import Backend, RenderSettings, Server, ServiceCache, build_model
+from reloader.runtime_api import Plan, server_changes
 from reloader.targets import HostFacts, Resolver
 
 PREFIX = "/fluster"
@@ -127,3 +128,38 @@ def test_a_membership_change_is_made_from_the_last_model() -> None:
     assert not moved.same_layout(first)
     build_model(moved, SETTINGS, FACTS, cache=cache)
     assert cache.quick_builds == 4
+
+
+SERVERS = st.lists(
+    st.builds(
+        Server,
+        st.sampled_from(["a", "b", "c", "d", "e"]),
+        st.just("10.0.0.1"),
+        st.sampled_from([80, 81]),
+        st.sampled_from([1, 100]),
+    ),
+    unique_by=lambda s: s.name,
+    max_size=5,
+).map(lambda servers: tuple(sorted(servers, key=lambda s: s.name)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(SERVERS, SERVERS, st.data())
+def test_server_changes_walk_equals_a_comparison_by_name(
+    old: tuple[Server, ...], new: tuple[Server, ...], data: st.DataObject
+) -> None:
+    # Some of the new servers are the old objects, as the model keeps them.
+    keep = data.draw(st.booleans())
+    kept = {s.name: s for s in old}
+    new = tuple(kept[s.name] if keep and kept.get(s.name) == s else s for s in new)
+    result = Plan()
+    have, want = (Backend("be_x", "x", "http", "roundrobin", None, s) for s in (old, new))
+    assert server_changes(have, want, result)
+    before, after = {s.name: s for s in old}, {s.name: s for s in new}
+    assert result.delete == [("be_x", n) for n in sorted(before.keys() - after.keys())]
+    assert result.add == [("be_x", after[n]) for n in sorted(after.keys() - before.keys())]
+    assert result.update == [
+        ("be_x", before[n], after[n])
+        for n in sorted(before.keys() & after.keys())
+        if before[n] != after[n]
+    ]

@@ -182,7 +182,7 @@ def model(*servers: Server, balance: str = "roundrobin") -> Model:
 
 def test_runtime_plan_add_delete_update_or_reload() -> None:
     a, b = Server("a", "10.0.0.1", 1, 100), Server("b", "10.0.0.2", 2, 100)
-    changes = plan(model(a), model(b, a.__class__("a", "10.0.0.1", 1, 50)))
+    changes = plan(model(a), model(Server("a", "10.0.0.1", 1, 50), b))  # sorted by name
     assert changes is not None
     assert [s.name for _, s in changes.add] == ["b"]
     assert [(o.weight, n.weight) for _, o, n in changes.update] == [(100, 50)]
