@@ -119,8 +119,7 @@ class Engine:
 
     def _bound(self, cid: str) -> str:
         """The app's output once it bound its port or failed to; "" while it starts."""
-        result = docker_cmd("logs", cid, host=self.host)
-        logs = result.stdout + result.stderr
+        logs = self._logs(cid)
         if SERVING in logs or lost_a_port(logs):
             return logs
         info = self.inspect(cid)
@@ -128,8 +127,16 @@ class Engine:
         assert isinstance(state, dict) and isinstance(config, dict)
         restarts = config["RestartPolicy"]["Name"] not in ("", "no")
         if state["Status"] == "exited" and not restarts:
+            # It may have written its last words and exited between the two reads above.
+            logs = self._logs(cid)
+            if lost_a_port(logs):
+                return logs
             raise GaveUp(f"test app {cid[:12]} exited before serving: {logs[-1000:]}")
         return ""
+
+    def _logs(self, cid: str) -> str:
+        result = docker_cmd("logs", cid, host=self.host)
+        return result.stdout + result.stderr
 
     def host_port(self, cid: str, port: int = 8000) -> int:
         out = self.docker("port", cid, f"{port}/tcp")  # "127.0.0.1:49153"
