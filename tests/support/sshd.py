@@ -4,6 +4,8 @@ The deploy key is restricted the way docs/DEPLOYING.md tells users to: its
 `authorized_keys` line forces `fluster git-shell`, which lets `git push` to an app
 repository through and refuses everything else. `git_env` is what a developer's
 `git push` runs with: that key, and the server's host key pinned in a known_hosts file.
+Its port is written into its config, so it comes from `free_port()`: when sshd's log says
+another process took it first, sshd starts again on a fresh one (testbed/ports.py).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from testbed.ports import lost_a_port, start_on_fresh_ports
 from testbed.process import wait_or_kill
-from tests.support.etcd import free_port, wait_for
+from tests.support.etcd import GaveUp, free_port, wait_for
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
@@ -54,33 +57,51 @@ class Sshd:
         self.port = free_port()
         self.user = getpass.getuser()
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
+        self._host_pub = ""
 
     def start(self, forced_command: str) -> Sshd:
         self.root.mkdir(parents=True, exist_ok=True)
-        host_pub = keygen(self.root / "host_ed25519")
+        self._host_pub = keygen(self.root / "host_ed25519")
         client_pub = keygen(self.root / "client_ed25519")
         (self.root / "authorized_keys").write_text(
             f'command="{forced_command}",restrict {client_pub}\n'
         )
+        return start_on_fresh_ports(
+            self._start,
+            lambda: lost_a_port(self.log()[self._log_start :]),
+            self._on_fresh_port,
+            f"sshd (log: {self.root}/sshd.log)",
+        )
+
+    def _start(self) -> Sshd:
+        host_pub = self._host_pub
         (self.root / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {host_pub}\n")
         config = self.root / "sshd_config"
         config.write_text(CONFIG.format(port=self.port, root=self.root, user=self.user))
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
         with open(self.root / "sshd.log", "ab") as log:
+            self._log_start = log.tell()
             self.proc = subprocess.Popen(
                 [SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT
             )
         wait_for(self._up, timeout=20, interval=0.1, what=f"sshd on 127.0.0.1:{self.port}")
         return self
 
+    def _on_fresh_port(self) -> None:
+        self.stop()
+        self.port = free_port()
+
     def _up(self) -> bool:
         assert self.proc is not None
+        log = self.log()[self._log_start :]
         if self.proc.poll() is not None:
-            raise AssertionError(f"sshd exited {self.proc.returncode}:\n{self.log()}")
-        return "Server listening" in self.log()
+            raise GaveUp(f"sshd exited {self.proc.returncode}:\n{log}")
+        return "Server listening" in log
 
     def log(self) -> str:
-        return (self.root / "sshd.log").read_text(errors="replace")
+        path = self.root / "sshd.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def ssh_command(self) -> str:
         return (
