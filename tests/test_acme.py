@@ -32,16 +32,14 @@ def edges(etcd: Etcd, tmp_path: Path) -> Iterator[list[ReloaderProcess]]:
 def start_edges(
     etcd: Etcd, tmp_path: Path, started: list[ReloaderProcess], count: int
 ) -> tuple[list[tuple[ReloaderProcess, int]], object]:
-    """`count` edges; Pebble validates through the first one's HTTP port."""
+    """`count` edges; Pebble validates through the first one's HTTP port. Call it before
+    any host wants a certificate: an edge that lost a port starts again on fresh ones,
+    and Pebble follows the first edge's only once they are all up."""
     from tests.support.pebble import Pebble
 
-    edges = []
-    for i in range(count):
-        https = free_port()
-        edge = ReloaderProcess(etcd, tmp_path / f"edge{i}", "--https-bind", f"127.0.0.1:{https}")
-        edges.append((edge, https))
-    pebble = Pebble(tmp_path / "pebble", edges[0][0].http_port).start()
-    for edge, _ in edges:
+    edges = [ReloaderProcess(etcd, tmp_path / f"edge{i}", https=True) for i in range(count)]
+    pebble = Pebble(tmp_path / "pebble", edges[0].http_port).start()
+    for edge in edges:
         edge.args = (
             *edge.args,
             "--acme-directory",
@@ -53,7 +51,8 @@ def start_edges(
         )
         started.append(edge)
         edge.start()
-    return edges, pebble
+    pebble.validate_through(edges[0].http_port)
+    return [(edge, edge.https_port or 0) for edge in edges], pebble
 
 
 def test_two_edges_one_order_then_served_and_renewed(
@@ -62,10 +61,10 @@ def test_two_edges_one_order_then_served_and_renewed(
     web = HttpBackend("web")
     pebble = None
     try:
-        etcd.put(SPEC.format("web"), json.dumps({"hosts": ["web.test"], "https": "redirect"}))
-        etcd.put(KEY.format("web", "a"), web.json())
         started, pebble = start_edges(etcd, tmp_path, edges, 2)
         (a, a_https), (b, b_https) = started
+        etcd.put(SPEC.format("web"), json.dumps({"hosts": ["web.test"], "https": "redirect"}))
+        etcd.put(KEY.format("web", "a"), web.json())
 
         def issued() -> bool:
             out = etcd.ctl("get", CERT.format("web.test"), "-w", "json").stdout
@@ -115,17 +114,17 @@ def test_ca_unreachable_is_retried_visibly_and_nothing_breaks(
     try:
         etcd.put(SPEC.format("web"), json.dumps({"hosts": ["web.test"], "https": "on"}))
         etcd.put(KEY.format("web", "a"), web.json())
-        https = free_port()
         edge = ReloaderProcess(
             etcd,
             tmp_path / "edge",
-            "--https-bind",
-            f"127.0.0.1:{https}",
             "--acme-directory",
             f"https://127.0.0.1:{free_port()}/dir",  # nothing listens there
+            https=True,
         )
         edges.append(edge)
         edge.start()
+        assert edge.https_port is not None
+        https = edge.https_port
         wait_for(lambda: edge.status()["acme_failures"] >= 1, timeout=30, what="a failed order")
         status = edge.status()
         assert "web.test" in status["acme_retry_at"], status

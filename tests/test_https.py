@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from fluster.certs import Certificate
 from tests.support.certs import expired, mismatched, pem, s_client_subject
-from tests.support.etcd import Etcd, free_port, wait_for
+from tests.support.etcd import Etcd, wait_for
 from tests.support.haproxy import HttpBackend, ReloaderProcess, unix_command
 
 Start = Callable[..., ReloaderProcess]
@@ -76,8 +76,10 @@ def reload_counters(reloader: ReloaderProcess) -> tuple[str, ...]:
 
 
 def start_https(start_reloader: Start) -> tuple[ReloaderProcess, int]:
-    port = free_port()
-    return start_reloader("--https-bind", f"127.0.0.1:{port}"), port
+    """A reloader with an HTTPS frontend on a port of its own (retried like its others)."""
+    reloader = start_reloader(https=True)
+    assert reloader.https_port is not None
+    return reloader, reloader.https_port
 
 
 def test_sni_http2_default_certificate_policy_and_redirect(

@@ -120,11 +120,17 @@ class Exited(GaveUp):
 
 
 class ReloaderProcess:
-    def __init__(self, etcd: Etcd, root: Path, *args: str, prefix: str = "/fluster") -> None:
+    """The reloader as a child process. With `https`, it binds an HTTPS frontend on
+    `https_port` (127.0.0.1) from the start, a port picked and retried like the others."""
+
+    def __init__(
+        self, etcd: Etcd, root: Path, *args: str, prefix: str = "/fluster", https: bool = False
+    ) -> None:
         self.etcd = etcd
         self.state_dir = root / "state"
         self.http_port = free_port()
         self.status_port = free_port()
+        self.https_port = free_port() if https else None
         self.prefix = prefix
         self.args = args
         self.log_path = root / "reloader.log"
@@ -151,6 +157,8 @@ class ReloaderProcess:
                 if attempt == PORT_ATTEMPTS or not lost or self.proc.poll() is None:
                     raise
                 self.http_port, self.status_port = free_port(), free_port()
+                if self.https_port is not None:
+                    self.https_port = free_port()
         raise AssertionError("unreachable")
 
     def _spawn(self) -> None:
@@ -164,6 +172,8 @@ class ReloaderProcess:
             "RELOADER_HAPROXY": HAPROXY,
             "RELOADER_ID": "edge-test",
         }
+        if self.https_port is not None:
+            env["RELOADER_HTTPS_BIND"] = f"127.0.0.1:{self.https_port}"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -289,11 +299,12 @@ class ReloaderProcess:
 
 @pytest.fixture
 def start_reloader(etcd: Etcd, tmp_path: Path) -> Iterator[Callable[..., ReloaderProcess]]:
-    """`start_reloader(*extra_args)` -> a running reloader against the `etcd` fixture."""
+    """`start_reloader(*extra_args, https=False)` -> a running reloader against the `etcd`
+    fixture; with `https`, on an HTTPS port of its own (`.https_port`)."""
     started: list[ReloaderProcess] = []
 
-    def start(*args: str, wait: bool = True) -> ReloaderProcess:
-        proc = ReloaderProcess(etcd, tmp_path / f"reloader{len(started)}", *args)
+    def start(*args: str, wait: bool = True, https: bool = False) -> ReloaderProcess:
+        proc = ReloaderProcess(etcd, tmp_path / f"reloader{len(started)}", *args, https=https)
         started.append(proc)
         return proc.start(wait=wait)
 
