@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.report import Row
+from testbed.etcd import Etcd
 from testbed.load import RequestLoops
-from tests.support.etcd import Etcd, wait_for
-from tests.support.haproxy import ReloaderProcess
-from tests.support.registry import Registry
-from tests.support.sidekick import Sidekicks
+from testbed.registry import Registry
+from testbed.reloader import ReloaderProcess
+from testbed.sidekick import Sidekicks
+from testbed.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 FLUSTER = str(Path(sys.executable).with_name("fluster"))

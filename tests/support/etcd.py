@@ -1,7 +1,8 @@
 """pytest fixtures for a real etcd, and the waits every test uses.
 
-The etcd runner itself (`Etcd`, `Member`, `free_port`) is testbed/etcd.py, shared with
-the bench; it is re-exported here for the tests.
+The etcd runner itself (`Etcd`, `Member`, `free_port`) is testbed/etcd.py and the wait
+(`wait_for`, `GaveUp`) testbed/waiting.py, shared with the bench; they are re-exported
+here for the tests.
 """
 
 from __future__ import annotations
@@ -14,31 +15,10 @@ import pytest
 
 from fluster.cli import main
 from testbed.etcd import Etcd, Member, free_port
+from testbed.waiting import GaveUp, wait_for
 from tests.support import waiting
 
 __all__ = ["Etcd", "GaveUp", "Member", "eventually", "free_port", "wait_for"]
-
-
-class GaveUp(AssertionError):
-    """Raised by a `wait_for` predicate that knows waiting longer cannot help."""
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
-    """Poll `predicate` until it returns a truthy value; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    last: object = waiting.NOTHING
-    while time.monotonic() < deadline:
-        try:
-            value = last = predicate()
-            if value:
-                return value
-        except GaveUp:
-            raise
-        except Exception as exc:
-            last_exc = exc
-        time.sleep(interval)
-    raise waiting.timed_out(what, timeout, last, last_exc)
 
 
 async def eventually(

@@ -1,81 +1,26 @@
-"""What a wait that timed out saw, and where the logs of what it waited on are kept.
+"""Every wait of a test names where the logs of the processes it started are kept.
 
-`wait_for` and `eventually` (tests/support/etcd.py) end a test that waited in vain with
-a message of three parts: what was awaited, the predicate's last answer, and the
-directory holding the logs of every process the test started (its `tmp_path`, which
-pytest keeps for the last three runs). A predicate that compares two sides returns a
-`Compared`, falsy while they differ and printed as both sides with their difference, so
-"HAProxy equal to etcd" fails with the two sets rather than with `False`.
+`wait_for` and `eventually` (testbed/waiting.py, tests/support/etcd.py) end a test that
+waited in vain with what was awaited, the predicate's last answer, and the directory
+holding the logs of every process the test started: its `tmp_path` (pytest keeps the
+last three runs), which this fixture hands to testbed/waiting.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-_log_dir: Path | None = None
+from testbed.waiting import NOTHING, Compared, set_log_dir, timed_out
+
+__all__ = ["NOTHING", "Compared", "timed_out"]
 
 
 @pytest.fixture(autouse=True)
 def _remember_log_dir(tmp_path: Path) -> Iterator[None]:
     """Every process a test starts logs under its tmp_path (reloader.log, etcd/, ...)."""
-    global _log_dir
-    _log_dir = tmp_path
+    set_log_dir(tmp_path)
     yield
-    _log_dir = None
-
-
-@dataclass(frozen=True)
-class Compared:
-    """`got == want`, remembering both: `wait_for(lambda: Compared("HAProxy", a, b))`."""
-
-    what: str
-    got: object
-    want: object
-
-    def __bool__(self) -> bool:
-        return self.got == self.want
-
-    def __repr__(self) -> str:
-        got, want = self.got, self.want
-        if isinstance(got, dict) and isinstance(want, dict):  # per key, only what differs
-            keys = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
-            parts = [repr(Compared(str(k), got.get(k), want.get(k))) for k in keys]
-            return f"{self.what}: " + ("; ".join(parts) or "equal")
-        text = f"{self.what}: got {_show(got)}, want {_show(want)}"
-        if isinstance(got, set | frozenset) and isinstance(want, set | frozenset):
-            text += f" (missing {_show(want - got)}, extra {_show(got - want)})"
-        return text
-
-
-def _show(value: object) -> str:
-    if isinstance(value, set | frozenset):
-        return "{" + ", ".join(sorted(map(str, value))) + "}"
-    return repr(value)
-
-
-def timed_out(
-    what: str, timeout: float, last: object, last_exc: BaseException | None
-) -> AssertionError:
-    lines = [f"timed out after {timeout}s waiting for {what}"]
-    if isinstance(last, Compared):
-        lines.append(f"  last seen: {last!r}")
-    elif last is not _NOTHING:
-        lines.append(f"  last answer: {last!r}")
-    if last_exc is not None:
-        lines.append(f"  last error: {last_exc!r}")
-    if _log_dir is not None:
-        logs = sorted(
-            str(p.relative_to(_log_dir))
-            for p in _log_dir.rglob("*")
-            if p.is_file() and (p.suffix == ".log" or p.name in ("stderr", "stdout"))
-        )
-        lines.append(f"  logs kept in {_log_dir}" + (f": {', '.join(logs[:12])}" if logs else ""))
-    return AssertionError("\n".join(lines))
-
-
-_NOTHING = object()  # the predicate never answered (it raised every time)
-NOTHING = _NOTHING
+    set_log_dir(None)
