@@ -53,7 +53,7 @@ class Registry:
     def start(self) -> Registry:
         return start_on_fresh_ports(
             self._start,
-            lambda: lost_a_port(self.log()[self._log_start :]),
+            lambda: lost_a_port(self._log_since_start()),
             self._on_fresh_port,
             f"docker-registry (log: {self.root}/registry.log)",
         )
@@ -78,7 +78,7 @@ class Registry:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise GaveUp(
-                f"docker-registry exited {self.proc.returncode}:\n{self.log()[self._log_start :]}"
+                f"docker-registry exited {self.proc.returncode}:\n{self._log_since_start()}"
             )
         try:
             with urllib.request.urlopen(f"http://{self.address}/v2/", timeout=2) as resp:
@@ -89,6 +89,11 @@ class Registry:
     def log(self) -> str:
         path = self.root / "registry.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def _log_since_start(self) -> str:
+        with open(self.root / "registry.log", "rb") as log:
+            log.seek(self._log_start)
+            return log.read().decode(errors="replace")
 
     def tags(self, repository: str) -> list[str]:
         url = f"http://{self.address}/v2/{repository}/tags/list"

@@ -72,8 +72,9 @@ class Pebble:
 
     def _log(self, name: str) -> str:
         """What `name` logged since its last start."""
-        text = (self.root / f"{name}.log").read_text(errors="replace")
-        return text[self._log_start[name] :]
+        with open(self.root / f"{name}.log", "rb") as log:
+            log.seek(self._log_start[name])
+            return log.read().decode(errors="replace")
 
     def _start(self) -> Pebble:
         config = {

@@ -69,7 +69,7 @@ class Sshd:
         )
         return start_on_fresh_ports(
             self._start,
-            lambda: lost_a_port(self.log()[self._log_start :]),
+            lambda: lost_a_port(self._log_since_start()),
             self._on_fresh_port,
             f"sshd (log: {self.root}/sshd.log)",
         )
@@ -94,7 +94,7 @@ class Sshd:
 
     def _up(self) -> bool:
         assert self.proc is not None
-        log = self.log()[self._log_start :]
+        log = self._log_since_start()
         if self.proc.poll() is not None:
             raise GaveUp(f"sshd exited {self.proc.returncode}:\n{log}")
         return "Server listening" in log
@@ -102,6 +102,12 @@ class Sshd:
     def log(self) -> str:
         path = self.root / "sshd.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def _log_since_start(self) -> str:
+        """What this sshd logged (a byte offset: sshd ends its lines with CR LF)."""
+        with open(self.root / "sshd.log", "rb") as log:
+            log.seek(self._log_start)
+            return log.read().decode(errors="replace")
 
     def ssh_command(self) -> str:
         return (
