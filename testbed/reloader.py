@@ -78,7 +78,7 @@ class ReloaderProcess:
                 wait_for(self._up, timeout=20, what="reloader up")
                 return self
             except AssertionError:
-                lost = lost_a_port(self.log()[offset:])
+                lost = lost_a_port(self.log_since(offset))
                 if attempt == PORT_ATTEMPTS or not lost or self.proc.poll() is None:
                     raise
                 self.http_port, self.status_port = free_port(), free_port()
@@ -202,6 +202,13 @@ class ReloaderProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def log_since(self, offset: int) -> str:
+        """The log from byte `offset` on (a byte offset into text read with universal
+        newlines would cut at the wrong place)."""
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
 
     def stop(self) -> int | None:
         code = None
