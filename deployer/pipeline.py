@@ -387,17 +387,28 @@ class Deployer:
             min_instances=config.replicas,
             keep_old=ops.parse_duration(config.keep_old),
         )
+        self._replaced(config.service, written)
         self.detail(f"{version} is the active version of {config.service}")
         await self._wait(written.revision)
 
     async def _canary(self, config: AppConfig, version: str, weight: int) -> None:
         written = await ops.canary(self.store, self.prefix, config.service, version, weight)
+        self._replaced(config.service, written)
         self.detail(
             f"{weight}% of {config.service} to {version}; `fluster promote {config.service} "
             f"{version}` to finish, `fluster canary {config.service} {version} --weight 0` "
             "to end it"
         )
         await self._wait(written.revision)
+
+    def _replaced(self, service: str, written: ops.Written) -> None:
+        """Say so when the spec written stood over an invalid one (as `fluster promote`
+        does): the edges kept the last valid spec meanwhile, and that is what was changed."""
+        if bad := written.replaced:
+            self.detail(
+                f"warning: {service}'s spec in etcd was invalid ({bad.reason}); "
+                f"replaced, starting from {bad.start}"
+            )
 
     async def _retire(self, app: str, config: AppConfig, keep: str) -> None:
         """Let in-flight requests to the old version finish, then stop its containers."""

@@ -82,6 +82,15 @@ def cert_key(prefix: str, name: str) -> str:
     return f"{prefix}/certs/{name}"
 
 
+def acme_lock_key(prefix: str) -> str:
+    """Held (under its lease) by the one edge ordering certificates."""
+    return f"{prefix}/acme/lock"
+
+
+def acme_challenge_key(prefix: str, token: str) -> str:
+    return f"{prefix}/acme/challenges/{token}"
+
+
 def apps_prefix(prefix: str) -> str:
     return f"{prefix}/apps/"
 

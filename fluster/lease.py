@@ -28,7 +28,7 @@ apply. A lock is a key put only if absent under the lease:
 
     async with Lease(store, ttl=10, name="deploy lock") as lease:
         try:
-            await lease.put_if_absent(keys.lock_key(prefix, app), holder)
+            await lease.put_if_absent(keys.app_lock_key(prefix, app), holder)
         except Conflict:
             ...  # someone else holds it; their lease keeps it, their death frees it
         ...      # work; lease.holds(key) turns False if the lock was lost

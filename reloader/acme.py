@@ -54,14 +54,6 @@ LOCK_TTL = 30
 CHECK_EVERY = 60.0
 
 
-def lock_key(prefix: str) -> str:
-    return f"{prefix}/acme/lock"
-
-
-def challenge_key(prefix: str, token: str) -> str:
-    return f"{prefix}/acme/challenges/{token}"
-
-
 class AcmeError(Exception):
     """An order failed: CA unreachable, a challenge refused, a bad certificate back."""
 
@@ -138,7 +130,7 @@ class AcmeIssuer:
         if TOKEN_RE.fullmatch(token) is None:
             return None
         try:
-            _, kv = await self.store.get(challenge_key(self.prefix, token))
+            _, kv = await self.store.get(keys.acme_challenge_key(self.prefix, token))
         except StoreError:
             return None
         return None if kv is None else kv.value.decode("ascii", "replace")
@@ -169,12 +161,12 @@ class AcmeIssuer:
         try:
             async with lease:
                 try:
-                    await lease.put_if_absent(lock_key(self.prefix), self.holder)
+                    await lease.put_if_absent(keys.acme_lock_key(self.prefix), self.holder)
                 except Conflict:
                     log.info("another edge is ordering certificates", hosts=hosts)
                     return
                 for host in hosts:
-                    if not lease.holds(lock_key(self.prefix)):
+                    if not lease.holds(keys.acme_lock_key(self.prefix)):
                         return
                     if host not in self.due():  # another edge's certificate arrived meanwhile
                         continue
@@ -216,7 +208,7 @@ class AcmeIssuer:
 
         def put_token(token: str, validation: str) -> None:
             asyncio.run_coroutine_threadsafe(
-                lease.put(challenge_key(self.prefix, token), validation), loop
+                lease.put(keys.acme_challenge_key(self.prefix, token), validation), loop
             ).result(10)
 
         tokens: list[str] = []
@@ -229,7 +221,7 @@ class AcmeIssuer:
         finally:
             for token in tokens:
                 with contextlib.suppress(StoreError):
-                    await self.store.delete(challenge_key(self.prefix, token))
+                    await self.store.delete(keys.acme_challenge_key(self.prefix, token))
 
     def _account_key(self) -> rsa.RSAPrivateKey:
         try:

@@ -102,3 +102,31 @@ async def test_a_dead_deploy_frees_the_lock_with_its_lease(etcd: Etcd) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_deploy_that_promotes_over_an_invalid_spec_says_so(etcd: Etcd) -> None:
+    """Promotion touches etcd only, so the deployer runs it here without Docker (the
+    engine and scheduler stand-ins are never called)."""
+    from typing import Any, cast
+
+    from deployer.pipeline import Deployer, Settings
+    from deployer.records import AppConfig
+
+    said: list[str] = []
+    async with Store(EtcdSettings(endpoints=etcd.endpoint_list)) as store:
+        await store.put(keys.spec_key("/fluster", "web"), '{"hosts": ["bad host"]}')
+        for name in ("a", "b"):
+            instance = '{"host": "127.0.0.1", "port": 8001, "version": "v2"}'
+            await store.put(keys.instance_key("/fluster", "web", name), instance)
+        deployer = Deployer(
+            store,
+            "/fluster",
+            cast(Any, None),
+            cast(Any, None),
+            Settings(wait_timeout=5),
+            said.append,
+        )
+        await deployer._promote(AppConfig(service="web"), "v2")
+        assert any("web's spec in etcd was invalid" in line for line in said), said
+        _, kv = await store.get(keys.spec_key("/fluster", "web"))
+        assert kv is not None and b'"active_version":"v2"' in kv.value.replace(b" ", b"")
