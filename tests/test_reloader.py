@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -96,6 +97,41 @@ async def test_haproxy_killed_is_back_within_a_second(
     )
     assert time.monotonic() - started < 1.0
     assert reloader.status()["haproxy_restarts"] == 1
+
+
+async def test_a_haproxy_restarted_from_files_that_lag_gets_the_runtime_changes_again(
+    etcd: Etcd, start_reloader: Start, backends: Backends
+) -> None:
+    """The files for runtime changes are written once the catalog is quiet (or at the
+    latest 5 s after the first change they lack). A HAProxy that dies meanwhile comes
+    back from files without the latest servers: the reloader must add them again."""
+    a, b, c = backends(3)
+    etcd.put(KEY.format("web", "a"), a.json())
+    reloader = start_reloader()
+    reloader.wait_served("web.localhost", {a.ident})
+    # Keep the catalog busy, so the files stay behind HAProxy's memory for up to 5 s.
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.wait(0.1):
+            etcd.put(KEY.format("noise", "x"), c.json())
+
+    noise = threading.Thread(target=busy, daemon=True)
+    noise.start()
+    try:
+        etcd.put(KEY.format("web", "b"), b.json())
+        reloader.wait_served("web.localhost", {a.ident, b.ident})
+        assert "server b " not in reloader.config, "written before the catalog was quiet"
+        old = reloader.haproxy_pid()
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: reloader.haproxy_pid() != old, timeout=10, what="haproxy restarted")
+        reloader.wait_served("web.localhost", {a.ident, b.ident}, timeout=10)
+    finally:
+        stop.set()
+        noise.join()
+    assert reloader.status()["haproxy_restarts"] == 1
+    # Once the catalog is quiet, the files catch up.
+    wait_for(lambda: "server b " in reloader.config, what="b written to the config file")
 
 
 async def test_sigterm_stops_gracefully_and_a_missing_haproxy_exits_non_zero(
