@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.pki import Pki
+from testbed.ports import start_on_fresh_ports
 from testbed.process import wait_or_kill
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
@@ -141,9 +142,6 @@ class PortTaken(AssertionError):
     """A member could not bind a port that was free a moment before."""
 
 
-PORT_ATTEMPTS = 3
-
-
 class Etcd:
     """A cluster of `size` members; `endpoints` is the comma-separated client list."""
 
@@ -167,20 +165,23 @@ class Etcd:
     def start(self) -> Etcd:
         """Start every member; if one lost a port to another process, start the whole
         cluster again on fresh ports (a new cluster: nothing was written yet)."""
-        for attempt in range(1, PORT_ATTEMPTS + 1):
+
+        def attempt() -> Etcd:
             for member in self.members:
                 member.start(self.initial_cluster)
-            try:
-                self.wait_healthy()
-                return self
-            except PortTaken:
-                if attempt == PORT_ATTEMPTS:
-                    raise
-                self.stop()
-                for member in self.members:
-                    shutil.rmtree(member.data_dir, ignore_errors=True)
-                    member.client_port, member.peer_port = free_port(), free_port()
-        raise AssertionError("unreachable")
+            self.wait_healthy()
+            return self
+
+        def lost() -> bool:
+            return any(m.lost_its_port() for m in self.members)
+
+        def again() -> None:
+            self.stop()
+            for member in self.members:
+                shutil.rmtree(member.data_dir, ignore_errors=True)
+                member.client_port, member.peer_port = free_port(), free_port()
+
+        return start_on_fresh_ports(attempt, lost, again, f"etcd (logs in {self.root})")
 
     def restart(self, member: Member) -> None:
         member.stop()
