@@ -18,7 +18,7 @@ from pathlib import Path
 
 from testbed.etcd import free_port
 from testbed.ports import lost_a_port, start_on_fresh_ports
-from testbed.process import wait_or_kill
+from testbed.process import LogFile, wait_or_kill
 from testbed.waiting import GaveUp, wait_for
 
 REGISTRY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
@@ -44,7 +44,7 @@ class Registry:
         self.root = root
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log_start = 0
+        self._log = LogFile(root / "registry.log")
 
     @property
     def address(self) -> str:
@@ -53,7 +53,7 @@ class Registry:
     def start(self) -> Registry:
         return start_on_fresh_ports(
             self._start,
-            lambda: lost_a_port(self._log_since_start()),
+            lambda: lost_a_port(self._log.since_start()),
             self._on_fresh_port,
             f"docker-registry (log: {self.root}/registry.log)",
         )
@@ -62,11 +62,7 @@ class Registry:
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.root / "config.yml"
         config.write_text(CONFIG.format(root=self.root, port=self.port))
-        with open(self.root / "registry.log", "ab") as log:
-            self._log_start = log.tell()
-            self.proc = subprocess.Popen(
-                [REGISTRY, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT
-            )
+        self.proc = self._log.spawn([REGISTRY, "serve", str(config)])
         wait_for(self._up, timeout=20, interval=0.1, what=f"docker-registry on {self.address}")
         return self
 
@@ -78,7 +74,7 @@ class Registry:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise GaveUp(
-                f"docker-registry exited {self.proc.returncode}:\n{self._log_since_start()}"
+                f"docker-registry exited {self.proc.returncode}:\n{self._log.since_start()}"
             )
         try:
             with urllib.request.urlopen(f"http://{self.address}/v2/", timeout=2) as resp:
@@ -87,13 +83,7 @@ class Registry:
             return False
 
     def log(self) -> str:
-        path = self.root / "registry.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def _log_since_start(self) -> str:
-        with open(self.root / "registry.log", "rb") as log:
-            log.seek(self._log_start)
-            return log.read().decode(errors="replace")
+        return self._log.text()
 
     def tags(self, repository: str) -> list[str]:
         url = f"http://{self.address}/v2/{repository}/tags/list"

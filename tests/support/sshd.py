@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 from testbed.ports import lost_a_port, start_on_fresh_ports
-from testbed.process import wait_or_kill
+from testbed.process import LogFile, wait_or_kill
 from tests.support.etcd import GaveUp, free_port, wait_for
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -57,7 +57,7 @@ class Sshd:
         self.port = free_port()
         self.user = getpass.getuser()
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log_start = 0
+        self._log = LogFile(root / "sshd.log")  # sshd ends its lines with CR LF
         self._host_pub = ""
 
     def start(self, forced_command: str) -> Sshd:
@@ -69,7 +69,7 @@ class Sshd:
         )
         return start_on_fresh_ports(
             self._start,
-            lambda: lost_a_port(self._log_since_start()),
+            lambda: lost_a_port(self._log.since_start()),
             self._on_fresh_port,
             f"sshd (log: {self.root}/sshd.log)",
         )
@@ -80,11 +80,7 @@ class Sshd:
         config = self.root / "sshd_config"
         config.write_text(CONFIG.format(port=self.port, root=self.root, user=self.user))
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
-        with open(self.root / "sshd.log", "ab") as log:
-            self._log_start = log.tell()
-            self.proc = subprocess.Popen(
-                [SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT
-            )
+        self.proc = self._log.spawn([SSHD, "-D", "-e", "-f", str(config)])
         wait_for(self._up, timeout=20, interval=0.1, what=f"sshd on 127.0.0.1:{self.port}")
         return self
 
@@ -94,20 +90,13 @@ class Sshd:
 
     def _up(self) -> bool:
         assert self.proc is not None
-        log = self._log_since_start()
+        log = self._log.since_start()
         if self.proc.poll() is not None:
             raise GaveUp(f"sshd exited {self.proc.returncode}:\n{log}")
         return "Server listening" in log
 
     def log(self) -> str:
-        path = self.root / "sshd.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def _log_since_start(self) -> str:
-        """What this sshd logged (a byte offset: sshd ends its lines with CR LF)."""
-        with open(self.root / "sshd.log", "rb") as log:
-            log.seek(self._log_start)
-            return log.read().decode(errors="replace")
+        return self._log.text()
 
     def ssh_command(self) -> str:
         return (
