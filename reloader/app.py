@@ -176,8 +176,8 @@ class Reloader:
     async def _model(self, snapshot: Snapshot, *, tls: bool) -> Model:
         """The model against the host's facts (reloader.facts): what resolves, which ports
         are free, which addresses are this edge's own."""
-        live, running = self.applier.live, self.applier.running
-        if live is not None and live.known and running is not None:
+        live, running = self.applier.live, self.applier.known
+        if running is not None:
             facts = await self.facts.find(snapshot, running)
         else:
             # A previous run's config (adopted, or still served by the HAProxy this run
@@ -191,8 +191,8 @@ class Reloader:
         """After a refused structural change, apply what still can be: server changes of
         the backends that exist now. The change as a whole stays unapplied (and
         unpublished); the next change retries it."""
-        live, running = self.applier.live, self.applier.running
-        if live is None or not live.known or running is None:
+        running = self.applier.known
+        if running is None:
             return  # live came from a previous run's file: its model is unknown
         try:
             partial = with_servers_of(running, model)
@@ -221,8 +221,8 @@ class Reloader:
     def _live_servers(self) -> LiveServers | None:
         """Service -> the servers HAProxy has now, for the blast-radius guard; None when
         the live config is a previous run's file, whose model is unknown."""
-        live, running = self.applier.live, self.applier.running
-        if live is None or not live.known or running is None:
+        running = self.applier.known
+        if running is None:
             return None
         return LiveServers(running.backends, self.applier.service_index())
 

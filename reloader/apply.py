@@ -128,6 +128,12 @@ class Applier:
         return self.pending if self.pending is not None else self.live.model
 
     @property
+    def known(self) -> Model | None:
+        """The model HAProxy runs; None before the first config, or when what runs is a
+        previous run's file (its model unknown: the next apply reloads)."""
+        return self.running if self.live is not None and self.live.known else None
+
+    @property
     def pool_free(self) -> int:
         running = self.running
         if running is None:
