@@ -219,7 +219,7 @@ class Reloader:
         self.debouncer.poke()
 
     def _live_servers(self) -> LiveServers | None:
-        """Service -> the servers HAProxy has now, for the blast-radius guard; None when
+        """Service -> the servers HAProxy has now, for the removal guard; None when
         the live config is a previous run's file, whose model is unknown."""
         running = self.applier.known
         if running is None:
@@ -378,6 +378,7 @@ class Reloader:
             acme_last_error=self.acme.stats.last_error if self.acme else "",
             acme_retry_at=dict(self.acme.stats.retry_at) if self.acme else {},
             held_removals=len(held),
+            removal_holds_total=self.guard.holds_started,
             skipped_services=[s.as_dict() for s in skipped],
             skips_total=dict(self.reporter.counts),
             pool_free=self.applier.pool_free,

@@ -1,23 +1,31 @@
-"""The blast-radius guard: do not let one apply empty a backend by accident.
+"""The removal guard: do not let a lost registry empty a backend by accident.
 
 When leases expire en masse (an etcd partition, a sidekick fleet restart, a stray
 `etcdctl del --prefix`), the registry briefly says most instances are gone while the
 containers are still serving. Removing them all from HAProxy turns an etcd hiccup into
-an outage. So when the removals of one apply, together with those applied in the last
-`hold` seconds (leases expire over a TTL, not at once), come to more than
-`max_removal_pct` percent of a service's servers, the ones HAProxy still has are held
-(kept in HAProxy) for `hold` seconds, loudly logged. Instances that come
-back end their hold; a hold that ran out is final.
+an outage. So the guard judges each service's **capacity**: when the instances it would
+keep fall more than `max_removal_pct` percent below the most it had within the last
+`hold` seconds, the removed servers HAProxy still has are held (kept in HAProxy) for at
+most `hold` seconds, loudly logged. A service that keeps its number of instances
+(replacements, rolling restarts, scaling) is never held, however many records come and
+go: a replacement counts as much as the removal it replaces.
 
-Not guarded, because they are someone's deliberate decision:
-- removals from a changed `active_version`/`canary` (an operator promotion or rollback);
-- instances that still exist but turned `draining` (the sidekick is retiring them); they
-  also count in the share's base, so the removal of the one dead container beside
-  records being drained and registered again is not a mass removal.
+A held server is never a black hole: it is rendered with a fast health check of its own
+and passive observation (`Server.held`), so HAProxy takes a dead one out of rotation at
+its first refused connection, or within half a second, while a live one keeps serving.
+A hold ends when it runs out, when the service's capacity is back (new instances came),
+or when the instance comes back; a hold that ran out is final (the server is gone from
+HAProxy, so nothing is left to hold).
 
-The share is taken of what HAProxy has (the live config's servers), and only servers
-HAProxy still has are held: a removal already applied counts towards the share but is
-never put back.
+Capacity is the instances HAProxy has or is given that are routed and up, plus records
+the sidekick is draining: those are deliberate work in progress (a host agent
+re-registering its containers drains the old records first), and the deletion of a
+draining record lowers the bar by one, as scaling down does. Not guarded at all, because
+they are someone's decision: removals from a changed `active_version`/`canary` (an
+operator promotion or rollback).
+
+The cost follows the change: only services whose objects changed, or that hold
+something, are looked at, each in O(its instances).
 """
 
 from __future__ import annotations
@@ -76,6 +84,9 @@ def service_index(backends: Iterable[Backend]) -> dict[str, list[int]]:
     return index
 
 
+Level = tuple[float, int]  # (clock time, the service's capacity from then on)
+
+
 class RemovalGuard:
     def __init__(
         self,
@@ -89,7 +100,14 @@ class RemovalGuard:
         self.enabled = enabled
         self.clock = clock
         self.held: dict[tuple[str, str], Held] = {}
-        self.removed: dict[tuple[str, str], Held] = {}  # removals applied within `hold`
+        self.holds_started = 0  # times a service started holding (a counter for /metrics)
+        # Service -> its capacity over the last `hold` seconds: the level at the window's
+        # start, then every change within it.
+        self._levels: dict[str, list[Level]] = {}
+        # Service -> (the catalog's object, the held names, the object with them): a
+        # hold that goes on keeps handing out the same object, so the model's per-service
+        # memos see no change and an apply costs what the change costs.
+        self._patched: dict[str, tuple[Service | None, frozenset[str], Service]] = {}
 
     def next_release(self) -> float | None:
         """Clock time of the earliest hold expiry, so the caller can apply again then."""
@@ -101,8 +119,7 @@ class RemovalGuard:
         applied: Snapshot | None,
         live: Mapping[str, AbstractSet[str]] | None = None,
     ) -> Snapshot:
-        """`snapshot` with guarded removals put back, relative to the last `applied` one
-        and to the removals applied within the last `hold` seconds.
+        """`snapshot` with guarded removals put back, relative to the last `applied` one.
 
         `live`: service -> the names of the servers HAProxy has now. The guard compares
         against that (what a removal would actually take away), not against what the
@@ -110,79 +127,139 @@ class RemovalGuard:
         target does not. Without it, the routed instances of `applied` stand in."""
         if not self.enabled or applied is None:
             self.held.clear()
-            self.removed.clear()
+            self._levels.clear()
+            self._patched.clear()
             return snapshot
         now = self.clock()
-        self.removed = {k: r for k, r in self.removed.items() if now - r.since < self.hold}
         keep: dict[tuple[str, str], Held] = {}
         # A service whose object is the one applied (the catalog keeps an unchanged
         # service's object) has nothing removed: only the changed ones are looked at, so
         # the cost follows the change, not the catalog (issue 15).
         changed = {n for n, s in applied.services.items() if snapshot.services.get(n) is not s}
-        for name in sorted(changed | {k[0] for k in self.removed}):
+        changed |= snapshot.services.keys() - applied.services.keys()
+        for name in sorted(changed | {k[0] for k in self.held}):
             before, after = applied.services.get(name), snapshot.services.get(name)
             if before is not None and after is not None and _promoted(before, after):
+                self._levels[name] = [(now, _capacity(before, after, set(after.routed())))]
                 continue
             if before is None:
-                previous = {}
+                have: AbstractSet[str] = set()
             elif live is None:
-                previous = before.routed()
+                have = before.routed().keys()
             else:
                 have = live.get(name, frozenset())
-                previous = {i: inst for i, inst in before.instances.items() if i in have}
             present = after.instances if after is not None else {}
-            gone = {i: inst for i, inst in previous.items() if i not in present}
-            # Leases expire over a TTL, not at once: removals applied a moment ago count.
-            earlier = {
-                i: r.instance
-                for (svc, i), r in self.removed.items()
-                if svc == name and i not in present and i not in previous
-            }
-            # Records the sidekick is draining are its deliberate work in progress (a host
-            # agent re-registering its containers after a dockerd restart drains the old
-            # records first): they count in the base, so the one dead container removed
-            # beside them is not "all of them".
-            draining = (
-                {i for i, inst in before.instances.items() if inst.state == "draining"}
-                - previous.keys()
-                if before is not None
-                else set()
-            )
-            base = len(previous) + len(draining) + len(earlier)
-            share = 100.0 * (len(gone) + len(earlier)) / base if base else 0.0
-            if not gone or share <= self.max_removal_pct:
-                # Below the threshold now (some came back): running holds still run out.
-                for key, held in self.held.items():
-                    if key[0] == name and key[1] in gone and now - held.since < self.hold:
-                        keep[key] = held
-            else:
-                # Only what HAProxy still has is held: a removal applied earlier counts
-                # towards the share but its server is never put back.
-                started = []
-                for inst_name, inst in gone.items():
-                    running = self.held.get((name, inst_name))
-                    if running is None:
-                        running = Held(inst, now)
-                        started.append(inst_name)
-                    if now - running.since < self.hold:
-                        keep[(name, inst_name)] = running
-                if started:
-                    log.error(
-                        "blast-radius guard: holding removals",
-                        service=name,
-                        removing=len(gone) + len(earlier),
-                        of=base,
-                        held=len(gone),
-                        max_removal_pct=self.max_removal_pct,
-                        hold_s=self.hold,
-                        revision=snapshot.revision,
-                    )
-            for inst_name, inst in gone.items():
-                key = (name, inst_name)
-                if key not in keep and key not in self.held:  # a released hold is final
-                    self.removed[key] = Held(inst, now)
+            old = before.instances if before is not None else {}
+            gone = [i for i in old if i in have and i not in present]
+            capacity = _capacity(before, after, have)
+            peak = self._peak(name, before, after, have, capacity, now)
+            if not gone or 100.0 * (peak - capacity) <= self.max_removal_pct * peak:
+                continue  # capacity kept (or back): whatever was held goes now
+            started = 0
+            for inst_name in gone:
+                running = self.held.get((name, inst_name))
+                if running is None:
+                    running = Held(old[inst_name], now)
+                    started += 1
+                if now - running.since < self.hold:
+                    keep[(name, inst_name)] = running
+            if started:
+                self.holds_started += 1
+                log.error(
+                    "blast-radius guard: holding removals",
+                    service=name,
+                    capacity=capacity,
+                    peak=peak,
+                    held=len([k for k in keep if k[0] == name]),
+                    max_removal_pct=self.max_removal_pct,
+                    hold_s=self.hold,
+                    revision=snapshot.revision,
+                )
+        for name in self._levels.keys() - snapshot.services.keys() - {k[0] for k in keep}:
+            del self._levels[name]  # a service gone for good
         self.held = keep
-        return _with_held(snapshot, applied, keep) if keep else snapshot
+        return self._with_held(snapshot, applied) if keep else snapshot
+
+    def _peak(
+        self,
+        name: str,
+        before: Service | None,
+        after: Service | None,
+        have: AbstractSet[str],
+        capacity: int,
+        now: float,
+    ) -> int:
+        """Record `capacity` as the service's level from `now` on; the most it had
+        within the last `hold` seconds."""
+        levels = self._levels.get(name)
+        if levels is None:  # first seen: what HAProxy has, and the records being drained
+            levels = [(now, len(have) + _draining(before))]
+        # Draining records that went were retired on purpose: the bar comes down with them.
+        went = (
+            sum(
+                1
+                for i, inst in before.instances.items()
+                if inst.state == "draining" and (after is None or i not in after.instances)
+            )
+            if before is not None
+            else 0
+        )
+        if went:
+            levels = [(t, max(0, c - went)) for t, c in levels]
+        start = now - self.hold
+        older = [lv for lv in levels if lv[0] < start]
+        levels = older[-1:] + [lv for lv in levels if lv[0] >= start] + [(now, capacity)]
+        self._levels[name] = levels
+        return max(c for _, c in levels)
+
+    def _with_held(self, snapshot: Snapshot, applied: Snapshot) -> Snapshot:
+        held: dict[str, dict[str, Instance]] = {}
+        for (name, inst_name), h in sorted(self.held.items()):
+            held.setdefault(name, {})[inst_name] = h.instance
+        services = dict(snapshot.services)
+        layout = snapshot.layout
+        patched: dict[str, tuple[Service | None, frozenset[str], Service]] = {}
+        for name, instances in held.items():
+            source = snapshot.services.get(name)
+            names = frozenset(instances)
+            kept = self._patched.get(name)
+            if kept is None or kept[0] is not source or kept[1] != names:
+                if source is None:
+                    previous = applied.services.get(name)
+                    base = replace(previous, instances={}) if previous else Service(name)
+                else:
+                    base = source
+                merged = dict(sorted({**base.instances, **instances}.items()))
+                kept = (
+                    source,
+                    names,
+                    replace(base, instances=MappingProxyType(merged), held=names),
+                )
+            if source is None:
+                layout = 0  # a service the catalog no longer has: not the catalog's layout
+            patched[name] = kept
+            services[name] = kept[2]
+        self._patched = patched
+        if layout == 0:
+            services = dict(sorted(services.items()))
+        return replace(snapshot, services=MappingProxyType(services), layout=layout)
+
+
+def _draining(svc: Service | None) -> int:
+    if svc is None:
+        return 0
+    return sum(1 for inst in svc.instances.values() if inst.state == "draining")
+
+
+def _capacity(before: Service | None, after: Service | None, have: AbstractSet[str]) -> int:
+    """The instances `after` leaves in rotation: routed and up, and either in HAProxy
+    already or new (a record HAProxy left out before, say a bad target, stays out), plus
+    the records being drained. Held instances are not in `after`: they never count."""
+    if after is None:
+        return 0
+    old = before.instances if before is not None else {}
+    up = sum(1 for i, inst in after.routed().items() if i in have or old.get(i) is not inst)
+    return up + _draining(after)
 
 
 def _promoted(before: Service, after: Service) -> bool:
@@ -190,21 +267,3 @@ def _promoted(before: Service, after: Service) -> bool:
         after.spec.active_version,
         after.spec.canary,
     )
-
-
-def _with_held(
-    snapshot: Snapshot, applied: Snapshot, held: dict[tuple[str, str], Held]
-) -> Snapshot:
-    services = dict(snapshot.services)
-    layout = snapshot.layout
-    for (name, inst_name), h in sorted(held.items()):
-        svc = services.get(name)
-        if svc is None:
-            layout = 0  # a service the catalog no longer has: not the catalog's layout
-            kept = applied.services.get(name)
-            svc = replace(kept, instances={}) if kept is not None else Service(name)
-        instances = dict(svc.instances)
-        instances[inst_name] = h.instance
-        services[name] = replace(svc, instances=MappingProxyType(dict(sorted(instances.items()))))
-    services_ = MappingProxyType(dict(sorted(services.items())))
-    return replace(snapshot, services=services_, layout=layout)

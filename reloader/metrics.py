@@ -56,7 +56,7 @@ def families(s: Status) -> Iterator[Metric]:
         ),
         ("servers", "Servers in the live config.", s.servers),
         ("rejected_records", "Records in etcd skipped as invalid.", s.rejected_records),
-        ("held_removals", "Removals held by the blast-radius guard.", s.held_removals),
+        ("held_removals", "Removals held by the blast-radius guard now.", s.held_removals),
         ("pool_free", "Empty HTTP backends a new service can take without a reload.", s.pool_free),
         (
             "sync_age_seconds",
@@ -154,6 +154,11 @@ def families(s: Status) -> Iterator[Metric]:
             s.catalog_reconnects,
         ),
         ("haproxy_restarts_total", "HAProxy restarts after it died.", s.haproxy_restarts),
+        (
+            "removal_holds_total",
+            "Times the blast-radius guard started holding a service's removals (a capacity drop).",
+            s.removal_holds_total,
+        ),
         ("acme_orders_total", "Certificates obtained by ACME.", s.acme_orders),
         ("acme_failures_total", "ACME orders that failed.", s.acme_failures),
         (

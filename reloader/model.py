@@ -18,6 +18,7 @@ import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final, NamedTuple
@@ -143,6 +144,10 @@ class RenderSettings:
         return self.files.hsts_map
 
 
+HELD_CHECK_MS: Final = 500
+HELD_OBSERVE: Final = "observe layer4 error-limit 1 on-error mark-down"
+
+
 @dataclass(frozen=True, slots=True)
 class Server:
     name: str
@@ -150,6 +155,7 @@ class Server:
     port: int
     weight: int
     check_inter_ms: int | None = None
+    held: bool = False  # its record is gone; the removal guard keeps it (reloader.guard)
 
     @property
     def address(self) -> str:
@@ -158,8 +164,17 @@ class Server:
     @property
     def options(self) -> str:
         """Everything after the address; the runtime API's `add server` uses the same."""
+        if self.held:
+            # Its record is gone, so nobody vouches for it: HAProxy checks it itself,
+            # fast, and takes it out at its first refused connection.
+            inter = min(self.check_inter_ms or HELD_CHECK_MS, HELD_CHECK_MS)
+            return f"weight {self.weight} check inter {inter} fall 1 rise 2 {HELD_OBSERVE}"
         check = f" check inter {self.check_inter_ms}" if self.check_inter_ms else ""
         return f"weight {self.weight}{check}"
+
+    @property
+    def checked(self) -> bool:
+        return bool(self.check_inter_ms) or self.held
 
     @property
     def line(self) -> str:
@@ -306,17 +321,22 @@ ServerMemo = dict[tuple[str, int], tuple[Instance, "int | None", Server]]
 
 
 def _servers(
-    instances: Mapping[str, Instance], check_ms: int | None, memo: ServerMemo | None = None
+    instances: Mapping[str, Instance],
+    check_ms: int | None,
+    memo: ServerMemo | None = None,
+    held: AbstractSet[str] = frozenset(),
 ) -> tuple[Server, ...]:
     """The servers of `instances`. `memo` keeps each instance's Server while the catalog
-    keeps its Instance object: a backend of 1,000 servers that gains one makes one."""
+    keeps its Instance object: a backend of 1,000 servers that gains one makes one.
+    `held`: the instances the removal guard keeps although their records are gone."""
     if memo is None:
         memo = {}
     out: list[Server] = []
     for name, inst in sorted(instances.items()):
         kept = memo.get((name, id(inst)))
-        if kept is None or kept[0] is not inst or kept[1] != check_ms:
-            server = Server(safe(name), safe(inst.host), inst.port, inst.weight, check_ms)
+        is_held = name in held
+        if kept is None or kept[0] is not inst or kept[1] != check_ms or kept[2].held != is_held:
+            server = Server(safe(name), safe(inst.host), inst.port, inst.weight, check_ms, is_held)
             kept = memo[(name, id(inst))] = (inst, check_ms, server)
         out.append(kept[2])
     return tuple(out)
@@ -351,7 +371,7 @@ def _service(
             spec.mode,
             spec.balance,
             check_path,
-            _servers(instances, check_ms, servers),
+            _servers(instances, check_ms, servers, svc.held),
         )
 
     backends = [backend(backend_name(svc.name), main)]

@@ -90,7 +90,7 @@ class InstanceStatus:
     weight: int
     node: str = ""
     routed: bool = False  # HAProxy sends it traffic
-    held: bool = False  # gone from etcd, kept in HAProxy by the blast-radius guard
+    held: bool = False  # gone from etcd, kept in HAProxy by the removal guard
     hold_left_seconds: float | None = None  # until the guard lets the removal through
     skipped: str | None = None  # why HAProxy does not get it (bad target, no DNS answer)
 
@@ -206,6 +206,7 @@ class Status:
     catalog_reconnects: int
     rejected: Mapping[str, str]  # etcd key -> why the record was skipped
     held_removals: int
+    removal_holds_total: int
     # Services (or single instances) left out of HAProxy: service, kind, reason, instance.
     skipped_services: list[dict[str, str]]
     applies: Mapping[ApplyKind, int]

@@ -90,6 +90,7 @@ def status(**overrides: object) -> Status:
         "catalog_reconnects": 2,
         "rejected": {"/fluster/services/x/instances/bad": "port: not an integer"},
         "held_removals": 0,
+        "removal_holds_total": 0,
         "skipped_services": [],
         "applies": {"noop": 1, "runtime": 4, "reload": 2},
         "failures": {"rejected": 1, "reload": 0, "render": 0},
