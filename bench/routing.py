@@ -16,7 +16,6 @@ quiet period at the end so that deferred work (the reloader's file check) is cou
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import resource
 import socket
@@ -31,7 +30,7 @@ from bench.scenarios import Env, instance, make_pipeline, put_many, start
 from fluster import keys
 from testbed.etcd import free_port
 from testbed.ports import PORT_ATTEMPTS, lost_a_port
-from testbed.process import wait_or_kill
+from testbed.process import cpu_with_children, wait_or_kill
 
 _RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
 
@@ -169,12 +168,6 @@ class ChangeCost:
     @property
     def per_change(self) -> float | None:
         return self.cpu_seconds / self.changes if self.changes else None
-
-
-def cpu_with_children(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # utime, stime, cutime, cstime (fields 14-17 of proc(5); here 0-based after the name)
-    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 async def _has_server(socket_path: Path, backend: str, name: str, want: bool) -> bool:

@@ -47,9 +47,6 @@ class Service:
     # etcd create revisions: who claimed a host or port first (see fluster.routing).
     spec_created: int = 0  # of the spec key; 0 without a spec
     created: Mapping[str, int] = field(default_factory=dict)  # instance name -> revision
-    # Never set by the catalog: instances whose records are gone that an edge keeps in
-    # rotation for a while (the reloader's removal guard), health-checked by HAProxy.
-    held: frozenset[str] = frozenset()
 
     def routed(self) -> dict[str, Instance]:
         """Instances that should take traffic: `up` and of a version the spec routes."""

@@ -10,9 +10,9 @@ most `hold` seconds, loudly logged. A service that keeps its number of instances
 (replacements, rolling restarts, scaling) is never held, however many records come and
 go: a replacement counts as much as the removal it replaces.
 
-A held server is never a black hole: it is rendered with a fast health check of its own
-and passive observation (`Server.held`), so HAProxy takes a dead one out of rotation at
-its first refused connection, or within half a second, while a live one keeps serving.
+A held server is never a black hole: HAProxy observes every server (reloader.model
+`OBSERVE`) and takes one out of rotation at its first refused connection, the request
+going to another server, while a live one keeps serving.
 A hold ends when it runs out, when the service's capacity is back (new instances came),
 or when the instance comes back; a hold that ran out is final (the server is gone from
 HAProxy, so nothing is left to hold).
@@ -233,7 +233,7 @@ class RemovalGuard:
                 kept = (
                     source,
                     names,
-                    replace(base, instances=MappingProxyType(merged), held=names),
+                    replace(base, instances=MappingProxyType(merged)),
                 )
             if source is None:
                 layout = 0  # a service the catalog no longer has: not the catalog's layout

@@ -18,7 +18,6 @@ import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final, NamedTuple
@@ -144,8 +143,16 @@ class RenderSettings:
         return self.files.hsts_map
 
 
-HELD_CHECK_MS: Final = 500
-HELD_OBSERVE: Final = "observe layer4 error-limit 1 on-error mark-down"
+# Every server is observed by HAProxy: its first refused or failed connection takes it
+# out of rotation (the request is retried on another, see defaults.j2), so a process that
+# died before its record went costs no request. The active check brings it back (every
+# FAST_CHECK_MS while down) and, for a server without a spec check, runs rarely otherwise.
+CHECK_INTER_MS: Final = 30_000
+FAST_CHECK_MS: Final = 500
+OBSERVE: Final = (
+    f"fastinter {FAST_CHECK_MS} downinter {FAST_CHECK_MS} rise 2 fall 2 "
+    "observe layer4 error-limit 1 on-error mark-down"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +161,7 @@ class Server:
     host: str
     port: int
     weight: int
-    check_inter_ms: int | None = None
-    held: bool = False  # its record is gone; the removal guard keeps it (reloader.guard)
+    check_inter_ms: int | None = None  # the spec's check; None: CHECK_INTER_MS
 
     @property
     def address(self) -> str:
@@ -164,17 +170,8 @@ class Server:
     @property
     def options(self) -> str:
         """Everything after the address; the runtime API's `add server` uses the same."""
-        if self.held:
-            # Its record is gone, so nobody vouches for it: HAProxy checks it itself,
-            # fast, and takes it out at its first refused connection.
-            inter = min(self.check_inter_ms or HELD_CHECK_MS, HELD_CHECK_MS)
-            return f"weight {self.weight} check inter {inter} fall 1 rise 2 {HELD_OBSERVE}"
-        check = f" check inter {self.check_inter_ms}" if self.check_inter_ms else ""
-        return f"weight {self.weight}{check}"
-
-    @property
-    def checked(self) -> bool:
-        return bool(self.check_inter_ms) or self.held
+        inter = self.check_inter_ms or CHECK_INTER_MS
+        return f"weight {self.weight} check inter {inter} {OBSERVE}"
 
     @property
     def line(self) -> str:
@@ -321,22 +318,17 @@ ServerMemo = dict[tuple[str, int], tuple[Instance, "int | None", Server]]
 
 
 def _servers(
-    instances: Mapping[str, Instance],
-    check_ms: int | None,
-    memo: ServerMemo | None = None,
-    held: AbstractSet[str] = frozenset(),
+    instances: Mapping[str, Instance], check_ms: int | None, memo: ServerMemo | None = None
 ) -> tuple[Server, ...]:
     """The servers of `instances`. `memo` keeps each instance's Server while the catalog
-    keeps its Instance object: a backend of 1,000 servers that gains one makes one.
-    `held`: the instances the removal guard keeps although their records are gone."""
+    keeps its Instance object: a backend of 1,000 servers that gains one makes one."""
     if memo is None:
         memo = {}
     out: list[Server] = []
     for name, inst in sorted(instances.items()):
         kept = memo.get((name, id(inst)))
-        is_held = name in held
-        if kept is None or kept[0] is not inst or kept[1] != check_ms or kept[2].held != is_held:
-            server = Server(safe(name), safe(inst.host), inst.port, inst.weight, check_ms, is_held)
+        if kept is None or kept[0] is not inst or kept[1] != check_ms:
+            server = Server(safe(name), safe(inst.host), inst.port, inst.weight, check_ms)
             kept = memo[(name, id(inst))] = (inst, check_ms, server)
         out.append(kept[2])
     return tuple(out)
@@ -371,7 +363,7 @@ def _service(
             spec.mode,
             spec.balance,
             check_path,
-            _servers(instances, check_ms, servers, svc.held),
+            _servers(instances, check_ms, servers),
         )
 
     backends = [backend(backend_name(svc.name), main)]

@@ -86,7 +86,7 @@ def server_changes(have: Backend, want: Backend, result: Plan) -> bool:
         return True
     if not want.dynamic:
         return False
-    if any(a.check_inter_ms != b.check_inter_ms or a.held != b.held for a, b in update):
+    if any(a.check_inter_ms != b.check_inter_ms for a, b in update):
         return False  # check settings cannot change at runtime
     name = want.name
     result.delete.extend((name, s) for s in delete)
@@ -179,8 +179,7 @@ class RuntimeApi:
                 f"add server {backend}/{server.name} {server.address} {server.options}",
                 "New server registered.",
             )
-            if server.checked:
-                await self.run(f"enable health {backend}/{server.name}", "")
+            await self.run(f"enable health {backend}/{server.name}", "")
             await self.run(f"enable server {backend}/{server.name}", "")
         for backend, _old, new in changes.update:
             await self.update(backend, new)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,3 +40,10 @@ class LogFile:
 
     def text(self) -> str:
         return self.path.read_text(errors="replace") if self.path.exists() else ""
+
+
+def cpu_with_children(pid: int) -> float:
+    """CPU seconds of `pid` and of the children it waited for."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # utime, stime, cutime, cstime (fields 14-17 of proc(5); here 0-based after the name)
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")

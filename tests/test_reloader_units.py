@@ -275,14 +275,13 @@ def test_guard_lets_holds_go_once_the_capacity_is_back() -> None:
     one = dict(list(insts(4).items())[:1])
     held = guard.filter(snap(svc("web", **one)), before)  # 3 of 4 gone: held
     assert sorted(held.services["web"].instances) == ["i0", "i1", "i2", "i3"]
-    assert held.services["web"].held == {"i1", "i2", "i3"}
     clock.now += 1
     # Two replacements came: 3 of the 4 it had is not a drop of over 50 %, so what was
     # held (dead or not) leaves now rather than at the end of the hold.
     back = {**one, "n1": Instance("10.0.0.2", 1), "n2": Instance("10.0.0.2", 2)}
     out = guard.filter(snap(svc("web", **back)), held)
     assert sorted(out.services["web"].instances) == ["i0", "n1", "n2"]
-    assert not guard.held and not out.services["web"].held
+    assert not guard.held
 
 
 def test_guard_never_holds_a_service_that_keeps_its_capacity() -> None:

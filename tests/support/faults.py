@@ -7,8 +7,8 @@ with its time and reason, so a test can say "0 failed requests" and, when it is 
 show exactly when and why. Threads, not the test's event loop: a blocking etcdctl call
 in the test must not look like an HAProxy stall.
 
-`haproxy_servers` asks HAProxy itself (admin socket, `show servers state`) which
-servers each backend routes to, for the "HAProxy's servers equal etcd's" checks.
+`haproxy_servers` and `service_servers` (from testbed.servers) ask HAProxy itself
+which servers each backend routes to, for the "HAProxy's servers equal etcd's" checks.
 
 `TcpProxy` stands between one client and etcd: `cut()` resets every connection and
 refuses new ones (a partition of that client alone, while everyone else still reaches
@@ -25,11 +25,10 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
-# srv_admin_state bits that take a server out of rotation (HAProxy's SRV_ADMF_*):
-# forced/inherited/config maintenance, resolution maintenance, forced/inherited drain.
-OUT_OF_ROTATION = 0x01 | 0x02 | 0x04 | 0x20 | 0x08 | 0x10
+from testbed.servers import haproxy_servers, service_servers
+
+__all__ = ["Failure", "Load", "TcpProxy", "haproxy_servers", "service_servers"]
 
 
 @dataclass
@@ -108,46 +107,6 @@ class Load:
     def summary(self) -> str:
         shown = "; ".join(f"{f.at:.2f}s {f.reason}" for f in self.failures[:10])
         return f"{self.ok} ok, {len(self.failures)} failed: {shown}"
-
-
-def admin_command(sock: Path, command: str, timeout: float = 5.0) -> str:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(sock))
-        s.sendall(command.encode() + b"\n")
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode(errors="replace")
-
-
-def haproxy_servers(sock: Path) -> dict[str, set[tuple[str, int]]]:
-    """backend -> {(addr, port)} of the servers in rotation, as HAProxy says right now."""
-    out: dict[str, set[tuple[str, int]]] = {}
-    for line in admin_command(sock, "show servers state").splitlines():
-        fields = line.split()
-        if not fields or line.startswith("#") or len(fields) < 19 or not fields[0].isdigit():
-            continue
-        backend, addr, admin, port = fields[1], fields[4], int(fields[6]), fields[18]
-        out.setdefault(backend, set())
-        if not admin & OUT_OF_ROTATION:
-            out[backend].add((addr, int(port)))
-    return out
-
-
-def service_servers(
-    state_dir: Path, service: str, domain: str = "localhost"
-) -> set[tuple[str, int]]:
-    """The servers in rotation for an HTTP service, wherever HAProxy keeps them: its own
-    `be_SERVICE` backend, or the pool backend the routes map points its host at (a
-    service that arrived after the last reload lives in a pool backend)."""
-    sock = state_dir / "admin.sock"
-    backend = f"be_{service}"
-    for line in admin_command(sock, f"show map {state_dir / 'routes.map'}").splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[1] == f"{service}.{domain}/":
-            backend = parts[2]
-    return haproxy_servers(sock).get(backend, set())
 
 
 class TcpProxy:

@@ -1,0 +1,437 @@
+"""The chaos soak: a real cluster killed and churned under HTTP load, with invariants.
+
+One service's instances are app processes (testbed.app), each registered by its own
+static sidekick (a companion: killed with its app, its record stays until the lease runs
+out, as when a node dies). Edges are real reloaders with their HAProxy; etcd is a real
+3-member cluster. While request loops run through every edge (keep-alive and a new
+connection per request at once), random events follow one another:
+
+    kill           the app and its sidekick SIGKILLed (no drain), a replacement started
+    stop           a graceful stop (the sidekick drains and deregisters), a replacement
+    scale-up       one more instance            scale-down   one fewer, gracefully
+    sidekick-kill  a sidekick SIGKILLed and started again beside its running app
+    wipe           every record of the service deleted while its processes serve
+    reloader-kill  an edge's reloader SIGKILLed and started again
+    haproxy-kill   an edge's HAProxy worker SIGKILLed (the reloader starts HAProxy again)
+    etcd-kill      an etcd member SIGKILLed, started again 2 s later
+    etcd-leader-kill  the same for the leader
+    etcd-pause     an etcd member stopped (SIGSTOP) for 5 s
+
+After each event the soak waits for quiet (etcd's up records are the instances alive)
+and measures how long until every edge's HAProxy has exactly those servers. Figures per
+event kind: failed requests (each failure belongs to the event before it), the slowest
+convergence, guard holds; and the reloaders' and HAProxys' memory at the start and end.
+`violations()` states the invariants; the bench prints the table, a test asserts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from testbed.etcd import Etcd
+from testbed.load import RequestLoops
+from testbed.process import wait_or_kill
+from testbed.reloader import ReloaderProcess
+from testbed.servers import Address, registered_up, service_servers
+from testbed.sidekick import SidekickProcess
+from testbed.waiting import wait_for
+
+KINDS = (
+    "kill",
+    "stop",
+    "scale-up",
+    "scale-down",
+    "sidekick-kill",
+    "wipe",
+    "reloader-kill",
+    "haproxy-kill",
+    "etcd-kill",
+    "etcd-leader-kill",
+    "etcd-pause",
+)
+# Events that kill a process serving requests: what was in flight on it may fail.
+ABRUPT = frozenset({"kill", "haproxy-kill"})
+# Events that delete live records in bulk: the only ones the guard may hold for.
+MASS_DELETION = frozenset({"wipe"})
+SERVICE = "web"
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+@dataclass
+class App:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    sidekick: SidekickProcess | None = None
+
+    @property
+    def address(self) -> Address:
+        return ("127.0.0.1", self.port)
+
+
+class Fleet:
+    """The service's instances: app processes and their companion sidekicks."""
+
+    def __init__(self, etcd: Etcd, root: Path, ttl: int) -> None:
+        self.etcd, self.root, self.ttl = etcd, root, ttl
+        self.apps: list[App] = []
+        self.made = 0
+
+    def add(self, sidekick: bool = True) -> App:
+        """A new instance, registered by a companion sidekick (or by the caller)."""
+        self.made += 1
+        name = f"app{self.made:03d}"
+        portfile = self.root / f"{name}.port"
+        with open(self.root / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "testbed.app", name, str(portfile)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for(portfile.exists, timeout=20, what=f"{name} listening (log {self.root})")
+        app = App(name, proc, int(portfile.read_text()))
+        if sidekick:
+            self.register(app)
+        self.apps.append(app)
+        return app
+
+    def register(self, app: App) -> None:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("SIDEKICK_", "ETCD"))},
+            "ETCD_ENDPOINTS": self.etcd.endpoints,
+            "SIDEKICK_STATE_DIR": str(self.root / "sidekick-state"),
+        }
+        args = [
+            *("--service", SERVICE, "--address", f"127.0.0.1:{app.port}"),
+            *("--instance", app.name, "--node", "chaos", "--ttl", str(self.ttl)),
+            *("--check", "http:/", "--check-interval", "0.5", "--rise", "1", "--fall", "2"),
+            *("--drain-seconds", "1"),
+        ]
+        app.sidekick = SidekickProcess(args, env, self.root / f"{app.name}.sidekick.log")
+
+    @property
+    def expected(self) -> set[Address]:
+        return {a.address for a in self.apps}
+
+    def kill(self, app: App) -> None:
+        """The app and its sidekick die at once, as a container and its companion do
+        when their node dies: nothing drains, the record stays until its lease ends."""
+        self.apps.remove(app)
+        for proc in (app.proc, app.sidekick.proc if app.sidekick else None):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+    def stop(self, app: App) -> None:
+        """A graceful stop: the sidekick drains and deregisters, then the app goes."""
+        self.apps.remove(app)
+        if app.sidekick is not None:
+            app.sidekick.stop(timeout=30)
+        app.proc.terminate()
+        wait_or_kill(app.proc, 10)
+
+    def kill_sidekick(self, app: App) -> None:
+        assert app.sidekick is not None
+        os.killpg(app.sidekick.proc.pid, signal.SIGKILL)
+        app.sidekick.proc.wait(10)
+        self.register(app)
+
+    def close(self) -> None:
+        for app in self.apps:
+            for proc in (app.proc, app.sidekick.proc if app.sidekick else None):
+                if proc is not None and proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+        self.apps.clear()
+
+
+class Traffic(RequestLoops):
+    """Keep-alive and new-connection loops through one edge, failures time-stamped."""
+
+    def __init__(self, edge: ReloaderProcess, limit: float) -> None:
+        super().__init__(edge.http_port, f"{SERVICE}.localhost", limit=limit, pace=0.0)
+        self.ok = 0
+        self.failed_at: list[tuple[float, str]] = []
+
+    def answered(self, body: bytes) -> None:
+        self.ok += 1
+
+    def _failed(self, keep_alive: bool, what: str) -> None:
+        with self.lock:
+            kind = "keep-alive" if keep_alive else "new"
+            self.failed_at.append((time.monotonic(), f"{kind}: {what}"))
+
+
+@dataclass
+class Event:
+    kind: str
+    start: float
+    quiet_s: float = 0.0  # from the start until etcd's records were the instances alive
+    converge_s: float = 0.0  # from then until every edge's HAProxy had exactly those
+    holds: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    seed: int
+    seconds: float
+    events: list[Event]
+    requests: int
+    failed: int
+    rss: dict[str, tuple[float, float]]  # process -> (MB at start, MB at end)
+    concurrency: int  # request loops: a bound on what can be in flight at once
+    logs: Path
+
+    def by_kind(self) -> dict[str, dict[str, float]]:
+        rows: dict[str, dict[str, float]] = {}
+        for ev in self.events:
+            row = rows.setdefault(
+                ev.kind,
+                {"events": 0, "failed": 0, "max_failed": 0, "holds": 0},
+            )
+            row["events"] += 1
+            row["failed"] += len(ev.failures)
+            row["max_failed"] = max(row["max_failed"], len(ev.failures))
+            row["holds"] += ev.holds
+            row["max_converge_s"] = max(row.get("max_converge_s", 0.0), ev.converge_s)
+            row["max_quiet_s"] = max(row.get("max_quiet_s", 0.0), ev.quiet_s)
+        return dict(sorted(rows.items()))
+
+    def violations(self, converge_s: float = 2.0) -> list[str]:
+        """The soak's invariants, each broken one said with its figures."""
+        out = []
+        for i, ev in enumerate(self.events):
+            where = f"event {i} {ev.kind} at {ev.start:.1f}s"
+            allowed = self.concurrency if ev.kind in ABRUPT else 0
+            if len(ev.failures) > allowed:
+                out.append(f"{where}: {len(ev.failures)} failed > {allowed}: {ev.failures[:5]}")
+            if ev.holds and ev.kind not in MASS_DELETION:
+                out.append(f"{where}: the guard held removals ({ev.holds} holds)")
+            if ev.converge_s > converge_s:
+                out.append(f"{where}: edges equal etcd {ev.converge_s:.2f}s after quiet")
+        return out
+
+
+class Soak:
+    def __init__(
+        self,
+        root: Path,
+        etcd: Etcd,
+        *,
+        edges: int = 2,
+        instances: int = 4,
+        ttl: int = 5,
+        kinds: tuple[str, ...] = KINDS,
+        seed: int | None = None,
+    ) -> None:
+        self.root, self.etcd, self.kinds = root, etcd, kinds
+        self.seed = seed if seed is not None else random.randrange(1 << 30)
+        self.rng = random.Random(self.seed)
+        self.size = instances
+        self.fleet = Fleet(etcd, root, ttl)
+        self.edges = [
+            ReloaderProcess(etcd, root / f"edge{i}", "--removal-hold", "10") for i in range(edges)
+        ]
+        self.clock0 = time.monotonic()
+
+    # -- setting up ----------------------------------------------------------------
+
+    def start(self) -> None:
+        for edge in self.edges:
+            edge.start()
+        for _ in range(self.size):
+            self.fleet.add()
+        self.settle(timeout=60)
+
+    def close(self) -> None:
+        self.fleet.close()
+        for edge in self.edges:
+            edge.stop()
+
+    # -- observing -----------------------------------------------------------------
+
+    def registered(self) -> set[Address] | None:
+        return registered_up(self.etcd.endpoint_list, SERVICE)
+
+    def edges_equal(self, want: set[Address]) -> bool:
+        try:
+            return all(service_servers(e.state_dir, SERVICE) == want for e in self.edges)
+        except OSError:
+            return False  # an edge between HAProxys
+
+    def settle(self, timeout: float = 45.0) -> tuple[float, float]:
+        """Wait until etcd's up records are the live instances (quiet), then until every
+        edge has exactly those servers; the clock times of both."""
+        want = self.fleet.expected
+        wait_for(
+            lambda: self.registered() == want,
+            timeout=timeout,
+            interval=0.05,
+            what=f"etcd's up records == the {len(want)} live instances (logs in {self.root})",
+        )
+        quiet = time.monotonic()
+        wait_for(
+            lambda: self.edges_equal(want),
+            timeout=timeout,
+            interval=0.02,
+            what=f"every edge's servers == etcd's {sorted(want)} (logs in {self.root})",
+        )
+        return quiet, time.monotonic()
+
+    def holds(self) -> int:
+        total = 0
+        for edge in self.edges:
+            with contextlib.suppress(OSError):  # an edge being started again counts 0
+                total += int(edge.metrics().get("reloader_removal_holds_total", 0))
+        return total
+
+    def rss(self) -> dict[str, float]:
+        out = {}
+        for i, edge in enumerate(self.edges):
+            if edge.proc is not None:
+                out[f"edge{i} reloader"] = rss_mb(edge.proc.pid)
+            with contextlib.suppress(OSError, AssertionError):
+                out[f"edge{i} haproxy"] = sum(rss_mb(pid) for pid in edge.workers())
+        return out
+
+    # -- events --------------------------------------------------------------------
+
+    def choose(self) -> str:
+        kinds = [
+            k
+            for k in self.kinds
+            if not (k == "scale-up" and len(self.fleet.apps) >= self.size + 2)
+            and not (k == "scale-down" and len(self.fleet.apps) <= self.size - 2)
+        ]
+        return self.rng.choice(kinds)
+
+    def act(self, kind: str) -> None:
+        rng, fleet = self.rng, self.fleet
+        if kind == "kill":
+            fleet.kill(rng.choice(fleet.apps))
+            fleet.add()
+        elif kind == "stop":
+            fleet.stop(rng.choice(fleet.apps))
+            fleet.add()
+        elif kind == "scale-up":
+            fleet.add()
+        elif kind == "scale-down":
+            fleet.stop(rng.choice(fleet.apps))
+        elif kind == "sidekick-kill":
+            fleet.kill_sidekick(rng.choice(fleet.apps))
+        elif kind == "wipe":
+            self.etcd.delete(f"/fluster/services/{SERVICE}/instances/", prefix=True)
+        elif kind == "reloader-kill":
+            edge = rng.choice(self.edges)
+            assert edge.proc is not None
+            edge.proc.kill()
+            edge.proc.wait(10)
+            edge.start()
+        elif kind == "haproxy-kill":
+            edge = rng.choice(self.edges)
+            os.kill(rng.choice(edge.workers()), signal.SIGKILL)
+        elif kind in ("etcd-kill", "etcd-leader-kill"):
+            member = (
+                self.etcd.leader() if kind == "etcd-leader-kill" else rng.choice(self.etcd.members)
+            )
+            member.kill()
+            time.sleep(2)  # the member stays down this long: the fault itself
+            member.start(self.etcd.initial_cluster, state="existing")
+            self.etcd.wait_healthy()
+        elif kind == "etcd-pause":
+            member = rng.choice(self.etcd.members)
+            member.pause()
+            time.sleep(5)  # the fault itself
+            member.resume()
+        else:
+            raise ValueError(f"unknown event kind {kind!r}")
+
+    def run(self, seconds: float) -> Report:
+        """Events one after another for `seconds`, under load through every edge."""
+        loads = [Traffic(edge, seconds + 300) for edge in self.edges]
+        events: list[Event] = []
+        rss_start = self.rss()
+        started = time.monotonic()
+        with _all(loads):
+            self.settle()
+            while time.monotonic() - started < seconds:
+                holds = self.holds()
+                ev = Event(self.choose(), time.monotonic())
+                self.act(ev.kind)
+                quiet, converged = self.settle()
+                ev.quiet_s, ev.converge_s = quiet - ev.start, converged - quiet
+                ev.holds = max(0, self.holds() - holds)
+                events.append(ev)
+                time.sleep(self.rng.uniform(0.2, 1.0))  # load between events, not a wait
+            self.settle()
+        ended = time.monotonic()
+        rss_end = self.rss()
+        failures = sorted(f for load in loads for f in load.failed_at)
+        self._attribute(events, failures, ended)
+        requests = sum(load.ok for load in loads) + len(failures)
+        return Report(
+            self.seed,
+            ended - started,
+            events,
+            requests,
+            len(failures),
+            {k: (rss_start.get(k, 0.0), v) for k, v in rss_end.items()},
+            sum(len(load.threads) for load in loads),
+            self.root,
+        )
+
+    @staticmethod
+    def _attribute(events: list[Event], failures: list[tuple[float, str]], end: float) -> None:
+        """Each failure belongs to the event it follows (until the next one starts)."""
+        bounds = [ev.start for ev in events[1:]] + [end]
+        for ev, until in zip(events, bounds, strict=True):
+            mine = [(at, why) for at, why in failures if ev.start <= at < until]
+            ev.failures = [f"{at - ev.start:+.2f}s {why}" for at, why in mine]
+
+
+class _all:
+    def __init__(self, loads: list[Traffic]) -> None:
+        self.loads = loads
+
+    def __enter__(self) -> None:
+        for load in self.loads:
+            load.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        for load in self.loads:
+            load.__exit__(*exc)
+
+
+def summary(report: Report) -> str:
+    lines = [
+        f"chaos soak: seed {report.seed}, {report.seconds:.0f} s, {len(report.events)} events, "
+        f"{report.requests} requests, {report.failed} failed (logs in {report.logs})",
+        f"{'event':<17}{'n':>4}{'failed':>8}{'max/ev':>8}{'holds':>7}{'quiet s':>9}{'conv s':>8}",
+    ]
+    for kind, row in report.by_kind().items():
+        lines.append(
+            f"{kind:<17}{row['events']:>4.0f}{row['failed']:>8.0f}{row['max_failed']:>8.0f}"
+            f"{row['holds']:>7.0f}{row['max_quiet_s']:>9.2f}{row['max_converge_s']:>8.2f}"
+        )
+    for name, (a, b) in sorted(report.rss.items()):
+        lines.append(f"RSS {name}: {a:.1f} -> {b:.1f} MB")
+    return "\n".join(lines)
