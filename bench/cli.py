@@ -16,13 +16,28 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import adapter, cdf, deploy, report, routing, scenarios, tls
+from bench import adapter, cdf, churn, deploy, report, routing, scenarios, tls
 from bench.backends import Backends, raise_fd_limit
 from bench.report import Row, ms, ratio
 from fluster.store import EtcdSettings, Store
 from testbed.etcd import Etcd
 
-ROWS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P10", "H1", "D1")
+ROWS = (
+    "P1",
+    "P2",
+    "P3",
+    "P4",
+    "P5",
+    "P6",
+    "P7",
+    "P10",
+    "H1",
+    "D1",
+    "R-CHURN",
+    "R-NODE",
+    "R-MASS",
+    "R-CHAOS",
+)
 DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 
 
@@ -33,6 +48,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--trials", type=int, help="P1/P2 trials (default 200, quick 30)")
     parser.add_argument("--reloads", type=int, help="P3 reloads (default 100, quick 20)")
     parser.add_argument("--idle", type=float, help="P6 window in s (default 60, quick 15)")
+    parser.add_argument("--minutes", type=float, help="R-CHAOS length (default 10, quick 1)")
+    parser.add_argument("--churn", type=float, help="R-CHURN seconds (default 30, quick 10)")
     parser.add_argument("--out", type=Path, default=DOC, help="markdown file to write")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -44,6 +61,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.trials = args.trials or (30 if args.quick else 200)
     args.reloads = args.reloads or (20 if args.quick else 100)
     args.idle = args.idle or (15.0 if args.quick else 60.0)
+    args.minutes = args.minutes or (1.0 if args.quick else 10.0)
+    args.churn = args.churn or (10.0 if args.quick else 30.0)
     return args
 
 
@@ -58,6 +77,8 @@ def row_command(args: argparse.Namespace, key: str) -> str:
         ("--trials", args.trials),
         ("--reloads", args.reloads),
         ("--idle", args.idle),
+        ("--minutes", args.minutes),
+        ("--churn", args.churn),
     ):
         if value != getattr(defaults, flag[2:]):
             parts += [flag, str(value)]
@@ -142,6 +163,15 @@ async def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], list[str
         if "P6" in only:
             with _noted("P6", notes):
                 rows.append(p6_row(args, await scenarios.p6_sidekick(env, args.idle)))
+        for key, make in (
+            ("R-CHURN", lambda c: churn.churn_row(c, work, args.churn)),
+            ("R-NODE", lambda c: churn.node_row(c, work)),
+            ("R-MASS", lambda c: churn.mass_row(c, work)),
+            ("R-CHAOS", lambda c: churn.chaos_row(c, work, args.minutes)),
+        ):
+            if key in only:
+                with _noted(key, notes):
+                    rows.append(await asyncio.to_thread(make, row_command(args, key)))
     finally:
         await store.close()
         backends.stop()

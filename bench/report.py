@@ -100,7 +100,7 @@ def document(
     return "\n".join(parts)
 
 
-_ROW = re.compile(r"^\| (\w+) \|")
+_ROW = re.compile(r"^\| ([\w-]+) \|")
 
 
 def merge(

@@ -50,9 +50,11 @@ class Figures:
 class Bed:
     """Edges + a fleet of app processes on `etcd`, torn down on leaving."""
 
-    def __init__(self, root: Path, etcd: Etcd, *, edges: int = 1, hold: float = 30.0) -> None:
+    def __init__(
+        self, root: Path, etcd: Etcd, *, edges: int = 1, hold: float = 30.0, ttl: int = 10
+    ) -> None:
         self.root, self.etcd = root, etcd
-        self.fleet = Fleet(etcd, root, ttl=10)
+        self.fleet = Fleet(etcd, root, ttl=ttl)
         self.edges = [
             ReloaderProcess(etcd, root / f"edge{i}", "--removal-hold", str(hold))
             for i in range(edges)
@@ -117,9 +119,9 @@ class Bed:
 
 
 def abrupt_churn(
-    root: Path, etcd: Etcd, *, interval: float, seconds: float, instances: int = 4
+    root: Path, etcd: Etcd, *, interval: float, seconds: float, instances: int = 4, edges: int = 1
 ) -> Figures:
-    with Bed(root, etcd) as bed:
+    with Bed(root, etcd, edges=edges) as bed:
         for _ in range(instances):
             bed.put(bed.fleet.add(sidekick=False))
         bed.served(bed.fleet.expected)
@@ -144,10 +146,17 @@ def abrupt_churn(
 
 
 def node_death(
-    root: Path, etcd: Etcd, *, instances: int = 4, dead: int = 3, after: float = 45.0
+    root: Path,
+    etcd: Etcd,
+    *,
+    instances: int = 4,
+    dead: int = 3,
+    after: float = 45.0,
+    ttl: int = 10,
+    edges: int = 1,
 ) -> Figures:
     """Figures from the kill until `after` seconds later (the leases run out within)."""
-    with Bed(root, etcd) as bed:
+    with Bed(root, etcd, ttl=ttl, edges=edges) as bed:
         for _ in range(instances):
             bed.fleet.add()
         bed.served(bed.fleet.expected)
@@ -167,12 +176,15 @@ def node_death(
             figures = bed.measure(loads, before, started)
         figures.changes = dead
         figures.extra["leases_ran_out_s"] = expired
+        figures.extra["in_flight_bound"] = sum(len(load.threads) for load in loads)
         return figures
 
 
-def mass_deletion(root: Path, etcd: Etcd, *, instances: int = 6, hold: float = 10.0) -> Figures:
+def mass_deletion(
+    root: Path, etcd: Etcd, *, instances: int = 6, hold: float = 10.0, edges: int = 1
+) -> Figures:
     """Figures within the hold; `extra["released_s"]`: when the edges let them go."""
-    with Bed(root, etcd, hold=hold) as bed:
+    with Bed(root, etcd, hold=hold, edges=edges) as bed:
         for _ in range(instances):
             bed.put(bed.fleet.add(sidekick=False))
         everyone = bed.fleet.expected
