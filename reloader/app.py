@@ -452,7 +452,9 @@ class Reloader:
         status = StatusServer(
             self.status, self.healthy, self.acme.answer if self.acme is not None else None
         )
-        intake: list[asyncio.Task[Any]] = []  # what takes changes in: stopped first
+        # Stopped first: what takes changes in, and HAProxy's watcher (HAProxy's graceful
+        # stop below is not a death to restart from, nor to log as one).
+        intake: list[asyncio.Task[Any]] = []
         try:
             await self.store.connect()
             intake.append(supervisor.start("catalog", self.catalog.run(self.on_snapshot)))
@@ -470,7 +472,7 @@ class Reloader:
                 return 1
             if first is not None and first.revision:
                 self.publisher.publish(first.revision)
-            supervisor.start("haproxy", self.haproxy.supervise())
+            intake.append(supervisor.start("haproxy", self.haproxy.supervise()))
             intake.append(supervisor.start("pipeline", self.pipeline()))
             supervisor.start("publisher", self.publisher.run())
             try:

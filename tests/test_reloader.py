@@ -143,6 +143,7 @@ async def test_sigterm_stops_gracefully_and_a_missing_haproxy_exits_non_zero(
     assert reloader.stop() == 0
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+    assert "task ended unexpectedly" not in reloader.log(), "a graceful stop is no death"
     stale = start_reloader("--sync-max-age", "0.001")  # etcd's word is always too old
     status, text = stale.http_get("/healthz")
     assert status == 503 and "stale" in text
