@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -393,7 +394,7 @@ class Soak:
         events: list[Event] = []
         rss_start = self.rss()
         started = time.monotonic()
-        with _all(loads):
+        with running(loads):
             self.settle()
             while time.monotonic() - started < seconds:
                 holds = self.holds()
@@ -437,17 +438,13 @@ def _accepts(port: int) -> bool:
     return True
 
 
-class _all:
-    def __init__(self, loads: list[Traffic]) -> None:
-        self.loads = loads
-
-    def __enter__(self) -> None:
-        for load in self.loads:
-            load.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        for load in self.loads:
-            load.__exit__(*exc)
+@contextlib.contextmanager
+def running(loads: list[Traffic]) -> Iterator[None]:
+    """All the request loops running, stopped on leaving."""
+    with contextlib.ExitStack() as stack:
+        for load in loads:
+            stack.enter_context(load)
+        yield
 
 
 def summary(report: Report) -> str:

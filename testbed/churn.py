@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from testbed.chaos import SERVICE, App, Fleet, Traffic, _all
+from testbed.chaos import SERVICE, App, Fleet, Traffic, running
 from testbed.etcd import Etcd
 from testbed.process import cpu_with_children
 from testbed.reloader import ReloaderProcess
@@ -126,7 +126,7 @@ def abrupt_churn(
             bed.put(bed.fleet.add(sidekick=False))
         bed.served(bed.fleet.expected)
         loads = [Traffic(edge, seconds + 120) for edge in bed.edges]
-        with _all(loads):
+        with running(loads):
             before = bed.counters()
             started = time.monotonic()
             replaced = 0
@@ -161,7 +161,7 @@ def node_death(
             bed.fleet.add()
         bed.served(bed.fleet.expected)
         loads = [Traffic(edge, after + 120) for edge in bed.edges]
-        with _all(loads):
+        with running(loads):
             before = bed.counters()
             started = time.monotonic()
             for app in list(bed.fleet.apps[:dead]):
@@ -190,7 +190,7 @@ def mass_deletion(
         everyone = bed.fleet.expected
         bed.served(everyone)
         loads = [Traffic(edge, hold + 120) for edge in bed.edges]
-        with _all(loads):
+        with running(loads):
             before = bed.counters()
             started = time.monotonic()
             etcd.delete(KEY.format(SERVICE, ""), prefix=True)
