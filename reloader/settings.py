@@ -273,14 +273,15 @@ DEBOUNCE_MAX_WAIT: Option[float] = Option(
 MAX_REMOVAL_PCT: Option[float] = Option(
     "--max-removal-pct",
     "RELOADER_MAX_REMOVAL_PCT",
-    "hold removals of more than this percent of a service's servers at once",
+    "hold removals that would leave a service more than this percent below the most "
+    "instances it had within the hold window",
     50.0,
     _percent,
 )
 REMOVAL_HOLD: Option[float] = Option(
     "--removal-hold",
     "RELOADER_REMOVAL_HOLD",
-    "seconds such removals are held",
+    "seconds such removals are held, and the window the most instances are taken over",
     30.0,
     non_negative_float,
 )
