@@ -65,6 +65,7 @@ class Reloader:
             rs.files.master_socket,
             rs.files.pid_file,
             on_restart=self._haproxy_restarted,
+            pass_fds=() if rs.http_fd is None else (rs.http_fd,),
         )
         self.applier = Applier(self.haproxy, settings.haproxy, rs.files, renderer)
         self.applier.on_late_rejection = self._late_rejection

@@ -146,7 +146,7 @@ class Applier:
         return await cli(self.files.admin_socket, command)
 
     async def validate(self, text: str) -> None:
-        error = await check_config(self.binary, self._write_candidate(text))
+        error = await check_config(self.binary, self._write_candidate(text), self.haproxy.pass_fds)
         self.checked_at = time.monotonic()
         if error is None:
             return
@@ -178,7 +178,7 @@ class Applier:
         """
         if not self.files.config.is_file():
             return False
-        if await check_config(self.binary, self.files.config) is not None:
+        if await check_config(self.binary, self.files.config, self.haproxy.pass_fds) is not None:
             return False
         text = self.files.config.read_text()
         routes = self.files.routes_map.read_text() if self.files.routes_map.is_file() else ""
@@ -300,7 +300,7 @@ class Applier:
         live = self.live
         if self.unchecked_since is None or live is None:
             return
-        error = await check_config(self.binary, self.files.config)
+        error = await check_config(self.binary, self.files.config, self.haproxy.pass_fds)
         self.checked_at = time.monotonic()
         if self.live is not live:
             return  # an apply ran meanwhile: it has its own file to check

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from dataclasses import replace
+
+import structlog
 
 from fluster import keys
 from fluster.catalog import Catalog
@@ -12,9 +15,12 @@ from fluster.settings import SettingsError, exit_on_problems, make_directory
 from fluster.store import Store, StoreError
 from reloader import settings as settings_mod
 from reloader.app import Reloader
+from reloader.listener import open_listener
 from reloader.model import is_ip
 from reloader.render import Renderer, RenderError
 from reloader.targets import HostFacts, Resolver
+
+log = structlog.get_logger("reloader")
 
 
 async def render_once(settings: settings_mod.Settings, renderer: Renderer) -> int:
@@ -36,9 +42,19 @@ async def render_once(settings: settings_mod.Settings, renderer: Renderer) -> in
 
 
 async def run_reloader(settings: settings_mod.Settings, renderer: Renderer) -> int:
-    stop = asyncio.Event()
-    with capture_signals(stop):
-        return await Reloader(settings, renderer).run(stop)
+    host, port = settings.render.http_bind
+    try:
+        listener = open_listener(host, port)
+    except OSError as exc:
+        log.error(
+            "cannot bind the HTTP frontend", http_bind=f"{host or '*'}:{port}", error=str(exc)
+        )
+        return 1
+    with listener:
+        render = replace(settings.render, http_fd=listener.fileno())
+        stop = asyncio.Event()
+        with capture_signals(stop):
+            return await Reloader(replace(settings, render=render), renderer).run(stop)
 
 
 def main(argv: list[str] | None = None) -> int:

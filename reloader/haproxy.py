@@ -142,8 +142,9 @@ def parse_show_proc(text: str) -> Processes:
     return Processes(int(match[1]), int(match[2]), tuple(workers))
 
 
-async def check_config(haproxy: str, path: Path) -> str | None:
-    """`haproxy -c -f path`: None when valid, else the error text (exit code decides)."""
+async def check_config(haproxy: str, path: Path, pass_fds: Sequence[int] = ()) -> str | None:
+    """`haproxy -c -f path`: None when valid, else the error text (exit code decides).
+    `pass_fds`: the sockets the config binds as `fd@N` (HAProxy checks they are open)."""
     try:
         proc = await asyncio.create_subprocess_exec(
             haproxy,
@@ -152,6 +153,7 @@ async def check_config(haproxy: str, path: Path) -> str | None:
             str(path),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            pass_fds=pass_fds,
         )
     except OSError as exc:
         return f"cannot run {haproxy}: {exc}"
@@ -177,8 +179,13 @@ class Haproxy:
         master_socket: Path,
         pid_file: Path | None = None,
         on_restart: Callable[[], None] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.binary = binary
+        self.pass_fds = tuple(pass_fds)  # sockets the config binds as `fd@N`
+        # A master whose reload failed waits with its old workers, having closed the
+        # sockets it inherited: with `pass_fds`, it cannot load a config again.
+        self.master_lost_fds = False
         self.on_restart = on_restart
         self.pid_file = pid_file
         self.config = config
@@ -209,7 +216,10 @@ class Haproxy:
             self.master_socket.unlink()
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+                pass_fds=self.pass_fds,
             )
         except OSError as exc:
             raise StartFailed(f"cannot run {self.binary}: {exc}") from exc
@@ -241,8 +251,11 @@ class Haproxy:
         """Run forever: when the master dies, start it again (first retry within 0.1 s)."""
         backoff = Backoff(base=0.1, cap=1.0)
         while True:
-            assert self.proc is not None
-            status = await self.proc.wait()
+            proc = self.proc
+            assert proc is not None
+            status = await proc.wait()
+            if proc is not self.proc:
+                continue  # a master replaced by a new one (see `_replace`)
             self.up = False
             if self.stopping:
                 return
@@ -264,6 +277,9 @@ class Haproxy:
 
     async def reload(self) -> Processes:
         """Ask the master to reload the config file; return once a new worker serves."""
+        if self.master_lost_fds:
+            await self._replace()
+            return await self.processes()
         before = await self.processes()
         await cli(self.master_socket, "reload")
         deadline = asyncio.get_running_loop().time() + RELOAD_TIMEOUT
@@ -275,11 +291,24 @@ class Haproxy:
                 await asyncio.sleep(0.02)
                 continue
             if now.failed > before.failed:
+                self.master_lost_fds = bool(self.pass_fds)
                 raise ReloadFailed(f"haproxy reload failed ({now.failed} failures so far)")
             if now.reloads > before.reloads and set(now.workers) - set(before.workers):
                 return now
             await asyncio.sleep(0.02)
         raise ReloadFailed(f"no new haproxy worker within {RELOAD_TIMEOUT}s of the reload")
+
+    async def _replace(self) -> None:
+        """A new master on the config file in place of this one, which is soft-stopped
+        once the new one serves (both accept on the shared sockets meanwhile)."""
+        old, self.proc = self.proc, None  # so that start() takes the old one as an orphan
+        try:
+            await self.start()
+        except StartFailed as exc:
+            self.proc = old
+            raise ReloadFailed(f"a new haproxy master did not start: {exc}") from exc
+        self.master_lost_fds = False
+        log.info("haproxy master replaced", pid=self.proc.pid if self.proc else None)
 
     async def stop(self, grace: float = STOP_GRACE) -> None:
         """Soft stop (SIGUSR1: finish current requests), then SIGTERM, then SIGKILL."""

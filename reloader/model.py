@@ -85,6 +85,9 @@ class RenderSettings:
 
     state_dir: Path = Path("/var/lib/reloader")
     http_bind: tuple[str, int] = ("", 80)
+    # The socket the reloader holds on `http_bind` (reloader/listener.py), which HAProxy
+    # inherits as `fd@N`; None: HAProxy binds `http_bind` itself (`render --once`).
+    http_fd: int | None = None
     domain: str = "localhost"
     stats_bind: tuple[str, int] | None = None
     stats_auth: str = field(default="", repr=False)  # USER:PASSWORD when not on loopback

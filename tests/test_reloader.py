@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.support.etcd import Etcd, wait_for
+from tests.support.faults import Load
 from tests.support.haproxy import HttpBackend, ReloaderProcess
 
 Start = Callable[..., ReloaderProcess]
@@ -97,6 +98,31 @@ async def test_haproxy_killed_is_back_within_a_second(
     )
     assert time.monotonic() - started < 1.0
     assert reloader.status()["haproxy_restarts"] == 1
+
+
+def test_a_killed_haproxy_worker_refuses_no_connection(
+    etcd: Etcd, start_reloader: Start, backends: Backends
+) -> None:
+    """The HTTP port is the reloader's socket, lent to HAProxy (`bind fd@N`): when the
+    worker dies, connections wait in the socket's backlog for the next HAProxy instead of
+    being refused (before: every attempt in the ~0.2-0.4 s restart was refused)."""
+    (a,) = backends(1)
+    etcd.put(KEY.format("web", "a"), a.json())
+    reloader = start_reloader()
+    reloader.wait_served("web.localhost", {a.ident})
+    assert "bind fd@" in reloader.config
+    load = Load(reloader.http_port, "web.localhost", threads=4, pause=0.0).start()
+    try:
+        wait_for(lambda: load.ok > 200, timeout=20, what="load running")
+        old = reloader.haproxy_pid()
+        os.kill(reloader.workers()[0], signal.SIGKILL)
+        wait_for(lambda: reloader.haproxy_pid() != old, timeout=10, what="haproxy restarted")
+        served = load.ok
+        wait_for(lambda: load.ok > served + 500, timeout=20, what="load served after")
+    finally:
+        load.stop()
+    # What was in flight on the dead worker may fail: at most one request per thread.
+    assert len(load.failures) <= 4, load.summary()
 
 
 async def test_a_haproxy_restarted_from_files_that_lag_gets_the_runtime_changes_again(
