@@ -12,9 +12,9 @@ connection per request at once), random events follow one another:
     sidekick-kill  a sidekick SIGKILLed and started again beside its running app
     wipe           every record of the service deleted while its processes serve
     reloader-kill  an edge's reloader SIGKILLed and started again
-    haproxy-kill   an edge's HAProxy worker SIGKILLed (the reloader starts HAProxy again;
-                   the listening socket goes with the worker, so new connections are
-                   refused until then: the event's `outage_s`)
+    haproxy-kill   an edge's HAProxy worker SIGKILLed (the reloader starts HAProxy again,
+                   `restart_s`; the HTTP port is the reloader's socket, so connections
+                   wait in its backlog meanwhile)
     etcd-kill      an etcd member SIGKILLed, started again 2 s later
     etcd-leader-kill  the same for the leader
     etcd-pause     an etcd member stopped (SIGSTOP) for 5 s
@@ -29,10 +29,10 @@ convergence, guard holds; and the reloaders' and HAProxys' memory at the start a
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -61,10 +61,8 @@ KINDS = (
     "etcd-leader-kill",
     "etcd-pause",
 )
-# Events that kill a process serving requests: what was in flight on it may fail (and,
-# for HAProxy, what connects while no HAProxy listens).
+# Events that kill a process serving requests: what was in flight on it may fail.
 ABRUPT = frozenset({"kill", "haproxy-kill"})
-OUTAGE_SLACK = 0.5  # s: a failure this long after HAProxy listens again is not the kill's
 # Events that delete live records in bulk: the only ones the guard may hold for.
 MASS_DELETION = frozenset({"wipe"})
 SERVICE = "web"
@@ -194,7 +192,7 @@ class Event:
     converge_s: float = 0.0  # from then until every edge's HAProxy had exactly those
     holds: int = 0
     failures: list[tuple[float, str]] = field(default_factory=list)  # (s after start, why)
-    outage_s: float | None = None  # haproxy-kill: until the edge accepted connections again
+    restart_s: float | None = None  # haproxy-kill: until a new HAProxy served a request
 
 
 @dataclass
@@ -219,8 +217,8 @@ class Report:
             row["failed"] += len(ev.failures)
             row["max_failed"] = max(row["max_failed"], len(ev.failures))
             row["holds"] += ev.holds
-            if ev.outage_s is not None:
-                row["max_outage_s"] = max(row.get("max_outage_s", 0.0), ev.outage_s)
+            if ev.restart_s is not None:
+                row["max_restart_s"] = max(row.get("max_restart_s", 0.0), ev.restart_s)
             row["max_converge_s"] = max(row.get("max_converge_s", 0.0), ev.converge_s)
             row["max_quiet_s"] = max(row.get("max_quiet_s", 0.0), ev.quiet_s)
         return dict(sorted(rows.items()))
@@ -231,8 +229,6 @@ class Report:
         for i, ev in enumerate(self.events):
             where = f"event {i} {ev.kind} at {ev.start:.1f}s"
             failures = ev.failures
-            if ev.outage_s is not None:  # refused while no HAProxy listened: the kill's
-                failures = [f for f in failures if f[0] > ev.outage_s + OUTAGE_SLACK]
             allowed = self.concurrency if ev.kind in ABRUPT else 0
             if len(failures) > allowed:
                 shown = [f"{at:+.2f}s {why}" for at, why in failures[:5]]
@@ -343,7 +339,7 @@ class Soak:
         return kind
 
     def act(self, kind: str) -> float | None:
-        """Make one event happen; for haproxy-kill, the seconds no HAProxy listened."""
+        """Make one event happen; for haproxy-kill, the seconds until HAProxy served again."""
         started = time.monotonic()
         rng, fleet = self.rng, self.fleet
         if kind == "kill":
@@ -368,8 +364,14 @@ class Soak:
             edge.start()
         elif kind == "haproxy-kill":
             edge = rng.choice(self.edges)
+            old = edge.haproxy_pid()
             os.kill(rng.choice(edge.workers()), signal.SIGKILL)
-            wait_for(lambda: _accepts(edge.http_port), timeout=30, interval=0.005, what="HAProxy")
+            wait_for(
+                lambda: edge.haproxy_pid() != old and _serves(edge),
+                timeout=30,
+                interval=0.005,
+                what=f"a new HAProxy serving (logs in {edge.log_path})",
+            )
             return time.monotonic() - started
         elif kind in ("etcd-kill", "etcd-leader-kill"):
             member = (
@@ -399,7 +401,7 @@ class Soak:
             while time.monotonic() - started < seconds:
                 holds = self.holds()
                 ev = Event(self.choose(), time.monotonic())
-                ev.outage_s = self.act(ev.kind)
+                ev.restart_s = self.act(ev.kind)
                 quiet, converged = self.settle()
                 ev.quiet_s, ev.converge_s = quiet - ev.start, converged - quiet
                 ev.holds = max(0, self.holds() - holds)
@@ -430,12 +432,11 @@ class Soak:
             ev.failures = [(at - ev.start, why) for at, why in failures if ev.start <= at < until]
 
 
-def _accepts(port: int) -> bool:
+def _serves(edge: ReloaderProcess) -> bool:
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
+        return edge.get(f"{SERVICE}.localhost")[0] == 200
+    except (OSError, http.client.HTTPException):
         return False
-    return True
 
 
 @contextlib.contextmanager
@@ -452,13 +453,13 @@ def summary(report: Report) -> str:
         f"chaos soak: seed {report.seed}, {report.seconds:.0f} s, {len(report.events)} events, "
         f"{report.requests} requests, {report.failed} failed (logs in {report.logs})",
         f"{'event':<17}{'n':>4}{'failed':>8}{'max/ev':>8}{'holds':>7}{'quiet s':>9}"
-        f"{'conv s':>8}{'outage s':>10}",
+        f"{'conv s':>8}{'restart s':>10}",
     ]
     for kind, row in report.by_kind().items():
-        outage = f"{row['max_outage_s']:>10.2f}" if "max_outage_s" in row else f"{'-':>10}"
+        restart = f"{row['max_restart_s']:>10.2f}" if "max_restart_s" in row else f"{'-':>10}"
         lines.append(
             f"{kind:<17}{row['events']:>4.0f}{row['failed']:>8.0f}{row['max_failed']:>8.0f}"
-            f"{row['holds']:>7.0f}{row['max_quiet_s']:>9.2f}{row['max_converge_s']:>8.2f}{outage}"
+            f"{row['holds']:>7.0f}{row['max_quiet_s']:>9.2f}{row['max_converge_s']:>8.2f}{restart}"
         )
     for name, (a, b) in sorted(report.rss.items()):
         lines.append(f"RSS {name}: {a:.1f} -> {b:.1f} MB")
