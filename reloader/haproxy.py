@@ -169,6 +169,16 @@ async def check_config(haproxy: str, path: Path, pass_fds: Sequence[int] = ()) -
     return out.decode("utf-8", "replace").strip() or f"exit status {proc.returncode}"
 
 
+def running_master(pid_file: Path, config: Path) -> int | None:
+    """The pid of a HAProxy master running on `config` (as `pid_file` says), if any."""
+    try:
+        pid = int(pid_file.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if str(config).encode() in cmdline else None
+
+
 class Haproxy:
     """The master process: `start()`, then `supervise()` as a task, `stop()` at the end."""
 
@@ -201,13 +211,9 @@ class Haproxy:
 
     def _orphan(self) -> int | None:
         """A master a SIGKILLed reloader left running on this same config, if any."""
-        try:
-            pid = int(self.pid_file.read_text()) if self.pid_file else 0
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            return None
+        pid = running_master(self.pid_file, self.config) if self.pid_file else None
         ours = self.proc is not None and self.proc.pid == pid
-        return pid if not ours and str(self.config).encode() in cmdline else None
+        return None if ours else pid
 
     async def start(self) -> None:
         """Start the master and wait for its first worker; StartFailed if it never comes."""

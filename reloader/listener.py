@@ -12,6 +12,9 @@ reloader (SO_REUSEPORT, as HAProxy's own binds have).
 
 from __future__ import annotations
 
+import ctypes
+import os
+import re
 import socket
 
 BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
@@ -31,4 +34,52 @@ def open_listener(host: str, port: int) -> socket.socket:
     except OSError:
         sock.close()
         raise
+    return sock
+
+
+# pidfd_getfd(2), Linux 5.6: the same number on every architecture (added after 424).
+SYS_PIDFD_GETFD = 438
+_LENT = re.compile(r"^\s*bind fd@(\d+)", re.MULTILINE)
+
+
+def lent_fd(config: str) -> int | None:
+    """The fd a config's HTTP frontend binds (`bind fd@N`), if it has one."""
+    match = _LENT.search(config)
+    return int(match[1]) if match else None
+
+
+def adopt_listener(pid: int, fd: int, port: int) -> socket.socket | None:
+    """The listening socket HAProxy master `pid` holds as `fd`, duplicated into this
+    process, if it listens on `port`; None when it cannot be had (no pidfd_getfd, no
+    ptrace rights: in a container without CAP_SYS_PTRACE, say).
+
+    A reloader that was SIGKILLed leaves its HAProxy serving on the socket it lent it.
+    Taking over with a new socket beside it (SO_REUSEPORT) would reset the connections
+    queued on the old one when the old HAProxy stops; taking over the same socket resets
+    none."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        dup = int(libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0))
+    finally:
+        os.close(pidfd)
+    if dup < 0:
+        return None
+    try:
+        sock = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return None
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        if sock.type != socket.SOCK_STREAM or not listening or sock.getsockname()[1] != port:
+            sock.close()
+            return None
+        sock.set_inheritable(True)
+    except OSError:
+        sock.close()
+        return None
     return sock

@@ -16,7 +16,7 @@ from testbed.etcd import Etcd
 
 @pytest.mark.timeout(300)
 def test_one_minute_of_chaos_fails_only_what_died_in_flight(etcd3: Etcd, tmp_path: Path) -> None:
-    soak = Soak(tmp_path, etcd3, edges=2, instances=4, ttl=3)
+    soak = Soak(tmp_path, etcd3, edges=2, instances=4, ttl=5)
     try:
         soak.start()
         report = soak.run(60)
