@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 from dataclasses import replace
 
@@ -16,11 +15,9 @@ from fluster.settings import SettingsError, exit_on_problems, make_directory
 from fluster.store import Store, StoreError
 from reloader import settings as settings_mod
 from reloader.app import Reloader
-from reloader.haproxy import running_master
-from reloader.listener import adopt_listener, lent_fd, open_listener
-from reloader.model import RenderSettings, is_ip
+from reloader.listener import http_listener
+from reloader.model import is_ip
 from reloader.render import Renderer, RenderError
-from reloader.state_dir import StateDir
 from reloader.targets import HostFacts, Resolver
 
 log = structlog.get_logger("reloader")
@@ -47,7 +44,7 @@ async def render_once(settings: settings_mod.Settings, renderer: Renderer) -> in
 async def run_reloader(settings: settings_mod.Settings, renderer: Renderer) -> int:
     host, port = settings.render.http_bind
     try:
-        listener = _left_behind(settings.render) or open_listener(host, port)
+        listener = http_listener(settings.render)
     except OSError as exc:
         log.error(
             "cannot bind the HTTP frontend", http_bind=f"{host or '*'}:{port}", error=str(exc)
@@ -58,20 +55,6 @@ async def run_reloader(settings: settings_mod.Settings, renderer: Renderer) -> i
         stop = asyncio.Event()
         with capture_signals(stop):
             return await Reloader(replace(settings, render=render), renderer).run(stop)
-
-
-def _left_behind(render: RenderSettings) -> socket.socket | None:
-    """The HTTP socket a SIGKILLed reloader lent the HAProxy it left running, if any."""
-    files = StateDir(render.state_dir)
-    pid = running_master(files.pid_file, files.config)
-    try:
-        fd = lent_fd(files.config.read_text()) if pid is not None else None
-    except OSError:
-        return None
-    sock = adopt_listener(pid, fd, render.http_bind[1]) if pid and fd is not None else None
-    if sock is not None:
-        log.info("took over the HTTP socket of the haproxy left behind", pid=pid)
-    return sock
 
 
 def main(argv: list[str] | None = None) -> int:

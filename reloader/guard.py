@@ -1,4 +1,4 @@
-"""The removal guard: do not let a lost registry empty a backend by accident.
+"""The blast-radius guard: do not let a lost registry empty a backend by accident.
 
 When leases expire en masse (an etcd partition, a sidekick fleet restart, a stray
 `etcdctl del --prefix`), the registry briefly says most instances are gone while the

@@ -17,7 +17,32 @@ import os
 import re
 import socket
 
+import structlog
+
+from reloader.haproxy import running_master
+from reloader.model import RenderSettings
+from reloader.state_dir import StateDir
+
+log = structlog.get_logger("reloader.listener")
+
 BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+
+
+def http_listener(render: RenderSettings) -> socket.socket:
+    """The socket for the shared HTTP frontend: the one a SIGKILLed reloader lent the
+    HAProxy it left running on this state dir, else a new one; OSError if neither."""
+    files = StateDir(render.state_dir)
+    pid = running_master(files.pid_file, files.config)
+    if pid is not None:
+        try:
+            fd = lent_fd(files.config.read_text())
+        except OSError:
+            fd = None
+        sock = adopt_listener(pid, fd, render.http_bind[1]) if fd is not None else None
+        if sock is not None:
+            log.info("took over the HTTP socket of the haproxy left behind", pid=pid)
+            return sock
+    return open_listener(*render.http_bind)
 
 
 def open_listener(host: str, port: int) -> socket.socket:

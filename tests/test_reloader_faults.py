@@ -301,5 +301,8 @@ def test_a_haproxy_left_by_a_killed_reloader_is_taken_over(
 
     reloader.start()
     assert reloader.haproxy_pid() != orphan
+    # The very socket the orphan serves on (not a second one beside it, whose closing
+    # would reset the connections queued on the orphan's): root here has ptrace rights.
+    assert "took over the HTTP socket of the haproxy left behind" in reloader.log()
     wait_for(lambda: not Path(f"/proc/{orphan}").exists(), timeout=10, what="orphan gone")
     assert reloader.get("web.localhost") == (200, a.ident)
