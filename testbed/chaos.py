@@ -18,6 +18,8 @@ connection per request at once), random events follow one another:
     etcd-kill      an etcd member SIGKILLed, started again 2 s later
     etcd-leader-kill  the same for the leader
     etcd-pause     an etcd member stopped (SIGSTOP) for 5 s
+    agent-kill     a host agent (`sidekick --all`) SIGKILLed and started again while its
+                   containers serve (with `agent=True`: testbed/hostagent.py)
 
 After each event the soak waits for quiet (etcd's up records are the instances alive)
 and measures how long until every edge's HAProxy has exactly those servers. Figures per
@@ -33,19 +35,15 @@ import http.client
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.etcd import Etcd
-from testbed.load import RequestLoops
-from testbed.process import wait_or_kill
+from testbed.fleet import SERVICE, Fleet, Traffic, running
+from testbed.hostagent import HostAgentGroup
 from testbed.reloader import ReloaderProcess
 from testbed.servers import Address, registered_up, service_servers
-from testbed.sidekick import SidekickProcess
 from testbed.waiting import wait_for
 
 KINDS = (
@@ -60,6 +58,7 @@ KINDS = (
     "etcd-kill",
     "etcd-leader-kill",
     "etcd-pause",
+    "agent-kill",
 )
 # Events that kill a process serving requests: what was in flight on it may fail.
 ABRUPT = frozenset({"kill", "haproxy-kill"})
@@ -68,7 +67,6 @@ ABRUPT = frozenset({"kill", "haproxy-kill"})
 # hang on it lose their leases together (a lease storm), and holding is the guard's job.
 MASS_DELETION = frozenset({"wipe"})
 PAUSE_S = 5.0
-SERVICE = "web"
 
 
 def rss_mb(pid: int) -> float:
@@ -79,112 +77,6 @@ def rss_mb(pid: int) -> float:
     except OSError:
         pass
     return 0.0
-
-
-@dataclass
-class App:
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    sidekick: SidekickProcess | None = None
-
-    @property
-    def address(self) -> Address:
-        return ("127.0.0.1", self.port)
-
-
-class Fleet:
-    """The service's instances: app processes and their companion sidekicks."""
-
-    def __init__(self, etcd: Etcd, root: Path, ttl: int) -> None:
-        self.etcd, self.root, self.ttl = etcd, root, ttl
-        self.apps: list[App] = []
-        self.made = 0
-
-    def add(self, sidekick: bool = True) -> App:
-        """A new instance, registered by a companion sidekick (or by the caller)."""
-        self.made += 1
-        name = f"app{self.made:03d}"
-        portfile = self.root / f"{name}.port"
-        with open(self.root / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "testbed.app", name, str(portfile)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_for(portfile.exists, timeout=20, what=f"{name} listening (log {self.root})")
-        app = App(name, proc, int(portfile.read_text()))
-        if sidekick:
-            self.register(app)
-        self.apps.append(app)
-        return app
-
-    def register(self, app: App) -> None:
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("SIDEKICK_", "ETCD"))},
-            "ETCD_ENDPOINTS": self.etcd.endpoints,
-            "SIDEKICK_STATE_DIR": str(self.root / "sidekick-state"),
-        }
-        args = [
-            *("--service", SERVICE, "--address", f"127.0.0.1:{app.port}"),
-            *("--instance", app.name, "--node", "chaos", "--ttl", str(self.ttl)),
-            *("--check", "http:/", "--check-interval", "0.5", "--rise", "1", "--fall", "2"),
-            *("--drain-seconds", "1"),
-        ]
-        app.sidekick = SidekickProcess(args, env, self.root / f"{app.name}.sidekick.log")
-
-    @property
-    def expected(self) -> set[Address]:
-        return {a.address for a in self.apps}
-
-    def kill(self, app: App) -> None:
-        """The app and its sidekick die at once, as a container and its companion do
-        when their node dies: nothing drains, the record stays until its lease ends."""
-        self.apps.remove(app)
-        for proc in (app.proc, app.sidekick.proc if app.sidekick else None):
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-
-    def stop(self, app: App) -> None:
-        """A graceful stop: the sidekick drains and deregisters, then the app goes."""
-        self.apps.remove(app)
-        if app.sidekick is not None:
-            app.sidekick.stop(timeout=30)
-        app.proc.terminate()
-        wait_or_kill(app.proc, 10)
-
-    def kill_sidekick(self, app: App) -> None:
-        assert app.sidekick is not None
-        os.killpg(app.sidekick.proc.pid, signal.SIGKILL)
-        app.sidekick.proc.wait(10)
-        self.register(app)
-
-    def close(self) -> None:
-        for app in self.apps:
-            for proc in (app.proc, app.sidekick.proc if app.sidekick else None):
-                if proc is not None and proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(10)
-        self.apps.clear()
-
-
-class Traffic(RequestLoops):
-    """Keep-alive and new-connection loops through one edge, failures time-stamped."""
-
-    def __init__(self, edge: ReloaderProcess, limit: float) -> None:
-        super().__init__(edge.http_port, f"{SERVICE}.localhost", limit=limit, pace=0.0)
-        self.ok = 0
-        self.failed_at: list[tuple[float, str]] = []
-
-    def answered(self, body: bytes) -> None:
-        self.ok += 1
-
-    def _failed(self, keep_alive: bool, what: str) -> None:
-        with self.lock:
-            kind = "keep-alive" if keep_alive else "new"
-            self.failed_at.append((time.monotonic(), f"{kind}: {what}"))
 
 
 @dataclass
@@ -255,13 +147,16 @@ class Soak:
         ttl: int = 5,
         kinds: tuple[str, ...] = KINDS,
         seed: int | None = None,
+        agent: bool = False,
     ) -> None:
-        self.root, self.etcd, self.kinds = root, etcd, kinds
+        self.root, self.etcd = root, etcd
+        self.kinds = kinds if agent else tuple(k for k in kinds if k != "agent-kill")
         self.seed = seed if seed is not None else random.randrange(1 << 30)
         self.rng = random.Random(self.seed)
         self.size = instances
         self.deck: list[str] = []
         self.fleet = Fleet(etcd, root, ttl)
+        self.agent = HostAgentGroup(etcd, root, ttl) if agent else None
         self.edges = [
             ReloaderProcess(etcd, root / f"edge{i}", "--removal-hold", "10") for i in range(edges)
         ]
@@ -274,40 +169,55 @@ class Soak:
             edge.start()
         for _ in range(self.size):
             self.fleet.add()
+        if self.agent is not None:
+            self.agent.start()
         self.settle(timeout=60)
 
     def close(self) -> None:
         self.fleet.close()
+        if self.agent is not None:
+            self.agent.close()
         for edge in self.edges:
             edge.stop()
 
     # -- observing -----------------------------------------------------------------
 
-    def registered(self) -> set[Address] | None:
-        return registered_up(self.etcd.endpoint_list, SERVICE)
+    def expected(self) -> dict[str, set[Address]]:
+        """Service -> the addresses of its live instances."""
+        out = {SERVICE: self.fleet.expected}
+        if self.agent is not None:
+            out[self.agent.service] = self.agent.expected
+        return out
 
-    def edges_equal(self, want: set[Address]) -> bool:
+    def registered(self) -> dict[str, set[Address] | None]:
+        return {svc: registered_up(self.etcd.endpoint_list, svc) for svc in self.expected()}
+
+    def edges_equal(self, want: dict[str, set[Address]]) -> bool:
         try:
-            return all(service_servers(e.state_dir, SERVICE) == want for e in self.edges)
+            return all(
+                service_servers(e.state_dir, svc) == addresses
+                for e in self.edges
+                for svc, addresses in want.items()
+            )
         except OSError:
             return False  # an edge between HAProxys
 
     def settle(self, timeout: float = 45.0) -> tuple[float, float]:
         """Wait until etcd's up records are the live instances (quiet), then until every
         edge has exactly those servers; the clock times of both."""
-        want = self.fleet.expected
+        want = self.expected()
         wait_for(
             lambda: self.registered() == want,
             timeout=timeout,
             interval=0.05,
-            what=f"etcd's up records == the {len(want)} live instances (logs in {self.root})",
+            what=f"etcd's up records == the live instances {want} (logs in {self.root})",
         )
         quiet = time.monotonic()
         wait_for(
             lambda: self.edges_equal(want),
             timeout=timeout,
             interval=0.02,
-            what=f"every edge's servers == etcd's {sorted(want)} (logs in {self.root})",
+            what=f"every edge's servers == etcd's {want} (logs in {self.root})",
         )
         return quiet, time.monotonic()
 
@@ -385,6 +295,9 @@ class Soak:
             time.sleep(2)  # the member stays down this long: the fault itself
             member.start(self.etcd.initial_cluster, state="existing")
             self.etcd.wait_healthy()
+        elif kind == "agent-kill":
+            assert self.agent is not None
+            self.agent.kill_agent()
         elif kind == "etcd-pause":
             member = rng.choice(self.etcd.members)
             member.pause()
@@ -396,7 +309,11 @@ class Soak:
 
     def run(self, seconds: float) -> Report:
         """Events one after another for `seconds`, under load through every edge."""
-        loads = [Traffic(edge, seconds + 300) for edge in self.edges]
+        loads = [
+            Traffic(edge, seconds + 300, service)
+            for edge in self.edges
+            for service in self.expected()
+        ]
         events: list[Event] = []
         rss_start = self.rss()
         started = time.monotonic()
@@ -442,15 +359,6 @@ def _serves(edge: ReloaderProcess) -> bool:
         return edge.get(f"{SERVICE}.localhost")[0] == 200
     except (OSError, http.client.HTTPException):
         return False
-
-
-@contextlib.contextmanager
-def running(loads: list[Traffic]) -> Iterator[None]:
-    """All the request loops running, stopped on leaving."""
-    with contextlib.ExitStack() as stack:
-        for load in loads:
-            stack.enter_context(load)
-        yield
 
 
 def summary(report: Report) -> str:

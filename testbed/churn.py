@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from testbed.chaos import SERVICE, App, Fleet, Traffic, running
 from testbed.etcd import Etcd
+from testbed.fleet import SERVICE, App, Fleet, Traffic, running
 from testbed.process import cpu_with_children
 from testbed.reloader import ReloaderProcess
 from testbed.servers import registered_up, service_servers

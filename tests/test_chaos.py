@@ -1,6 +1,7 @@
 """The chaos soak, one minute of it (the bench row R-CHAOS runs it for ten): a 3-member
-etcd, two edges, four instances with their sidekicks, request loops through both edges,
-and random events one after another (testbed/chaos.py lists them). Every invariant is
+etcd, two edges, four instances with their sidekicks and two containers of a host agent
+on the Docker engine, request loops through both edges, and random events one after
+another (testbed/chaos.py lists them). Every invariant is
 checked on every event; the one figure loosened here is the time for the edges to equal
 etcd after quiet (10 s instead of the bench's 2 s): timing claims live in the bench."""
 
@@ -12,11 +13,14 @@ import pytest
 
 from testbed.chaos import Soak, summary
 from testbed.etcd import Etcd
+from tests.support.docker import Engine
 
 
 @pytest.mark.timeout(300)
-def test_one_minute_of_chaos_fails_only_what_died_in_flight(etcd3: Etcd, tmp_path: Path) -> None:
-    soak = Soak(tmp_path, etcd3, edges=2, instances=4, ttl=5)
+def test_one_minute_of_chaos_fails_only_what_died_in_flight(
+    etcd3: Etcd, tmp_path: Path, docker_engine: Engine
+) -> None:
+    soak = Soak(tmp_path, etcd3, edges=2, instances=4, ttl=5, agent=True)
     try:
         soak.start()
         report = soak.run(60)
