@@ -376,10 +376,12 @@ class Applier:
 
     def restarted(self) -> None:
         """HAProxy was restarted from the live file: nothing is pending any more, and
-        what runs is that file (without runtime changes not written yet: the next apply
-        makes them again), which the next apply reloads if it differs."""
+        what runs is unknown: the file as it was when HAProxy read it, which may be
+        before or after the files for the last runtime changes were written (a chaos
+        soak caught a restart reading the file 60 ms before they landed). The next apply
+        reloads, so HAProxy reads the file as it is now, every change in it."""
         self._files_run()
-        if self.live is not None and self.files.config.read_text() != self.live.text:
+        if self.live is not None:
             text = self.files.config.read_text()
             routes = self.files.routes_map.read_text() if self.files.routes_map.is_file() else ""
             self.live = Rendered(text, self.live.model, routes, known=False)

@@ -44,7 +44,7 @@ from testbed.fleet import SERVICE, Fleet, Traffic, running
 from testbed.hostagent import HostAgentGroup
 from testbed.reloader import ReloaderProcess
 from testbed.servers import Address, registered_up, service_servers
-from testbed.waiting import wait_for
+from testbed.waiting import Compared, wait_for
 
 KINDS = (
     "kill",
@@ -192,15 +192,17 @@ class Soak:
     def registered(self) -> dict[str, set[Address] | None]:
         return {svc: registered_up(self.etcd.endpoint_list, svc) for svc in self.expected()}
 
-    def edges_equal(self, want: dict[str, set[Address]]) -> bool:
-        try:
-            return all(
-                service_servers(e.state_dir, svc) == addresses
-                for e in self.edges
-                for svc, addresses in want.items()
-            )
-        except OSError:
-            return False  # an edge between HAProxys
+    def served(self) -> dict[str, dict[str, set[Address]]]:
+        """Edge -> service -> the servers it routes to ({} while it has no HAProxy)."""
+        out: dict[str, dict[str, set[Address]]] = {}
+        for i, edge in enumerate(self.edges):
+            try:
+                out[f"edge{i}"] = {
+                    svc: service_servers(edge.state_dir, svc) for svc in self.expected()
+                }
+            except OSError:
+                out[f"edge{i}"] = {}  # between HAProxys
+        return out
 
     def settle(self, timeout: float = 45.0) -> tuple[float, float]:
         """Wait until etcd's up records are the live instances (quiet), then until every
@@ -213,11 +215,12 @@ class Soak:
             what=f"etcd's up records == the live instances {want} (logs in {self.root})",
         )
         quiet = time.monotonic()
+        edges = {f"edge{i}": want for i in range(len(self.edges))}
         wait_for(
-            lambda: self.edges_equal(want),
+            lambda: Compared("edge -> service -> servers", self.served(), edges),
             timeout=timeout,
             interval=0.02,
-            what=f"every edge's servers == etcd's {want} (logs in {self.root})",
+            what=f"every edge's servers == etcd's (logs in {self.root})",
         )
         return quiet, time.monotonic()
 
