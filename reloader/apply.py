@@ -379,8 +379,10 @@ class Applier:
         what runs is unknown: the file as it was when HAProxy read it, which may be
         before or after the files for the last runtime changes were written (a chaos
         soak caught a restart reading the file 60 ms before they landed). The next apply
-        reloads, so HAProxy reads the file as it is now, every change in it."""
+        reloads, so HAProxy reads the file as it is now, every change in it (and not
+        the last placement either, which a runtime apply would take as what runs)."""
         self._files_run()
+        self._placed = None
         if self.live is not None:
             text = self.files.config.read_text()
             routes = self.files.routes_map.read_text() if self.files.routes_map.is_file() else ""
