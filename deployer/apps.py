@@ -7,14 +7,16 @@ operators editing one app cannot silently overwrite each other. Deploy ids sort 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from deployer.records import KEEP_DEPLOYS, AppConfig, DeployRecord, validate_app_name
 from fluster import keys
+from fluster.ops import Refused
 from fluster.records import RecordError
-from fluster.store import Store
+from fluster.store import Conflict, Store
 
 
 class NoSuchApp(Exception):
@@ -43,9 +45,45 @@ async def load(store: Store, prefix: str, app: str) -> Loaded:
         raise RecordError(exc.field, f"{exc.reason} (in the stored config of {app})") from None
 
 
+async def claim(store: Store, prefix: str, app: str, service: str) -> None:
+    """Make `service` belong to `app`, or refuse naming the app it belongs to.
+
+    The first app to claim a service keeps it (a create-if-absent write), as the first
+    service to claim a host keeps that: the sidekick registers no other app's container
+    in it, so one app's push can never put its containers behind another's name.
+    """
+    key = keys.owner_key(prefix, service)
+    for _ in range(2):
+        _, kv = await store.get(key)
+        if kv is not None:
+            owner = kv.value.decode(errors="replace")
+            if owner != app:
+                raise Refused(f"service {service} belongs to app {owner}; choose another service")
+            return
+        try:
+            await store.replace(key, app, mod_revision=0)
+            return
+        except Conflict:
+            continue  # another app claimed it just now: read who
+    raise Refused(f"service {service}: its owner changed twice while claiming it; retry")
+
+
+async def release(store: Store, prefix: str, app: str, service: str) -> None:
+    """`service` no longer belongs to `app` (its config names another)."""
+    key = keys.owner_key(prefix, service)
+    _, kv = await store.get(key)
+    if kv is not None and kv.value.decode(errors="replace") == app:
+        with contextlib.suppress(Conflict):  # changed hands meanwhile: not ours to delete
+            await store.replace(key, None, mod_revision=kv.mod_revision)
+
+
 async def create(store: Store, prefix: str, app: str, changes: dict[str, Any]) -> AppConfig:
-    """Write a new app's config; Conflict if it exists (another create won)."""
+    """Write a new app's config; Conflict if it exists (another create won).
+    Refused if its service belongs to another app."""
     config = AppConfig.from_dict({"service": validate_app_name(app), **changes})
+    if (await store.get(keys.app_config_key(prefix, app)))[1] is not None:
+        raise Conflict(f"app {app} exists")
+    await claim(store, prefix, app, config.service)
     await store.replace(keys.app_config_key(prefix, app), config.to_json(), mod_revision=0)
     return config
 
@@ -53,9 +91,12 @@ async def create(store: Store, prefix: str, app: str, changes: dict[str, Any]) -
 async def edit(store: Store, prefix: str, app: str, changes: dict[str, Any]) -> AppConfig:
     loaded = await load(store, prefix, app)
     config = loaded.config.replace(**changes)
+    await claim(store, prefix, app, config.service)
     await store.replace(
         keys.app_config_key(prefix, app), config.to_json(), mod_revision=loaded.revision
     )
+    if config.service != loaded.config.service:
+        await release(store, prefix, app, loaded.config.service)
     return config
 
 

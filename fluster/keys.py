@@ -7,6 +7,7 @@
 {prefix}/apps/{app}/config                         AppConfig JSON, permanent (deployer)
 {prefix}/apps/{app}/deploys/{id}                   a deploy's record, the last 50 kept
 {prefix}/apps/{app}/lock                           the running deploy's id, leased
+{prefix}/owners/{service}                          the app the service belongs to (deployer)
 """
 
 from __future__ import annotations
@@ -109,3 +110,8 @@ def deploy_key(prefix: str, app: str, deploy_id: str) -> str:
 
 def app_lock_key(prefix: str, app: str) -> str:
     return f"{prefix}/apps/{app}/lock"
+
+
+def owner_key(prefix: str, service: str) -> str:
+    """The app a service belongs to: only that app's containers may register in it."""
+    return f"{prefix}/owners/{service}"

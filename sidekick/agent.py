@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 from signal import SIGINT, SIGKILL, SIGQUIT, SIGTERM
@@ -20,14 +21,22 @@ from typing import Any, Literal
 
 import structlog
 
-from fluster.keys import instance_key, parse_key, services_prefix
+from fluster.keys import instance_key, owner_key, parse_key, services_prefix
 from fluster.records import Instance, RecordError
 from fluster.runtime import Backoff, Supervisor
 from fluster.store import AuthError, Store, StoreError, retry_backoff
-from sidekick.docker import ContainerGone, Docker, DockerEvent, DockerUnavailable
+from sidekick.docker import Container, ContainerGone, Docker, DockerEvent, DockerUnavailable
 from sidekick.health import HealthGate, Probe, docker_healthy, make_probe, watch_health
 from sidekick.hub import Hub
-from sidekick.plan import OWN_NAME, Plan, PlanError, node_name, plan_container, plan_static
+from sidekick.plan import (
+    OWN_NAME,
+    Plan,
+    PlanError,
+    node_name,
+    own_labels,
+    plan_container,
+    plan_static,
+)
 from sidekick.registration import Registration
 from sidekick.settings import Settings
 
@@ -36,6 +45,10 @@ log = structlog.get_logger("sidekick")
 # Signals a `kill` event stops the app with (None: Docker sent no signal attribute).
 # `docker kill -s HUP` or USR1 is a reload or a log rotation, not a stop.
 STOP_SIGNALS = frozenset({None, SIGINT, SIGQUIT, SIGKILL, SIGTERM})
+
+LABEL_SERVICE = "fluster.service"
+APP_LABEL = "fluster.app"
+OWNER_CACHE_S = 10.0  # how long a service's owner is taken as read
 
 # What a container event asks of us: follow it, drain it, drop it (nothing left to
 # drain), or take its Docker health status.
@@ -79,6 +92,8 @@ class Sidekick:
         self.tracked: dict[str, Tracked] = {}  # container id (or "static") -> registration
         self.leaving: dict[str, Registration] = {}  # draining after a stop
         self._deregistering: set[asyncio.Task[Any]] = set()  # waited for at shutdown
+        self.reported: dict[str, set[str]] = {}  # container id -> refusals logged
+        self.owners: dict[str, tuple[str, float]] = {}  # service -> (its app, valid until)
 
     def registrations(self) -> list[Registration]:
         return [t.reg for t in self.tracked.values()] + list(self.leaving.values())
@@ -175,7 +190,7 @@ class Sidekick:
 
     def _selected(self, cid: str, name: str, labels: dict[str, str] | Any) -> bool:
         if self.s.mode == "all":
-            return "fluster.service" in labels
+            return LABEL_SERVICE in labels
         ref = self.s.container
         return cid.startswith(ref) or name.lstrip("/") == ref.lstrip("/")
 
@@ -187,6 +202,11 @@ class Sidekick:
             self.leave(cid, died=True)
             return
         if not container.running:
+            return
+        container = await self._own_labels(container)
+        if self.s.mode == "all" and not (
+            LABEL_SERVICE in container.labels and await self._may_claim(container)
+        ):
             return
         try:
             plan = plan_container(container, self.s, self.node, self.detected_ip)
@@ -204,6 +224,62 @@ class Sidekick:
         self.add(container.id, plan, probe)
         if plan.check.kind == "docker":
             self.tracked[container.id].reg.set_healthy(docker_healthy(container.health))
+
+    def _first_report(self, cid: str, what: str) -> bool:
+        """True once per container and kind of refusal: a log line, not a log flood."""
+        seen = self.reported.setdefault(cid, set())
+        first = what not in seen
+        seen.add(what)
+        return first
+
+    async def _own_labels(self, container: Container) -> Container:
+        """`container` with only the `fluster.*` labels set on it, not its image's."""
+        assert self.docker is not None
+        try:
+            image = await self.docker.image_labels(container.image_id)
+        except ContainerGone:
+            image = {}
+        labels, inherited = own_labels(container.labels, image)
+        if inherited and self._first_report(container.id, "image labels"):
+            log.error(
+                "ignoring fluster labels that come from the image, not the container",
+                container=container.name,
+                image=container.image,
+                labels=",".join(inherited),
+                fix="set them on the container (docker run -l, compose labels:), "
+                "never with LABEL in a Dockerfile",
+            )
+        return dataclasses.replace(container, labels=labels)
+
+    async def _may_claim(self, container: Container) -> bool:
+        """Whether the container may register in the service its label names: yes
+        unless the service belongs to an app (`fluster app create`) and the container
+        is not labelled as that app's. Fails open when etcd cannot say (an identity
+        without read access to `owners/`, etcd unreachable): registering needs etcd
+        anyway, and the deployer's own containers must not wait for this."""
+        service = container.labels[LABEL_SERVICE]
+        app = container.labels.get(APP_LABEL, "")
+        cached = self.owners.get(service)
+        if cached is None or cached[1] < time.monotonic():
+            try:
+                _, kv = await self.store.get(owner_key(self.s.prefix, service))
+            except StoreError as exc:
+                log.warning("cannot read the owner of a service", service=service, error=str(exc))
+                return True
+            owner = kv.value.decode(errors="replace") if kv is not None else ""
+            cached = self.owners[service] = (owner, time.monotonic() + OWNER_CACHE_S)
+        owner = cached[0]
+        if not owner or owner == app:
+            return True
+        if self._first_report(container.id, f"owner {owner}"):
+            log.error(
+                "refusing a container that claims another app's service",
+                container=container.name,
+                service=service,
+                owner=owner,
+                app=app or "(no fluster.app label)",
+            )
+        return False
 
     async def resync(self) -> None:
         assert self.docker is not None
@@ -250,6 +326,8 @@ class Sidekick:
                 await backoff.sleep()
 
     async def on_event(self, event: DockerEvent) -> None:
+        if event.action == "destroy":
+            self.reported.pop(event.id, None)
         if not (
             event.id in self.tracked
             or event.id in self.leaving

@@ -35,6 +35,7 @@ class Container:
     name: str
     running: bool
     image: str = ""
+    image_id: str = ""  # sha256:..., what the container was created from
     labels: Mapping[str, str] = field(default_factory=dict)
     # "8080/tcp" -> [(host ip, host port), ...]
     ports: Mapping[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
@@ -69,6 +70,7 @@ class Container:
             and not state.get("Restarting")
             and not state.get("Paused"),
             image=config.get("Image", ""),
+            image_id=str(data.get("Image") or ""),
             labels=dict(config.get("Labels") or {}),
             ports=ports,
             networks=networks,
@@ -138,6 +140,7 @@ class Docker:
     def __init__(self, url: str) -> None:
         self.url = url
         self._client: aiodocker.Docker | None = None
+        self._image_labels: dict[str, dict[str, str]] = {}
 
     async def _docker(self) -> aiodocker.Docker:
         if self._client is None:
@@ -173,6 +176,20 @@ class Docker:
 
     async def inspect(self, ref: str) -> Container:
         return Container.from_inspect(await self._json(f"containers/{ref}/json"))
+
+    async def image_labels(self, image_id: str) -> Mapping[str, str]:
+        """The labels an image carries (its Dockerfile's LABEL lines and its bases').
+        Images are immutable: each is asked for once; a missing one has none."""
+        if image_id not in self._image_labels:
+            try:
+                data = await self._json(f"images/{image_id}/json")
+                labels = dict((data.get("Config") or {}).get("Labels") or {})
+            except ContainerGone:
+                labels = {}
+            if len(self._image_labels) >= 256:
+                self._image_labels.pop(next(iter(self._image_labels)))
+            self._image_labels[image_id] = labels
+        return self._image_labels[image_id]
 
     async def running(self) -> dict[str, tuple[str, dict[str, str]]]:
         """Every running container on this host (labelled or not): id -> (name, labels)."""

@@ -47,6 +47,24 @@ def container_name(node: str, container_id: str) -> str:
 OWN_NAME = re.compile(r"(?P<node>.+)-(?P<cid>[0-9a-f]{12})")
 
 
+def own_labels(
+    labels: Mapping[str, str], image_labels: Mapping[str, str]
+) -> tuple[dict[str, str], list[str]]:
+    """The container's labels without the `fluster.*` ones its image gave it, and the
+    names of those left out.
+
+    Docker shows a container's labels merged with its image's, so a Dockerfile's
+    `LABEL fluster.service=...` would claim a service for every container (and every
+    build step) run from that image. A `fluster.*` label counts only when it was set on
+    the container (docker run -l, compose, the deployer): one whose value is the
+    image's is taken as inherited, whoever set it.
+    """
+    inherited = sorted(
+        k for k, v in labels.items() if k.startswith(LABEL) and image_labels.get(k) == v
+    )
+    return {k: v for k, v in labels.items() if k not in inherited}, inherited
+
+
 def plan_container(c: Container, s: Settings, node: str, detected_ip: str) -> Plan:
     labels = c.labels
     flags_first = s.mode == "companion"
