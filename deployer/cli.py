@@ -8,6 +8,7 @@ app, 3 conflict.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import shlex
@@ -27,7 +28,15 @@ from deployer.swarm import SwarmScheduler
 from fluster import deploy_options as D
 from fluster import ops
 from fluster.records import RecordError
-from fluster.settings import ETCD_CACERT, ETCD_CERT, ETCD_ENDPOINTS, ETCD_KEY, ETCD_USER, Values
+from fluster.settings import (
+    ETCD_CACERT,
+    ETCD_CERT,
+    ETCD_ENDPOINTS,
+    ETCD_KEY,
+    ETCD_USER,
+    Option,
+    Values,
+)
 from fluster.store import Conflict, Store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -101,9 +110,11 @@ def hook_env(v: Values, prefix: str) -> dict[str, str]:
         "FLUSTER_PREFIX": prefix,
         "FLUSTER_REGISTRY": v[D.REGISTRY],
     }
-    for opt in (D.NETWORK, D.PUBLISH_IP, D.DOCKER_HOST):
+    given: tuple[Option[Any], ...] = (D.NETWORK, D.PUBLISH_IP, D.DOCKER_HOST, *D.BUILD_LIMITS)
+    for opt in given:
         if v.given(opt) and opt.env:
-            env[opt.env] = v[opt]
+            value: object = v[opt]
+            env[opt.env] = str(value)
     for tls in (ETCD_CACERT, ETCD_CERT, ETCD_KEY):
         path: Path | None = v[tls]
         if path is not None and tls.env:
@@ -227,6 +238,14 @@ async def deploy_command(command: str, v: Values, store: Store, prefix: str) -> 
             wait_timeout=v[D.DEPLOY_WAIT],
             by=f"{getpass.getuser()}@{socket.gethostname()}",
         )
+        if command != "rollback":  # a rollback builds nothing
+            settings = dataclasses.replace(
+                settings,
+                build_timeout=v[D.BUILD_TIMEOUT],
+                max_context=v[D.MAX_CONTEXT] * 2**20,
+                build_network=v[D.BUILD_NETWORK],
+                base_images=tuple(p.strip() for p in v[D.BASE_IMAGES].split(",") if p.strip()),
+            )
         if command != "rollback" and bool(v[D.IMAGE]) == bool(v[D.GIT]):
             return fail("give one of --image IMAGE or --git DIR", EXIT_USAGE)
         app = v[D.SERVICE_ARG] if command == "rollback" else v[D.APP]

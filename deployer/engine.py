@@ -8,14 +8,17 @@ what the registry answered. Streams (build, push, pull) are relayed line by line
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import io
 import json
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiodocker
 import aiohttp
+from aiodocker.jsonstream import json_stream_stream
+
+from fluster.text import printable
 
 
 class DeployError(Exception):
@@ -44,11 +47,11 @@ async def _mapped(what: str) -> AsyncIterator[None]:
 def _say_stream(item: Mapping[str, Any], out: Out, last: list[str]) -> None:
     """Relay one line of a build/push/pull stream; progress bars are left out."""
     if "error" in item:
-        raise DeployError(str(item.get("error", "")).strip())
+        raise DeployError(printable(str(item.get("error", "")), keep_newlines=True).strip())
     text = str(item.get("stream") or "").rstrip("\n")
     if not text and item.get("status") and "progress" not in item:
         text = " ".join(str(item[k]) for k in ("id", "status") if item.get(k))
-    for line in text.splitlines():
+    for line in printable(text, keep_newlines=True).splitlines():
         if line.strip():
             out(line)
             last.append(line)
@@ -81,23 +84,48 @@ class Engine:
 
     # -- images -------------------------------------------------------------------------
 
-    async def build(self, context: bytes, tag: str, labels: Mapping[str, str], out: Out) -> str:
-        """Build a tar context (never pulling the base image); returns the image id."""
+    async def build(
+        self,
+        context: AsyncIterable[bytes],
+        tag: str,
+        labels: Mapping[str, str],
+        out: Out,
+        *,
+        network: str = "none",
+        time_limit: float | None = None,
+    ) -> str:
+        """Build from a tar context streamed to the engine (never held in memory here),
+        its RUN steps on `network` ("none": no network at all), for at most `time_limit`
+        seconds; returns the image id. The engine is asked never to pull, though the
+        classic builder still pulls a FROM image that is missing: callers check first.
+
+        Past the timeout the request is dropped, and the engine cancels the build and
+        removes its step's container (forcerm)."""
         last: list[str] = []
+        params = {
+            "t": tag,
+            "labels": json.dumps(dict(labels)),
+            "rm": "1",
+            "forcerm": "1",
+            "pull": "0",
+            "networkmode": network,
+        }
         try:
-            async with _mapped("build"):
-                stream = self.client.images.build(
-                    fileobj=io.BytesIO(context),
-                    encoding="identity",
-                    tag=tag,
-                    labels=dict(labels),
-                    rm=True,
-                    forcerm=True,
-                    pull=False,
-                    stream=True,
-                )
-                async for item in stream:
+            request = self.client._query_chunked_post(
+                "build",
+                "POST",
+                params=params,
+                data=context,
+                headers={"Content-Type": "application/x-tar"},
+                timeout=None,
+            )
+            async with asyncio.timeout(time_limit), _mapped("build"), request as response:
+                async for item in json_stream_stream(response, raise_on_error=False):
                     _say_stream(item, out, last)
+        except TimeoutError:
+            raise DeployError(
+                f"build stopped: it ran past the build time limit ({time_limit:g}s)"
+            ) from None
         except DeployError as exc:
             tail = "\n".join(last[-10:])
             raise DeployError(f"build failed: {exc}" + (f"\n{tail}" if tail else "")) from None
@@ -112,6 +140,12 @@ class Engine:
         async with _mapped(f"image {ref}"):
             info = await self.client.images.inspect(ref)
         return dict((info.get("Config") or {}).get("Labels") or {})
+
+    async def image_names(self, ref: str) -> list[str]:
+        """Every name the image `ref` resolves to is known by (tags and digests)."""
+        async with _mapped(f"image {ref}"):
+            info = await self.client.images.inspect(ref)
+        return [str(n) for n in (info.get("RepoTags") or []) + (info.get("RepoDigests") or [])]
 
     async def has_image(self, ref: str) -> bool:
         try:
@@ -178,4 +212,4 @@ class Engine:
             chunks = await self.client.containers.container(ref).log(
                 stdout=True, stderr=True, tail=lines
             )
-        return "".join(chunks).splitlines()[-lines:]
+        return printable("".join(chunks), keep_newlines=True).splitlines()[-lines:]

@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fnmatch
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -29,8 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from deployer import apps, source
-from deployer.engine import DeployError, Engine
+from deployer import apps, dockerfile, source
+from deployer.engine import DeployError, Engine, NotFound
 from deployer.lock import deploy_lock
 from deployer.records import AppConfig, DeployRecord, Stage
 from deployer.scheduler import Release, Scheduler
@@ -39,6 +41,14 @@ from fluster.records import Instance, RecordError
 from fluster.store import Store, StoreError
 
 REVISION_LABEL = "org.opencontainers.image.revision"
+IMAGE_ID_RE = re.compile(r"(sha256:)?[0-9a-f]{12,64}")
+
+
+def repository(name: str) -> str:
+    """`host:5000/app:tag` and `host:5000/app@sha256:...` -> `host:5000/app`."""
+    name = name.partition("@")[0]
+    head, _, tail = name.rpartition("/")
+    return f"{head}/{tail.partition(':')[0]}" if head else tail.partition(":")[0]
 
 
 def short(ref: str) -> str:
@@ -52,6 +62,10 @@ class Settings:
     lock_timeout: float = 600.0
     wait_timeout: float = ops.WAIT_TIMEOUT_S  # for every reloader to apply the promotion
     by: str = ""  # who deploys, for the record
+    build_timeout: float = 900.0
+    max_context: int = 1 << 30  # bytes of build context (the pushed tree)
+    build_network: str = "none"  # the RUN steps': no route anywhere, etcd included
+    base_images: tuple[str, ...] = ()  # patterns a FROM may match; () any but other apps'
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +154,7 @@ class Deployer:
         if commit is not None:
             self.detail(f"{commit.subject} ({commit.author})")
         async with self._recorded(app, deploy_id, "deploy", ref, version, target):
+            await apps.claim(self.store, self.prefix, app, config.service)
             await self._still_current(src)
             svc = (await ops.snapshot(self.store, self.prefix)).services.get(config.service)
             active = svc is not None and svc.spec.active_version == version
@@ -228,6 +243,7 @@ class Deployer:
         if not await self.engine.has_image(src.image):
             self.head(f"pulling {src.image}")
             await self.engine.pull(src.image, self.detail)
+        await self._check_labels(src.image)
         labels = await self.engine.image_labels(src.image)
         revision = labels.get(REVISION_LABEL, "")
         if source.SHA_RE.fullmatch(revision):
@@ -274,10 +290,72 @@ class Deployer:
         return None
 
     async def _build(self, app: str, git_dir: Path, commit: source.Commit, target: str) -> None:
-        context = await source.archive(git_dir, commit)
-        self.detail(f"context: git archive {commit.sha[:12]} ({len(context) // 1024} KiB)")
-        labels = {REVISION_LABEL: commit.sha, "fluster.app": app}
-        await self.engine.build(context, target, labels, self.detail)
+        """Build the pushed tree, within the deploy host's bounds: its size, its time,
+        its network, and the images it may start from."""
+        limit = self.settings.max_context
+        size = await source.context_size(git_dir, commit)
+        if size > limit:
+            raise DeployError(source.too_big(limit))
+        await self._check_bases(app, await source.dockerfile(git_dir, commit))
+        network = self.settings.build_network
+        self.detail(
+            f"context: git archive {commit.sha[:12]} ({size // 1024} KiB), "
+            f"network {network}, at most {self.settings.build_timeout:g}s"
+        )
+        await self.engine.build(
+            source.archive(git_dir, commit, limit),
+            target,
+            {REVISION_LABEL: commit.sha},
+            self.detail,
+            network=network,
+            time_limit=self.settings.build_timeout,
+        )
+        await self._check_labels(target)
+
+    async def _check_bases(self, app: str, text: str) -> None:
+        """Refuse a Dockerfile that builds from an image this app may not use: one that
+        is not on the host (a build never pulls), another app's (its files would be
+        printed into this push), or one the operator did not allow."""
+        registry = self.settings.registry.rstrip("/") + "/"
+        own = f"{registry}{app}"
+        for ref in dockerfile.images(text):
+            where = f"Dockerfile line {ref.line} ({ref.instruction} {ref.image})"
+            if IMAGE_ID_RE.fullmatch(ref.image):
+                raise DeployError(f"{where}: name the image, not its id")
+            try:
+                names = await self.engine.image_names(ref.image)
+            except NotFound:
+                raise DeployError(
+                    f"{where}: no such image on this deploy host, and builds never pull; "
+                    "the operator loads base images there (docker load, docker build)"
+                ) from None
+            names = [ref.image, *names]
+            if any(repository(n) == own for n in names):
+                continue
+            others = sorted({repository(n) for n in names if n.startswith(registry)})
+            if others:
+                raise DeployError(
+                    f"{where}: that is app {others[0].removeprefix(registry)}'s image; a build "
+                    "may start only from its own app's images and the host's base images"
+                )
+            allowed = self.settings.base_images
+            if allowed and not any(fnmatch.fnmatchcase(n, p) for n in names for p in allowed):
+                raise DeployError(
+                    f"{where}: not one of the base images this deploy host allows "
+                    f"({', '.join(allowed)}; FLUSTER_BASE_IMAGES)"
+                )
+
+    async def _check_labels(self, image: str) -> None:
+        """An image's `fluster.*` labels would be ignored by the sidekick anyway (only
+        labels set on a container count): say so now, rather than at the health gate."""
+        labels = await self.engine.image_labels(image)
+        claimed = sorted(k for k in labels if k.startswith("fluster."))
+        if claimed:
+            raise DeployError(
+                f"the image sets label(s) {', '.join(claimed)} (LABEL in its Dockerfile or "
+                "its base image's): fluster sets fluster.* labels on the containers it starts "
+                "and never takes them from an image; remove them"
+            )
 
     async def _start_and_gate(self, release: Release, config: AppConfig, *, fresh: bool) -> None:
         """Start the version (`fresh`: new containers; else its stopped ones again) and
@@ -445,6 +523,7 @@ class Deployer:
         self.head(f"{app}: rolling back to {previous} as deploy {deploy_id}")
         ref = f"rollback from {svc.spec.active_version}"
         async with self._recorded(app, deploy_id, "rollback", ref, previous, image):
+            await apps.claim(self.store, self.prefix, app, config.service)
             release = Release(app, previous, image, deploy_id)
             await self._start_and_gate(release, config, fresh=False)
             await self.stage("promote", lambda: self._rolled_back(config))

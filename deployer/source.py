@@ -17,13 +17,15 @@ import re
 import shlex
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from deployer.engine import DeployError
 
 ZERO = "0" * 40
+CHUNK = 256 * 1024  # of the build context, read from git and sent to the engine
+MAX_DOCKERFILE = 256 * 1024
 SHA_RE = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
 HOOK_MARK = "# fluster deploy hook"
 
@@ -83,9 +85,74 @@ async def resolve(git_dir: Path, ref: str) -> Commit:
     return Commit(sha, subject.strip(), author.strip())
 
 
-async def archive(git_dir: Path, commit: Commit) -> bytes:
-    """The commit's tree as an uncompressed tar: the build context."""
-    return await git(git_dir, "archive", "--format=tar", commit.sha)
+def tar_size(sizes: Iterable[int]) -> int:
+    """What `git archive --format=tar` of files of these sizes comes to, about: a
+    512-byte header per entry, contents padded to 512, two zero blocks at the end."""
+    return sum(512 + -(-size // 512) * 512 for size in sizes) + 1024
+
+
+async def context_size(git_dir: Path, commit: Commit) -> int:
+    """The size of the commit's build context, from git's index of it (nothing is
+    unpacked): a tree too big is refused before a byte of it is read."""
+    listing = await git(git_dir, "ls-tree", "-r", "-l", "-z", "--full-tree", commit.sha)
+    sizes = []
+    for entry in listing.split(b"\0"):
+        meta = entry.partition(b"\t")[0].split()
+        if len(meta) == 4:
+            sizes.append(int(meta[3]) if meta[3].isdigit() else 0)
+    return tar_size(sizes)
+
+
+async def archive(git_dir: Path, commit: Commit, limit: int) -> AsyncIterator[bytes]:
+    """The commit's tree as an uncompressed tar (the build context), in chunks as
+    `git archive` writes them; more than `limit` bytes is an error, whatever the
+    listing said. The git process goes with the iterator, finished or not."""
+    proc = await asyncio.create_subprocess_exec(
+        GIT,
+        f"--git-dir={git_dir}",
+        "archive",
+        "--format=tar",
+        commit.sha,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        close_fds=False,  # posix_spawn, no fork(): see git() above
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    sent = 0
+    try:
+        while chunk := await proc.stdout.read(CHUNK):
+            sent += len(chunk)
+            if sent > limit:
+                raise DeployError(too_big(limit))
+            yield chunk
+        error = (await proc.stderr.read()).decode(errors="replace").strip()
+        if await proc.wait() != 0:
+            raise DeployError(f"git archive: {error or f'exit {proc.returncode}'}")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def too_big(limit: int) -> str:
+    return (
+        f"the build context (the pushed tree) is over the limit of {limit // 2**20} MiB: "
+        "keep large files out of the repository, or raise --max-context on the deploy host"
+    )
+
+
+async def dockerfile(git_dir: Path, commit: Commit) -> str:
+    """The Dockerfile at the root of the commit's tree."""
+    try:
+        raw = await git(git_dir, "cat-file", "blob", f"{commit.sha}:Dockerfile")
+    except DeployError:
+        raise DeployError(
+            f"no Dockerfile at the root of {commit.version}: fluster builds the image from it"
+        ) from None
+    if len(raw) > MAX_DOCKERFILE:
+        raise DeployError(f"the Dockerfile is over {MAX_DOCKERFILE // 1024} KiB")
+    return raw.decode(errors="replace")
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,9 +154,43 @@ DEPLOY_WAIT: Option[float] = Option(
     metavar="SECONDS",
 )
 JSON = switch("--json", None, "machine-readable output")
+# Bounds on what a push may make the deploy host do (docs/SECURITY.md).
+BUILD_TIMEOUT: Option[float] = Option(
+    "--build-timeout",
+    "FLUSTER_BUILD_TIMEOUT",
+    "seconds a build may run; past it the build is stopped and the push refused",
+    900.0,
+    number(above=0),
+    metavar="SECONDS",
+)
+MAX_CONTEXT: Option[int] = Option(
+    "--max-context",
+    "FLUSTER_MAX_CONTEXT",
+    "largest build context (the pushed tree) in MiB; a bigger push is refused",
+    1024,
+    integer(1, 1 << 20),
+    metavar="MIB",
+)
+BUILD_NETWORK: Option[str] = Option(
+    "--build-network",
+    "FLUSTER_BUILD_NETWORK",
+    "network of a build's RUN steps: none, or a Docker network (bridge, ...) for builds "
+    "that download; a build on a network can reach whatever that network reaches",
+    "none",
+)
+BASE_IMAGES: Option[str] = Option(
+    "--base-images",
+    "FLUSTER_BASE_IMAGES",
+    "images a build may start FROM besides its own app's (comma-separated patterns, "
+    "e.g. 'debian:*,python:3.*'); another app's images are refused whatever this says",
+    "",
+    shown="any image on the host but another app's",
+    metavar="PATTERNS",
+)
+BUILD_LIMITS = (BUILD_TIMEOUT, MAX_CONTEXT, BUILD_NETWORK, BASE_IMAGES)
 
 # What `app create` writes into the hook, for every deploy a push runs.
-HOOK_SETTINGS = (REGISTRY, PUBLISH_IP, NETWORK, DOCKER_HOST)
+HOOK_SETTINGS = (REGISTRY, PUBLISH_IP, NETWORK, DOCKER_HOST, *BUILD_LIMITS)
 APP_CREATE = (APP, *APP_FIELDS, REPOS, SSH_HOST, SSH_USER, SSH_PORT, *HOOK_SETTINGS)
 APP_CONFIG = (APP, *APP_FIELDS)
 DEPLOY = (
@@ -174,6 +208,7 @@ DEPLOY = (
     NETWORK,
     DOCKER_HOST,
     DEPLOY_WAIT,
+    *BUILD_LIMITS,
 )
 DEPLOYS = (APP, JSON)
 # `fluster rollback APP` of an app restarts its previous version's containers.
