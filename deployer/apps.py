@@ -8,6 +8,7 @@ operators editing one app cannot silently overwrite each other. Deploy ids sort 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from deployer.records import KEEP_DEPLOYS, AppConfig, DeployRecord, validate_app_name
 from fluster import keys
 from fluster.ops import Refused
-from fluster.records import RecordError
+from fluster.records import RecordError, ServiceSpec
 from fluster.store import Conflict, Store
 
 
@@ -112,6 +113,30 @@ async def all_apps(store: Store, prefix: str) -> dict[str, AppConfig | RecordErr
         except RecordError as exc:
             out[app] = exc
     return out
+
+
+async def abandoned(store: Store, prefix: str, app: str) -> list[DeployRecord]:
+    """Deploys recorded as running that do not hold the app's lock: their process died.
+    (A deploy writes its record only once it holds the lock.)"""
+    _, lock = await store.get(keys.app_lock_key(prefix, app))
+    holder = lock.value.decode(errors="replace") if lock else None
+    return [
+        rec
+        for rec in await history(store, prefix, app)
+        if isinstance(rec, DeployRecord) and rec.result == "running" and rec.id != holder
+    ]
+
+
+async def routed(store: Store, prefix: str, app: str) -> Callable[[str], bool]:
+    """Which versions of the app its service's spec still routes (keep those); when the
+    spec cannot be read, every version is kept: removing is what cannot be undone."""
+    try:
+        service = (await load(store, prefix, app)).config.service
+        _, kv = await store.get(keys.spec_key(prefix, service))
+        spec = ServiceSpec.parse(kv.value) if kv else ServiceSpec()
+    except (RecordError, NoSuchApp):
+        return lambda version: True
+    return spec.routes_version
 
 
 async def record(store: Store, prefix: str, rec: DeployRecord) -> None:

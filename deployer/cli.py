@@ -8,9 +8,11 @@ app, 3 conflict.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import getpass
 import json
+import os
 import shlex
 import shutil
 import socket
@@ -38,6 +40,7 @@ from fluster.settings import (
     Values,
 )
 from fluster.store import Conflict, Store
+from fluster.text import printable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -46,8 +49,35 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+class Terminal:
+    """Where a deploy's progress goes: stdout, until whoever reads it is gone.
+
+    A push's hook writes to `git receive-pack`, which relays to the pusher over ssh; when
+    the pusher disconnects, receive-pack dies and our writes fail. The deploy then goes
+    on silently (its record keeps every stage) and `gone()` says so, so the pipeline
+    stops before the promotion: a push cut off changes nothing that serves.
+    """
+
+    def __init__(self, *, receive: bool) -> None:
+        self.lost = False
+        self.parent = os.getppid() if receive else None
+
+    def __call__(self, text: str) -> None:
+        if self.lost:
+            return
+        try:
+            print(text, flush=True)
+        except OSError:  # EPIPE: nobody reads any more; nothing else is worth raising
+            self.lost = True
+
+    def gone(self) -> bool:
+        """The output broke, or (a push) receive-pack is no longer our parent."""
+        return self.lost or (self.parent is not None and os.getppid() != self.parent)
+
+
 def fail(message: str, code: int) -> int:
-    print(f"fluster: {message}", file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError):  # a push cut off: nobody to tell
+        print(f"fluster: {printable(message, keep_newlines=True)}", file=sys.stderr, flush=True)
     return code
 
 
@@ -73,7 +103,8 @@ def config_changes(v: Values, current: AppConfig | None) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     for opt in D.APP_FIELDS:
         value: Any = v[opt]
-        if opt not in (D.ENV, D.UNSET_ENV, D.APP_KEEP_OLD) and value is not None:
+        special = (D.ENV, D.UNSET_ENV, D.SECRET, D.UNSET_SECRET, D.APP_KEEP_OLD)
+        if opt not in special and value is not None:
             changes[opt.dest] = value
     if v[D.APP_KEEP_OLD] is not None:
         changes["keep_old"] = v[D.APP_KEEP_OLD]
@@ -87,6 +118,20 @@ def config_changes(v: Values, current: AppConfig | None) -> dict[str, Any]:
         for key in v[D.UNSET_ENV] or ():
             env.pop(key, None)
         changes["env"] = env
+    if v[D.SECRET] or v[D.UNSET_SECRET]:
+        secrets = dict(current.secrets) if current else {}
+        for item in v[D.SECRET] or ():
+            key, sep, value = item.partition("=")
+            if not sep:
+                if key not in os.environ:
+                    raise RecordError(
+                        "secrets", f"--secret {key}: no variable {key} in this environment"
+                    )
+                value = os.environ[key]
+            secrets[key] = value
+        for key in v[D.UNSET_SECRET] or ():
+            secrets.pop(key, None)
+        changes["secrets"] = secrets
     return changes
 
 
@@ -134,7 +179,7 @@ async def app_command(action: str, v: Values, store: Store, prefix: str) -> int:
         if changes:
             current = await apps.edit(store, prefix, app, changes)
             say(f"{app}: config written")
-        print(json.dumps(current.to_dict(), indent=2, sort_keys=True))
+        print(json.dumps(current.shown(), indent=2, sort_keys=True))
         return EXIT_OK
     # create: the config first (it validates every field), then the repository.
     try:
@@ -173,7 +218,7 @@ async def app_ls(v: Values, store: Store, prefix: str) -> int:
         rows.append(
             [name, config.service, str(config.replicas), config.branch, active or "-", last]
         )
-        out[name] = {**config.to_dict(), "active_version": active, "last_deploy": last}
+        out[name] = {**config.shown(), "active_version": active, "last_deploy": last}
     if v[D.JSON]:
         print(json.dumps(out, indent=2, sort_keys=True))
     elif len(rows) > 1:
@@ -216,14 +261,16 @@ async def deploys_command(v: Values, store: Store, prefix: str) -> int:
             continue
         stages = " ".join(f"{s.name}:{_seconds(s.started, s.ended)}" for s in rec.stages)
         total = _seconds(rec.started, rec.finished)
-        rows.append([rec.id, rec.kind, rec.version, rec.result, total, rec.by or "-", stages])
+        by = printable(rec.by) or "-"
+        rows.append([rec.id, rec.kind, rec.version, rec.result, total, by, printable(stages)])
     if len(rows) == 1:
         say(f"no deploys of {app} yet")
         return EXIT_OK
     table(rows)
     failed = [r for r in records if isinstance(r, DeployRecord) and r.error]
     if failed:
-        say(f"\nlast error ({failed[-1].id}): {failed[-1].error.splitlines()[0]}")
+        first = printable(failed[-1].error, keep_newlines=True).splitlines() or [""]
+        say(f"\nlast error ({failed[-1].id}): {first[0]}")
     return EXIT_OK
 
 
@@ -258,7 +305,8 @@ async def deploy_command(command: str, v: Values, store: Store, prefix: str) -> 
             if kind == "swarm"
             else LocalScheduler(engine, publish_ip=v[D.PUBLISH_IP], network=v[D.NETWORK])
         )
-        d = Deployer(store, prefix, engine, scheduler, settings, say)
+        terminal = Terminal(receive=command != "rollback" and bool(v[D.RECEIVE]))
+        d = Deployer(store, prefix, engine, scheduler, settings, terminal, gone=terminal.gone)
         if command == "rollback":
             await d.rollback(app)
             return EXIT_OK
@@ -302,5 +350,6 @@ async def gc_command(v: Values, store: Store, prefix: str) -> int:
             say(f"{app}: would remove the stopped instances of {', '.join(sorted(idle)) or '-'}")
             return EXIT_OK
         removed = await scheduler.remove(app, keep=spec.routes_version)
+        await Deployer(store, prefix, engine, scheduler, Settings(), say).clean_abandoned(app)
     say(f"{app}: removed {removed} stopped instance(s) of versions no longer routed")
     return EXIT_OK

@@ -39,8 +39,12 @@ from deployer.scheduler import Release, Scheduler
 from fluster import keys, ops
 from fluster.records import Instance, RecordError
 from fluster.store import Store, StoreError
+from fluster.text import printable
 
 REVISION_LABEL = "org.opencontainers.image.revision"
+# Stages that change nothing users see: a push cut off during them stops the deploy.
+# From the promotion on, it finishes: half a promotion is worse than a whole one.
+BEFORE_PROMOTION = frozenset({"build", "tag", "push", "start", "healthy", "canary"})
 IMAGE_ID_RE = re.compile(r"(sha256:)?[0-9a-f]{12,64}")
 
 
@@ -92,12 +96,14 @@ class Deployer:
         settings: Settings,
         say: Callable[[str], None],
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        gone: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store, self.prefix = store, prefix
         self.engine, self.scheduler = engine, scheduler
         self.settings = settings
         self.say = say
         self.now = now
+        self.gone = gone  # whoever started the deploy stopped watching (a push cut off)
         self.record: DeployRecord | None = None
         self.held: Callable[[], bool] = lambda: True  # the deploy lock is still ours
 
@@ -124,6 +130,11 @@ class Deployer:
             raise DeployError(
                 "lost the deploy lock (etcd unreachable for longer than its lease?); "
                 "stopped before " + name
+            )
+        if name in BEFORE_PROMOTION and self.gone():
+            raise DeployError(
+                f"the push was disconnected; stopped before {name}, nothing changed "
+                "(push again to deploy)"
             )
         started = self._stamp()
         t0 = time.monotonic()
@@ -208,6 +219,7 @@ class Deployer:
             say=self.head,
         ) as held:
             self.held = held
+            await self.clean_abandoned(app)
             self.record = DeployRecord(
                 id=deploy_id,
                 app=app,
@@ -225,7 +237,31 @@ class Deployer:
                 await self._finish("failed", str(exc))
                 raise DeployFailed(str(exc)) from None
 
+    async def clean_abandoned(self, app: str) -> None:
+        """Deploys of the app recorded as running while we hold its lock died mid-way
+        (killed, the host rebooted): mark them abandoned and remove what they started
+        that is not routed. Their lock went with their lease: a live deploy holds it.
+        Run by every deploy once it holds the lock, and by `fluster gc APP`."""
+        for rec in await apps.abandoned(self.store, self.prefix, app):
+            keep = await apps.routed(self.store, self.prefix, app)
+            removed = await self.scheduler.remove_deploy(app, rec.id, keep=keep)
+            await apps.record(
+                self.store,
+                self.prefix,
+                dataclasses.replace(
+                    rec,
+                    result="abandoned",
+                    finished=rec.finished or self._stamp(),
+                    error=rec.error or "the deploy's process died before it finished",
+                ),
+            )
+            self.head(
+                f"deploy {rec.id} ({rec.version}) was abandoned mid-way: marked so, "
+                f"{removed} of its container(s) removed"
+            )
+
     async def _finish(self, result: str, error: str = "") -> DeployRecord:
+        error = printable(error, keep_newlines=True)
         await self._save(result=result, finished=self._stamp(), error=error)
         await apps.trim(self.store, self.prefix, self.record.app if self.record else "")
         assert self.record is not None
@@ -413,6 +449,8 @@ class Deployer:
                 seen = count
             if count >= config.replicas:
                 return
+            if self.gone():
+                raise DeployError("the push was disconnected; stopped before the promotion")
             crashed = await self.scheduler.crashed(ids)
             if crashed is not None:
                 cid, lines = crashed

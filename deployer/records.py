@@ -32,7 +32,8 @@ MAX_DEPLOY_BYTES: Final = 65536
 MAX_ENV: Final = 64
 KEEP_DEPLOYS: Final = 50
 SCHEDULERS: Final = ("local", "swarm")
-RESULTS: Final = ("running", "succeeded", "failed", "waiting")
+RESULTS: Final = ("running", "succeeded", "failed", "waiting", "abandoned")
+MASK: Final = "(secret)"
 
 ENV_KEY_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 BRANCH_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
@@ -40,7 +41,7 @@ DURATION_RE: Final = re.compile(r"[0-9]+(\.[0-9]+)?[smhd]?")
 CHECK_RE: Final = re.compile(r"none|tcp|docker|http:" + CHECK_PATH_RE.pattern)
 
 Scheduler = Literal["local", "swarm"]
-Result = Literal["running", "succeeded", "failed", "waiting"]
+Result = Literal["running", "succeeded", "failed", "waiting", "abandoned"]
 
 
 def validate_app_name(name: object) -> str:
@@ -51,15 +52,15 @@ def validate_app_name(name: object) -> str:
         raise RecordError("app", exc.reason) from None
 
 
-def _env(value: object) -> dict[str, str]:
-    _require(isinstance(value, dict), "env", "must be an object of strings")
+def _env(value: object, name: str = "env") -> dict[str, str]:
+    _require(isinstance(value, dict), name, "must be an object of strings")
     assert isinstance(value, dict)
-    _require(len(value) <= MAX_ENV, "env", f"at most {MAX_ENV} variables")
+    _require(len(value) <= MAX_ENV, name, f"at most {MAX_ENV} variables")
     clean = {}
     for key, val in sorted(value.items()):
-        _match(ENV_KEY_RE, key, "env", "names must be [A-Za-z_][A-Za-z0-9_]*")
-        text = _str(val, f"env.{key}")
-        _require(text.isprintable() and len(text) <= 4096, f"env.{key}", "must be printable")
+        _match(ENV_KEY_RE, key, name, "names must be [A-Za-z_][A-Za-z0-9_]*")
+        text = _str(val, f"{name}.{key}")
+        _require(text.isprintable() and len(text) <= 4096, f"{name}.{key}", "must be printable")
         clean[key] = text
     return clean
 
@@ -81,6 +82,8 @@ class AppConfig:
     port: int = 8000
     check: str = "http:/health"  # the sidekick's --check syntax: http:/PATH, tcp, docker, none
     env: Mapping[str, str] = field(default_factory=dict)
+    # Given to the containers like env, never printed: every listing shows MASK.
+    secrets: Mapping[str, str] = field(default_factory=dict)
     branch: str = "main"
     keep_old: str = "10m"  # how long a retired version stays ready for `fluster rollback`
     scheduler: Scheduler = "local"
@@ -90,7 +93,17 @@ class AppConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["env"] = dict(self.env)
+        out["secrets"] = dict(self.secrets)
         return out
+
+    def shown(self) -> dict[str, Any]:
+        """`to_dict` as listings show it: the secrets' names, never their values."""
+        return {**self.to_dict(), "secrets": dict.fromkeys(sorted(self.secrets), MASK)}
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """What the containers get: env, then the secrets."""
+        return {**self.env, **self.secrets}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -114,6 +127,7 @@ class AppConfig:
                 "want http:/PATH, tcp, docker or none",
             ),
             env=_env(obj.get("env", {})),
+            secrets=_env(obj.get("secrets", {}), "secrets"),
             branch=_match(BRANCH_RE, obj.get("branch", "main"), "branch", "a git branch name"),
             keep_old=_match(DURATION_RE, obj.get("keep_old", "10m"), "keep_old", "e.g. 10m"),
             scheduler=scheduler,

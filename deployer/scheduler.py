@@ -23,6 +23,7 @@ from deployer.engine import DeployError, Engine, NotFound
 from deployer.records import AppConfig
 
 APP_LABEL = "fluster.app"
+DEPLOY_LABEL = "fluster.deploy"  # the deploy that started the container
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,9 @@ class Scheduler(Protocol):
     async def remove_ids(self, ids: list[str]) -> None:
         """Remove these instances now (a failed deploy's new containers)."""
 
+    async def remove_deploy(self, app: str, deploy_id: str, keep: Callable[[str], bool]) -> int:
+        """Remove what an abandoned deploy started, but for versions `keep` says yes to."""
+
     async def instances(self, app: str) -> list[Running]: ...
 
     async def logs(self, ref: str, lines: int = 20) -> list[str]:
@@ -89,7 +93,7 @@ class LocalScheduler:
     def container_config(self, release: Release, config: AppConfig) -> dict[str, Any]:
         port = f"{config.port}/tcp"
         env = {
-            **config.env,
+            **config.environment,
             "APP_VERSION": release.version,
             "FLUSTER_APP": release.app,
             "FLUSTER_VERSION": release.version,
@@ -105,7 +109,7 @@ class LocalScheduler:
                 "fluster.version": release.version,
                 "fluster.port": str(config.port),
                 "fluster.check": config.check,
-                "fluster.deploy": release.deploy_id,
+                DEPLOY_LABEL: release.deploy_id,
             },
             "HostConfig": {
                 "PortBindings": {port: [{"HostIp": self.publish_ip, "HostPort": ""}]},
@@ -195,6 +199,16 @@ class LocalScheduler:
     async def remove_ids(self, ids: list[str]) -> None:
         for cid in ids:
             await self.engine.remove(cid)
+
+    async def remove_deploy(self, app: str, deploy_id: str, keep: Callable[[str], bool]) -> int:
+        found = await self.engine.containers({APP_LABEL: app, DEPLOY_LABEL: deploy_id})
+        gone = [
+            str(c["Id"])
+            for c in found
+            if not keep(str((c.get("Labels") or {}).get("fluster.version", "")))
+        ]
+        await self.remove_ids(gone)
+        return len(gone)
 
     async def logs(self, ref: str, lines: int = 20) -> list[str]:
         return await self.engine.logs(ref, lines)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deployer.engine import DeployError
+from fluster.text import printable
 
 ZERO = "0" * 40
 CHUNK = 256 * 1024  # of the build context, read from git and sent to the engine
@@ -81,7 +82,7 @@ async def resolve(git_dir: Path, ref: str) -> Commit:
     if not SHA_RE.fullmatch(sha):
         raise DeployError(f"no commit {ref!r} in {git_dir}")
     info = (await git(git_dir, "log", "-1", "--format=%an <%ae>%n%s", sha)).decode()
-    author, _, subject = info.partition("\n")
+    author, _, subject = printable(info, keep_newlines=True).partition("\n")
     return Commit(sha, subject.strip(), author.strip())
 
 

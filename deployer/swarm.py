@@ -57,7 +57,7 @@ def service_name(app: str, version: str) -> str:
 def service_spec(release: Release, config: AppConfig, *, stop_grace: int) -> dict[str, Any]:
     """The service for one version: pure, so what Swarm is asked for is testable."""
     env = {
-        **config.env,
+        **config.environment,
         "APP_VERSION": release.version,
         "FLUSTER_APP": release.app,
         "FLUSTER_VERSION": release.version,
@@ -225,6 +225,17 @@ class SwarmScheduler:
             str(s["Spec"]["Name"])
             for s in await self._services(app)
             if not replicas_of(s) and not keep(str(s["Spec"]["Labels"].get(VERSION_LABEL, "")))
+        ]
+        await self.remove_ids(gone)
+        return len(gone)
+
+    async def remove_deploy(self, app: str, deploy_id: str, keep: Callable[[str], bool]) -> int:
+        """Delete the services an abandoned deploy created, but for routed versions."""
+        gone = [
+            str(s["Spec"]["Name"])
+            for s in await self._services(app)
+            if s["Spec"]["Labels"].get("fluster.deploy") == deploy_id
+            and not keep(str(s["Spec"]["Labels"].get(VERSION_LABEL, "")))
         ]
         await self.remove_ids(gone)
         return len(gone)

@@ -41,6 +41,19 @@ ENV: Option[list[str] | None] = Option(
 UNSET_ENV: Option[list[str] | None] = Option(
     "--unset-env", None, "remove a variable (repeatable)", None, list, kind="list", metavar="NAME"
 )
+SECRET: Option[list[str] | None] = Option(
+    "--secret",
+    None,
+    "set a variable never shown by any listing (repeatable); NAME alone takes the value "
+    "from this command's environment, keeping it out of ps and shell history",
+    None,
+    list,
+    kind="list",
+    metavar="NAME[=VALUE]",
+)
+UNSET_SECRET: Option[list[str] | None] = Option(
+    "--unset-secret", None, "remove a secret (repeatable)", None, list, kind="list", metavar="NAME"
+)
 BRANCH: Option[str | None] = Option(
     "--branch", None, "the branch a push deploys", None, shown="main"
 )
@@ -83,6 +96,8 @@ APP_FIELDS: tuple[Option[Any], ...] = (
     CHECK,
     ENV,
     UNSET_ENV,
+    SECRET,
+    UNSET_SECRET,
     BRANCH,
     APP_KEEP_OLD,
     SCHEDULER,
