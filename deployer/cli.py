@@ -23,6 +23,7 @@ from typing import Any
 
 from deployer import apps, source
 from deployer.engine import DeployError, Engine
+from deployer.gitshell import KEY_ENV
 from deployer.pipeline import Deployer, DeployFailed, Settings, Source
 from deployer.records import AppConfig, DeployRecord
 from deployer.scheduler import LocalScheduler, Scheduler
@@ -47,6 +48,12 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def say(text: str) -> None:
     print(text, flush=True)
+
+
+def pusher() -> str:
+    """Who deploys, for the record: the deploy key of a push, else the local user."""
+    key = os.environ.get(KEY_ENV, "")
+    return f"key {key}" if key else f"{getpass.getuser()}@{socket.gethostname()}"
 
 
 class Terminal:
@@ -283,7 +290,7 @@ async def deploy_command(command: str, v: Values, store: Store, prefix: str) -> 
             registry=v[D.REGISTRY],
             lock_timeout=v[D.LOCK_TIMEOUT],
             wait_timeout=v[D.DEPLOY_WAIT],
-            by=f"{getpass.getuser()}@{socket.gethostname()}",
+            by=pusher(),
         )
         if command != "rollback":  # a rollback builds nothing
             settings = dataclasses.replace(

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from fluster import __version__, keys, listing, ops
@@ -326,11 +327,20 @@ COMMANDS: tuple[Command, ...] = (
             Command("create", "make the app's config and git repository", D.APP_CREATE),
             Command("config", "show or change an app's config", D.APP_CONFIG),
             Command("ls", "apps, their active version and last deploy", (D.JSON,)),
+            Command(
+                "keys",
+                "the ssh keys that may push an app: add, ls, rm (in authorized_keys)",
+                actions=(
+                    Command("add", "let a public key push the app", D.KEYS_ADD),
+                    Command("ls", "the keys that may push the app", D.KEYS_LS),
+                    Command("rm", "take the app from a key", D.KEYS_RM),
+                ),
+            ),
         ),
     ),
     Command("deploy", "build (or take) an image, start it beside the old one, promote", D.DEPLOY),
     Command("deploys", "an app's deploy history (the last 50)", D.DEPLOYS),
-    Command("git-shell", "forced command of deploy keys: git push to an app only", (D.REPOS,)),
+    Command("git-shell", "forced command of deploy keys: git push to its apps only", D.GIT_SHELL),
 )
 DEPLOY_COMMANDS = ("app", "deploy", "deploys")
 GLOBAL: tuple[Option[Any], ...] = (*ETCD_OPTIONS, LOG_LEVEL)
@@ -370,7 +380,9 @@ def _add_commands(
         )
         add_options(p, command.options, environ)
         if command.actions:
-            _add_commands(p, command.actions, "action", environ)
+            _add_commands(
+                p, command.actions, "sub" + dest if dest != "command" else "action", environ
+            )
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -378,8 +390,18 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args = build_parser(environ).parse_args(argv)
     command = next(c for c in COMMANDS if c.name == args.command)
     action = next((c for c in command.actions if c.name == getattr(args, "action", "")), None)
+    sub = (
+        next((c for c in action.actions if c.name == getattr(args, "subaction", "")), None)
+        if action
+        else None
+    )
     problems = Problems()
-    options = (*GLOBAL, *command.options, *(action.options if action else ()))
+    options = (
+        *GLOBAL,
+        *command.options,
+        *(action.options if action else ()),
+        *(sub.options if sub else ()),
+    )
     values = resolve(args, options, problems)
     settings = etcd_settings(values, problems)
     if problems.items:
@@ -388,7 +410,29 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if command.name == "git-shell":  # sshd's forced command: no etcd at all
         from deployer.gitshell import main as git_shell
 
-        return git_shell(values[D.REPOS], environ)
+        return git_shell(values[D.REPOS], environ, values[D.SHELL_KEY], values[D.SHELL_APPS])
+    if sub is not None:  # app keys add|ls|rm: sshd's file, no etcd either
+        from deployer.cli import fluster_command
+        from deployer.deploykeys import main as deploy_keys
+
+        return deploy_keys(
+            sub.name,
+            values[D.APP],
+            values[D.KEY_NAME] if sub.name != "ls" else "",
+            values[D.PUBLIC_KEY] if sub.name == "add" else "",
+            Path(values[D.AUTHORIZED_KEYS]).expanduser(),
+            fluster_command(),
+            str(Path(values[D.REPOS]).resolve()) if sub.name == "add" else "",
+        )
+    exposed = settings.plaintext_off_loopback()
+    if exposed and environ.get("FLUSTER_ETCD_PLAINTEXT_OK") != "1":
+        print(
+            f"fluster: warning: etcd at {', '.join(exposed)} is reached in plain text, off "
+            "loopback: whoever else reaches it can rewrite the routing. Give it TLS client "
+            "certificates (ETCD_CACERT, ETCD_CERT, ETCD_KEY; docs/SECURITY.md), or set "
+            "FLUSTER_ETCD_PLAINTEXT_OK=1 where only the control plane can reach it.",
+            file=sys.stderr,
+        )
     # Results go to stdout, problems (and logs) to stderr.
     setup_logging(values[LOG_LEVEL], stream=sys.stderr)
     color = sys.stdout.isatty() and "NO_COLOR" not in environ

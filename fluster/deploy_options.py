@@ -204,6 +204,29 @@ BASE_IMAGES: Option[str] = Option(
 )
 BUILD_LIMITS = (BUILD_TIMEOUT, MAX_CONTEXT, BUILD_NETWORK, BASE_IMAGES)
 
+# Deploy keys (`fluster app keys add|ls|rm APP`) and the forced command they run.
+KEY_NAME: Option[str] = Option(
+    "--name", None, "the deploy key's name (whose key it is); recorded as who deployed", ""
+)
+PUBLIC_KEY: Option[str] = Option(
+    "--key", None, "the OpenSSH public key file (- reads stdin)", "", metavar="FILE"
+)
+AUTHORIZED_KEYS: Option[str] = Option(
+    "--authorized-keys",
+    "FLUSTER_AUTHORIZED_KEYS",
+    "the deploy user's authorized_keys file",
+    "~/.ssh/authorized_keys",
+    metavar="FILE",
+)
+SHELL_KEY: Option[str] = Option("--key", None, "the deploy key's name", "", metavar="NAME")
+SHELL_APPS: Option[str] = Option(
+    "--apps", None, "the apps the key may push (comma-separated)", "", metavar="APPS"
+)
+KEYS_ADD = (APP, KEY_NAME, PUBLIC_KEY, AUTHORIZED_KEYS, REPOS)
+KEYS_LS = (APP, AUTHORIZED_KEYS)
+KEYS_RM = (APP, KEY_NAME, AUTHORIZED_KEYS)
+GIT_SHELL = (REPOS, SHELL_KEY, SHELL_APPS)
+
 # What `app create` writes into the hook, for every deploy a push runs.
 HOOK_SETTINGS = (REGISTRY, PUBLISH_IP, NETWORK, DOCKER_HOST, *BUILD_LIMITS)
 APP_CREATE = (APP, *APP_FIELDS, REPOS, SSH_HOST, SSH_USER, SSH_PORT, *HOOK_SETTINGS)

@@ -99,6 +99,27 @@ class EtcdSettings:
     def tls(self) -> bool:
         return self.cacert is not None or any(e.startswith("https://") for e in self.endpoints)
 
+    def plaintext_off_loopback(self) -> list[str]:
+        """Endpoints reached in plain text at an address that is not loopback: whoever
+        else reaches that address can read and rewrite the registry."""
+        if self.tls:
+            return []
+        out = []
+        for endpoint in self.endpoints:
+            try:
+                host, _ = parse_endpoint(endpoint)
+            except ValueError:
+                continue
+            if host == "localhost":
+                continue
+            try:
+                if ipaddress.ip_address(host).is_loopback:
+                    continue
+            except ValueError:
+                pass  # a name: where it points is up to DNS
+            out.append(endpoint)
+        return out
+
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
     """`host:port`, `http(s)://host:port` or `[v6]:port` -> (host, port). Raises ValueError."""

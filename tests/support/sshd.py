@@ -60,13 +60,24 @@ class Sshd:
         self._log = LogFile(root / "sshd.log")  # sshd ends its lines with CR LF
         self._host_pub = ""
 
-    def start(self, forced_command: str) -> Sshd:
+    @property
+    def authorized_keys(self) -> Path:
+        return self.root / "authorized_keys"
+
+    def client_key(self, name: str) -> Path:
+        """A client key pair `name` (made once); returns the public key's path."""
+        if not (self.root / name).exists():
+            keygen(self.root / name)
+        return self.root / f"{name}.pub"
+
+    def start(self, forced_command: str | None) -> Sshd:
+        """With `forced_command`, the client key's line forces it; with None the file is
+        left to `fluster app keys add` (the client key is still made)."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._host_pub = keygen(self.root / "host_ed25519")
-        client_pub = keygen(self.root / "client_ed25519")
-        (self.root / "authorized_keys").write_text(
-            f'command="{forced_command}",restrict {client_pub}\n'
-        )
+        client_pub = self.client_key("client_ed25519").read_text().strip()
+        lines = f'command="{forced_command}",restrict {client_pub}\n' if forced_command else ""
+        self.authorized_keys.write_text(lines)
         return start_on_fresh_ports(
             self._start,
             lambda: lost_a_port(self._log.since_start()),
@@ -98,20 +109,20 @@ class Sshd:
     def log(self) -> str:
         return self._log.text()
 
-    def ssh_command(self) -> str:
+    def ssh_command(self, key: str = "client_ed25519") -> str:
         return (
-            f"ssh -i {self.root}/client_ed25519 -o IdentitiesOnly=yes -o BatchMode=yes "
+            f"ssh -i {self.root}/{key} -o IdentitiesOnly=yes -o BatchMode=yes "
             f"-o UserKnownHostsFile={self.root}/known_hosts -o StrictHostKeyChecking=yes "
             "-o LogLevel=ERROR"
         )
 
-    def git_env(self) -> dict[str, str]:
-        return {**os.environ, "GIT_SSH_COMMAND": self.ssh_command()}
+    def git_env(self, key: str = "client_ed25519") -> dict[str, str]:
+        return {**os.environ, "GIT_SSH_COMMAND": self.ssh_command(key)}
 
-    def ssh(self, *command: str) -> subprocess.CompletedProcess[str]:
+    def ssh(self, *command: str, key: str = "client_ed25519") -> subprocess.CompletedProcess[str]:
         """Run `command` over the deploy key, as someone trying for a shell would."""
         return subprocess.run(
-            [*self.ssh_command().split(), "-p", str(self.port), f"{self.user}@127.0.0.1",
+            [*self.ssh_command(key).split(), "-p", str(self.port), f"{self.user}@127.0.0.1",
              *command],
             capture_output=True,
             text=True,
