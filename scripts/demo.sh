@@ -99,9 +99,9 @@ deploy() {
     exit 1
   fi
   export ETCD_ENDPOINTS=$etcd FLUSTER_REGISTRY=$registry FLUSTER_REPOS=$repos
-  # The sidekick registers containers by their IP on the project's network (--internal),
-  # where the edge reaches them: the deployed containers join that network.
-  export FLUSTER_NETWORK=${COMPOSE_PROJECT_NAME}_default
+  # The sidekick registers containers by their IP on the project's `apps` network
+  # (--internal), where the edge reaches them and etcd is not: deployed containers join it.
+  export FLUSTER_NETWORK=${COMPOSE_PROJECT_NAME}_apps
   "$fluster" app create web --replicas 2 --port 8000 --check http:/health --ssh-host localhost
   mkdir -p "$work"
   cp examples/demo-app/Dockerfile examples/demo-app/app.py "$work/"
@@ -131,7 +131,7 @@ down() {
   # What make demo-deploy started on the project's network (compose does not own it).
   local deployed
   deployed=$("${DOCKER:-/usr/bin/docker}" ps -aq --filter label=fluster.app \
-    --filter "network=${COMPOSE_PROJECT_NAME}_default")
+    --filter "network=${COMPOSE_PROJECT_NAME}_apps")
   if [ -n "$deployed" ]; then
     # shellcheck disable=SC2086
     "${DOCKER:-/usr/bin/docker}" rm -f $deployed >/dev/null

@@ -241,6 +241,22 @@ class Etcd:
         extra = [f"--lease={lease}"] if lease else []
         self.ctl("put", *extra, "--", key, value, check=True)  # a value may start with -
 
+    def get_prefix(self, prefix: str) -> dict[str, str]:
+        """Every key under `prefix` (`prefix` itself included) with its value."""
+        import base64
+        import json
+
+        out = self.ctl("get", "--prefix", "-w", "json", "--", prefix, check=True).stdout
+        return {
+            base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", "")).decode()
+            for kv in json.loads(out).get("kvs", [])
+        }
+
+    def get(self, key: str) -> str | None:
+        """The value of `key`, None when it does not exist."""
+        found = {k: v for k, v in self.get_prefix(key).items() if k == key}
+        return found.get(key)
+
     def delete(self, key: str, prefix: bool = False) -> None:
         self.ctl("del", *(["--prefix"] if prefix else []), key, check=True)
 

@@ -68,6 +68,27 @@ def test_an_etcd_name_that_does_not_resolve_is_a_clear_error() -> None:
     no_traceback(proc)
 
 
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root for unshare -n"
+)
+def test_a_plain_text_etcd_off_loopback_is_named(etcd: Etcd) -> None:
+    """Off loopback without TLS: a warning on stderr (in a namespace with loopback only,
+    so the connection fails at once and nothing leaves the machine); on loopback: none."""
+    proc = run(
+        "unshare",
+        "-n",
+        "sh",
+        "-c",
+        f'ip link set lo up; exec "{BIN / "fluster"}" ls',
+        ETCD_ENDPOINTS="10.255.0.1:2379",
+    )
+    assert "warning: etcd at 10.255.0.1:2379 is reached in plain text" in proc.stderr
+    assert "ETCD_CERT" in proc.stderr
+    no_traceback(proc)
+    quiet = run(str(BIN / "fluster"), "ls", ETCD_ENDPOINTS=etcd.endpoints)
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr, quiet.stderr
+
+
 def test_render_once_keeps_its_logs_out_of_the_config(etcd: Etcd, tmp_path: Path) -> None:
     etcd.put("/fluster/services/web/instances/a", '{"host":"127.0.0.1","port":8001}')
     etcd.put("/fluster/services/web/instances/bad", '{"host":"1.2.3.4\\nbackend x"}')

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from deployer import gitshell, source
+from deployer import deploykeys, gitshell, source
 from deployer.apps import deploy_id
+from deployer.dockerfile import images as dockerfile_images
+from deployer.engine import DeployError
 from deployer.records import AppConfig, DeployRecord, Stage
 from fluster.records import RecordError
+from fluster.text import printable
 
 SHA_A, SHA_B = "a" * 40, "b" * 40
 
@@ -119,7 +122,7 @@ def repos(tmp_path: Path) -> Path:
     ],
 )
 def test_git_shell_lets_a_push_to_an_app_through(repos: Path, command: str) -> None:
-    assert gitshell.allowed(command.format(repos=repos), repos) == repos / "web.git"
+    assert gitshell.allowed(command.format(repos=repos), repos, ("web",)) == repos / "web.git"
 
 
 @pytest.mark.parametrize(
@@ -139,4 +142,106 @@ def test_git_shell_lets_a_push_to_an_app_through(repos: Path, command: str) -> N
 )
 def test_git_shell_refuses_anything_else(repos: Path, command: str) -> None:
     with pytest.raises(gitshell.Refused):
-        gitshell.allowed(command.format(repos=repos), repos)
+        gitshell.allowed(command.format(repos=repos), repos, ("web", "other"))
+
+
+def test_git_shell_lets_a_key_push_its_own_apps_only(repos: Path) -> None:
+    push = f"git-receive-pack '{repos}/web.git'"
+    with pytest.raises(gitshell.Refused, match="may not push web"):
+        gitshell.allowed(push, repos, ("api",))
+    with pytest.raises(gitshell.Refused, match="not a deploy key of any app"):
+        gitshell.allowed(push, repos, None)
+    # Another app's refusal does not say whether it exists.
+    with pytest.raises(gitshell.Refused, match="may not push ghost"):
+        gitshell.allowed(f"git-receive-pack '{repos}/ghost.git'", repos, ("api",))
+
+
+def test_deploy_keys_add_ls_rm_keep_other_lines(tmp_path: Path) -> None:
+    def pub(name: str) -> str:
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / name)],
+            check=True,
+        )
+        return (tmp_path / f"{name}.pub").read_text()
+
+    path = tmp_path / "authorized_keys"
+    path.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHand written-by-root\n")
+    keys = deploykeys.KeyFile(path)
+    alice, bob = pub("alice"), pub("bob")
+    fluster = ["/usr/bin/fluster"]
+    keys.add("web", "alice", alice, fluster, "/srv/repos")
+    keys.add("api", "alice", alice, fluster, "/elsewhere")  # the line keeps its --repos
+    keys.add("web", "bob", bob, fluster, "/srv/repos")
+    granted = {k.name: k for k in keys.granted()}
+    assert granted["alice"].apps == ("web", "api") and granted["bob"].apps == ("web",)
+    assert granted["alice"].repos == "/srv/repos"
+    with pytest.raises(deploykeys.KeyProblem, match="already deploy key bob"):
+        keys.add("web", "carol", bob, fluster, "/srv/repos")
+    with pytest.raises(deploykeys.KeyProblem, match="a different public key"):
+        keys.add("web", "alice", bob, fluster, "/srv/repos")
+    with pytest.raises(deploykeys.KeyProblem, match="not an OpenSSH public key"):
+        keys.add("web", "eve", "-----BEGIN OPENSSH PRIVATE KEY-----", fluster, "/srv/repos")
+    with pytest.raises(deploykeys.KeyProblem, match="key name"):
+        keys.add("web", "eve; id", alice, fluster, "/srv/repos")
+    keys.remove("web", "alice")
+    keys.remove("web", "bob")
+    lines = path.read_text().splitlines()
+    assert lines[0].endswith("written-by-root"), "a line fluster did not write was changed"
+    assert [k.name for k in keys.granted()] == ["alice"]
+    assert "--apps api" in lines[1] and 'command="/usr/bin/fluster git-shell' in lines[1]
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(deploykeys.KeyProblem, match="no deploy key bob"):
+        keys.remove("web", "bob")
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "images"),
+    [
+        ("FROM debian:bookworm-slim\nRUN true\n", ["debian:bookworm-slim"]),
+        ("from --platform=linux/amd64 python:3.11 AS build\nFROM build\n", ["python:3.11"]),
+        ("FROM a AS one\nFROM b\nCOPY --from=one /x /x\nCOPY --from=0 /y /y\n", ["a", "b"]),
+        ("FROM a\nCOPY --chown=1 --from=reg/other:1 /s /s\n", ["a", "reg/other:1"]),
+        ("ARG BASE=reg/other:1\nFROM ${BASE}\n", ["reg/other:1"]),
+        ("# escape=`\nFROM a `\n  AS b\nFROM b\n", ["a"]),
+        ("FROM \\\n# a comment inside\n  reg/x:1\n", ["reg/x:1"]),
+        ("FROM scratch\nCOPY app /app\n", []),
+    ],
+)
+def test_dockerfile_images_are_every_base_a_build_uses(dockerfile: str, images: list[str]) -> None:
+    assert [ref.image for ref in dockerfile_images(dockerfile)] == images
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "message"),
+    [
+        ("RUN true\n", "no FROM"),
+        ("FROM $NOPE\n", "has no default"),
+        ("ARG X=1\nFROM a\nARG Y=b\nFROM $Y\n", "has no default"),
+    ],
+)
+def test_dockerfile_images_refuse_what_they_cannot_pin_down(dockerfile: str, message: str) -> None:
+    with pytest.raises(DeployError, match=message):
+        dockerfile_images(dockerfile)
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("plain words", "plain words"),
+        ("\x1b]0;pwned\x07\x1b[2J\x1b[31mRED\x1b[0m", "RED"),
+        ("a\tb\rc\x00d\x7fe", "a bcde"),
+        ("evil\u202etxt.exe", "eviltxt.exe"),
+        ("\x9b31mx", "x"),
+        ("caf\u00e9 \u2603", "caf\u00e9 \u2603"),
+    ],
+)
+def test_printable_drops_escapes_and_control_characters(raw: str, shown: str) -> None:
+    assert printable(raw) == shown
+    assert printable("one\x1b[1m\ntwo", keep_newlines=True) == "one\ntwo"
+
+
+def test_secrets_are_never_shown() -> None:
+    config = AppConfig.from_dict({"service": "web", "secrets": {"DB": "hunter2"}})
+    assert "hunter2" not in str(config.shown()) and config.shown()["secrets"] == {"DB": "(secret)"}
+    assert config.environment == {"DB": "hunter2"}
+    assert AppConfig.parse(config.to_json()).secrets == {"DB": "hunter2"}

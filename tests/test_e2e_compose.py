@@ -366,6 +366,37 @@ def test_scale_and_promote_without_a_failed_request(project: Project) -> None:
     assert served <= load.seen()
 
 
+PROBE = """\
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], 2379), timeout=3).close()
+    print("reached")
+except OSError as exc:
+    print(f"unreachable: {exc}")
+"""
+
+
+@pytest.mark.timeout(900)  # alone (-k), it sets the project up too
+def test_an_app_container_cannot_reach_etcd(project: Project) -> None:
+    """etcd is on the `control` network, the apps on `apps`: an app container cannot open
+    a connection to etcd's address, which the edge (on both) can. By IP, so no DNS query
+    for a name the app's network does not know ever leaves the machine."""
+    assert DOCKER is not None
+    (etcd,) = project.containers("etcd")
+    addresses = run(
+        [DOCKER, "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+         etcd]
+    ).split()  # fmt: skip
+    assert len(addresses) == 1, f"etcd should be on the control network only: {addresses}"
+    (web,) = sorted(project.containers("web"))[:1]
+    networks = run([DOCKER, "inspect", "-f", "{{json .NetworkSettings.Networks}}", web])
+    assert f"{project.name}_control" not in networks, networks
+    edge = project("exec", "-T", "haproxy", "python3", "-c", PROBE, addresses[0])
+    assert edge.strip() == "reached", f"the edge must reach etcd at {addresses[0]}: {edge}"
+    app = project("exec", "-T", "web", "python3", "-c", PROBE, addresses[0])
+    assert app.startswith("unreachable"), f"an app container reached etcd: {app}"
+
+
 @pytest.mark.timeout(900)  # alone (-k), it sets the project up too
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 def test_status_page_in_headless_chromium(project: Project) -> None:

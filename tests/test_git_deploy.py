@@ -12,6 +12,7 @@ in order on one app: v1 is deployed once by the fixture, each test pushes from t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,9 +25,11 @@ from pathlib import Path
 
 import pytest
 
+from testbed.docker import BASE_IMAGE
 from testbed.load import Load
 from tests.support.docker import Engine, docker_cmd
 from tests.support.etcd import Etcd, wait_for
+from tests.support.faults import TcpProxy
 from tests.support.gitapp import APP, DOCKERFILE, IDENTITY
 from tests.support.haproxy import ReloaderProcess
 from tests.support.registry import Registry
@@ -66,15 +69,24 @@ class World:
             [FLUSTER, *args], capture_output=True, text=True, env=self.env, timeout=timeout
         )
 
-    def git(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    def git(
+        self, *args: str, cwd: Path | None = None, key: str = "client_ed25519"
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["git", *args],
             cwd=cwd or self.work,
             capture_output=True,
             text=True,
-            env={**self.sshd.git_env(), **IDENTITY},
+            env={**self.sshd.git_env(key), **IDENTITY},
             timeout=300,
         )
+
+    def add_key(self, app: str, name: str, key: str) -> subprocess.CompletedProcess[str]:
+        """`fluster app keys add`: the ssh key `key` (made if new) may push `app`."""
+        return self.fluster(
+            "app", "keys", "add", app, "--name", name, "--key", str(self.sshd.client_key(key)),
+            "--authorized-keys", str(self.sshd.authorized_keys),
+        )  # fmt: skip
 
     @property
     def bare(self) -> str:
@@ -102,6 +114,13 @@ class World:
         self.engine.docker("build", "-q", "-t", image, str(build), timeout=300)
         return image
 
+    def sync(self) -> None:
+        """The work tree at the deployed branch (an earlier test may have pushed from a
+        clone of its own)."""
+        for args in (("fetch", "-q", self.bare, "main"), ("reset", "-q", "--hard", "FETCH_HEAD")):
+            out = self.git(*args)
+            assert out.returncode == 0, out.stderr
+
     def push(self, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         return self.git("push", "origin", "HEAD:main", cwd=cwd)
 
@@ -112,8 +131,6 @@ class World:
 
     def active(self) -> str | None:
         out = self.fluster("ls", self.app, "--json").stdout
-        import json
-
         spec = json.loads(out)["services"].get(self.app, {}).get("spec", {}) if out else {}
         return spec.get("active_version")
 
@@ -143,7 +160,7 @@ def world(docker_engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> It
         sidekicks.start("--all", "--node", f"n{app}", "--ttl", "3", "--check-interval", "0.2",
                         "--drain-seconds", "1")  # fmt: skip
         repos = root / "repos"
-        sshd = Sshd(root / "sshd").start(f"{FLUSTER} git-shell --repos {repos}")
+        sshd = Sshd(root / "sshd").start(None)  # the keys come from `fluster app keys add`
         work = root / "work"
         world = World(etcd, registry, reloader, sshd, engine, root, app, repos, "", work)
         created = world.fluster(
@@ -152,6 +169,8 @@ def world(docker_engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> It
             "--ssh-port", str(sshd.port),
         )  # fmt: skip
         assert created.returncode == 0, created.stderr
+        added = world.add_key(app, "dev", "client_ed25519")
+        assert added.returncode == 0, added.stderr
         remote = next(line.split()[-1] for line in created.stdout.splitlines() if "ssh://" in line)
         assert remote == f"ssh://{sshd.user}@127.0.0.1:{sshd.port}{repos}/{app}.git"
         world.remote = remote
@@ -400,6 +419,254 @@ def test_ssh_key_allows_nothing_but_a_push_to_an_app(world: World) -> None:
     assert clone.returncode != 0 and "refused" in clone.stderr, clone.stderr
     missing = world.remote.replace(world.app, "nosuchapp")
     pushed = world.git("push", missing, "HEAD:main")
-    assert pushed.returncode != 0 and "no app 'nosuchapp'" in pushed.stderr, pushed.stderr
+    assert pushed.returncode != 0 and "may not push nosuchapp" in pushed.stderr, pushed.stderr
     outside = world.git("push", world.remote.replace(str(world.repos), "/tmp"), "HEAD:main")
     assert outside.returncode != 0 and "refused" in outside.stderr, outside.stderr
+
+
+# -- trust: what a push, an image or a key can reach (docs/SECURITY.md) -------------------
+
+
+def test_a_key_pushes_only_its_own_apps(world: World) -> None:
+    """A second developer's key, granted another app only, can neither push this app nor
+    read its refs; the key that pushed is recorded as who deployed."""
+    other = f"z{world.app}"
+    granted = world.add_key(other, "intruder", "intruder_ed25519")
+    assert granted.returncode == 0, granted.stderr
+    listed = world.fluster(
+        "app", "keys", "ls", world.app, "--authorized-keys", str(world.sshd.authorized_keys)
+    )
+    assert "dev" in listed.stdout and "intruder" not in listed.stdout, listed.stdout
+    pushed = world.git("push", world.remote, "HEAD:main", key="intruder_ed25519")
+    assert pushed.returncode != 0, pushed.stdout + pushed.stderr
+    assert f"this key may not push {world.app}" in pushed.stderr, pushed.stderr
+    refs = world.git("ls-remote", world.remote, key="intruder_ed25519")
+    assert refs.returncode != 0 and str(world.active()) not in refs.stdout, refs.stdout
+    records = json.loads(world.fluster("deploys", world.app, "--json").stdout)
+    pushes = [r for r in records if r.get("branch")]
+    assert pushes and pushes[-1]["by"] == "key dev", pushes[-1:]
+
+
+BUILD_PUT = """\
+RUN python3 -c "import base64, json, sys, urllib.request; \\
+b = lambda s: base64.b64encode(s.encode()).decode(); \\
+body = json.dumps({{'key': b('/trust-probe'), 'value': b('{value}')}}).encode(); \\
+urllib.request.urlopen('http://{endpoint}/v3/kv/put', body, timeout=5); \\
+print('WROTE', 'ETCD')" || (echo COULD NOT "REACH" ETCD && exit 7)
+"""
+
+
+def test_a_build_step_cannot_reach_etcd(world: World) -> None:
+    """etcd listening on the host's bridge address, as a deploy host without TLS would
+    have it: a container on Docker's bridge writes to it (the path is open), a RUN step
+    of a push does not (builds run without a network), and the push fails saying so.
+    (The markers are printed from split words: the build also echoes each RUN line.)"""
+    world.sync()
+    gateway = world.engine.docker(
+        "network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}"
+    ).strip()
+    host, port = world.etcd.endpoints.split(",")[0].rsplit(":", 1)
+    proxy = TcpProxy((host, int(port)), bind=gateway)
+    script = BUILD_PUT.format(value="from-a-container", endpoint=proxy.endpoint)
+    probe = script.removeprefix("RUN ").split(" || ")[0].replace("\\\n", "")
+    try:
+        reached = world.engine.docker(
+            "run", "--rm", "--network", "bridge", BASE_IMAGE, "sh", "-c", probe, timeout=60
+        )
+        assert "WROTE ETCD" in reached, reached
+        assert world.etcd.get("/trust-probe") == "from-a-container"
+        before = world.served()
+        sha = world.commit("v-etcd", extra=BUILD_PUT.format(value="from-a-build",
+                                                             endpoint=proxy.endpoint))  # fmt: skip
+        try:
+            with Load(world.reloader.http_port, f"{world.app}.localhost") as load:
+                pushed = world.push()
+        finally:
+            world.git("reset", "-q", "--hard", "HEAD~1")
+    finally:
+        proxy.close()
+    output = pushed.stdout + pushed.stderr
+    assert pushed.returncode != 0, output
+    assert "COULD NOT REACH ETCD" in output and "WROTE ETCD" not in output, output
+    assert world.etcd.get("/trust-probe") == "from-a-container"
+    assert load.failures == [] and set(load.served) == {before}, load.failures[:5]
+    assert world.containers(sha[:12], running=False) == []
+
+
+def test_an_image_label_claims_no_service(world: World) -> None:
+    """An image whose Dockerfile says `LABEL fluster.service=<this app's service>`: a push
+    of it is refused naming the labels, and a container run from it without labels of its
+    own is not registered, while one with its own fluster.service label is. Requests to
+    the app never reach the impostor."""
+    world.sync()
+    served = world.served()
+    build = world.root / "impostor"
+    build.mkdir()
+    (build / "app.py").write_text(APP.format(mark="impostor", sick=False))
+    (build / "Dockerfile").write_text(
+        DOCKERFILE.format(
+            extra=f"LABEL fluster.service={world.app} fluster.port=8000 fluster.check=none\n"
+        )
+    )
+    image = f"fluster-test-impostor-{world.app}:1"
+    world.engine.docker("build", "-q", "-t", image, str(build), timeout=300)
+    control = f"c{world.app}"
+    ids: list[str] = []
+    try:
+        with Load(world.reloader.http_port, f"{world.app}.localhost") as load:
+            run = ("run", "-d", "-e", "PORT=8000", "-p", "127.0.0.1::8000")
+            ids.append(world.engine.docker(*run, image).strip())  # the image's labels only
+            ids.append(world.engine.docker(*run, "-l", f"fluster.service={control}",
+                                           image).strip())  # fmt: skip
+            # Events are handled in order: once the second is registered, the first was seen.
+            wait_for(
+                lambda: world.etcd.get_prefix(f"/fluster/services/{control}/instances/"),
+                timeout=30,
+                what=f"the control container registered in {control}",
+            )
+            names = world.etcd.get_prefix(f"/fluster/services/{world.app}/instances/")
+        assert not any(ids[0][:12] in key for key in names), names
+        assert load.failures == [] and set(load.served) == {served}, load.served
+        sha = world.commit("v-label", extra=f"LABEL fluster.service=z{world.app}\n")
+        try:
+            pushed = world.push()
+        finally:
+            world.git("reset", "-q", "--hard", "HEAD~1")
+        output = pushed.stdout + pushed.stderr
+        assert pushed.returncode != 0, output
+        assert "sets label(s) fluster.service" in output, output
+        assert world.containers(sha[:12], running=False) == []
+    finally:
+        if ids:
+            world.engine.docker("rm", "-f", *ids)
+        world.engine.docker("rmi", "-f", image)
+
+
+def test_a_build_uses_no_other_apps_image_and_pulls_nothing(world: World) -> None:
+    """Another app's image on the same engine (its files are its source): FROM it and
+    COPY --from it are refused before the build; so is a base image the host does not
+    have, which the engine would otherwise pull."""
+    world.sync()
+    secret = world.root / "other-app"
+    secret.mkdir()
+    (secret / "Dockerfile").write_text(f"FROM {BASE_IMAGE}\nRUN echo TOPSECRET > /secret\n")
+    other = f"{world.registry.address}/o{world.app}:1"
+    world.engine.docker("build", "-q", "-t", other, str(secret), timeout=300)
+    attempts = {
+        "from": (f"FROM {other}\nCMD cat /secret\n", "that is app o"),
+        "copy": (
+            f"FROM {BASE_IMAGE}\nCOPY --from={other} /secret /secret\n",
+            "that is app o",
+        ),
+        "arg": (f"ARG BASE={other}\nFROM $BASE\n", "that is app o"),
+        "pull": ("FROM fluster-test/no-such-image:1\n", "builds never pull"),
+    }
+    try:
+        for name, (dockerfile, refusal) in attempts.items():
+            (world.work / "Dockerfile").write_text(dockerfile)
+            world.git("commit", "-q", "-am", f"steal {name}")
+            try:
+                pushed = world.push()
+            finally:
+                world.git("reset", "-q", "--hard", "HEAD~1")
+            output = pushed.stdout + pushed.stderr
+            assert pushed.returncode != 0, output
+            assert refusal in output and "TOPSECRET" not in output, (name, output)
+            assert "Step 1/" not in output, f"{name}: the build started: {output}"
+    finally:
+        world.engine.docker("rmi", "-f", other)
+
+
+def test_secrets_and_control_characters_are_never_printed(world: World) -> None:
+    """A secret set with --secret reaches the containers and no listing; a build that
+    prints terminal escapes shows its words without them, in the push and in the history."""
+    world.sync()
+    value = f"hunter2-{uuid.uuid4().hex[:6]}"
+    configured = world.fluster("app", "config", world.app, "--secret", f"DB_PASSWORD={value}")
+    assert configured.returncode == 0, configured.stderr
+    assert value not in configured.stdout and '"DB_PASSWORD": "(secret)"' in configured.stdout
+    listed = world.fluster("app", "ls", "--json")
+    assert value not in listed.stdout and "DB_PASSWORD" in listed.stdout, listed.stdout
+    escapes = r"RUN printf '\033]0;pwned\007\033[2J\033[31mRED WORDS\033[0m\n'" + "\n"
+    sha = world.commit("v-secret", extra=escapes)
+    pushed = world.push()
+    output = pushed.stdout + pushed.stderr
+    assert pushed.returncode == 0, output
+    assert "RED WORDS" in output and "\x1b" not in output and "\x07" not in output, output
+    history = world.fluster("deploys", world.app)
+    assert "\x1b" not in history.stdout and value not in history.stdout
+    (cid, *_) = world.containers(sha[:12])
+    env = world.engine.docker("inspect", "-f", "{{json .Config.Env}}", cid)
+    assert f"DB_PASSWORD={value}" in env
+    world.versions["secret"] = sha[:12]
+
+
+def test_an_abandoned_deploy_is_marked_and_its_containers_removed(world: World) -> None:
+    """`fluster deploy` killed (SIGKILL) while it waits for a version that never gets
+    healthy: its record stays `running` and its containers run, until `fluster gc APP`
+    (after the dead deploy's lock lease ran out) marks it abandoned and removes them."""
+    world.sync()
+    active = world.active()
+    sha = world.commit("v-abandoned", sick=True)
+    world.git("reset", "-q", "--hard", "HEAD~1")
+    proc = subprocess.Popen(
+        [FLUSTER, "deploy", world.app, "--git", str(world.work), "--ref", sha],
+        env=world.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: len(world.containers(sha[:12])) == 2,
+            timeout=120,
+            what="the doomed deploy's containers running",
+        )
+    finally:
+        proc.kill()
+        output = proc.communicate(timeout=30)[0]
+    assert "healthy" in output, output
+
+    def running() -> list[dict[str, str]]:
+        records = json.loads(world.fluster("deploys", world.app, "--json").stdout)
+        return [r for r in records if r.get("version") == sha[:12]]
+
+    assert [r["result"] for r in running()] == ["running"]
+    lock = f"/fluster/apps/{world.app}/lock"
+    wait_for(lambda: world.etcd.get(lock) is None, timeout=30, what="the dead deploy's lock gone")
+    gc = world.fluster("gc", world.app)  # may then refuse the rest (--keep-old 1h): fine
+    assert "was abandoned mid-way" in gc.stdout, gc.stdout + gc.stderr
+    assert "was abandoned mid-way" in gc.stdout and "2 of its container(s) removed" in gc.stdout
+    assert [r["result"] for r in running()] == ["abandoned"]
+    assert world.containers(sha[:12], running=False) == []
+    assert world.active() == active
+
+
+def test_a_push_is_bounded_in_size_and_time(world: World) -> None:
+    """The deploy host's bounds, set at `app create`: a tree over --max-context is refused
+    before a byte is built, a build past --build-timeout is stopped (its container goes),
+    and nothing that serves changes."""
+    world.sync()
+    bounds = ("--max-context", "1", "--build-timeout", "5")
+    again = world.fluster("app", "create", world.app, *bounds)
+    assert again.returncode == 0, again.stderr
+    before = world.served()
+    try:
+        (world.work / "blob.bin").write_bytes(os.urandom(2 * 2**20))
+        world.commit("v-big")
+        big = world.push()
+        world.git("reset", "-q", "--hard", "HEAD~1")
+        assert big.returncode != 0 and "over the limit of 1 MiB" in big.stderr, big.stderr
+        world.commit("v-slow", extra='RUN echo "slow build"; sleep 600\n')
+        slow = world.push()
+        world.git("reset", "-q", "--hard", "HEAD~1")
+        output = slow.stdout + slow.stderr
+        assert slow.returncode != 0 and "build time limit (5s)" in output, output
+        wait_for(
+            lambda: "sleep 600" not in world.engine.docker("ps", "--no-trunc"),
+            timeout=30,
+            what="the stopped build's container removed",
+        )
+    finally:
+        world.fluster("app", "create", world.app)  # the hook again, without the bounds
+    assert world.served() == before

@@ -304,3 +304,32 @@ def test_fluster_cli_as_operator_and_as_a_sidekick(etcd_rbac: RbacEtcd) -> None:
         etcd_rbac,
         {"ok": ok.stdout + ok.stderr, "refused": refused.stderr, "ls": listed.stdout},
     )
+
+
+def test_the_deployer_identity_claims_apps_and_reads_no_certificate(
+    etcd_rbac: RbacEtcd, tmp_path: Path
+) -> None:
+    """`fluster app create` as the deploy host's identity (docs/OPERATIONS.md): the config
+    and the service's owner are written; a second app claiming the service is refused
+    naming the owner; a sidekick's identity can write neither, nor can the deployer read
+    the edges' TLS keys."""
+
+    def fluster(identity: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(Path(sys.executable).with_name("fluster")), *args],
+            env={**etcd_rbac.env(identity), "FLUSTER_REPOS": str(tmp_path / "repos")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    made = fluster("fluster-deployer", "app", "create", "shop", "--service", "web")
+    assert made.returncode == 0, made.stderr
+    taken = fluster("fluster-deployer", "app", "create", "intruder", "--service", "web")
+    assert taken.returncode != 0 and "service web belongs to app shop" in taken.stderr
+    owner = etcd_rbac.etcd.ctl("get", "--print-value-only", keys.owner_key(PREFIX, "web"))
+    assert owner.stdout.strip() == "shop", owner.stderr
+    denied = fluster(sidekick_identity("web"), "app", "create", "x", "--service", "web")
+    assert denied.returncode != 0 and "permission denied" in denied.stderr, denied.stderr
+    certs = fluster("fluster-deployer", "cert", "ls")
+    assert certs.returncode != 0 and "permission denied" in certs.stderr, certs.stderr

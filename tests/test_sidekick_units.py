@@ -271,3 +271,16 @@ def test_an_instance_records_when_its_container_started() -> None:
     assert plan.instance.since == "2026-11-30T18:06:41+00:00"
     never = Container.from_inspect({**data, "State": {"StartedAt": "0001-01-01T00:00:00Z"}})
     assert never.started_at == ""
+
+
+def test_only_labels_set_on_the_container_count() -> None:
+    """Docker shows an image's labels as the container's: one whose value is the image's
+    is the image's, whoever set it, and is left out."""
+    from sidekick.plan import own_labels
+
+    image = {"fluster.service": "bank", "fluster.port": "8000", "maintainer": "x"}
+    merged = {**image, "fluster.port": "9000", "fluster.app": "web"}
+    own, inherited = own_labels(merged, image)
+    assert own == {"fluster.port": "9000", "fluster.app": "web", "maintainer": "x"}
+    assert inherited == ["fluster.service"]
+    assert own_labels(image, {}) == (image, [])

@@ -110,13 +110,14 @@ class Load:
 
 
 class TcpProxy:
-    """127.0.0.1:`port` -> `target`, in threads; `cut()`/`heal()` make a partition."""
+    """`bind`:`port` -> `target`, in threads; `cut()`/`heal()` make a partition."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int], bind: str = "127.0.0.1") -> None:
         self.target = target
+        self.bind = bind
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
+        self.listener.bind((bind, 0))
         self.listener.listen(64)
         self.port = int(self.listener.getsockname()[1])
         self.cut_off = threading.Event()
@@ -127,7 +128,7 @@ class TcpProxy:
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.bind}:{self.port}"
 
     def _accept(self) -> None:
         while not self.closed.is_set():

@@ -11,6 +11,9 @@ CN is its etcd user name, and holds only the permissions its job needs.
   (TLS private keys: no sidekick ever reads them), readwrite `{prefix}/reloaders/`;
 - `fluster-operator` (role `fluster-operator`): readwrite `{prefix}/services/` and
   `{prefix}/certs/`, read `{prefix}/reloaders/` (what `fluster promote` waits on);
+- `fluster-deployer` (role `fluster-deployer`): readwrite `{prefix}/apps/`,
+  `{prefix}/owners/` and `{prefix}/services/`, read `{prefix}/reloaders/`: app configs,
+  deploy records and locks, which app owns a service, promotions;
 - `root`: everything, used only by the test to set up.
 
 A sidekick cannot rewrite its service's spec (that would let a compromised host
@@ -99,6 +102,28 @@ def rbac_commands(prefix: str, services: Iterable[str]) -> list[tuple[str, ...]]
         ),
         ("user", "add", "fluster-operator", "--no-password"),
         ("user", "grant-role", "fluster-operator", "fluster-operator"),
+        ("role", "add", "fluster-deployer"),
+        *(
+            (
+                "role",
+                "grant-permission",
+                "--prefix=true",
+                "fluster-deployer",
+                "readwrite",
+                f"{prefix}/{part}/",
+            )
+            for part in ("apps", "owners", "services")
+        ),
+        (
+            "role",
+            "grant-permission",
+            "--prefix=true",
+            "fluster-deployer",
+            "read",
+            f"{prefix}/reloaders/",
+        ),
+        ("user", "add", "fluster-deployer", "--no-password"),
+        ("user", "grant-role", "fluster-deployer", "fluster-deployer"),
         ("auth", "enable"),
     ]
     return cmds
