@@ -59,8 +59,9 @@ def pusher() -> str:
 class Terminal:
     """Where a deploy's progress goes: stdout, until whoever reads it is gone.
 
-    A push's hook writes to `git receive-pack`, which relays to the pusher over ssh; when
-    the pusher disconnects, receive-pack dies and our writes fail. The deploy then goes
+    A push's hook writes to `git receive-pack`, which relays to the pusher (over ssh, or
+    to a local `git push`). When the pusher goes, receive-pack loses its parent (it is
+    left waiting for the hook, reparented) and our writes may fail. The deploy then goes
     on silently (its record keeps every stage) and `gone()` says so, so the pipeline
     stops before the promotion: a push cut off changes nothing that serves.
     """
@@ -68,6 +69,7 @@ class Terminal:
     def __init__(self, *, receive: bool) -> None:
         self.lost = False
         self.parent = os.getppid() if receive else None
+        self.grandparent = parent_of(self.parent) if self.parent else None
 
     def __call__(self, text: str) -> None:
         if self.lost:
@@ -78,8 +80,20 @@ class Terminal:
             self.lost = True
 
     def gone(self) -> bool:
-        """The output broke, or (a push) receive-pack is no longer our parent."""
-        return self.lost or (self.parent is not None and os.getppid() != self.parent)
+        """The output broke, or (a push) receive-pack, or whoever started it, is gone."""
+        if self.lost or self.parent is None:
+            return self.lost
+        return os.getppid() != self.parent or parent_of(self.parent) != self.grandparent
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent of process `pid` (Linux /proc), None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
 
 
 def fail(message: str, code: int) -> int:
@@ -335,6 +349,17 @@ async def deploy_command(command: str, v: Values, store: Store, prefix: str) -> 
         return EXIT_OK if record.result != "failed" else EXIT_FAILED
 
 
+async def clean_abandoned(v: Values, store: Store, prefix: str) -> None:
+    """`fluster gc APP`'s first step: deploys of the app that died mid-way."""
+    app = v[D.SERVICE_ARG]
+    config = (await apps.load(store, prefix, app)).config
+    async with Engine(v[D.DOCKER_HOST] or None) as engine:
+        scheduler: Scheduler = (
+            SwarmScheduler(engine) if config.scheduler == "swarm" else LocalScheduler(engine)
+        )
+        await Deployer(store, prefix, engine, scheduler, Settings(), say).clean_abandoned(app)
+
+
 async def gc_command(v: Values, store: Store, prefix: str) -> int:
     """`fluster gc APP`, after the records (whose keep-old check it shares): the stopped
     containers (or scaled-down Swarm services) of versions the spec no longer routes."""
@@ -357,6 +382,5 @@ async def gc_command(v: Values, store: Store, prefix: str) -> int:
             say(f"{app}: would remove the stopped instances of {', '.join(sorted(idle)) or '-'}")
             return EXIT_OK
         removed = await scheduler.remove(app, keep=spec.routes_version)
-        await Deployer(store, prefix, engine, scheduler, Settings(), say).clean_abandoned(app)
     say(f"{app}: removed {removed} stopped instance(s) of versions no longer routed")
     return EXIT_OK

@@ -111,6 +111,9 @@ async def archive(git_dir: Path, commit: Commit, limit: int) -> AsyncIterator[by
     proc = await asyncio.create_subprocess_exec(
         GIT,
         f"--git-dir={git_dir}",
+        # Blobs over this are streamed, not read whole into git's memory (default 512m).
+        "-c",
+        "core.bigFileThreshold=16m",
         "archive",
         "--format=tar",
         commit.sha,

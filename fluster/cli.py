@@ -609,12 +609,17 @@ class Cli:
 
     async def cmd_gc(self, store: Store) -> int:
         service, dry_run = self.v[SERVICE], self.v[DRY_RUN]
+        app = (await store.get(keys.app_config_key(self.prefix, service)))[1] is not None
+        if app and not dry_run:  # deploys that died mid-way go first, whatever else waits
+            from deployer.cli import clean_abandoned
+
+            await clean_abandoned(self.v, store, self.prefix)
         removed = await ops.gc(store, self.prefix, service, force=self.v[GC_FORCE], dry_run=dry_run)
         verb = "would remove" if dry_run else "removed"
         say(f"{service}: {verb} {len(removed)} record(s) of old versions")
         for key in removed:
             say(f"  {key}")
-        if (await store.get(keys.app_config_key(self.prefix, service)))[1] is not None:
+        if app:
             return await self.deployer(store)  # an app: its old versions' containers too
         return EXIT_OK
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -640,6 +641,53 @@ def test_an_abandoned_deploy_is_marked_and_its_containers_removed(world: World) 
     assert [r["result"] for r in running()] == ["abandoned"]
     assert world.containers(sha[:12], running=False) == []
     assert world.active() == active
+
+
+def test_a_push_cut_off_before_the_promotion_changes_nothing(world: World) -> None:
+    """The pusher's git (and its ssh) killed while the deploy waits at the health gate:
+    the deploy notices, stops before the promotion, removes its containers and records
+    why; what serves does not change."""
+    world.sync()
+    active, before = world.active(), world.served()
+    world.fluster("app", "config", world.app, "--health-timeout", "90")
+    sha = world.commit("v-cut", sick=True)
+    proc = subprocess.Popen(
+        ["git", "push", "origin", "HEAD:main"],
+        cwd=world.work,
+        env={**world.sshd.git_env(), **IDENTITY},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        with Load(world.reloader.http_port, f"{world.app}.localhost") as load:
+            try:
+                wait_for(
+                    lambda: len(world.containers(sha[:12])) == 2,
+                    timeout=120,
+                    what="the cut-off push's containers running",
+                )
+            finally:
+                os.killpg(proc.pid, signal.SIGKILL)  # the developer's git and ssh: gone
+                proc.communicate(timeout=30)
+
+            def recorded() -> dict[str, str] | None:
+                records = json.loads(world.fluster("deploys", world.app, "--json").stdout)
+                done = [r for r in records if r.get("version") == sha[:12]]
+                return done[-1] if done and done[-1]["result"] != "running" else None
+
+            record = wait_for(recorded, timeout=60, what="the cut-off deploy recorded as ended")
+            wait_for(
+                lambda: world.containers(sha[:12], running=False) == [],
+                timeout=30,
+                what="the cut-off deploy's containers removed",
+            )
+    finally:
+        world.git("reset", "-q", "--hard", "HEAD~1")
+        world.fluster("app", "config", world.app, "--health-timeout", "30")
+    assert record["result"] == "failed" and "disconnected" in record["error"], record
+    assert world.active() == active
+    assert load.failures == [] and set(load.served) == {before}, load.failures[:5]
 
 
 def test_a_push_is_bounded_in_size_and_time(world: World) -> None:
