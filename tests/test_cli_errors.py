@@ -51,18 +51,17 @@ def test_a_state_dir_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
             no_traceback(proc)
 
 
+def isolated(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`fluster ARGS` in a network namespace with loopback only: nothing leaves the machine."""
+    command = " ".join(f'"{a}"' for a in (BIN / "fluster", *args))
+    return run("unshare", "-n", "sh", "-c", f"ip link set lo up; exec {command}", **env)
+
+
 @pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root for unshare -n"
 )
 def test_an_etcd_name_that_does_not_resolve_is_a_clear_error() -> None:
-    proc = run(
-        "unshare",
-        "-n",
-        "sh",
-        "-c",
-        f'ip link set lo up; exec "{BIN / "fluster"}" ls',
-        ETCD_ENDPOINTS="garbage",
-    )
+    proc = isolated("ls", ETCD_ENDPOINTS="garbage")
     assert proc.returncode == 1, proc.stderr
     assert "etcd unreachable: cannot resolve etcd endpoint garbage" in proc.stderr
     no_traceback(proc)
@@ -74,14 +73,7 @@ def test_an_etcd_name_that_does_not_resolve_is_a_clear_error() -> None:
 def test_a_plain_text_etcd_off_loopback_is_named(etcd: Etcd) -> None:
     """Off loopback without TLS: a warning on stderr (in a namespace with loopback only,
     so the connection fails at once and nothing leaves the machine); on loopback: none."""
-    proc = run(
-        "unshare",
-        "-n",
-        "sh",
-        "-c",
-        f'ip link set lo up; exec "{BIN / "fluster"}" ls',
-        ETCD_ENDPOINTS="10.255.0.1:2379",
-    )
+    proc = isolated("ls", ETCD_ENDPOINTS="10.255.0.1:2379")
     assert "warning: etcd at 10.255.0.1:2379 is reached in plain text" in proc.stderr
     assert "ETCD_CERT" in proc.stderr
     no_traceback(proc)

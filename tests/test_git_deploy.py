@@ -115,12 +115,31 @@ class World:
         self.engine.docker("build", "-q", "-t", image, str(build), timeout=300)
         return image
 
+    def records(self, version: str) -> list[dict[str, str]]:
+        """The deploy records of `version`, oldest first (`fluster deploys --json`)."""
+        records = json.loads(self.fluster("deploys", self.app, "--json").stdout)
+        return [r for r in records if r.get("version") == version]
+
+    def wait_started(self, version: str, what: str) -> None:
+        """Until the app's `replicas` (2) containers of `version` run."""
+        wait_for(lambda: len(self.containers(version)) == 2, timeout=120, what=what)
+
     def sync(self) -> None:
         """The work tree at the deployed branch (an earlier test may have pushed from a
         clone of its own)."""
         for args in (("fetch", "-q", self.bare, "main"), ("reset", "-q", "--hard", "FETCH_HEAD")):
             out = self.git(*args)
             assert out.returncode == 0, out.stderr
+
+    def push_refused(self) -> str:
+        """Push HEAD, a commit made to be refused, then take it back; the push's output."""
+        try:
+            pushed = self.push()
+        finally:
+            self.git("reset", "-q", "--hard", "HEAD~1")
+        output = pushed.stdout + pushed.stderr
+        assert pushed.returncode != 0, f"the push was not refused:\n{output}"
+        return output
 
     def push(self, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         return self.git("push", "origin", "HEAD:main", cwd=cwd)
@@ -479,15 +498,10 @@ def test_a_build_step_cannot_reach_etcd(world: World) -> None:
         before = world.served()
         sha = world.commit("v-etcd", extra=BUILD_PUT.format(value="from-a-build",
                                                              endpoint=proxy.endpoint))  # fmt: skip
-        try:
-            with Load(world.reloader.http_port, f"{world.app}.localhost") as load:
-                pushed = world.push()
-        finally:
-            world.git("reset", "-q", "--hard", "HEAD~1")
+        with Load(world.reloader.http_port, f"{world.app}.localhost") as load:
+            output = world.push_refused()
     finally:
         proxy.close()
-    output = pushed.stdout + pushed.stderr
-    assert pushed.returncode != 0, output
     assert "COULD NOT REACH ETCD" in output and "WROTE ETCD" not in output, output
     assert world.etcd.get("/trust-probe") == "from-a-container"
     assert load.failures == [] and set(load.served) == {before}, load.failures[:5]
@@ -529,12 +543,7 @@ def test_an_image_label_claims_no_service(world: World) -> None:
         assert not any(ids[0][:12] in key for key in names), names
         assert load.failures == [] and set(load.served) == {served}, load.served
         sha = world.commit("v-label", extra=f"LABEL fluster.service=z{world.app}\n")
-        try:
-            pushed = world.push()
-        finally:
-            world.git("reset", "-q", "--hard", "HEAD~1")
-        output = pushed.stdout + pushed.stderr
-        assert pushed.returncode != 0, output
+        output = world.push_refused()
         assert "sets label(s) fluster.service" in output, output
         assert world.containers(sha[:12], running=False) == []
     finally:
@@ -566,12 +575,7 @@ def test_a_build_uses_no_other_apps_image_and_pulls_nothing(world: World) -> Non
         for name, (dockerfile, refusal) in attempts.items():
             (world.work / "Dockerfile").write_text(dockerfile)
             world.git("commit", "-q", "-am", f"steal {name}")
-            try:
-                pushed = world.push()
-            finally:
-                world.git("reset", "-q", "--hard", "HEAD~1")
-            output = pushed.stdout + pushed.stderr
-            assert pushed.returncode != 0, output
+            output = world.push_refused()
             assert refusal in output and "TOPSECRET" not in output, (name, output)
             assert "Step 1/" not in output, f"{name}: the build started: {output}"
     finally:
@@ -618,27 +622,18 @@ def test_an_abandoned_deploy_is_marked_and_its_containers_removed(world: World) 
         text=True,
     )
     try:
-        wait_for(
-            lambda: len(world.containers(sha[:12])) == 2,
-            timeout=120,
-            what="the doomed deploy's containers running",
-        )
+        world.wait_started(sha[:12], "the doomed deploy's containers running")
     finally:
         proc.kill()
         output = proc.communicate(timeout=30)[0]
     assert "healthy" in output, output
-
-    def running() -> list[dict[str, str]]:
-        records = json.loads(world.fluster("deploys", world.app, "--json").stdout)
-        return [r for r in records if r.get("version") == sha[:12]]
-
-    assert [r["result"] for r in running()] == ["running"]
+    assert [r["result"] for r in world.records(sha[:12])] == ["running"]
     lock = f"/fluster/apps/{world.app}/lock"
     wait_for(lambda: world.etcd.get(lock) is None, timeout=30, what="the dead deploy's lock gone")
     gc = world.fluster("gc", world.app)  # may then refuse the rest (--keep-old 1h): fine
     assert "was abandoned mid-way" in gc.stdout, gc.stdout + gc.stderr
-    assert "was abandoned mid-way" in gc.stdout and "2 of its container(s) removed" in gc.stdout
-    assert [r["result"] for r in running()] == ["abandoned"]
+    assert "2 of its container(s) removed" in gc.stdout, gc.stdout
+    assert [r["result"] for r in world.records(sha[:12])] == ["abandoned"]
     assert world.containers(sha[:12], running=False) == []
     assert world.active() == active
 
@@ -662,18 +657,13 @@ def test_a_push_cut_off_before_the_promotion_changes_nothing(world: World) -> No
     try:
         with Load(world.reloader.http_port, f"{world.app}.localhost") as load:
             try:
-                wait_for(
-                    lambda: len(world.containers(sha[:12])) == 2,
-                    timeout=120,
-                    what="the cut-off push's containers running",
-                )
+                world.wait_started(sha[:12], "the cut-off push's containers running")
             finally:
                 os.killpg(proc.pid, signal.SIGKILL)  # the developer's git and ssh: gone
                 proc.communicate(timeout=30)
 
             def recorded() -> dict[str, str] | None:
-                records = json.loads(world.fluster("deploys", world.app, "--json").stdout)
-                done = [r for r in records if r.get("version") == sha[:12]]
+                done = world.records(sha[:12])
                 return done[-1] if done and done[-1]["result"] != "running" else None
 
             record = wait_for(recorded, timeout=60, what="the cut-off deploy recorded as ended")
@@ -702,14 +692,11 @@ def test_a_push_is_bounded_in_size_and_time(world: World) -> None:
     try:
         (world.work / "blob.bin").write_bytes(os.urandom(2 * 2**20))
         world.commit("v-big")
-        big = world.push()
-        world.git("reset", "-q", "--hard", "HEAD~1")
-        assert big.returncode != 0 and "over the limit of 1 MiB" in big.stderr, big.stderr
+        big = world.push_refused()
+        assert "over the limit of 1 MiB" in big, big
         world.commit("v-slow", extra='RUN echo "slow build"; sleep 600\n')
-        slow = world.push()
-        world.git("reset", "-q", "--hard", "HEAD~1")
-        output = slow.stdout + slow.stderr
-        assert slow.returncode != 0 and "build time limit (5s)" in output, output
+        slow = world.push_refused()
+        assert "build time limit (5s)" in slow, slow
         wait_for(
             lambda: "sleep 600" not in world.engine.docker("ps", "--no-trunc"),
             timeout=30,
