@@ -242,8 +242,11 @@ class Deployer:
         (killed, the host rebooted): mark them abandoned and remove what they started
         that is not routed. Their lock went with their lease: a live deploy holds it.
         Run by every deploy once it holds the lock, and by `fluster gc APP`."""
-        for rec in await apps.abandoned(self.store, self.prefix, app):
-            keep = await apps.routed(self.store, self.prefix, app)
+        dead = await apps.abandoned(self.store, self.prefix, app)
+        if not dead:
+            return
+        keep = await apps.routed(self.store, self.prefix, app)
+        for rec in dead:
             removed = await self.scheduler.remove_deploy(app, rec.id, keep=keep)
             await apps.record(
                 self.store,
