@@ -222,6 +222,8 @@ async def create_repo(repos: Path, app: str, branch: str, hook: str) -> tuple[Pa
     if created:
         await git(path, "init", "--bare", "--quiet", str(path))
     await git(path, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
+    # receive-pack streams blobs over this to disk instead of inflating them in memory.
+    await git(path, "config", "core.bigFileThreshold", "16m")
     await asyncio.to_thread(install_hook, path, hook)
     return path, created
 
