@@ -36,7 +36,7 @@ from deployer.engine import DeployError, Engine, NotFound
 from deployer.lock import deploy_lock
 from deployer.records import AppConfig, DeployRecord, Stage
 from deployer.scheduler import Release, Scheduler
-from fluster import keys, ops
+from fluster import keys, ops, release
 from fluster.records import Instance, RecordError
 from fluster.store import Store, StoreError
 from fluster.text import printable
@@ -481,53 +481,32 @@ class Deployer:
             out += [f"  {short(cid)}: {line}" for line in lines] or [f"  {short(cid)}: (no output)"]
         return "\n".join(out)
 
-    async def _wait(self, revision: int) -> None:
-        def progress(done: int, total: int, behind: list[str]) -> None:
-            if total:
-                waiting = f"; waiting for {', '.join(behind)}" if behind else ""
-                self.detail(f"reloaders applied: {done}/{total}{waiting}")
-
-        count = await ops.wait_applied(
+    async def _release(self, change: release.Release) -> None:
+        """`fluster promote`, `canary` or `rollback`, as those commands run it: written,
+        an invalid spec it replaced said, and every edge waited for."""
+        await release.release(
             self.store,
             self.prefix,
-            revision,
-            within=self.settings.wait_timeout,
-            progress=progress,
+            change,
+            say=self.detail,
+            warn=lambda text: self.detail(f"warning: {text}"),
+            wait=self.settings.wait_timeout,
         )
-        if not count:
-            self.detail("no live reloader is registered: nothing to wait for")
 
     async def _promote(self, config: AppConfig, version: str) -> None:
-        written = await ops.promote(
-            self.store,
-            self.prefix,
-            config.service,
-            version,
-            min_instances=config.replicas,
-            keep_old=ops.parse_duration(config.keep_old),
+        keep_old = ops.parse_keep_old(config.keep_old)
+        await self._release(
+            release.Release(
+                config.service, version, keep_old=keep_old, min_instances=config.replicas
+            )
         )
-        self._replaced(config.service, written)
-        self.detail(f"{version} is the active version of {config.service}")
-        await self._wait(written.revision)
 
     async def _canary(self, config: AppConfig, version: str, weight: int) -> None:
-        written = await ops.canary(self.store, self.prefix, config.service, version, weight)
-        self._replaced(config.service, written)
+        await self._release(release.Release(config.service, version, weight=weight))
         self.detail(
-            f"{weight}% of {config.service} to {version}; `fluster promote {config.service} "
-            f"{version}` to finish, `fluster canary {config.service} {version} --weight 0` "
-            "to end it"
+            f"`fluster promote {config.service} {version}` to finish, "
+            f"`fluster canary {config.service} {version} --weight 0` to end it"
         )
-        await self._wait(written.revision)
-
-    def _replaced(self, service: str, written: ops.Written) -> None:
-        """Say so when the spec written stood over an invalid one (as `fluster promote`
-        does): the edges kept the last valid spec meanwhile, and that is what was changed."""
-        if bad := written.replaced:
-            self.detail(
-                f"warning: {service}'s spec in etcd was invalid ({bad.reason}); "
-                f"replaced, starting from {bad.start}"
-            )
 
     async def _retire(self, app: str, config: AppConfig, keep: str) -> None:
         """Let in-flight requests to the old version finish, then stop its containers."""
@@ -572,9 +551,7 @@ class Deployer:
             return await self._finish("succeeded")
 
     async def _rolled_back(self, config: AppConfig) -> None:
-        written = await ops.rollback(self.store, self.prefix, config.service)
-        self.detail(f"{written.spec.active_version} is the active version of {config.service}")
-        await self._wait(written.revision)
+        await self._release(release.Release(config.service))
 
     async def _image_of(self, app: str, version: str) -> str:
         """The image a version was deployed from (its deploy record), else the registry's."""

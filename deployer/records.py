@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Final, Literal
 
+from fluster.ops import KEEP_OLD_TEXT, parse_keep_old
 from fluster.records import (
     CHECK_PATH_RE,
     RecordError,
@@ -37,7 +38,6 @@ MASK: Final = "(secret)"
 
 ENV_KEY_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 BRANCH_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
-DURATION_RE: Final = re.compile(r"[0-9]+(\.[0-9]+)?[smhd]?")
 CHECK_RE: Final = re.compile(r"none|tcp|docker|http:" + CHECK_PATH_RE.pattern)
 
 Scheduler = Literal["local", "swarm"]
@@ -65,6 +65,15 @@ def _env(value: object, name: str = "env") -> dict[str, str]:
     return clean
 
 
+def _keep_old(value: object) -> str:
+    text = _str(value, "keep_old")
+    try:
+        parse_keep_old(text)
+    except ValueError as exc:
+        raise RecordError("keep_old", f"{exc} (e.g. 90s, 10m, 2h, 1d)") from None
+    return text
+
+
 def _float(value: object, name: str, lo: float, hi: float) -> float:
     ok = isinstance(value, int | float) and not isinstance(value, bool)
     _require(ok, name, f"must be a number, not {type(value).__name__}")
@@ -85,7 +94,7 @@ class AppConfig:
     # Given to the containers like env, never printed: every listing shows MASK.
     secrets: Mapping[str, str] = field(default_factory=dict)
     branch: str = "main"
-    keep_old: str = "10m"  # how long a retired version stays ready for `fluster rollback`
+    keep_old: str = KEEP_OLD_TEXT  # how long a retired version stays ready for a rollback
     scheduler: Scheduler = "local"
     health_timeout: float = 120.0  # seconds for every new instance to be registered up
     drain_seconds: float = 2.0  # between the promotion and stopping the old containers
@@ -129,7 +138,7 @@ class AppConfig:
             env=_env(obj.get("env", {})),
             secrets=_env(obj.get("secrets", {}), "secrets"),
             branch=_match(BRANCH_RE, obj.get("branch", "main"), "branch", "a git branch name"),
-            keep_old=_match(DURATION_RE, obj.get("keep_old", "10m"), "keep_old", "e.g. 10m"),
+            keep_old=_keep_old(obj.get("keep_old", KEEP_OLD_TEXT)),
             scheduler=scheduler,
             health_timeout=_float(obj.get("health_timeout", 120.0), "health_timeout", 1, 3600),
             drain_seconds=_float(obj.get("drain_seconds", 2.0), "drain_seconds", 0, 600),

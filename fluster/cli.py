@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from fluster import __version__, keys, listing, ops
+from fluster import __version__, keys, listing, ops, release
 from fluster import deploy_options as D
 from fluster.catalog import Service
 from fluster.records import (
@@ -50,7 +50,6 @@ from fluster.settings import (
 from fluster.store import AuthError, Conflict, Store, StoreError, Unavailable
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFLICT, EXIT_REFUSED, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
-MAX_KEEP_OLD = timedelta(days=3650)
 
 EPILOG = """\
 exit status:
@@ -83,13 +82,6 @@ def _record(fn: Callable[[Any], Any]) -> Callable[[Any], str]:
             raise ValueError(exc.reason) from None
 
     return call
-
-
-def _keep_old(text: Any) -> timedelta:
-    value = ops.parse_duration(str(text))
-    if value > MAX_KEEP_OLD:
-        raise ValueError(f"at most {MAX_KEEP_OLD.days}d, got {text!r}")
-    return value
 
 
 def _port_or_none(text: Any) -> int | str:
@@ -203,9 +195,9 @@ KEEP_OLD: Option[timedelta] = Option(
     "--keep-old",
     None,
     "keep old versions' records this long for a rollback (90s, 10m, 2h, 1d)",
-    timedelta(minutes=10),
-    _keep_old,
-    shown="10m",
+    release.KEEP_OLD,
+    lambda text: ops.parse_keep_old(str(text)),
+    shown=ops.KEEP_OLD_TEXT,
     metavar="DURATION",
 )
 WEIGHT: Option[int] = Option(
@@ -554,35 +546,29 @@ class Cli:
             emit_json((found or Service(name=service)).spec.to_dict())
             return EXIT_OK
         written = await ops.edit_spec(store, self.prefix, service, changes, domain=v[DOMAIN])
-        replaced(service, written)
+        release.warn_replaced(service, written, warn)
         say(f"{service}: spec written at revision {written.revision}")
         return EXIT_OK
 
     async def cmd_promote(self, store: Store) -> int:
-        v, service, version = self.v, self.v[SERVICE], self.v[VERSION]
-        written = await ops.promote(
-            store,
-            self.prefix,
-            service,
-            version,
-            min_instances=v[MIN_INSTANCES],
+        v = self.v
+        change = release.Release(
+            v[SERVICE],
+            v[VERSION],
             keep_old=v[KEEP_OLD],
+            min_instances=v[MIN_INSTANCES],
             force=v[PROMOTE_FORCE],
         )
-        replaced(service, written)
-        say(
-            f"{service}: {version} is now the active version (revision {written.revision}); "
-            f"old instances retire, records kept until {written.spec.keep_old_until}"
-        )
-        return await self._wait(store, written.revision)
+        return await self._release(store, change)
 
     async def cmd_canary(self, store: Store) -> int:
-        service, version, weight = self.v[SERVICE], self.v[VERSION], self.v[WEIGHT]
-        written = await ops.canary(store, self.prefix, service, version, weight)
-        replaced(service, written)
-        share = f"{weight}% to {version}" if weight else "canary ended"
-        say(f"{service}: {share} (revision {written.revision})")
-        return await self._wait(store, written.revision)
+        change = release.Release(self.v[SERVICE], self.v[VERSION], weight=self.v[WEIGHT])
+        return await self._release(store, change)
+
+    async def _release(self, store: Store, change: release.Release) -> int:
+        within = None if self.v[NO_WAIT] else self.v[WAIT_TIMEOUT]
+        await release.release(store, self.prefix, change, say=say, warn=warn, wait=within)
+        return EXIT_OK
 
     async def deployer(self, store: Store) -> int:
         from deployer.cli import run as deploy_command
@@ -593,13 +579,7 @@ class Cli:
         service = self.v[SERVICE]
         if (await store.get(keys.app_config_key(self.prefix, service)))[1] is not None:
             return await self.deployer(store)  # an app: its containers come back first
-        written = await ops.rollback(store, self.prefix, service)
-        replaced(service, written)
-        say(
-            f"{service}: rolled back to {written.spec.active_version or '(all)'} "
-            f"(revision {written.revision})"
-        )
-        return await self._wait(store, written.revision)
+        return await self._release(store, release.Release(service))
 
     async def cmd_drain(self, store: Store) -> int:
         service, instance = self.v[SERVICE], self.v[INSTANCE]
@@ -624,19 +604,10 @@ class Cli:
         return EXIT_OK
 
     async def _wait(self, store: Store, revision: int) -> int:
-        if self.v[NO_WAIT]:
-            return EXIT_OK
-
-        def progress(done: int, total: int, behind: list[str]) -> None:
-            if total:
-                waiting = f"; waiting for {', '.join(behind)}" if behind else ""
-                say(f"  reloaders applied: {done}/{total}{waiting}")
-
-        count = await ops.wait_applied(
-            store, self.prefix, revision, within=self.v[WAIT_TIMEOUT], progress=progress
-        )
-        if not count:
-            say("  no live reloader is registered: nothing to wait for")
+        if not self.v[NO_WAIT]:
+            await release.wait_for_edges(
+                store, self.prefix, revision, within=self.v[WAIT_TIMEOUT], say=say
+            )
         return EXIT_OK
 
 
@@ -650,11 +621,6 @@ def say(text: str) -> None:
 def warn(text: str) -> None:
     """Something the user should know that did not stop the command: stderr, one line."""
     print(f"fluster: warning: {text}", file=sys.stderr, flush=True)
-
-
-def replaced(service: str, written: ops.Written) -> None:
-    if bad := written.replaced:
-        warn(f"{service}: replaced an invalid spec ({bad.reason}), starting from {bad.start}")
 
 
 def fail(message: str, code: int) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fluster.ops import WAIT_TIMEOUT_S
+from fluster.ops import KEEP_OLD_TEXT, WAIT_TIMEOUT_S
 from fluster.records import RecordError, validate_service_name
 from fluster.settings import Option, integer, number, one_of, switch
 
@@ -62,7 +62,7 @@ APP_KEEP_OLD: Option[str | None] = Option(
     None,
     "how long a retired version stays ready for `fluster rollback` (90s, 10m, 2h, 1d)",
     None,
-    shown="10m",
+    shown=KEEP_OLD_TEXT,
     metavar="DURATION",
 )
 SCHEDULER: Option[str | None] = Option(

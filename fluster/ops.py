@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,10 @@ class Written:
 SPEC_LOOKBACK = 20
 # How long a write waits for every reloader to apply it (`fluster` and `fluster deploy`).
 WAIT_TIMEOUT_S = 30.0
+# How long a retired version's records (and, for an app, its stopped containers) stay
+# ready for a rollback: the one declaration of the default, and its bound.
+KEEP_OLD_TEXT = "10m"
+MAX_KEEP_OLD_DAYS = 3650
 
 
 async def snapshot(store: Store, prefix: str) -> Snapshot:
@@ -183,7 +188,7 @@ async def promote(
     version: str,
     *,
     min_instances: int = 1,
-    keep_old: timedelta = timedelta(minutes=10),
+    keep_old: timedelta | None = None,  # None: keep_old(KEEP_OLD_TEXT)
     force: bool = False,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> Written:
@@ -202,13 +207,14 @@ async def promote(
             f"{service} has no instance of {version} up: the service would route to "
             f"nothing (--force to promote anyway); versions registered: {_versions(svc)}"
         )
+    keep = parse_keep_old(KEEP_OLD_TEXT) if keep_old is None else keep_old
     old = svc.spec.active_version
     history = svc.spec.history if old in (None, version) else (old, *svc.spec.history)
     spec = svc.spec.replace(
         active_version=version,
         canary=None,
         history=list(history),
-        keep_old_until=(now() + keep_old).isoformat(timespec="seconds"),
+        keep_old_until=(now() + keep).isoformat(timespec="seconds"),
     )
     return await write_spec(store, prefix, svc, spec, replaced=replaced)
 
@@ -410,6 +416,15 @@ def _versions(svc: Service) -> str:
     return json.dumps(svc.versions()) if svc.instances else "none"
 
 
+def parse_keep_old(text: str) -> timedelta:
+    """A keep-old duration, at most MAX_KEEP_OLD_DAYS: what a date can still hold when
+    added to now (a larger one used to pass `fluster app config` and fail mid-deploy)."""
+    value = parse_duration(text)
+    if value > timedelta(days=MAX_KEEP_OLD_DAYS):
+        raise ValueError(f"at most {MAX_KEEP_OLD_DAYS}d, got {text!r}")
+    return value
+
+
 def parse_duration(text: str) -> timedelta:
     """`90s`, `10m`, `2h`, `1d`, or plain seconds."""
     text = text.strip()
@@ -419,9 +434,12 @@ def parse_duration(text: str) -> timedelta:
         value = float(number)
     except ValueError:
         raise ValueError(f"not a duration: {text!r} (e.g. 90s, 10m, 2h)") from None
-    if value < 0:
-        raise ValueError(f"duration must not be negative: {text!r}")
-    return timedelta(seconds=value * units[unit])
+    if value < 0 or not math.isfinite(value):
+        raise ValueError(f"not a duration: {text!r} (e.g. 90s, 10m, 2h)")
+    try:
+        return timedelta(seconds=value * units[unit])
+    except OverflowError:
+        raise ValueError(f"duration too long: {text!r}") from None
 
 
 # -- certificates --------------------------------------------------------------------

@@ -127,6 +127,6 @@ async def test_a_deploy_that_promotes_over_an_invalid_spec_says_so(etcd: Etcd) -
             said.append,
         )
         await deployer._promote(AppConfig(service="web"), "v2")
-        assert any("web's spec in etcd was invalid" in line for line in said), said
+        assert any("replaced an invalid spec" in line for line in said), said
         _, kv = await store.get(keys.spec_key("/fluster", "web"))
         assert kv is not None and b'"active_version":"v2"' in kv.value.replace(b" ", b"")

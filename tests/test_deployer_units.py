@@ -245,3 +245,12 @@ def test_secrets_are_never_shown() -> None:
     assert "hunter2" not in str(config.shown()) and config.shown()["secrets"] == {"DB": "(secret)"}
     assert config.environment == {"DB": "hunter2"}
     assert AppConfig.parse(config.to_json()).secrets == {"DB": "hunter2"}
+
+
+@pytest.mark.parametrize("keep_old", ["99999999d", "inf", "nan", "-1m", "10 minutes", ""])
+def test_a_keep_old_a_promotion_could_not_use_is_refused_at_config(keep_old: str) -> None:
+    """Validated the way the promotion parses it: a value that used to pass `app config`
+    and fail mid-deploy with an OverflowError is refused where it enters."""
+    with pytest.raises(RecordError, match="keep_old"):
+        AppConfig.from_dict({"service": "web", "keep_old": keep_old})
+    assert AppConfig.from_dict({"service": "web", "keep_old": "3650d"}).keep_old == "3650d"

@@ -29,6 +29,7 @@ import pytest
 
 from testbed.ports import PORT_ATTEMPTS, lost_a_port
 from tests.support.etcd import free_port, wait_for
+from tests.support.machine import exclusive
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -264,9 +265,11 @@ def images() -> None:
     if subprocess.run([DOCKER, "info"], capture_output=True, check=False).returncode != 0:
         if os.geteuid() != 0:
             pytest.skip("the Docker engine does not answer and this is not root")
-        run([str(REPO / "scripts/start-dockerd.sh")], timeout=120)
+        with exclusive("docker-engine"):
+            run([str(REPO / "scripts/start-dockerd.sh")], timeout=120)
     start = time.monotonic()
-    run([str(REPO / "scripts/build-images.sh")], timeout=420)
+    with exclusive("docker-engine"):  # the same image tags: one pytest worker at a time
+        run([str(REPO / "scripts/build-images.sh")], timeout=420)
     print(f"images built in {time.monotonic() - start:.0f}s")
 
 

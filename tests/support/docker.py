@@ -33,6 +33,7 @@ import pytest
 from testbed.docker import BASE_IMAGE, DOCKER, docker_cmd
 from testbed.ports import PORT_ATTEMPTS, lost_a_port
 from tests.support.etcd import GaveUp, free_port, wait_for
+from tests.support.machine import exclusive
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERD = shutil.which("dockerd") or "/usr/sbin/dockerd"
@@ -175,19 +176,20 @@ def docker_engine() -> Engine:
     if reason:
         pytest.skip(reason)
     env = {**os.environ, "DOCKER": DOCKER or "docker"}
-    subprocess.run(
-        [str(REPO / "scripts/start-dockerd.sh")],
-        check=True,
-        env=env,
-        timeout=120,
-        capture_output=True,
-    )
-    subprocess.run(
-        [str(REPO / "scripts/base-image.sh")],
-        check=True,
-        timeout=1200,
-        env={**env, "FLUSTER_BASE_PULL": os.environ.get("FLUSTER_BASE_PULL", "0")},
-    )
+    with exclusive("docker-engine"):  # one pytest worker starts it and builds the base
+        subprocess.run(
+            [str(REPO / "scripts/start-dockerd.sh")],
+            check=True,
+            env=env,
+            timeout=120,
+            capture_output=True,
+        )
+        subprocess.run(
+            [str(REPO / "scripts/base-image.sh")],
+            check=True,
+            timeout=1200,
+            env={**env, "FLUSTER_BASE_PULL": os.environ.get("FLUSTER_BASE_PULL", "0")},
+        )
     return Engine()
 
 
