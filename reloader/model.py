@@ -79,6 +79,9 @@ class Skip:
         return out
 
 
+# Empty HTTP backends kept ready (RELOADER_HTTP_POOL): the one declaration of the default.
+POOL_SIZE: Final = 16
+
 @dataclass(frozen=True, slots=True)
 class RenderSettings:
     """What the config depends on besides the catalog."""
@@ -100,7 +103,7 @@ class RenderSettings:
     # once a certificate exists, so an edge without certificates listens on HTTP alone.
     https_bind: tuple[str, int] | None = ("", 443)
     https_always: bool = False
-    pool_size: int = 16  # empty HTTP backends a new service can take without a reload
+    pool_size: int = POOL_SIZE  # empty HTTP backends a new service can take without a reload
     # Where HAProxy sends /.well-known/acme-challenge/ (the reloader's status address),
     # when this edge obtains certificates by ACME.
     acme_backend: tuple[str, int] | None = None

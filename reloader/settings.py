@@ -30,7 +30,7 @@ from fluster.settings import (
 )
 from fluster.store import EtcdSettings
 from reloader.acme import AcmeSettings
-from reloader.model import RenderSettings
+from reloader.model import POOL_SIZE, RenderSettings
 from reloader.targets import Network, TargetPolicy, etcd_targets, parse_networks
 
 DESCRIPTION = """\
@@ -300,7 +300,7 @@ HTTP_POOL: Option[int] = Option(
     "RELOADER_HTTP_POOL",
     "empty HTTP backends kept ready, so a new HTTP service needs no reload "
     "(0: every new service reloads)",
-    16,
+    POOL_SIZE,
     _pool_size,
 )
 SYNC_MAX_AGE: Option[float] = Option(
