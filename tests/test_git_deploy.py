@@ -131,6 +131,10 @@ class World:
             out = self.git(*args)
             assert out.returncode == 0, out.stderr
 
+    def sidekick_log(self) -> str:
+        """The host agent's log (JSON lines)."""
+        return (self.root / "sidekick0.log").read_text()
+
     def push_refused(self) -> str:
         """Push HEAD, a commit made to be refused, then take it back; the push's output."""
         try:
@@ -511,8 +515,9 @@ def test_a_build_step_cannot_reach_etcd(world: World) -> None:
 def test_an_image_label_claims_no_service(world: World) -> None:
     """An image whose Dockerfile says `LABEL fluster.service=<this app's service>`: a push
     of it is refused naming the labels, and a container run from it without labels of its
-    own is not registered, while one with its own fluster.service label is. Requests to
-    the app never reach the impostor."""
+    own is not registered, nor is one labelled with the service but not as its app's
+    (the service belongs to the app), while one with a service of its own is. Requests to
+    the app never reach the impostors."""
     world.sync()
     served = world.served()
     build = world.root / "impostor"
@@ -525,12 +530,17 @@ def test_an_image_label_claims_no_service(world: World) -> None:
     )
     image = f"fluster-test-impostor-{world.app}:1"
     world.engine.docker("build", "-q", "-t", image, str(build), timeout=300)
+    stray = world.build_image("stray")
     control = f"c{world.app}"
     ids: list[str] = []
     try:
         with Load(world.reloader.http_port, f"{world.app}.localhost") as load:
             run = ("run", "-d", "-e", "PORT=8000", "-p", "127.0.0.1::8000")
             ids.append(world.engine.docker(*run, image).strip())  # the image's labels only
+            # A label of its own (on an image without any), but the service belongs to the
+            # app and this container is not the app's: a stray, refused.
+            ids.append(world.engine.docker(*run, "-l", f"fluster.service={world.app}",
+                                           stray).strip())  # fmt: skip
             ids.append(world.engine.docker(*run, "-l", f"fluster.service={control}",
                                            image).strip())  # fmt: skip
             # Events are handled in order: once the second is registered, the first was seen.
@@ -540,7 +550,10 @@ def test_an_image_label_claims_no_service(world: World) -> None:
                 what=f"the control container registered in {control}",
             )
             names = world.etcd.get_prefix(f"/fluster/services/{world.app}/instances/")
-        assert not any(ids[0][:12] in key for key in names), names
+        assert not any(cid[:12] in key for key in names for cid in ids[:2]), names
+        log = world.sidekick_log()
+        assert "ignoring fluster labels that come from the image" in log
+        assert "refusing a container that claims another app's service" in log
         assert load.failures == [] and set(load.served) == {served}, load.served
         sha = world.commit("v-label", extra=f"LABEL fluster.service=z{world.app}\n")
         output = world.push_refused()
@@ -549,7 +562,7 @@ def test_an_image_label_claims_no_service(world: World) -> None:
     finally:
         if ids:
             world.engine.docker("rm", "-f", *ids)
-        world.engine.docker("rmi", "-f", image)
+        world.engine.docker("rmi", "-f", image, stray)
 
 
 def test_a_build_uses_no_other_apps_image_and_pulls_nothing(world: World) -> None:
