@@ -82,6 +82,7 @@ class Skip:
 # Empty HTTP backends kept ready (RELOADER_HTTP_POOL): the one declaration of the default.
 POOL_SIZE: Final = 16
 
+
 @dataclass(frozen=True, slots=True)
 class RenderSettings:
     """What the config depends on besides the catalog."""
