@@ -349,14 +349,17 @@ async def deploy_command(command: str, v: Values, store: Store, prefix: str) -> 
         return EXIT_OK if record.result != "failed" else EXIT_FAILED
 
 
+def housekeeping_scheduler(engine: Engine, config: AppConfig) -> Scheduler:
+    """Where the app's containers are, for removing some (gc, abandoned deploys)."""
+    return SwarmScheduler(engine) if config.scheduler == "swarm" else LocalScheduler(engine)
+
+
 async def clean_abandoned(v: Values, store: Store, prefix: str) -> None:
     """`fluster gc APP`'s first step: deploys of the app that died mid-way."""
     app = v[D.SERVICE_ARG]
     config = (await apps.load(store, prefix, app)).config
     async with Engine(v[D.DOCKER_HOST] or None) as engine:
-        scheduler: Scheduler = (
-            SwarmScheduler(engine) if config.scheduler == "swarm" else LocalScheduler(engine)
-        )
+        scheduler = housekeeping_scheduler(engine, config)
         await Deployer(store, prefix, engine, scheduler, Settings(), say).clean_abandoned(app)
 
 
@@ -370,9 +373,7 @@ async def gc_command(v: Values, store: Store, prefix: str) -> int:
         return EXIT_OK
     spec = svc.spec
     async with Engine(v[D.DOCKER_HOST] or None) as engine:
-        scheduler: Scheduler = (
-            SwarmScheduler(engine) if config.scheduler == "swarm" else LocalScheduler(engine)
-        )
+        scheduler = housekeeping_scheduler(engine, config)
         if v[D.DRY_RUN]:
             idle = {
                 r.version

@@ -29,6 +29,7 @@ from sidekick.docker import Container, ContainerGone, Docker, DockerEvent, Docke
 from sidekick.health import HealthGate, Probe, docker_healthy, make_probe, watch_health
 from sidekick.hub import Hub
 from sidekick.plan import (
+    LABEL,
     OWN_NAME,
     Plan,
     PlanError,
@@ -46,8 +47,8 @@ log = structlog.get_logger("sidekick")
 # `docker kill -s HUP` or USR1 is a reload or a log rotation, not a stop.
 STOP_SIGNALS = frozenset({None, SIGINT, SIGQUIT, SIGKILL, SIGTERM})
 
-LABEL_SERVICE = "fluster.service"
-APP_LABEL = "fluster.app"
+LABEL_SERVICE = LABEL + "service"
+APP_LABEL = LABEL + "app"  # set by the deployer on the containers it starts
 OWNER_CACHE_S = 10.0  # how long a service's owner is taken as read
 
 # What a container event asks of us: follow it, drain it, drop it (nothing left to
