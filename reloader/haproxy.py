@@ -44,6 +44,10 @@ class ReloadFailed(HaproxyError):
     pass
 
 
+class _MasterGone(HaproxyError):
+    """The master being reloaded died (supervise() starts another)."""
+
+
 async def cli(socket: Path, command: str, limit: float = CLI_TIMEOUT) -> str:
     """Send one command over a CLI socket (stats or master) and return the reply."""
     try:
@@ -204,6 +208,7 @@ class Haproxy:
         self.restarts = 0
         self.stopping = False
         self.up = False
+        self._started = asyncio.Event()  # set at each successful start()
 
     @property
     def argv(self) -> Sequence[str]:
@@ -237,6 +242,7 @@ class Haproxy:
             with contextlib.suppress(HaproxyError):
                 if (await self.processes()).workers:
                     self.up = True
+                    self._started.set()
                     if self.pid_file is not None:
                         # For operators: the master outlives a SIGKILL of the reloader.
                         self.pid_file.write_text(f"{proc.pid}\n")
@@ -282,14 +288,39 @@ class Haproxy:
         return parse_show_proc(await cli(self.master_socket, "show proc"))
 
     async def reload(self) -> Processes:
-        """Ask the master to reload the config file; return once a new worker serves."""
+        """Ask the master to reload the config file; return once a new worker serves.
+
+        A master that dies meanwhile is restarted by `supervise()`; the new one read the
+        file at some moment around the rename that preceded this call, so it is reloaded
+        in turn (not waited on for a worker of the dead one's reload that never comes)."""
         if self.master_lost_fds:
             await self._replace()
             return await self.processes()
-        before = await self.processes()
-        await cli(self.master_socket, "reload")
         deadline = asyncio.get_running_loop().time() + RELOAD_TIMEOUT
+        while True:
+            master = self.proc
+            try:
+                return await self._reload(master, deadline)
+            except _MasterGone:
+                log.warning("haproxy master died during a reload; reloading its successor")
+                await self._wait_for_successor(master, deadline)
+
+    async def _reload(
+        self, master: asyncio.subprocess.Process | None, deadline: float
+    ) -> Processes:
+        def gone() -> bool:
+            return self.proc is not master or (master is not None and master.returncode is not None)
+
+        try:
+            before = await self.processes()
+            await cli(self.master_socket, "reload")
+        except HaproxyError:
+            if gone():
+                raise _MasterGone() from None
+            raise
         while asyncio.get_running_loop().time() < deadline:
+            if gone():
+                raise _MasterGone()
             try:
                 now = await self.processes()
             except HaproxyError:
@@ -303,6 +334,18 @@ class Haproxy:
                 return now
             await asyncio.sleep(0.02)
         raise ReloadFailed(f"no new haproxy worker within {RELOAD_TIMEOUT}s of the reload")
+
+    async def _wait_for_successor(
+        self, master: asyncio.subprocess.Process | None, deadline: float
+    ) -> None:
+        """Until `supervise()` has a master other than `master` up, or ReloadFailed."""
+        while not (self.up and self.proc is not master):
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0 or self.stopping:
+                raise ReloadFailed("haproxy died during the reload and is not back")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._started.wait(), left)
+            self._started.clear()
 
     async def _replace(self) -> None:
         """A new master on the config file in place of this one, which is soft-stopped
