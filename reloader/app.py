@@ -123,7 +123,10 @@ class Reloader:
             recheck = self.reporter.due()
             if settled or recheck or self.guard.held or self.applier.runtime.pending_deletes:
                 await self.apply(self.latest)
-            elif self._due(self._refill_at()):
+            # The housekeeping below runs on its own clocks, whatever else woke the loop:
+            # a removed server that keeps connections (retried every second) or a held
+            # removal must not keep the files from following the runtime changes.
+            if self._due(self._refill_at()):
                 await self.apply(self.latest, tidy=True)
             elif self._due(self._write_at()):
                 self.applier.write_live()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,53 @@ async def test_leased_record_serves_and_plain_address_works(
     assert reloader.get("nope.localhost")[0] == 404
     etcd.ctl("lease", "revoke", lease, check=True)
     reloader.wait_served("web.localhost", {b.ident})
+
+
+def test_a_removed_server_holding_a_request_does_not_keep_the_files_behind(
+    etcd: Etcd, start_reloader: Start, backends: Backends
+) -> None:
+    """A removed server HAProxy cannot delete yet (a request is in flight on it: left in
+    maintenance, the delete retried every second) once kept the reloader from ever writing
+    the files for the runtime changes: a reload or restart would have brought it back."""
+    (b,) = backends(1)
+    hung = socket.create_server(("127.0.0.1", 0))  # accepts, reads, never answers
+    held: list[socket.socket] = []
+    client = None
+    try:
+        etcd.put(
+            KEY.format("web", "a"), json.dumps({"host": "127.0.0.1", "port": hung.getsockname()[1]})
+        )
+        etcd.put(KEY.format("web", "b"), b.json())
+        reloader = start_reloader()
+        wait_for(lambda: "server a " in reloader.config and "server b " in reloader.config)
+        hung.settimeout(0.2)
+
+        def a_request_held_on_a() -> bool:
+            nonlocal client
+            client = socket.create_connection(("127.0.0.1", reloader.http_port), timeout=5)
+            client.sendall(b"GET / HTTP/1.1\r\nHost: web.localhost\r\n\r\n")
+            try:
+                held.append(hung.accept()[0])
+                return True
+            except TimeoutError:
+                client.close()  # answered by b: try again
+                return False
+
+        wait_for(a_request_held_on_a, what="a request routed to the server that never answers")
+        etcd.delete(KEY.format("web", "a"))
+        wait_for(
+            lambda: "server still busy, left in maintenance" in reloader.log(),
+            what="the delete refused while the request is in flight",
+        )
+        wait_for(
+            lambda: "server a " not in reloader.config,
+            timeout=15,
+            what="the config file without a (WRITE_MAX is 5 s)",
+        )
+        assert "server b 127.0.0.1:" in reloader.config
+    finally:
+        for sock in [*held, hung, *([client] if client else [])]:
+            sock.close()
 
 
 async def test_membership_change_uses_the_runtime_api_new_tcp_service_reloads(
