@@ -9,24 +9,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal as signals
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.pki import Pki
-from testbed.ports import start_on_fresh_ports
+from testbed.ports import free_port, start_on_fresh_ports
 from testbed.process import wait_or_kill
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -188,20 +181,25 @@ class Etcd:
         member.start(self.initial_cluster, state="existing")
 
     def wait_healthy(self, timeout: float = 20.0) -> None:
-        """Every started member answers its health check; PortTaken if one could not bind."""
+        """Every started member answers its health check; PortTaken if one could not bind,
+        AssertionError if one exited (a quorum of the others answering is not enough:
+        a test of a 3-member cluster would go on with 2)."""
         started = [m for m in self.members if m.proc is not None]
         deadline = time.monotonic() + timeout
         while True:
+            answering = all(self.answers(m) for m in started if m.running)
             taken = [m.name for m in started if m.lost_its_port()]
             if taken:
                 raise PortTaken(f"etcd members {taken} lost a port; logs in {self.root}")
-            live = [m for m in started if m.running]
-            if all(self.answers(m) for m in live):
+            exited = [m.name for m in started if not m.running]
+            if exited:
+                raise AssertionError(f"etcd members {exited} exited; logs in {self.root}")
+            if answering:
                 return
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"etcd not healthy after {timeout}s (members {[m.name for m in live]} "
-                    f"running of {[m.name for m in started]}); logs in {self.root}"
+                    f"etcd not healthy after {timeout}s (members {[m.name for m in started]}); "
+                    f"logs in {self.root}"
                 )
             time.sleep(0.1)
 
