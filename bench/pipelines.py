@@ -19,7 +19,7 @@ from pathlib import Path
 from bench import adapter
 from bench.adapter import Counts
 from reloader.state_dir import StateDir
-from testbed.etcd import free_port
+from testbed.ports import free_port
 from testbed.process import wait_or_kill
 
 

@@ -28,8 +28,7 @@ from pathlib import Path
 from bench import haproxy
 from bench.scenarios import Env, instance, make_pipeline, put_many, start
 from fluster import keys
-from testbed.etcd import free_port
-from testbed.ports import PORT_ATTEMPTS, lost_a_port
+from testbed.ports import PORT_ATTEMPTS, free_port, lost_a_port
 from testbed.process import cpu_with_children, wait_or_kill
 
 _RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)

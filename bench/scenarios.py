@@ -30,8 +30,8 @@ from bench.probe import Probe
 from fluster import keys
 from fluster.store import Store
 from reloader.state_dir import StateDir
-from testbed.etcd import Etcd, free_port
-from testbed.ports import PORT_ATTEMPTS, lost_a_port
+from testbed.etcd import Etcd
+from testbed.ports import PORT_ATTEMPTS, free_port, lost_a_port
 from testbed.process import wait_or_kill
 
 BASE_SERVERS = 1000

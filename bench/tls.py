@@ -30,7 +30,7 @@ from fluster import keys
 from fluster.certs import Certificate, self_signed
 from reloader.haproxy import HaproxyError, cli, parse_show_proc
 from reloader.state_dir import StateDir
-from testbed.etcd import free_port
+from testbed.ports import free_port
 
 PREFIX = "/bench-https"
 OTHERS = 199

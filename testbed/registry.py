@@ -16,8 +16,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-from testbed.etcd import free_port
-from testbed.ports import lost_a_port, start_on_fresh_ports
+from testbed.ports import free_port, lost_a_port, start_on_fresh_ports
 from testbed.process import LogFile, wait_or_kill
 from testbed.waiting import GaveUp, wait_for
 

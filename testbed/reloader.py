@@ -21,8 +21,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from reloader.state_dir import StateDir
-from testbed.etcd import Etcd, free_port
-from testbed.ports import PORT_ATTEMPTS, lost_a_port
+from testbed.etcd import Etcd
+from testbed.ports import PORT_ATTEMPTS, free_port, lost_a_port
 from testbed.waiting import Compared, GaveUp, wait_for
 
 HAPROXY = "/usr/sbin/haproxy"

@@ -19,8 +19,8 @@ import pytest
 
 from bench import scenarios
 from bench.pipelines import Ours
-from testbed.etcd import Etcd, free_port
-from testbed.ports import PortsLost
+from testbed.etcd import Etcd
+from testbed.ports import PortsLost, free_port
 from tests.support import docker, sshd
 from tests.support.docker import Engine
 from tests.support.haproxy import ReloaderProcess

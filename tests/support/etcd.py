@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from fluster.cli import main
-from testbed.etcd import Etcd, Member, free_port
+from testbed.etcd import Etcd, Member
+from testbed.ports import free_port
 from testbed.waiting import GaveUp, wait_for
 from tests.support import waiting
 
