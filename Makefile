@@ -6,6 +6,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Test modules run side by side, a module per worker at a time (they own their etcd,
+# HAProxy, ports and containers; module fixtures stay shared). Most of a test waits on a
+# real part, so 4 workers pay on 2 cores. TEST_JOBS=0 runs them one after another.
+TEST_JOBS ?= 4
 
 .PHONY: help setup test lint demo demo-deploy demo-down bench clean images e2e e2e-swarm
 
@@ -41,7 +45,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 test: setup lint
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 demo: $(VENV)/.runtime
 	scripts/setup-host.sh demo
