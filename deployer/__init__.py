@@ -7,7 +7,9 @@
 - `lock.py`       one deploy per app at a time (a lease-bound key in etcd)
 - `apps.py`, `records.py`  app configs and deploy records in etcd
 - `gitshell.py`   the forced command that lets a deploy key `git push` and nothing else
+- `options.py`    the options of those commands (light: `fluster --help` reads them)
 - `cli.py`        the `fluster app|deploy|deploys|rollback APP` commands
 
-It imports the core (`fluster`) only; the core reaches it only from `fluster.cli`, lazily.
+It imports the core (`fluster`) only; the core never imports it; `fluster.cli`, above both,
+reads `options.py` and loads the rest lazily.
 """

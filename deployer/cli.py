@@ -1,7 +1,7 @@
 """The deploy commands of `fluster` (app, deploy, deploys, and rollback of an app).
 
-`fluster.cli` declares their options (`fluster.deploy_options`) and loads this module only
-when one of them runs: the registry's core never imports the deployer. Exit codes follow
+Their options are in `deployer.options`; `fluster.cli` loads this module only when one
+of them runs: the registry's core never imports the deployer. Exit codes follow
 the CLI's: 0 done, 1 failed (the old version still serves), 2 bad arguments or no such
 app, 3 conflict.
 """
@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from deployer import apps, source
+from deployer import options as D
 from deployer.engine import DeployError, Engine
 from deployer.gitshell import KEY_ENV
 from deployer.pipeline import Deployer, DeployFailed, Settings, Source
 from deployer.records import AppConfig, DeployRecord
 from deployer.scheduler import LocalScheduler, Scheduler
 from deployer.swarm import SwarmScheduler
-from fluster import deploy_options as D
 from fluster import ops
 from fluster.records import RecordError
 from fluster.settings import (

@@ -16,8 +16,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from deployer import options as D
 from fluster import __version__, keys, listing, ops, release
-from fluster import deploy_options as D
 from fluster.catalog import Service
 from fluster.records import (
     BALANCES,
@@ -311,7 +311,8 @@ COMMANDS: tuple[Command, ...] = (
             Command("rm", "remove a certificate", (CERT_NAME,)),
         ),
     ),
-    # Deploys: options in fluster.deploy_options, the work in deployer.cli (loaded lazily).
+    # Deploys: options in deployer.options (light: no Docker client), the work in
+    # deployer.cli (loaded lazily).
     Command(
         "app",
         "the apps this host deploys: create, config, ls",

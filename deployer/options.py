@@ -1,8 +1,9 @@
 """The options of `fluster app|deploy|deploys|git-shell` (and of `rollback` for an app).
 
-Declared here, in the core, so that `fluster --help` and argument checking work without
-loading the deployer; `fluster.cli` runs the commands through `deployer.cli`, imported
-only when one of them runs.
+The deployer declares them; this module imports the core only (no Docker client, no
+pipeline), so `fluster --help` and argument checking stay light. `fluster.cli`, which
+sits above the core and the deployer, lists them and runs the commands through
+`deployer.cli`, imported only when one of them runs.
 """
 
 from __future__ import annotations
