@@ -65,6 +65,7 @@ class Reloader:
             rs.files.master_socket,
             rs.files.pid_file,
             on_restart=self._haproxy_restarted,
+            before_restart=self._haproxy_restarting,
             pass_fds=() if rs.http_fd is None else (rs.http_fd,),
         )
         self.applier = Applier(self.haproxy, settings.haproxy, rs.files, renderer)
@@ -214,6 +215,12 @@ class Reloader:
     def _late_rejection(self, error: str) -> None:
         self.stats.failures["rejected"] += 1
         self.stats.last_error = f"rejected after runtime changes (undone): {error}"[:2000]
+
+    def _haproxy_restarting(self) -> None:
+        # The files may lag the runtime changes HAProxy ran by up to WRITE_MAX: write
+        # them before the new master reads them, or it serves without those changes
+        # (a new service answered 404) until the reload that follows the restart.
+        self.applier.write_live()
 
     def _haproxy_restarted(self) -> None:
         # HAProxy came back from the live file, which may lag the runtime API by one

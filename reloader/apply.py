@@ -7,11 +7,12 @@
    rendered and written later (`write_live`, once the catalog is quiet for a moment and
    at most WRITE_MAX after the first change they lack), so that a burst of changes
    costs one render and one write, and a lone change none on its path. Every reload
-   renders the whole model anyway, and a HAProxy restarted from files that lag is
-   reconciled at once (`restarted`). No `haproxy -c` here either: the structure is that
-   of a validated config and every server line comes from re-checked values HAProxy
-   just accepted. The app has the written file checked once the catalog is quiet
-   (`check_live`), so a full parse never sits on the latency path of a change;
+   renders the whole model anyway, a HAProxy that died has the files written before it
+   is started again, and a restarted one is reconciled at once (`restarted`). No
+   `haproxy -c` here either: the structure is that of a validated config and every
+   server line comes from re-checked values HAProxy just accepted. The app has the
+   written file checked once the catalog is quiet (`check_live`), so a full parse never
+   sits on the latency path of a change;
 3. otherwise: render the canonical config (`be_<service>` names, a full pool),
    `haproxy -c` first (the exit code is the verdict), dump server state, rename the
    candidate over the live file (atomic), ask the master to reload, wait for the new

@@ -193,6 +193,7 @@ class Haproxy:
         master_socket: Path,
         pid_file: Path | None = None,
         on_restart: Callable[[], None] | None = None,
+        before_restart: Callable[[], None] | None = None,
         pass_fds: Sequence[int] = (),
     ) -> None:
         self.binary = binary
@@ -201,6 +202,7 @@ class Haproxy:
         # sockets it inherited: with `pass_fds`, it cannot load a config again.
         self.master_lost_fds = False
         self.on_restart = on_restart
+        self.before_restart = before_restart  # brings the files up to date first
         self.pid_file = pid_file
         self.config = config
         self.master_socket = master_socket
@@ -272,6 +274,8 @@ class Haproxy:
             if self.stopping:
                 return
             log.error("haproxy exited, restarting", status=status, restarts=self.restarts + 1)
+            if self.before_restart is not None:
+                self.before_restart()
             while not self.stopping:
                 self.restarts += 1
                 try:
