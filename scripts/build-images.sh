@@ -73,7 +73,8 @@ build_wheels() {
   stage=$(mktemp -d)
   trap 'rm -rf "$stage"' RETURN
   # -L: reloader/templates is a link to haproxy/templates; the wheel needs the files.
-  cp -R -L pyproject.toml fluster sidekick reloader "$stage/"
+  # The whole project: `fluster` lists the deployer's commands (deployer/options.py).
+  cp -R -L pyproject.toml fluster sidekick reloader deployer "$stage/"
   [ -f README.md ] && cp README.md "$stage/"
   find "$stage" -name __pycache__ -prune -exec rm -rf {} +
   rm -rf "$wheels.new"
