@@ -22,8 +22,10 @@ this module owns the revision, the retries (the store's one policy) and the coun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import structlog
 
@@ -39,6 +41,7 @@ from fluster.store import (
 )
 
 log = structlog.get_logger("fluster.follow")
+T = TypeVar("T")
 
 
 class Follow:
@@ -128,3 +131,55 @@ class Follow:
                     retry_in=round(delay, 2),
                 )
                 await asyncio.sleep(delay)
+
+
+async def until(
+    store: Store,
+    prefix: str,
+    check: Callable[[Mapping[str, bytes]], T | None],
+    *,
+    within: float,
+) -> T:
+    """Follow `prefix` until `check` returns something other than None, and return it.
+
+    `check` sees every key under `prefix` with its value, as of one revision: once
+    after the list, then after each batch of changes; nothing is polled for. Raises
+    TimeoutError after `within` seconds, and the StoreError that ends the follow (it
+    resumes only after Unavailable: a member down, no leader, a frozen member).
+    """
+    state: dict[str, bytes] = {}
+    found: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+    def evaluate() -> None:
+        result = check(state)
+        if result is not None and not found.done():
+            found.set_result(result)
+
+    def on_list(revision: int, kvs: Sequence[KeyValue]) -> None:
+        state.clear()
+        state.update((kv.key, kv.value) for kv in kvs)
+        evaluate()
+
+    def on_events(batch: WatchBatch) -> None:
+        for event in batch.events:
+            if event.type == "delete":
+                state.pop(event.kv.key, None)
+            else:
+                state[event.kv.key] = event.kv.value
+        evaluate()
+
+    follow = asyncio.create_task(
+        Follow(store, prefix, retried=(Unavailable,)).run(on_list, on_events)
+    )
+    either: set[asyncio.Future[Any]] = {found, follow}
+    try:
+        async with asyncio.timeout(within):
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if found.done():
+            return found.result()
+        follow.result()  # the error that ended it
+        raise AssertionError("unreachable: Follow.run returns only by raising")
+    finally:
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StoreError):
+            await follow

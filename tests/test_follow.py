@@ -1,14 +1,14 @@
-"""fluster.follow against a real etcd: list, watch, progress, resume, relist."""
+"""fluster.follow against a real etcd: list, watch, progress, resume, relist, until."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import pytest
 
-from fluster.follow import Follow
+from fluster.follow import Follow, until
 from fluster.store import EtcdSettings, KeyValue, Store, WatchBatch
 from tests.support.etcd import Etcd, eventually
 
@@ -89,3 +89,28 @@ async def test_resumes_where_it_was_and_lists_again_after_compaction(store: Stor
         await eventually(lambda: len(mirror.lists) == 2, what="a second list")
         assert follow.resyncs == 1
         assert mirror.keys == {"/f/b": b"1", "/f/c": b"1"}
+
+
+async def test_until_returns_what_the_check_finds_as_keys_come_and_go(store: Store) -> None:
+    """`until` is how a one-off command waits on etcd (edges applied, a lock freed, a
+    version registered up): the check sees the keys after the list and after each
+    change, deletes included; nothing is polled."""
+    await store.put("/w/a", "1")
+    seen: list[dict[str, bytes]] = []
+
+    def both_gone_after_b(kvs: Mapping[str, bytes]) -> str | None:
+        seen.append(dict(kvs))
+        if any("/w/b" in s for s in seen) and not kvs:
+            return "emptied"
+        return None
+
+    waiting = asyncio.create_task(until(store, "/w/", both_gone_after_b, within=10))
+    await eventually(lambda: seen, what="the check called after the list")
+    assert seen[0] == {"/w/a": b"1"}
+    await store.put("/w/b", "2")
+    await eventually(lambda: {"/w/a": b"1", "/w/b": b"2"} in seen, what="the put seen")
+    await store.delete("/w/", prefix=True)
+    assert await waiting == "emptied"
+
+    with pytest.raises(TimeoutError):
+        await until(store, "/w/", lambda kvs: None, within=0.3)
