@@ -9,13 +9,13 @@ one for longer than the TTL. A second deploy waits, saying for whom, and gives u
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from deployer.engine import DeployError
 from fluster import keys
+from fluster.follow import until
 from fluster.lease import Lease
 from fluster.store import Conflict, Store
 
@@ -31,7 +31,6 @@ async def deploy_lock(
     *,
     wait_limit: float,
     say: Callable[[str], None],
-    poll: float = 0.2,
 ) -> AsyncIterator[Callable[[], bool]]:
     """Hold the app's lock for the block; yields `held()`, False once the lock is lost
     (the lease expired during a partition and another deploy took the key)."""
@@ -49,10 +48,16 @@ async def deploy_lock(
                 if holder and holder != waited_for:
                     say(f"waiting for deploy {holder} to finish")
                     waited_for = holder
-                if time.monotonic() > deadline:
+                try:  # the key is deleted (or expires with its lease): try again
+                    await until(
+                        store,
+                        key,
+                        lambda kvs: True if key not in kvs else None,
+                        within=deadline - time.monotonic(),
+                    )
+                except TimeoutError:
                     raise DeployError(
                         f"deploy {holder} of {app} still running after {wait_limit:g}s; "
                         "try again later"
                     ) from None
-                await asyncio.sleep(poll)
         yield lambda: lease.holds(key)

@@ -8,12 +8,10 @@ cannot silently overwrite each other: one wins, the other gets `Conflict`. The C
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import math
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 from fluster import keys
 from fluster.catalog import Catalog, Service, Snapshot
 from fluster.certs import Certificate, validate_cert_name
+from fluster.follow import until
 from fluster.records import Instance, RecordError, ReloaderStatus, ServiceSpec
 from fluster.routing import claims, owner_of, routing
 from fluster.store import (
@@ -339,13 +338,17 @@ def _without_old(svc: Service) -> Service:
 async def reloaders(store: Store, prefix: str) -> dict[str, ReloaderStatus | None]:
     """Every live reloader's last applied revision (None for an unreadable record)."""
     _, kvs = await store.get_prefix(keys.reloaders_prefix(prefix))
+    return reloader_statuses({kv.key: kv.value for kv in kvs})
+
+
+def reloader_statuses(kvs: Mapping[str, bytes]) -> dict[str, ReloaderStatus | None]:
+    """Reloader name -> its status record (None when unreadable), from its keys."""
     out: dict[str, ReloaderStatus | None] = {}
-    for kv in kvs:
-        name = kv.key.rsplit("/", 1)[-1]
+    for key, value in kvs.items():
         try:
-            out[name] = ReloaderStatus.parse(kv.value)
+            out[key.rsplit("/", 1)[-1]] = ReloaderStatus.parse(value)
         except RecordError:
-            out[name] = None
+            out[key.rsplit("/", 1)[-1]] = None
     return out
 
 
@@ -389,12 +392,16 @@ async def wait_applied(
 ) -> int:
     """Wait until every live reloader has applied `revision`; returns how many there are.
 
-    Reloaders that vanish while we wait (their lease expired) stop counting.
+    Follows the reloaders' status keys (each reloader writes its applied revision
+    there): no polling. Reloaders that vanish while we wait (their lease expired) stop
+    counting.
     """
-    deadline = time.monotonic() + within
-    reported = None
-    while True:
-        live = await reloaders(store, prefix)
+    reported: tuple[int, int] | None = None
+    behind: list[str] = []
+
+    def all_applied(kvs: Mapping[str, bytes]) -> int | None:
+        nonlocal reported, behind
+        live = reloader_statuses(kvs)
         behind = sorted(
             name for name, st in live.items() if st is None or st.applied_revision < revision
         )
@@ -402,14 +409,16 @@ async def wait_applied(
         if state != reported:
             progress(state[0], state[1], behind)
             reported = state
-        if not behind:
-            return len(live)
-        if time.monotonic() > deadline:
-            raise WaitTimeout(
-                f"{len(behind)} of {len(live)} reloader(s) had not applied revision {revision} "
-                f"after {within:g}s: {', '.join(behind)}"
-            )
-        await asyncio.sleep(0.1)
+        return None if behind else len(live)
+
+    try:
+        return await until(store, keys.reloaders_prefix(prefix), all_applied, within=within)
+    except TimeoutError:
+        total = reported[1] if reported else 0
+        raise WaitTimeout(
+            f"{len(behind)} of {total} reloader(s) had not applied revision {revision} "
+            f"after {within:g}s: {', '.join(behind)}"
+        ) from None
 
 
 def _versions(svc: Service) -> str:
