@@ -25,7 +25,7 @@ import dataclasses
 import fnmatch
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +37,9 @@ from deployer.lock import deploy_lock
 from deployer.records import AppConfig, DeployRecord, Stage
 from deployer.scheduler import Release, Scheduler
 from fluster import keys, ops, release
+from fluster.follow import until
 from fluster.records import Instance, RecordError
+from fluster.runtime import Backoff
 from fluster.store import Store, StoreError
 from fluster.text import printable
 
@@ -58,6 +60,15 @@ def repository(name: str) -> str:
 def short(ref: str) -> str:
     """A container id as `docker ps` shows it; a Swarm service's name as it is."""
     return ref[:12] if len(ref) == 64 else ref
+
+
+def up_of(value: bytes, version: str) -> bool:
+    """Whether an instance record is an up instance of `version` (unreadable: no)."""
+    try:
+        inst = Instance.parse(value)
+    except RecordError:
+        return False
+    return inst.version == version and inst.state == "up"
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,8 +316,9 @@ class Deployer:
         last = await self._previous_push(update.ref)
         deadline = time.monotonic() + 10.0
         now = await source.current(git_dir, update.ref)
+        backoff = Backoff(base=0.02, cap=0.5)  # a ref in a file: nothing to follow
         while last and now == update.old != last and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+            await backoff.sleep()
             now = await source.current(git_dir, update.ref)
         if now != update.old:
             branch = update.ref.removeprefix("refs/heads/")
@@ -429,47 +441,51 @@ class Deployer:
                 self.detail(f"removed the {len(made)} new container(s); nothing else changed")
             raise
 
-    async def up(self, service: str, version: str) -> int:
-        prefix = keys.service_prefix(self.prefix, service) + "instances/"
-        _, kvs = await self.store.get_prefix(prefix)
-        count = 0
-        for kv in kvs:
-            try:
-                inst = Instance.parse(kv.value)
-            except RecordError:
-                continue
-            count += inst.version == version and inst.state == "up"
-        return count
-
     async def _gate(self, release: Release, config: AppConfig, ids: list[str]) -> None:
-        """Until `replicas` instances of the version are registered up, or one crashes."""
-        deadline = time.monotonic() + config.health_timeout
-        seen = -1
-        while True:
-            count = await self.up(config.service, release.version)
-            if count != seen:
-                self.detail(f"{count}/{config.replicas} registered up")
-                seen = count
-            if count >= config.replicas:
-                return
-            if self.gone():
-                raise DeployError("the push was disconnected; stopped before the promotion")
-            crashed = await self.scheduler.crashed(ids)
-            if crashed is not None:
-                cid, lines = crashed
-                raise DeployError(
-                    f"instance {short(cid)} of {release.version} exited; its last log lines:\n"
-                    + "\n".join(f"  {line}" for line in lines)
-                )
-            if time.monotonic() > deadline:
-                logs = await self._logs(ids)
-                raise DeployError(
-                    f"only {count} of {config.replicas} instance(s) of {release.version} "
-                    f"registered up within {config.health_timeout:g}s (check {config.check}; "
-                    "is a sidekick host agent, `sidekick --all`, running on this host?); "
-                    f"the last log lines:\n{logs}"
-                )
-            await asyncio.sleep(0.25)
+        """Until `replicas` instances of the version are registered up (followed in
+        etcd as the sidekicks write them), or one crashes (asked of the scheduler, more
+        and more rarely), or the push is disconnected."""
+        instances = keys.instances_prefix(self.prefix, config.service)
+        count = 0
+
+        def enough(kvs: Mapping[str, bytes]) -> int | None:
+            nonlocal count
+            now = sum(up_of(value, release.version) for value in kvs.values())
+            if now != count:
+                self.detail(f"{now}/{config.replicas} registered up")
+            count = now
+            return now if now >= config.replicas else None
+
+        self.detail(f"0/{config.replicas} registered up")
+        registered = asyncio.create_task(
+            until(self.store, instances, enough, within=config.health_timeout)
+        )
+        backoff = Backoff(base=0.1, cap=1.0)
+        try:
+            while not registered.done():
+                if self.gone():
+                    raise DeployError("the push was disconnected; stopped before the promotion")
+                crashed = await self.scheduler.crashed(ids)
+                if crashed is not None:
+                    cid, lines = crashed
+                    raise DeployError(
+                        f"instance {short(cid)} of {release.version} exited; its last log "
+                        "lines:\n" + "\n".join(f"  {line}" for line in lines)
+                    )
+                await asyncio.wait({registered}, timeout=backoff.next_delay())
+            registered.result()
+        except TimeoutError:
+            logs = await self._logs(ids)
+            raise DeployError(
+                f"only {count} of {config.replicas} instance(s) of {release.version} "
+                f"registered up within {config.health_timeout:g}s (check {config.check}; "
+                "is a sidekick host agent, `sidekick --all`, running on this host?); "
+                f"the last log lines:\n{logs}"
+            ) from None
+        finally:
+            registered.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StoreError, TimeoutError):
+                await registered
 
     async def _logs(self, ids: list[str]) -> str:
         out = []

@@ -23,7 +23,6 @@ services API; scaling is a service update with the spec's version, which aiodock
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -34,6 +33,7 @@ from typing import Any
 from deployer.engine import DeployError, Engine, NotFound, _mapped
 from deployer.records import AppConfig
 from deployer.scheduler import APP_LABEL, Release, Running
+from fluster.runtime import Backoff
 
 VERSION_LABEL = "fluster.version"
 # Task states of an app that ended by itself (exited, non-zero or not) or never started
@@ -197,6 +197,7 @@ class SwarmScheduler:
         the containers stop over their grace period)."""
         limit = self.stop_grace + 30
         deadline = time.monotonic() + limit
+        backoff = Backoff(base=0.1, cap=1.0)  # Docker has no events for tasks: polled
         while True:
             live = [
                 t for t in await self._tasks(name) if (t.get("Status") or {}).get("State") in LIVE
@@ -207,7 +208,7 @@ class SwarmScheduler:
                 raise DeployError(
                     f"{len(live)} task(s) of {name} still running {limit}s after it was scaled to 0"
                 )
-            await asyncio.sleep(0.25)
+            await backoff.sleep()
 
     async def stop(self, app: str, version: str) -> int:
         count = 0
