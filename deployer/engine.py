@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import aiodocker
 import aiohttp
@@ -160,17 +160,17 @@ class Engine:
             await self.client.images.tag(source, repo, tag=tag)
 
     async def push(self, ref: str, out: Out) -> None:
-        repo, _, tag = ref.rpartition(":")
-        last: list[str] = []
-        async with _mapped(f"push {ref}"):
-            async for item in self.client.images.push(repo, tag=tag, stream=True):
-                _say_stream(item, out, last)
+        await self._transfer("push", ref, out)
 
     async def pull(self, ref: str, out: Out) -> None:
+        await self._transfer("pull", ref, out)
+
+    async def _transfer(self, way: Literal["push", "pull"], ref: str, out: Out) -> None:
         repo, _, tag = ref.rpartition(":")
         last: list[str] = []
-        async with _mapped(f"pull {ref}"):
-            async for item in self.client.images.pull(repo, tag=tag, stream=True):
+        move = self.client.images.push if way == "push" else self.client.images.pull
+        async with _mapped(f"{way} {ref}"):
+            async for item in move(repo, tag=tag, stream=True):
                 _say_stream(item, out, last)
 
     # -- containers ---------------------------------------------------------------------
