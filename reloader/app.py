@@ -18,16 +18,15 @@ from typing import Any
 import structlog
 
 from fluster.catalog import Catalog, Snapshot
-from fluster.certs import Certificate
 from fluster.runtime import Supervisor, TaskDied
 from fluster.store import Store
 from reloader.acme import AcmeIssuer
 from reloader.apply import Applier, ApplyFailed, Rejected
-from reloader.certs import CertWatcher, TlsFiles, TlsTarget, target
+from reloader.certs import CertWatcher, TlsFiles
 from reloader.debounce import Debouncer
 from reloader.facts import FactFinder, Reporter, tcp_ports_in
 from reloader.guard import LiveServers, RemovalGuard
-from reloader.haproxy import Haproxy, HaproxyError, StartFailed
+from reloader.haproxy import Haproxy, StartFailed
 from reloader.model import Model, ServiceCache, build_model, with_servers_of
 from reloader.publish import Publisher
 from reloader.render import Renderer, RenderError
@@ -35,15 +34,15 @@ from reloader.server import StatusServer
 from reloader.settings import Settings
 from reloader.state_dir import StateDir
 from reloader.status import (
-    LATENCY_WINDOW,
     ApplyRecord,
-    CertStatus,
     FailureReason,
-    ServiceStatus,
     Stats,
     Status,
     describe_change,
+    status_of,
 )
+from reloader.tls import EdgeTls
+from reloader.upkeep import Upkeep, due
 
 log = structlog.get_logger("reloader")
 
@@ -69,14 +68,15 @@ class Reloader:
             pass_fds=() if rs.http_fd is None else (rs.http_fd,),
         )
         self.applier = Applier(self.haproxy, settings.haproxy, rs.files, renderer)
-        self.applier.on_late_rejection = self._late_rejection
-        self.publisher = Publisher(self.store, settings.prefix, settings.reloader_id, settings.node)
         self.stats = Stats()
+        self.applier.on_late_rejection = self.stats.late_rejection
+        self.upkeep = Upkeep(self.applier, rs.pool_size)
+        self.publisher = Publisher(self.store, settings.prefix, settings.reloader_id, settings.node)
         self.certs = CertWatcher(self.store, settings.prefix)
-        self.certs.on_change = self.debouncer.poke
-        self.tls = TlsFiles(rs, rs.admin_socket)
-        self.tls_live = TlsTarget()  # what HAProxy holds in memory
-        self.tls_applies = 0
+        self.certs.on_change = self._certs_changed
+        self.tls = EdgeTls(
+            TlsFiles(rs, rs.admin_socket), self.certs, rs.domain, self.haproxy, self.stats
+        )
         self.acme = (
             AcmeIssuer(
                 settings.acme,
@@ -90,24 +90,19 @@ class Reloader:
             if settings.acme
             else None
         )
-        if self.acme is not None:
-            acme = self.acme
-
-            def poke_both() -> None:
-                self.debouncer.poke()
-                acme.wake.set()
-
-            self.certs.on_change = poke_both
-        self.tls_failures = 0
         self.latest: Snapshot | None = None
         self.applied: Snapshot | None = None
         self.facts = FactFinder(rs)
         self.reporter = Reporter()
         self.changed_at = time.monotonic()  # the last snapshot from the catalog
         self.pieces = ServiceCache()  # per-service model pieces, reused while unchanged
-        self._tls_target: tuple[Snapshot, dict[str, Certificate], TlsTarget] | None = None
 
     # -- catalog -> pipeline -------------------------------------------------------------
+
+    def _certs_changed(self) -> None:
+        self.debouncer.poke()
+        if self.acme is not None:
+            self.acme.wake.set()  # a certificate came or went: orders may be due
 
     def on_snapshot(self, snapshot: Snapshot) -> None:
         self.latest = snapshot
@@ -127,54 +122,19 @@ class Reloader:
             # The housekeeping below runs on its own clocks, whatever else woke the loop:
             # a removed server that keeps connections (retried every second) or a held
             # removal must not keep the files from following the runtime changes.
-            if self._due(self._refill_at()):
+            # (reloader/upkeep.py says when each is due.)
+            if due(self.upkeep.refill_at(self.changed_at)):
                 await self.apply(self.latest, tidy=True)
-            elif self._due(self._write_at()):
+            elif due(self.upkeep.write_at(self.changed_at)):
                 self.applier.write_live()
-            elif self._due(self._check_at()):
+            elif due(self.upkeep.check_at(self.changed_at)):
                 await self.applier.check_live()
-
-    # Off the latency path, when the catalog is quiet: write the files for the runtime
-    # changes HAProxy runs (or at the latest WRITE_MAX after the first), check them on a
-    # timer (a whole-file `haproxy -c` costs 30-100 ms of CPU: at most once per
-    # CHECK_EVERY, so a lone change every few seconds does not pay one each; at the
-    # latest CHECK_MAX after the first unchecked write, quiet or not), and refill the
-    # backend pool with a reload once it is below half.
-    WRITE_QUIET = 0.5
-    WRITE_MAX = 5.0
-    CHECK_QUIET = 2.0
-    CHECK_EVERY = 60.0
-    CHECK_MAX = 300.0
-    REFILL_QUIET = 10.0
-
-    def _write_at(self) -> float | None:
-        since = self.applier.unwritten_since
-        if since is None:
-            return None
-        return min(self.changed_at + self.WRITE_QUIET, since + self.WRITE_MAX)
-
-    def _check_at(self) -> float | None:
-        since = self.applier.unchecked_since
-        if since is None:
-            return None
-        quiet = self.changed_at + self.CHECK_QUIET
-        return min(max(quiet, self.applier.checked_at + self.CHECK_EVERY), since + self.CHECK_MAX)
-
-    def _refill_at(self) -> float | None:
-        size = self.settings.render.pool_size
-        if self.applier.live is None or 2 * self.applier.pool_free >= size:
-            return None
-        return self.changed_at + self.REFILL_QUIET
-
-    @staticmethod
-    def _due(at: float | None) -> bool:
-        return at is not None and at <= time.monotonic()
 
     def _next_wakeup(self) -> float | None:
         if self.applier.runtime.pending_deletes:
             return 1.0
         times = [self.guard.next_release(), self.reporter.recheck_at]
-        times += [self._write_at(), self._check_at(), self._refill_at()]
+        times += self.upkeep.times(self.changed_at)
         due = [t for t in times if t is not None]
         return None if not due else max(0.0, min(due) - time.monotonic()) + 0.01
 
@@ -212,10 +172,6 @@ class Reloader:
             "applied server changes only; the structural change waits", kind=kind, revision=revision
         )
 
-    def _late_rejection(self, error: str) -> None:
-        self.stats.failures["rejected"] += 1
-        self.stats.last_error = f"rejected after runtime changes (undone): {error}"[:2000]
-
     def _haproxy_restarting(self) -> None:
         # The files may lag the runtime changes HAProxy ran by up to WRITE_MAX: write
         # them before the new master reads them, or it serves without those changes
@@ -226,7 +182,7 @@ class Reloader:
         # HAProxy came back from the live file, which may lag the runtime API by one
         # apply: reconcile now rather than at the next change.
         self.applier.restarted()
-        self.tls_live = self.tls.written
+        self.tls.restarted()
         self.debouncer.poke()
 
     def _live_servers(self) -> LiveServers | None:
@@ -243,10 +199,10 @@ class Reloader:
         model: Model | None = None
         try:
             guarded = self.guard.filter(snapshot, self.applied, self._live_servers())
-            tls = self._write_tls(guarded)
+            tls = self.tls.write(guarded)
             model = await self._model(guarded, tls=bool(tls.certs))
             kind = await self.applier.apply(model, tidy)
-            await self._push_tls(tls, https=model.https_bind is not None, kind=kind)
+            await self.tls.push(tls, https=model.https_bind is not None, kind=kind)
         except (Rejected, RenderError, ApplyFailed) as exc:
             reason: FailureReason = (
                 "rejected"
@@ -255,18 +211,8 @@ class Reloader:
                 if isinstance(exc, RenderError)
                 else "reload"
             )
-            self.stats.failures[reason] += 1
-            self.stats.last_error = f"{reason}: {exc}"[:2000]
-            self.stats.record(
-                ApplyRecord(
-                    snapshot.revision,
-                    at,
-                    "failed",
-                    describe_change(self.applied, snapshot),
-                    reason=reason,
-                    error=str(exc)[:500],
-                )
-            )
+            change = describe_change(self.applied, snapshot)
+            self.stats.failed(ApplyRecord(snapshot.revision, at, "failed", change), reason, exc)
             log.error(
                 "change not applied, live config keeps serving",
                 reason=reason,
@@ -280,18 +226,8 @@ class Reloader:
         before, self.applied = self.applied, guarded
         self.stats.applies[kind] += 1
         if kind != "noop":
-            self.stats.apply_seconds_sum += elapsed
-            self.stats.apply_seconds_count += 1
-            self.stats.record(
-                ApplyRecord(
-                    snapshot.revision,
-                    at,
-                    kind,
-                    describe_change(before, guarded),
-                    seconds=round(elapsed, 4),
-                    servers=model.server_count,
-                )
-            )
+            change = describe_change(before, guarded)
+            self.stats.changed(ApplyRecord(snapshot.revision, at, kind, change), elapsed, model)
             log.info(
                 "applied",
                 kind=kind,
@@ -306,121 +242,11 @@ class Reloader:
         if self.acme is not None:
             self.acme.wake.set()  # services (and so hosts) may have changed
 
-    def _write_tls(self, snapshot: Snapshot) -> TlsTarget:
-        """The HTTPS files for `snapshot` and the certificates, on disk before HAProxy
-        is asked to do anything, so a reload at any moment reproduces them."""
-        certs = self.certs.valid()
-        kept = self._tls_target
-        if kept is not None and kept[1] == certs and snapshot.same_layout(kept[0]):
-            want = kept[2]  # the same specs and certificates: the same target
-        else:
-            want = target(certs, snapshot, self.settings.render.domain)
-            self._tls_target = (snapshot, certs, want)
-        self.tls.write(want)
-        return want
-
-    async def _push_tls(self, want: TlsTarget, *, https: bool, kind: str) -> None:
-        """Certificates and policy through the runtime API: a reload read the files
-        already; a running HTTPS frontend gets the difference, and on any refusal a
-        reload of the (valid, current) files instead."""
-        if kind == "reload" or not https or want == self.tls_live:
-            self.tls_live = want
-            return
-        try:
-            started = time.monotonic()
-            changes = await self.tls.push(self.tls_live, want)
-        except HaproxyError as exc:
-            log.error("certificate change refused by the runtime API, reloading", error=str(exc))
-            self.tls_failures += 1
-            self.stats.last_error = f"tls: {exc}"[:2000]
-            try:
-                await self.haproxy.reload()
-            except HaproxyError as again:
-                # The files stay right; the next change (or a restart) tries again.
-                log.error("reload for the certificate change failed too", error=str(again))
-                return
-            self.stats.applies["reload"] += 1
-        else:
-            self.tls_applies += 1
-            log.info(
-                "applied certificates and HTTPS policy",
-                changes=changes,
-                seconds=round(time.monotonic() - started, 4),
-            )
-        self.tls_live = want
-
     # -- status --------------------------------------------------------------------------
 
     def status(self) -> Status:
         """The snapshot /status, /metrics and the dashboard read (reloader/status.py)."""
-        snap = self.applied or Snapshot()
-        running = self.applier.running
-        age = self.catalog.sync_age()
-        # The last render's, even when it changed nothing HAProxy runs (a noop apply).
-        skipped = sorted(self.reporter.skips, key=lambda s: (s.service, s.instance or "", s.kind))
-        why_skipped = {s.service: s.reason for s in skipped if s.instance is None}
-        left_out = {(s.service, s.instance): s.reason for s in skipped if s.instance}
-        held = list(self.guard.held)
-        behind_since = self.stats.behind_since(snap.revision)
-        return Status(
-            id=self.settings.reloader_id,
-            node=self.settings.node,
-            revision=self.catalog.revision,
-            applied_revision=snap.revision,
-            sync_age_seconds=None if age is None else round(age, 3),
-            haproxy_up=self.haproxy.up,
-            haproxy_pid=self.haproxy.proc.pid if self.haproxy.proc else None,
-            haproxy_restarts=self.haproxy.restarts,
-            backends=sum(1 for b in running.backends if b.service) if running else 0,
-            servers=running.server_count if running else 0,
-            rejections_total=self.catalog.rejected_total,
-            specs_kept_total=self.catalog.specs_kept_total,
-            catalog_resyncs=self.catalog.resyncs,
-            catalog_reconnects=self.catalog.reconnects,
-            rejected=dict(self.catalog.snapshot.rejected),
-            https=running is not None and running.https_bind is not None,
-            certificates={name: CertStatus.of(cert) for name, cert in self.certs.certs.items()},
-            rejected_certificates=dict(self.certs.rejected),
-            tls_applies=self.tls_applies,
-            tls_failures=self.tls_failures,
-            acme=self.acme is not None,
-            acme_orders=self.acme.stats.orders if self.acme else 0,
-            acme_failures=self.acme.stats.failures if self.acme else 0,
-            acme_last_error=self.acme.stats.last_error if self.acme else "",
-            acme_retry_at=dict(self.acme.stats.retry_at) if self.acme else {},
-            held_removals=len(held),
-            removal_holds_total=self.guard.holds_started,
-            skipped_services=[s.as_dict() for s in skipped],
-            skips_total=dict(self.reporter.counts),
-            pool_free=self.applier.pool_free,
-            pool_fallbacks=self.applier.pool_fallbacks,
-            applies=dict(self.stats.applies),
-            failures=dict(self.stats.failures),
-            apply_seconds_sum=self.stats.apply_seconds_sum,
-            apply_seconds_count=self.stats.apply_seconds_count,
-            last_error=self.stats.last_error,
-            recent_applies=list(self.stats.recent),
-            services={
-                name: ServiceStatus.of(
-                    svc,
-                    self.settings.render.domain,
-                    held={
-                        i: self.guard.hold - (self.guard.clock() - h.since)
-                        for (s, i), h in self.guard.held.items()
-                        if s == name
-                    },
-                    skipped=why_skipped.get(name),
-                    left_out={i: r for (s, i), r in left_out.items() if s == name and i},
-                )
-                for name, svc in snap.services.items()
-            },
-            sync_max_age_seconds=self.settings.sync_max_age,
-            behind_seconds=None if behind_since is None else time.monotonic() - behind_since,
-            etcd_endpoints=list(self.settings.etcd.endpoints),
-            apply_latency=[
-                (t, s) for t, s in self.stats.latency if t > time.time() - LATENCY_WINDOW
-            ],
-        )
+        return status_of(self)
 
     def healthy(self) -> tuple[bool, str]:
         if not self.haproxy.up:
@@ -445,9 +271,9 @@ class Reloader:
         self.debouncer.due()  # the first snapshot is applied right here
         if first is None:
             log.warning("no etcd state yet", wait_s=FIRST_SNAPSHOT_WAIT)
-        self.tls.ensure_default()
-        tls = self._write_tls(first or Snapshot())
-        self.tls_live = tls
+        self.tls.files.ensure_default()
+        tls = self.tls.write(first or Snapshot())
+        self.tls.live = tls
         model = await self._model(first or Snapshot(), tls=bool(tls.certs))
         rendered = self.renderer.render_model(model)
         if first is None and await self.applier.initial_from_file(rendered):

@@ -5,8 +5,8 @@
    takes a pool backend): the runtime API (HAProxy vets every server it is asked to
    add). The config and map files that make a reload or restart reproduce the state are
    rendered and written later (`write_live`, once the catalog is quiet for a moment and
-   at most WRITE_MAX after the first change they lack), so that a burst of changes
-   costs one render and one write, and a lone change none on its path. Every reload
+   at most WRITE_MAX after the first change they lack: reloader/upkeep.py), so that a
+   burst of changes costs one render and one write, and a lone change none on its path. Every reload
    renders the whole model anyway, a HAProxy that died has the files written before it
    is started again, and a restarted one is reconciled at once (`restarted`). No
    `haproxy -c` here either: the structure is that of a validated config and every

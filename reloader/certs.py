@@ -130,7 +130,7 @@ class TlsFiles:
     def write(self, want: TlsTarget) -> None:
         """Put `want` on disk; files of certificates no longer wanted go."""
         if self._synced and want is self.written:
-            return  # the target kept for a membership change (see Reloader._write_tls)
+            return  # the target kept for a membership change (see reloader/tls.py: EdgeTls.write)
         self.certs_dir.mkdir(parents=True, exist_ok=True)
         for name, pem in want.certs.items():
             if self.written.certs.get(name) != pem or not self.cert_file(name).exists():

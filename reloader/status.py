@@ -1,6 +1,6 @@
 """What the reloader knows about itself, as one typed value.
 
-`Reloader.status()` builds a `Status` on each request; `/status` serialises it
+`status_of(reloader)` builds a `Status` on each request; `/status` serialises it
 (`Status.to_json`), `/metrics` exposes it (reloader/metrics.py) and the dashboard renders
 it (reloader/dashboard.py). All three read the same fields, so a field added here (with a
 default, so nothing else has to change) is one edit away from each of them, and a typo
@@ -14,12 +14,16 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 from fluster.catalog import Service, Snapshot, changed_services
 from fluster.certs import Certificate
 from fluster.routing import routing
+
+if TYPE_CHECKING:
+    from reloader.app import Reloader
+    from reloader.model import Model
 
 ApplyKind = Literal["noop", "runtime", "reload"]
 FailureReason = Literal["rejected", "reload", "render"]
@@ -71,6 +75,23 @@ class Stats:
         self.recent.appendleft(entry)
         if entry.seconds is not None:
             self.latency.append((time.time(), entry.seconds))
+
+    def changed(self, entry: ApplyRecord, seconds: float, model: Model) -> None:
+        """An apply changed what HAProxy runs (`entry` without its figures)."""
+        self.apply_seconds_sum += seconds
+        self.apply_seconds_count += 1
+        self.record(replace(entry, seconds=round(seconds, 4), servers=model.server_count))
+
+    def late_rejection(self, error: str) -> None:
+        """The file written after runtime changes failed its check (they were undone)."""
+        self.failures["rejected"] += 1
+        self.last_error = f"rejected after runtime changes (undone): {error}"[:2000]
+
+    def failed(self, entry: ApplyRecord, reason: FailureReason, error: Exception) -> None:
+        """An apply failed for `reason`: the live config keeps serving."""
+        self.failures[reason] += 1
+        self.last_error = f"{reason}: {error}"[:2000]
+        self.record(replace(entry, reason=reason, error=str(error)[:500]))
 
     def saw(self, revision: int, now: float | None = None) -> None:
         """The catalog reached `revision` (called for every snapshot it hands over)."""
@@ -321,3 +342,73 @@ def describe_change(before: Snapshot | None, after: Snapshot) -> str:
     if len(parts) > 4:
         text += f"; and {len(parts) - 4} more"
     return text or "no service changed"
+
+
+def status_of(r: Reloader) -> Status:
+    """What `r` knows about itself now; built on each request."""
+    snap = r.applied or Snapshot()
+    running = r.applier.running
+    age = r.catalog.sync_age()
+    # The last render's, even when it changed nothing HAProxy runs (a noop apply).
+    skipped = sorted(r.reporter.skips, key=lambda s: (s.service, s.instance or "", s.kind))
+    why_skipped = {s.service: s.reason for s in skipped if s.instance is None}
+    left_out = {(s.service, s.instance): s.reason for s in skipped if s.instance}
+    held = list(r.guard.held)
+    behind_since = r.stats.behind_since(snap.revision)
+    return Status(
+        id=r.settings.reloader_id,
+        node=r.settings.node,
+        revision=r.catalog.revision,
+        applied_revision=snap.revision,
+        sync_age_seconds=None if age is None else round(age, 3),
+        haproxy_up=r.haproxy.up,
+        haproxy_pid=r.haproxy.proc.pid if r.haproxy.proc else None,
+        haproxy_restarts=r.haproxy.restarts,
+        backends=sum(1 for b in running.backends if b.service) if running else 0,
+        servers=running.server_count if running else 0,
+        rejections_total=r.catalog.rejected_total,
+        specs_kept_total=r.catalog.specs_kept_total,
+        catalog_resyncs=r.catalog.resyncs,
+        catalog_reconnects=r.catalog.reconnects,
+        rejected=dict(r.catalog.snapshot.rejected),
+        https=running is not None and running.https_bind is not None,
+        certificates={name: CertStatus.of(cert) for name, cert in r.certs.certs.items()},
+        rejected_certificates=dict(r.certs.rejected),
+        tls_applies=r.tls.applies,
+        tls_failures=r.tls.failures,
+        acme=r.acme is not None,
+        acme_orders=r.acme.stats.orders if r.acme else 0,
+        acme_failures=r.acme.stats.failures if r.acme else 0,
+        acme_last_error=r.acme.stats.last_error if r.acme else "",
+        acme_retry_at=dict(r.acme.stats.retry_at) if r.acme else {},
+        held_removals=len(held),
+        removal_holds_total=r.guard.holds_started,
+        skipped_services=[s.as_dict() for s in skipped],
+        skips_total=dict(r.reporter.counts),
+        pool_free=r.applier.pool_free,
+        pool_fallbacks=r.applier.pool_fallbacks,
+        applies=dict(r.stats.applies),
+        failures=dict(r.stats.failures),
+        apply_seconds_sum=r.stats.apply_seconds_sum,
+        apply_seconds_count=r.stats.apply_seconds_count,
+        last_error=r.stats.last_error,
+        recent_applies=list(r.stats.recent),
+        services={
+            name: ServiceStatus.of(
+                svc,
+                r.settings.render.domain,
+                held={
+                    i: r.guard.hold - (r.guard.clock() - h.since)
+                    for (s, i), h in r.guard.held.items()
+                    if s == name
+                },
+                skipped=why_skipped.get(name),
+                left_out={i: r for (s, i), r in left_out.items() if s == name and i},
+            )
+            for name, svc in snap.services.items()
+        },
+        sync_max_age_seconds=r.settings.sync_max_age,
+        behind_seconds=None if behind_since is None else time.monotonic() - behind_since,
+        etcd_endpoints=list(r.settings.etcd.endpoints),
+        apply_latency=[(t, s) for t, s in r.stats.latency if t > time.time() - LATENCY_WINDOW],
+    )
