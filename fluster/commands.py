@@ -1,0 +1,304 @@
+"""What each `fluster` subcommand does: the values in, `fluster.ops` (or the deployer)
+does the work, a table (on a terminal) or JSON (`--json`) out. Exit codes are part of
+the interface (`fluster --help` lists them)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from fluster import keys, listing, ops, release
+from fluster.catalog import Service
+from fluster.options import (
+    BALANCE,
+    CERT_FILE,
+    CERT_NAME,
+    CHECK,
+    CHECK_INTERVAL,
+    DRY_RUN,
+    GC_FORCE,
+    HOSTS,
+    HSTS,
+    HTTPS,
+    INSTANCE,
+    JSON,
+    KEEP_OLD,
+    KEY_FILE,
+    MIN_INSTANCES,
+    MODE,
+    NO_HOSTS,
+    NO_WAIT,
+    PATH_PREFIX,
+    PROMOTE_FORCE,
+    REPLACE,
+    SERVICE,
+    SERVICE_FILTER,
+    SPEC_PORT,
+    VERSION,
+    WAIT_TIMEOUT,
+    WEIGHT,
+)
+from fluster.records import (
+    RecordError,
+    ReloaderStatus,
+)
+from fluster.settings import (
+    DOMAIN,
+    Values,
+)
+from fluster.store import AuthError, Conflict, Store, StoreError, Unavailable
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFLICT, EXIT_REFUSED, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
+
+
+class Cli:
+    def __init__(
+        self, command: str, values: Values, prefix: str, action: str = "", color: bool = False
+    ) -> None:
+        self.command = command
+        self.paint = listing.Paint(color)
+        self.action = action
+        self.v = values
+        self.prefix = prefix
+        self.handlers: dict[str, Callable[[Store], Awaitable[int]]] = {
+            "ls": self.cmd_ls,
+            "spec": self.cmd_spec,
+            "cert": self.cmd_cert,
+            "promote": self.cmd_promote,
+            "canary": self.cmd_canary,
+            "rollback": self.cmd_rollback,
+            "drain": self.cmd_drain,
+            "gc": self.cmd_gc,
+            "app": self.deployer,  # these three: deployer/cli.py
+            "deploy": self.deployer,
+            "deploys": self.deployer,
+        }
+
+    async def main(self, store: Store) -> int:
+        try:
+            async with store:
+                return await self.handlers[self.command](store)
+        except RecordError as exc:
+            return fail(f"invalid value: {exc}", EXIT_USAGE)
+        except ops.Refused as exc:
+            return fail(f"refused: {exc}", EXIT_REFUSED)
+        except Conflict as exc:
+            return fail(
+                f"conflict: {exc}; nothing was written, read again and retry", EXIT_CONFLICT
+            )
+        except ops.WaitTimeout as exc:
+            return fail(f"written, but {exc}", EXIT_TIMEOUT)
+        except AuthError as exc:
+            return fail(f"etcd refused us: {exc}", EXIT_ERROR)
+        except Unavailable as exc:
+            return fail(f"etcd unreachable: {exc}", EXIT_ERROR)
+        except StoreError as exc:
+            return fail(f"etcd error: {exc}", EXIT_ERROR)
+
+    # -- read ---------------------------------------------------------------------------
+
+    async def cmd_ls(self, store: Store) -> int:
+        snap = await ops.snapshot(store, self.prefix)
+        live = await ops.reloaders(store, self.prefix)
+        name = self.v[SERVICE_FILTER]
+        if name and name not in snap.services:
+            return fail(f"no service {name!r} in the registry", EXIT_ERROR)
+        lags = await self._lags(store, live)
+        if self.v[JSON]:
+            emit_json(listing.ls_json(snap, live, lags, name))
+        elif name:
+            print(listing.instances_text(snap.services[name], datetime.now(UTC), self.paint))
+        else:
+            print(listing.services_text(snap, live, lags, self.paint))
+        return EXIT_OK
+
+    async def _lags(
+        self, store: Store, live: Mapping[str, ReloaderStatus | None]
+    ) -> dict[str, int | None]:
+        """Each live reloader's distance from etcd, counted once per distinct revision."""
+        revisions = {st.applied_revision for st in live.values() if st is not None}
+        counted = {r: await ops.changes_since(store, self.prefix, r) for r in revisions}
+        return {k: counted[st.applied_revision] for k, st in live.items() if st is not None}
+
+    async def cmd_cert(self, store: Store) -> int:
+        if self.action == "ls":
+            listing = await ops.list_certs(store, self.prefix)
+            if self.v[JSON]:
+                emit_json(certs_json(listing))
+            else:
+                print_certs(listing)
+            return EXIT_OK
+        name = self.v[CERT_NAME]
+        if self.action == "rm":
+            await ops.remove_cert(store, self.prefix, name)
+            say(f"certificate {name}: removed")
+            return EXIT_OK
+        pem = _read(self.v[CERT_FILE], "--cert") + _read(self.v[KEY_FILE], "--key")
+        revision = await ops.add_cert(store, self.prefix, name, pem, replace=self.v[REPLACE])
+        say(f"certificate {name}: written at revision {revision}")
+        return EXIT_OK
+
+    # -- write --------------------------------------------------------------------------
+
+    async def cmd_spec(self, store: Store) -> int:
+        v, service = self.v, self.v[SERVICE]
+        changes: dict[str, Any] = {}
+        if v[MODE]:
+            changes["mode"] = v[MODE]
+        if v[HOSTS] or v[NO_HOSTS]:
+            changes["hosts"] = [] if v[NO_HOSTS] else v[HOSTS]
+        if v[PATH_PREFIX]:
+            changes["path_prefix"] = v[PATH_PREFIX]
+        port = v[SPEC_PORT]
+        if port is not None:
+            changes["port"] = None if port == "none" else port
+        if v[BALANCE]:
+            changes["balance"] = v[BALANCE]
+        check, interval = v[CHECK], v[CHECK_INTERVAL]
+        if check or interval:
+            if check == "none":
+                changes["check"] = None
+            else:
+                changes["check"] = {"path": check or "/", "interval_ms": interval or 2000}
+        if v[HTTPS]:
+            changes["https"] = None if v[HTTPS] == "default" else v[HTTPS]
+        if v[HSTS] is not None:
+            changes["hsts_seconds"] = None if v[HSTS] == "none" else v[HSTS]
+        if not changes:
+            _, found, invalid = await ops.read_for_write(store, self.prefix, service)
+            if invalid:
+                why, shown = invalid.reason, invalid.start
+                warn(f"{service}: the spec in etcd is invalid ({why}); shown: {shown}")
+            emit_json((found or Service(name=service)).spec.to_dict())
+            return EXIT_OK
+        written = await ops.edit_spec(store, self.prefix, service, changes, domain=v[DOMAIN])
+        release.warn_replaced(service, written, warn)
+        say(f"{service}: spec written at revision {written.revision}")
+        return EXIT_OK
+
+    async def cmd_promote(self, store: Store) -> int:
+        v = self.v
+        change = release.Release(
+            v[SERVICE],
+            v[VERSION],
+            keep_old=v[KEEP_OLD],
+            min_instances=v[MIN_INSTANCES],
+            force=v[PROMOTE_FORCE],
+        )
+        return await self._release(store, change)
+
+    async def cmd_canary(self, store: Store) -> int:
+        change = release.Release(self.v[SERVICE], self.v[VERSION], weight=self.v[WEIGHT])
+        return await self._release(store, change)
+
+    async def _release(self, store: Store, change: release.Release) -> int:
+        within = None if self.v[NO_WAIT] else self.v[WAIT_TIMEOUT]
+        await release.release(store, self.prefix, change, say=say, warn=warn, wait=within)
+        return EXIT_OK
+
+    async def deployer(self, store: Store) -> int:
+        from deployer.cli import run as deploy_command
+
+        return await deploy_command(self.command, self.action, self.v, store, self.prefix)
+
+    async def cmd_rollback(self, store: Store) -> int:
+        service = self.v[SERVICE]
+        if (await store.get(keys.app_config_key(self.prefix, service)))[1] is not None:
+            return await self.deployer(store)  # an app: its containers come back first
+        return await self._release(store, release.Release(service))
+
+    async def cmd_drain(self, store: Store) -> int:
+        service, instance = self.v[SERVICE], self.v[INSTANCE]
+        revision = await ops.drain(store, self.prefix, service, instance)
+        say(f"{service}/{instance}: draining (revision {revision})")
+        return await self._wait(store, revision)
+
+    async def cmd_gc(self, store: Store) -> int:
+        service, dry_run = self.v[SERVICE], self.v[DRY_RUN]
+        app = (await store.get(keys.app_config_key(self.prefix, service)))[1] is not None
+        if app and not dry_run:  # deploys that died mid-way go first, whatever else waits
+            from deployer.cli import clean_abandoned
+
+            await clean_abandoned(self.v, store, self.prefix)
+        removed = await ops.gc(store, self.prefix, service, force=self.v[GC_FORCE], dry_run=dry_run)
+        verb = "would remove" if dry_run else "removed"
+        say(f"{service}: {verb} {len(removed)} record(s) of old versions")
+        for key in removed:
+            say(f"  {key}")
+        if app:
+            return await self.deployer(store)  # an app: its old versions' containers too
+        return EXIT_OK
+
+    async def _wait(self, store: Store, revision: int) -> int:
+        if not self.v[NO_WAIT]:
+            await release.wait_for_edges(
+                store, self.prefix, revision, within=self.v[WAIT_TIMEOUT], say=say
+            )
+        return EXIT_OK
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def warn(text: str) -> None:
+    """Something the user should know that did not stop the command: stderr, one line."""
+    print(f"fluster: warning: {text}", file=sys.stderr, flush=True)
+
+
+def fail(message: str, code: int) -> int:
+    print(f"fluster: {message}", file=sys.stderr)
+    return code
+
+
+def emit_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _read(path: str, name: str) -> str:
+    try:
+        with open(path, encoding="ascii") as fh:
+            text = fh.read(1 << 20)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecordError(name, f"cannot read {path}: {exc}") from None
+    return text if text.endswith("\n") else text + "\n"
+
+
+def certs_json(listing: ops.CertListing) -> dict[str, Any]:
+    return {
+        "certs": {
+            name: {
+                "names": list(cert.names),
+                "issuer": cert.issuer,
+                "not_before": cert.not_before.isoformat(),
+                "not_after": cert.not_after.isoformat(),
+                "fingerprint_sha256": cert.fingerprint,
+                "services": listing.used_by.get(name, []),
+            }
+            for name, cert in listing.certs.items()
+        },
+        "invalid": listing.invalid,
+    }
+
+
+def print_certs(certs: ops.CertListing) -> None:
+    rows = [["CERT", "NAMES", "ISSUER", "EXPIRES", "SERVICES"]]
+    for name, cert in certs.certs.items():
+        rows.append(
+            [
+                name,
+                ",".join(cert.names),
+                cert.issuer,
+                cert.not_after.strftime("%Y-%m-%d %H:%M UTC"),
+                ",".join(certs.used_by.get(name, [])) or "-",
+            ]
+        )
+    print("\n".join(listing.table(rows)) if len(rows) > 1 else "no certificates")
+    for name, why in certs.invalid.items():
+        print(f"invalid, not served: {name}: {why}")
