@@ -1,9 +1,10 @@
 """The reloader: keeps HAProxy in step with the fluster registry in etcd.
 
-Reading order: app (the pipeline and its tasks), model (snapshot -> routing model),
-render (model -> text, templates in templates/ = haproxy/templates/), apply (noop,
-runtime API or reload), runtime_api, haproxy (process and CLIs), guard, debounce,
-publish, status, settings, cli.
+Reading order: app (the pipeline and its tasks), model (the routing model's types) and
+build (snapshot -> model), render (model -> text, templates in templates/ =
+haproxy/templates/), apply (noop, runtime API or reload) and upkeep (when the files are
+written and checked), runtime_api, haproxy (process and CLIs), tls (HTTPS state across
+applies), guard, debounce, publish, status, settings, cli.
 """
 
 import os

@@ -22,12 +22,13 @@ from fluster.runtime import Supervisor, TaskDied
 from fluster.store import Store
 from reloader.acme import AcmeIssuer
 from reloader.apply import Applier, ApplyFailed, Rejected
+from reloader.build import ServiceCache, build_model
 from reloader.certs import CertWatcher, TlsFiles
 from reloader.debounce import Debouncer
 from reloader.facts import FactFinder, Reporter, tcp_ports_in
 from reloader.guard import LiveServers, RemovalGuard
 from reloader.haproxy import Haproxy, StartFailed
-from reloader.model import Model, ServiceCache, build_model, with_servers_of
+from reloader.model import Model, with_servers_of
 from reloader.publish import Publisher
 from reloader.render import Renderer, RenderError
 from reloader.server import StatusServer

@@ -28,13 +28,13 @@ import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
 from fluster.catalog import Snapshot
+from reloader.build import build_model
 from reloader.model import (
     Model,
     ModelError,
     RenderSettings,
     Route,
     Server,
-    build_model,
     format_bind,
     host_header,
 )

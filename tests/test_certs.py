@@ -191,7 +191,7 @@ def _rsa_self_signed(key: object) -> tuple[str, str]:
 def test_https_bind_auto_waits_for_a_certificate_an_address_binds_always() -> None:
     from fluster.catalog import Snapshot
     from reloader import settings
-    from reloader.model import build_model
+    from reloader.build import build_model
 
     def render(argv: list[str], tls: bool) -> tuple[str, int] | None:
         s = settings.load(["--state-dir", "/tmp/x", *argv], {})

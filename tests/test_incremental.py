@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 from fluster import routing
 from fluster.catalog import Catalog, Snapshot, changed_services
 from fluster.store import Event, KeyValue, Store
+from reloader.build import ServiceCache, build_model
 from reloader.facts import Reporter
-from reloader.model import Backend, RenderSettings, Server, ServiceCache, build_model
+from reloader.model import Backend, RenderSettings, Server
 from reloader.runtime_api import Plan, server_changes
 from reloader.targets import HostFacts, Resolver
 

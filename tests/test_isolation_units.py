@@ -19,7 +19,8 @@ from fluster.catalog import Service, Snapshot
 from fluster.records import Instance, ServiceSpec
 from fluster.settings import SettingsError
 from reloader import settings as reloader_settings
-from reloader.model import RenderSettings, build_model
+from reloader.build import build_model
+from reloader.model import RenderSettings
 from reloader.render import render
 from reloader.targets import (
     HostFacts,

@@ -8,7 +8,8 @@ from types import MappingProxyType
 
 from fluster.catalog import Service, Snapshot
 from fluster.records import Instance, ServiceSpec
-from reloader.model import Model, RenderSettings, build_model
+from reloader.build import build_model
+from reloader.model import Model, RenderSettings
 from reloader.pool import free_slots, place
 from reloader.runtime_api import plan
 

@@ -15,18 +15,12 @@ from fluster.catalog import Service, Snapshot
 from fluster.records import Instance, ServiceSpec
 from reloader import facts
 from reloader.apply import filter_server_state
+from reloader.build import build_model
 from reloader.debounce import Debouncer
 from reloader.facts import Reporter
 from reloader.guard import LiveServers, RemovalGuard
 from reloader.haproxy import parse_show_proc
-from reloader.model import (
-    Backend,
-    Model,
-    RenderSettings,
-    Server,
-    build_model,
-    with_servers_of,
-)
+from reloader.model import Backend, Model, RenderSettings, Server, with_servers_of
 from reloader.render import Renderer
 from reloader.runtime_api import plan
 from reloader.targets import Resolver

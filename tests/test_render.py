@@ -9,7 +9,8 @@ import pytest
 
 from fluster.catalog import Service, Snapshot
 from fluster.records import Instance, ServiceSpec
-from reloader.model import Model, ModelError, RenderSettings, build_model, safe
+from reloader.build import build_model
+from reloader.model import Model, ModelError, RenderSettings, safe
 from reloader.render import Renderer, RenderError, render
 
 SETTINGS = RenderSettings(state_dir=Path("/run/reloader"), http_bind=("127.0.0.1", 8080))
@@ -217,7 +218,7 @@ def test_a_framed_render_equals_a_full_render(tmp_path: Path) -> None:
 
 
 def test_a_model_built_from_cached_pieces_equals_a_fresh_one() -> None:
-    from reloader.model import ServiceCache
+    from reloader.build import ServiceCache
 
     cache = ServiceCache()
     web, api = service("web", a=inst(1)), service("api", {"hosts": ["x.example"]}, a=inst(2))
