@@ -22,53 +22,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fnmatch
-import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from deployer import apps, dockerfile, source
-from deployer.engine import DeployError, Engine, NotFound
+from deployer import apps, pushes, source
+from deployer.engine import DeployError, Engine
+from deployer.gate import HealthGate, short
+from deployer.images import Images
 from deployer.lock import deploy_lock
 from deployer.records import AppConfig, DeployRecord, Stage
 from deployer.scheduler import Release, Scheduler
-from fluster import keys, ops, release
-from fluster.follow import until
-from fluster.records import Instance, RecordError
-from fluster.runtime import Backoff
+from fluster import ops, release
+from fluster.records import RecordError
 from fluster.store import Store, StoreError
 from fluster.text import printable
 
-REVISION_LABEL = "org.opencontainers.image.revision"
 # Stages that change nothing users see: a push cut off during them stops the deploy.
 # From the promotion on, it finishes: half a promotion is worse than a whole one.
 BEFORE_PROMOTION = frozenset({"build", "tag", "push", "start", "healthy", "canary"})
-IMAGE_ID_RE = re.compile(r"(sha256:)?[0-9a-f]{12,64}")
-
-
-def repository(name: str) -> str:
-    """`host:5000/app:tag` and `host:5000/app@sha256:...` -> `host:5000/app`."""
-    name = name.partition("@")[0]
-    head, _, tail = name.rpartition("/")
-    return f"{head}/{tail.partition(':')[0]}" if head else tail.partition(":")[0]
-
-
-def short(ref: str) -> str:
-    """A container id as `docker ps` shows it; a Swarm service's name as it is."""
-    return ref[:12] if len(ref) == 64 else ref
-
-
-def up_of(value: bytes, version: str) -> bool:
-    """Whether an instance record is an up instance of `version` (unreadable: no)."""
-    try:
-        inst = Instance.parse(value)
-    except RecordError:
-        return False
-    return inst.version == version and inst.state == "up"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +92,8 @@ class Deployer:
         self.gone = gone  # whoever started the deploy stopped watching (a push cut off)
         self.record: DeployRecord | None = None
         self.held: Callable[[], bool] = lambda: True  # the deploy lock is still ours
+        self.images = Images(engine, settings, self.head, self.detail)
+        self.gate = HealthGate(store, prefix, scheduler, self.detail, gone)
 
     # -- output and the record --------------------------------------------------------
 
@@ -170,14 +147,15 @@ class Deployer:
         self, app: str, src: Source, *, promote: bool = True, canary: int | None = None
     ) -> DeployRecord:
         config = (await apps.load(self.store, self.prefix, app)).config
-        target, ref, version, commit = await self._receive(app, src)
+        target, ref, version, commit = await self.images.receive(app, src)
         deploy_id = apps.deploy_id(self.now(), version)
         self.head(f"{app}: deploying {version} ({ref}) as deploy {deploy_id}")
         if commit is not None:
             self.detail(f"{commit.subject} ({commit.author})")
         async with self._recorded(app, deploy_id, "deploy", ref, version, target):
             await apps.claim(self.store, self.prefix, app, config.service)
-            await self._still_current(src)
+            assert self.record is not None
+            await pushes.still_current(self.store, self.prefix, self.record, src, self.now())
             svc = (await ops.snapshot(self.store, self.prefix)).services.get(config.service)
             active = svc is not None and svc.spec.active_version == version
             if active and svc and not canary and ops.up_count(svc, version) >= config.replicas:
@@ -185,7 +163,7 @@ class Deployer:
                 return await self._finish("succeeded")
             if src.git_dir is not None and commit is not None:
                 git_dir = src.git_dir
-                await self.stage("build", lambda: self._build(app, git_dir, commit, target))
+                await self.stage("build", lambda: self.images.build(app, git_dir, commit, target))
             else:
                 await self.stage("tag", lambda: self.engine.tag(src.image, target))
             await self.stage("push", lambda: self.engine.push(target, self.detail))
@@ -284,130 +262,6 @@ class Deployer:
             self.head(f"deploy {self.record.id}: {result} in {total:.1f}s")
         return self.record
 
-    async def _receive(self, app: str, src: Source) -> tuple[str, str, str, source.Commit | None]:
-        """(image name in the registry, ref, version, commit) of what is deployed."""
-        registry = self.settings.registry.rstrip("/")
-        if src.git_dir is not None:
-            commit = await source.resolve(src.git_dir, src.ref)
-            return f"{registry}/{app}:{commit.version}", src.ref, commit.version, commit
-        if not await self.engine.has_image(src.image):
-            self.head(f"pulling {src.image}")
-            await self.engine.pull(src.image, self.detail)
-        await self._check_labels(src.image)
-        labels = await self.engine.image_labels(src.image)
-        revision = labels.get(REVISION_LABEL, "")
-        if source.SHA_RE.fullmatch(revision):
-            version = revision[:12]
-        else:
-            version = (await self.engine.image_id(src.image)).removeprefix("sha256:")[:12]
-        return f"{registry}/{app}:{version}", src.image, version, None
-
-    async def _still_current(self, src: Source) -> None:
-        """A push that waited for another deploy: refuse it if that one moved the branch,
-        as git would refuse to update the branch from where this push thought it was.
-
-        The other push's receive-pack moves the branch only after its hook (and so its
-        hold on the lock) ended: when the last deploy was a push of the same branch that
-        has just finished, wait briefly for the branch to get there before comparing.
-        """
-        if src.git_dir is None or src.update is None:
-            return
-        update, git_dir = src.update, src.git_dir
-        last = await self._previous_push(update.ref)
-        deadline = time.monotonic() + 10.0
-        now = await source.current(git_dir, update.ref)
-        backoff = Backoff(base=0.02, cap=0.5)  # a ref in a file: nothing to follow
-        while last and now == update.old != last and time.monotonic() < deadline:
-            await backoff.sleep()
-            now = await source.current(git_dir, update.ref)
-        if now != update.old:
-            branch = update.ref.removeprefix("refs/heads/")
-            raise DeployError(
-                f"{branch} moved to {now[:12]} while this push waited; fetch, merge and push again"
-            )
-
-    async def _previous_push(self, ref: str) -> str | None:
-        """The commit of a push to `ref` deployed in the last minute, if any."""
-        assert self.record is not None
-        for rec in reversed(await apps.history(self.store, self.prefix, self.record.app)):
-            if not isinstance(rec, DeployRecord) or rec.id == self.record.id:
-                continue
-            recent = (
-                rec.finished
-                and (self.now() - datetime.fromisoformat(rec.finished)).total_seconds() < 60
-            )
-            ok = rec.result in ("succeeded", "waiting") and rec.branch == ref
-            return rec.ref if ok and recent and source.SHA_RE.fullmatch(rec.ref) else None
-        return None
-
-    async def _build(self, app: str, git_dir: Path, commit: source.Commit, target: str) -> None:
-        """Build the pushed tree, within the deploy host's bounds: its size, its time,
-        its network, and the images it may start from."""
-        limit = self.settings.max_context
-        size = await source.context_size(git_dir, commit)
-        if size > limit:
-            raise DeployError(source.too_big(limit))
-        await self._check_bases(app, await source.dockerfile(git_dir, commit))
-        network = self.settings.build_network
-        self.detail(
-            f"context: git archive {commit.sha[:12]} ({size // 1024} KiB), "
-            f"network {network}, at most {self.settings.build_timeout:g}s"
-        )
-        await self.engine.build(
-            source.archive(git_dir, commit, limit),
-            target,
-            {REVISION_LABEL: commit.sha},
-            self.detail,
-            network=network,
-            time_limit=self.settings.build_timeout,
-        )
-        await self._check_labels(target)
-
-    async def _check_bases(self, app: str, text: str) -> None:
-        """Refuse a Dockerfile that builds from an image this app may not use: one that
-        is not on the host (a build never pulls), another app's (its files would be
-        printed into this push), or one the operator did not allow."""
-        registry = self.settings.registry.rstrip("/") + "/"
-        own = f"{registry}{app}"
-        for ref in dockerfile.images(text):
-            where = f"Dockerfile line {ref.line} ({ref.instruction} {ref.image})"
-            if IMAGE_ID_RE.fullmatch(ref.image):
-                raise DeployError(f"{where}: name the image, not its id")
-            try:
-                names = await self.engine.image_names(ref.image)
-            except NotFound:
-                raise DeployError(
-                    f"{where}: no such image on this deploy host, and builds never pull; "
-                    "the operator loads base images there (docker load, docker build)"
-                ) from None
-            names = [ref.image, *names]
-            if any(repository(n) == own for n in names):
-                continue
-            others = sorted({repository(n) for n in names if n.startswith(registry)})
-            if others:
-                raise DeployError(
-                    f"{where}: that is app {others[0].removeprefix(registry)}'s image; a build "
-                    "may start only from its own app's images and the host's base images"
-                )
-            allowed = self.settings.base_images
-            if allowed and not any(fnmatch.fnmatchcase(n, p) for n in names for p in allowed):
-                raise DeployError(
-                    f"{where}: not one of the base images this deploy host allows "
-                    f"({', '.join(allowed)}; FLUSTER_BASE_IMAGES)"
-                )
-
-    async def _check_labels(self, image: str) -> None:
-        """An image's `fluster.*` labels would be ignored by the sidekick anyway (only
-        labels set on a container count): say so now, rather than at the health gate."""
-        labels = await self.engine.image_labels(image)
-        claimed = sorted(k for k in labels if k.startswith("fluster."))
-        if claimed:
-            raise DeployError(
-                f"the image sets label(s) {', '.join(claimed)} (LABEL in its Dockerfile or "
-                "its base image's): fluster sets fluster.* labels on the containers it starts "
-                "and never takes them from an image; remove them"
-            )
-
     async def _start_and_gate(self, release: Release, config: AppConfig, *, fresh: bool) -> None:
         """Start the version (`fresh`: new containers; else its stopped ones again) and
         wait until it is healthy. Containers of the version that already run (a deploy
@@ -434,68 +288,12 @@ class Deployer:
 
         try:
             await self.stage("start", start)
-            await self.stage("healthy", lambda: self._gate(release, config, ids))
+            await self.stage("healthy", lambda: self.gate.wait(release, config, ids))
         except BaseException:  # a failed gate, etcd gone, Ctrl-C: the new ones go
             if made:
                 await self.scheduler.remove_ids(made)
                 self.detail(f"removed the {len(made)} new container(s); nothing else changed")
             raise
-
-    async def _gate(self, release: Release, config: AppConfig, ids: list[str]) -> None:
-        """Until `replicas` instances of the version are registered up (followed in
-        etcd as the sidekicks write them), or one crashes (asked of the scheduler, more
-        and more rarely), or the push is disconnected."""
-        instances = keys.instances_prefix(self.prefix, config.service)
-        count = 0
-
-        def enough(kvs: Mapping[str, bytes]) -> int | None:
-            nonlocal count
-            now = sum(up_of(value, release.version) for value in kvs.values())
-            if now != count:
-                self.detail(f"{now}/{config.replicas} registered up")
-            count = now
-            return now if now >= config.replicas else None
-
-        self.detail(f"0/{config.replicas} registered up")
-        registered = asyncio.create_task(
-            until(self.store, instances, enough, within=config.health_timeout)
-        )
-        backoff = Backoff(base=0.1, cap=1.0)
-        try:
-            while not registered.done():
-                if self.gone():
-                    raise DeployError("the push was disconnected; stopped before the promotion")
-                crashed = await self.scheduler.crashed(ids)
-                if crashed is not None:
-                    cid, lines = crashed
-                    raise DeployError(
-                        f"instance {short(cid)} of {release.version} exited; its last log "
-                        "lines:\n" + "\n".join(f"  {line}" for line in lines)
-                    )
-                await asyncio.wait({registered}, timeout=backoff.next_delay())
-            registered.result()
-        except TimeoutError:
-            logs = await self._logs(ids)
-            raise DeployError(
-                f"only {count} of {config.replicas} instance(s) of {release.version} "
-                f"registered up within {config.health_timeout:g}s (check {config.check}; "
-                "is a sidekick host agent, `sidekick --all`, running on this host?); "
-                f"the last log lines:\n{logs}"
-            ) from None
-        finally:
-            registered.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StoreError, TimeoutError):
-                await registered
-
-    async def _logs(self, ids: list[str]) -> str:
-        out = []
-        for cid in ids[:3]:
-            try:
-                lines = await self.scheduler.logs(cid, 10)
-            except DeployError as exc:
-                lines = [str(exc)]
-            out += [f"  {short(cid)}: {line}" for line in lines] or [f"  {short(cid)}: (no output)"]
-        return "\n".join(out)
 
     async def _release(self, change: release.Release) -> None:
         """`fluster promote`, `canary` or `rollback`, as those commands run it: written,
