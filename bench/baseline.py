@@ -28,8 +28,9 @@ from pathlib import Path
 
 from bench import adapter
 from fluster.catalog import Catalog, Snapshot
+from fluster.channel import EtcdSettings, endpoints_from_text
 from fluster.runtime import setup_logging
-from fluster.store import EtcdSettings, Store, endpoints_from_text
+from fluster.store import Store
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 

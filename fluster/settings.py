@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, NoReturn, TypeVar, cast
 
+from fluster.channel import EtcdSettings, endpoints_from_text
 from fluster.keys import DEFAULT_PREFIX, normalise_prefix
-from fluster.store import EtcdSettings, endpoints_from_text
 
 T = TypeVar("T")
 EXIT_USAGE = 2

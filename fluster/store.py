@@ -8,21 +8,18 @@ wrong for us: watches must carry `hasleader` and must surface compaction instead
 skipping past it, lease keepalives must use one long-lived stream, and every gRPC error
 must become one of our exceptions at the call site.
 
-One channel serves all members: `round_robin` over the resolved endpoints, so a dead or
-frozen member (noticed by HTTP/2 keepalive pings) drops out and calls go to a live one.
+One channel serves all members (fluster/channel.py, with the settings every component
+shares): `round_robin` over the resolved endpoints, so a dead or frozen member (noticed
+by HTTP/2 keepalive pings) drops out and calls go to a live one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
-import socket
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import grpc
 import grpc.aio
@@ -31,16 +28,15 @@ import grpc.aio
 # here) is the price of driving the streams ourselves.
 from etcd3aio import _protobuf as pb
 
+from fluster.channel import (
+    EtcdSettings,
+    Unresolved,
+    open_channel,
+)
 from fluster.runtime import Backoff
 
 _PROGRESS = pb.rpc_pb2.WatchProgressRequest()  # type: ignore[attr-defined]
 _DELETE = pb.kv_pb2.Event.DELETE  # type: ignore[attr-defined]
-
-# Pings every 6 s, dead after 5 s more without an ack: a frozen member is noticed in ~11 s.
-# etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time), hence not lower.
-KEEPALIVE_TIME_MS = 6_000
-KEEPALIVE_TIMEOUT_MS = 5_000
-DEFAULT_TIMEOUT = 5.0
 
 # The one retry policy for etcd calls that must eventually succeed (a record, a lease,
 # a watch): back within a second of etcd being reachable again; after an AuthError,
@@ -80,58 +76,6 @@ class Compacted(StoreError):
 
 class WatchRefused(StoreError):
     """The server cancelled or refused a watch (permission, bad request)."""
-
-
-@dataclass(frozen=True, slots=True)
-class EtcdSettings:
-    """How to reach etcd: shared by every component (docs/REGISTRY.md, the environment)."""
-
-    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
-    cacert: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls_server_name: str | None = None
-    timeout: float = DEFAULT_TIMEOUT
-
-    @property
-    def tls(self) -> bool:
-        return self.cacert is not None or any(e.startswith("https://") for e in self.endpoints)
-
-    def plaintext_off_loopback(self) -> list[str]:
-        """Endpoints reached in plain text at an address that is not loopback: whoever
-        else reaches that address can read and rewrite the registry."""
-        if self.tls:
-            return []
-        out = []
-        for endpoint in self.endpoints:
-            try:
-                host, _ = parse_endpoint(endpoint)
-            except ValueError:
-                continue
-            if host == "localhost":
-                continue
-            try:
-                if ipaddress.ip_address(host).is_loopback:
-                    continue
-            except ValueError:
-                pass  # a name: where it points is up to DNS
-            out.append(endpoint)
-        return out
-
-
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """`host:port`, `http(s)://host:port` or `[v6]:port` -> (host, port). Raises ValueError."""
-    text = endpoint.strip()
-    url = urlsplit(text if "://" in text else f"//{text}")
-    if url.scheme not in ("", "http", "https") or not url.hostname or url.path or " " in text:
-        raise ValueError(f"not an etcd endpoint: {endpoint!r} (want host:port)")
-    try:
-        port = url.port or 2379
-    except ValueError:
-        raise ValueError(f"bad port in etcd endpoint {endpoint!r}") from None
-    return url.hostname, port
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +171,12 @@ class Store:
     async def connect(self) -> None:
         """Build the channel (no I/O happens until the first call) and authenticate."""
         if self._channel is None:
-            self._channel = await self._make_channel()
+            try:
+                self._channel = await open_channel(self.settings)
+            except Unresolved as exc:
+                raise Unavailable(str(exc)) from None
+            except ValueError as exc:
+                raise StoreError(str(exc)) from None
             self._kv = pb.KVStub(self._channel)
             self._lease = pb.LeaseStub(self._channel)
             self._watch = pb.WatchStub(self._channel)
@@ -246,55 +195,6 @@ class Store:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    async def _make_channel(self) -> grpc.aio.Channel:
-        s = self.settings
-        hosts = [parse_endpoint(e) for e in s.endpoints]
-        addresses = await asyncio.gather(*(self._resolve(h, p) for h, p in hosts))
-        families = {a.startswith("[") for a in addresses}
-        if len(families) > 1:
-            raise StoreError("etcd endpoints mix IPv4 and IPv6 addresses; use one family")
-        target = ("ipv6:" if True in families else "ipv4:") + ",".join(addresses)
-        options: list[tuple[str, Any]] = [
-            ("grpc.lb_policy_name", "round_robin"),
-            ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-            # etcd refuses pings on a connection with no open stream (GOAWAY
-            # "too_many_pings"); streams are what the pings guard anyway.
-            ("grpc.keepalive_permit_without_calls", 0),
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 2_000),
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-        ]
-        if not s.tls:
-            return grpc.aio.insecure_channel(target, options=options)
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=s.cacert.read_bytes() if s.cacert else None,
-            private_key=s.key.read_bytes() if s.key else None,
-            certificate_chain=s.cert.read_bytes() if s.cert else None,
-        )
-        # With several addresses in one target gRPC cannot derive the name to verify.
-        options.append(("grpc.ssl_target_name_override", s.tls_server_name or hosts[0][0]))
-        return grpc.aio.secure_channel(target, credentials, options=options)
-
-    @staticmethod
-    async def _resolve(host: str, port: int) -> str:
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            try:
-                infos = await asyncio.get_running_loop().getaddrinfo(
-                    host, port, type=socket.SOCK_STREAM
-                )
-            except OSError as exc:  # socket.gaierror: a name that does not resolve
-                raise Unavailable(
-                    f"cannot resolve etcd endpoint {host}: {exc.strerror or exc}"
-                ) from None
-            if not infos:
-                raise Unavailable(f"cannot resolve etcd endpoint {host}") from None
-            ip = ipaddress.ip_address(infos[0][4][0])
-        return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
     @property
     def _metadata(self) -> tuple[tuple[str, str], ...]:
@@ -534,22 +434,6 @@ class Store:
         if "leader" in reason:
             return Unavailable(f"watch {prefix}: {reason}")
         return WatchRefused(f"watch {prefix}: {reason}")
-
-
-def endpoints_from_text(text: str) -> tuple[str, ...]:
-    """Split `ETCD_ENDPOINTS`; validates each (raises ValueError naming the bad one)."""
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    if not parts:
-        raise ValueError("no etcd endpoints given")
-    errors = []
-    for part in parts:
-        try:
-            parse_endpoint(part)
-        except ValueError as exc:
-            errors.append(str(exc))
-    if errors:
-        raise ValueError("; ".join(errors))
-    return parts
 
 
 __all__: Sequence[str] = (

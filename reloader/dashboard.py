@@ -21,7 +21,7 @@ from importlib import resources
 
 import jinja2
 
-from fluster.store import parse_endpoint
+from fluster.channel import parse_endpoint
 from reloader.status import LATENCY_WINDOW, ApplyRecord, Status, seconds
 
 REFRESH_SECONDS = 5
