@@ -169,8 +169,8 @@ class Deployer:
             await self.stage("push", lambda: self.engine.push(target, self.detail))
             if src.update is not None:
                 await self._save(branch=src.update.ref)
-            release = Release(app, version, target, deploy_id)
-            await self._start_and_gate(release, config, fresh=True)
+            new = Release(app, version, target, deploy_id)
+            await self._start_and_gate(new, config, fresh=True)
             if canary is not None:
                 await self.stage("canary", lambda: self._canary(config, version, canary))
                 return await self._finish("waiting")
@@ -358,14 +358,11 @@ class Deployer:
         ref = f"rollback from {svc.spec.active_version}"
         async with self._recorded(app, deploy_id, "rollback", ref, previous, image):
             await apps.claim(self.store, self.prefix, app, config.service)
-            release = Release(app, previous, image, deploy_id)
-            await self._start_and_gate(release, config, fresh=False)
-            await self.stage("promote", lambda: self._rolled_back(config))
+            old = Release(app, previous, image, deploy_id)
+            await self._start_and_gate(old, config, fresh=False)
+            await self.stage("promote", lambda: self._release(release.Release(config.service)))
             await self.stage("retire", lambda: self._retire(app, config, previous))
             return await self._finish("succeeded")
-
-    async def _rolled_back(self, config: AppConfig) -> None:
-        await self._release(release.Release(config.service))
 
     async def _image_of(self, app: str, version: str) -> str:
         """The image a version was deployed from (its deploy record), else the registry's."""

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from fluster import keys, listing, ops, release
+from fluster import edges, keys, listing, ops, release
 from fluster.catalog import Service
 from fluster.options import (
     BALANCE,
@@ -102,7 +102,7 @@ class Cli:
 
     async def cmd_ls(self, store: Store) -> int:
         snap = await ops.snapshot(store, self.prefix)
-        live = await ops.reloaders(store, self.prefix)
+        live = await edges.reloaders(store, self.prefix)
         name = self.v[SERVICE_FILTER]
         if name and name not in snap.services:
             return fail(f"no service {name!r} in the registry", EXIT_ERROR)
@@ -120,7 +120,7 @@ class Cli:
     ) -> dict[str, int | None]:
         """Each live reloader's distance from etcd, counted once per distinct revision."""
         revisions = {st.applied_revision for st in live.values() if st is not None}
-        counted = {r: await ops.changes_since(store, self.prefix, r) for r in revisions}
+        counted = {r: await edges.changes_since(store, self.prefix, r) for r in revisions}
         return {k: counted[st.applied_revision] for k, st in live.items() if st is not None}
 
     async def cmd_cert(self, store: Store) -> int:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from fluster import ops
+from fluster import edges, ops
 from fluster.store import Store
 
 KEEP_OLD = ops.parse_keep_old(ops.KEEP_OLD_TEXT)
@@ -107,7 +107,7 @@ async def wait_for_edges(
             waiting = f"; waiting for {', '.join(behind)}" if behind else ""
             say(f"  reloaders applied: {done}/{total}{waiting}")
 
-    count = await ops.wait_applied(store, prefix, revision, within=within, progress=progress)
+    count = await edges.wait_applied(store, prefix, revision, within=within, progress=progress)
     if not count:
         say("  no live reloader is registered: nothing to wait for")
     return count

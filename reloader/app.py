@@ -38,7 +38,6 @@ from reloader.status import (
     ApplyRecord,
     FailureReason,
     Stats,
-    Status,
     describe_change,
     status_of,
 )
@@ -245,10 +244,6 @@ class Reloader:
 
     # -- status --------------------------------------------------------------------------
 
-    def status(self) -> Status:
-        """The snapshot /status, /metrics and the dashboard read (reloader/status.py)."""
-        return status_of(self)
-
     def healthy(self) -> tuple[bool, str]:
         if not self.haproxy.up:
             return False, "haproxy is down"
@@ -287,8 +282,8 @@ class Reloader:
     async def run(self, stop: asyncio.Event) -> int:
         self.settings.render.state_dir.mkdir(parents=True, exist_ok=True)
         supervisor = Supervisor()
-        status = StatusServer(
-            self.status, self.healthy, self.acme.answer if self.acme is not None else None
+        status = StatusServer(  # /status, /metrics, the dashboard: reloader/status.py
+            lambda: status_of(self), self.healthy, self.acme.answer if self.acme else None
         )
         # Stopped first: what takes changes in, and HAProxy's watcher (HAProxy's graceful
         # stop below is not a death to restart from, nor to log as one).

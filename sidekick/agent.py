@@ -76,6 +76,28 @@ class Tracked:
     health: asyncio.Task[None] | None = None
 
 
+class Owners:
+    """Which app owns a service (`{prefix}/owners/{service}`), each answer taken as read
+    for OWNER_CACHE_S."""
+
+    def __init__(self, store: Store, prefix: str) -> None:
+        self.store, self.prefix = store, prefix
+        self._cache: dict[str, tuple[str, float]] = {}  # service -> (its app, valid until)
+
+    async def of(self, service: str) -> str | None:
+        """The owning app, "" for none; None when etcd cannot say (the caller fails open)."""
+        cached = self._cache.get(service)
+        if cached is None or cached[1] < time.monotonic():
+            try:
+                _, kv = await self.store.get(owner_key(self.prefix, service))
+            except StoreError as exc:
+                log.warning("cannot read the owner of a service", service=service, error=str(exc))
+                return None
+            owner = kv.value.decode(errors="replace") if kv is not None else ""
+            cached = self._cache[service] = (owner, time.monotonic() + OWNER_CACHE_S)
+        return cached[0]
+
+
 class Sidekick:
     def __init__(
         self,
@@ -94,7 +116,7 @@ class Sidekick:
         self.leaving: dict[str, Registration] = {}  # draining after a stop
         self._deregistering: set[asyncio.Task[Any]] = set()  # waited for at shutdown
         self.reported: dict[str, set[str]] = {}  # container id -> refusals logged
-        self.owners: dict[str, tuple[str, float]] = {}  # service -> (its app, valid until)
+        self.owners = Owners(self.store, settings.prefix)
 
     def registrations(self) -> list[Registration]:
         return [t.reg for t in self.tracked.values()] + list(self.leaving.values())
@@ -260,16 +282,7 @@ class Sidekick:
         anyway, and the deployer's own containers must not wait for this."""
         service = container.labels[LABEL_SERVICE]
         app = container.labels.get(APP_LABEL, "")
-        cached = self.owners.get(service)
-        if cached is None or cached[1] < time.monotonic():
-            try:
-                _, kv = await self.store.get(owner_key(self.s.prefix, service))
-            except StoreError as exc:
-                log.warning("cannot read the owner of a service", service=service, error=str(exc))
-                return True
-            owner = kv.value.decode(errors="replace") if kv is not None else ""
-            cached = self.owners[service] = (owner, time.monotonic() + OWNER_CACHE_S)
-        owner = cached[0]
+        owner = await self.owners.of(service)
         if not owner or owner == app:
             return True
         if self._first_report(container.id, f"owner {owner}"):
