@@ -16,36 +16,8 @@ from typing import Any
 
 from deployer import options as D
 from fluster import __version__
+from fluster import options as O
 from fluster.commands import EXIT_ERROR, EXIT_USAGE, Cli
-from fluster.options import (
-    BALANCE,
-    CERT_FILE,
-    CERT_NAME,
-    CHECK,
-    CHECK_INTERVAL,
-    DRY_RUN,
-    GC_FORCE,
-    HOSTS,
-    HSTS,
-    HTTPS,
-    INSTANCE,
-    JSON,
-    KEEP_OLD,
-    KEY_FILE,
-    LOG_LEVEL,
-    MIN_INSTANCES,
-    MODE,
-    NO_HOSTS,
-    PATH_PREFIX,
-    PROMOTE_FORCE,
-    REPLACE,
-    SERVICE,
-    SERVICE_FILTER,
-    SPEC_PORT,
-    VERSION,
-    WAIT,
-    WEIGHT,
-)
 from fluster.runtime import run, setup_logging
 from fluster.settings import (
     DOMAIN,
@@ -91,47 +63,47 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("ls", "list services (or one service's instances)", (SERVICE_FILTER, JSON)),
+    Command("ls", "list services (or one service's instances)", (O.SERVICE_FILTER, O.JSON)),
     Command(
         "spec",
         "show or edit a service's routing spec",
         (
-            SERVICE,
-            MODE,
-            HOSTS,
-            NO_HOSTS,
-            PATH_PREFIX,
-            SPEC_PORT,
-            BALANCE,
-            CHECK,
-            CHECK_INTERVAL,
-            HTTPS,
-            HSTS,
+            O.SERVICE,
+            O.MODE,
+            O.HOSTS,
+            O.NO_HOSTS,
+            O.PATH_PREFIX,
+            O.SPEC_PORT,
+            O.BALANCE,
+            O.CHECK,
+            O.CHECK_INTERVAL,
+            O.HTTPS,
+            O.HSTS,
             DOMAIN,
-            JSON,
+            O.JSON,
         ),
     ),
     Command(
         "promote",
         "route a service to one version; old instances retire",
-        (SERVICE, VERSION, MIN_INSTANCES, KEEP_OLD, PROMOTE_FORCE, *WAIT),
+        (O.SERVICE, O.VERSION, O.MIN_INSTANCES, O.KEEP_OLD, O.PROMOTE_FORCE, *O.WAIT),
     ),
     Command(
         "canary",
         "send a share of traffic to a version beside the active one",
-        (SERVICE, VERSION, WEIGHT, *WAIT),
+        (O.SERVICE, O.VERSION, O.WEIGHT, *O.WAIT),
     ),
     Command(
         "rollback",
         "route back to the previous active version ((all) after the first promotion); "
         "of an app: start its previous version's containers again, then route back",
-        (SERVICE, *WAIT, *D.ROLLBACK_APP),
+        (O.SERVICE, *O.WAIT, *D.ROLLBACK_APP),
     ),
-    Command("drain", "stop sending new traffic to one instance", (SERVICE, INSTANCE, *WAIT)),
+    Command("drain", "stop sending new traffic to one instance", (O.SERVICE, O.INSTANCE, *O.WAIT)),
     Command(
         "gc",
         "remove records of versions a service no longer routes (of an app: their containers)",
-        (SERVICE, GC_FORCE, DRY_RUN, D.DOCKER_HOST),
+        (O.SERVICE, O.GC_FORCE, O.DRY_RUN, D.DOCKER_HOST),
     ),
     Command(
         "cert",
@@ -140,10 +112,10 @@ COMMANDS: tuple[Command, ...] = (
             Command(
                 "add",
                 "validate a certificate chain + key and store it in etcd",
-                (CERT_NAME, CERT_FILE, KEY_FILE, REPLACE),
+                (O.CERT_NAME, O.CERT_FILE, O.KEY_FILE, O.REPLACE),
             ),
-            Command("ls", "certificates: names, issuer, expiry, services using them", (JSON,)),
-            Command("rm", "remove a certificate", (CERT_NAME,)),
+            Command("ls", "certificates: names, issuer, expiry, services using them", (O.JSON,)),
+            Command("rm", "remove a certificate", (O.CERT_NAME,)),
         ),
     ),
     # Deploys: options in deployer.options (light: no Docker client), the work in
@@ -170,7 +142,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("deploys", "an app's deploy history (the last 50)", D.DEPLOYS),
     Command("git-shell", "forced command of deploy keys: git push to its apps only", D.GIT_SHELL),
 )
-GLOBAL: tuple[Option[Any], ...] = (*ETCD_OPTIONS, LOG_LEVEL)
+GLOBAL: tuple[Option[Any], ...] = (*ETCD_OPTIONS, O.LOG_LEVEL)
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -183,7 +155,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fluster {__version__}")
     add_options(parser.add_argument_group("etcd"), ETCD_OPTIONS, environ)
-    add_options(parser, (LOG_LEVEL,), environ)
+    add_options(parser, (O.LOG_LEVEL,), environ)
     _add_commands(parser, COMMANDS, "command", environ)
     return parser
 
@@ -261,7 +233,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             file=sys.stderr,
         )
     # Results go to stdout, problems (and logs) to stderr.
-    setup_logging(values[LOG_LEVEL], stream=sys.stderr)
+    setup_logging(values[O.LOG_LEVEL], stream=sys.stderr)
     color = sys.stdout.isatty() and "NO_COLOR" not in environ
     cli = Cli(command.name, values, values[PREFIX], action.name if action else "", color)
     try:

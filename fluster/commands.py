@@ -11,36 +11,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fluster import edges, keys, listing, ops, release
+from fluster import options as O
 from fluster.catalog import Service
-from fluster.options import (
-    BALANCE,
-    CERT_FILE,
-    CERT_NAME,
-    CHECK,
-    CHECK_INTERVAL,
-    DRY_RUN,
-    GC_FORCE,
-    HOSTS,
-    HSTS,
-    HTTPS,
-    INSTANCE,
-    JSON,
-    KEEP_OLD,
-    KEY_FILE,
-    MIN_INSTANCES,
-    MODE,
-    NO_HOSTS,
-    NO_WAIT,
-    PATH_PREFIX,
-    PROMOTE_FORCE,
-    REPLACE,
-    SERVICE,
-    SERVICE_FILTER,
-    SPEC_PORT,
-    VERSION,
-    WAIT_TIMEOUT,
-    WEIGHT,
-)
 from fluster.records import (
     RecordError,
     ReloaderStatus,
@@ -103,11 +75,11 @@ class Cli:
     async def cmd_ls(self, store: Store) -> int:
         snap = await ops.snapshot(store, self.prefix)
         live = await edges.reloaders(store, self.prefix)
-        name = self.v[SERVICE_FILTER]
+        name = self.v[O.SERVICE_FILTER]
         if name and name not in snap.services:
             return fail(f"no service {name!r} in the registry", EXIT_ERROR)
         lags = await self._lags(store, live)
-        if self.v[JSON]:
+        if self.v[O.JSON]:
             emit_json(listing.ls_json(snap, live, lags, name))
         elif name:
             print(listing.instances_text(snap.services[name], datetime.now(UTC), self.paint))
@@ -126,47 +98,47 @@ class Cli:
     async def cmd_cert(self, store: Store) -> int:
         if self.action == "ls":
             listing = await ops.list_certs(store, self.prefix)
-            if self.v[JSON]:
+            if self.v[O.JSON]:
                 emit_json(certs_json(listing))
             else:
                 print_certs(listing)
             return EXIT_OK
-        name = self.v[CERT_NAME]
+        name = self.v[O.CERT_NAME]
         if self.action == "rm":
             await ops.remove_cert(store, self.prefix, name)
             say(f"certificate {name}: removed")
             return EXIT_OK
-        pem = _read(self.v[CERT_FILE], "--cert") + _read(self.v[KEY_FILE], "--key")
-        revision = await ops.add_cert(store, self.prefix, name, pem, replace=self.v[REPLACE])
+        pem = _read(self.v[O.CERT_FILE], "--cert") + _read(self.v[O.KEY_FILE], "--key")
+        revision = await ops.add_cert(store, self.prefix, name, pem, replace=self.v[O.REPLACE])
         say(f"certificate {name}: written at revision {revision}")
         return EXIT_OK
 
     # -- write --------------------------------------------------------------------------
 
     async def cmd_spec(self, store: Store) -> int:
-        v, service = self.v, self.v[SERVICE]
+        v, service = self.v, self.v[O.SERVICE]
         changes: dict[str, Any] = {}
-        if v[MODE]:
-            changes["mode"] = v[MODE]
-        if v[HOSTS] or v[NO_HOSTS]:
-            changes["hosts"] = [] if v[NO_HOSTS] else v[HOSTS]
-        if v[PATH_PREFIX]:
-            changes["path_prefix"] = v[PATH_PREFIX]
-        port = v[SPEC_PORT]
+        if v[O.MODE]:
+            changes["mode"] = v[O.MODE]
+        if v[O.HOSTS] or v[O.NO_HOSTS]:
+            changes["hosts"] = [] if v[O.NO_HOSTS] else v[O.HOSTS]
+        if v[O.PATH_PREFIX]:
+            changes["path_prefix"] = v[O.PATH_PREFIX]
+        port = v[O.SPEC_PORT]
         if port is not None:
             changes["port"] = None if port == "none" else port
-        if v[BALANCE]:
-            changes["balance"] = v[BALANCE]
-        check, interval = v[CHECK], v[CHECK_INTERVAL]
+        if v[O.BALANCE]:
+            changes["balance"] = v[O.BALANCE]
+        check, interval = v[O.CHECK], v[O.CHECK_INTERVAL]
         if check or interval:
             if check == "none":
                 changes["check"] = None
             else:
                 changes["check"] = {"path": check or "/", "interval_ms": interval or 2000}
-        if v[HTTPS]:
-            changes["https"] = None if v[HTTPS] == "default" else v[HTTPS]
-        if v[HSTS] is not None:
-            changes["hsts_seconds"] = None if v[HSTS] == "none" else v[HSTS]
+        if v[O.HTTPS]:
+            changes["https"] = None if v[O.HTTPS] == "default" else v[O.HTTPS]
+        if v[O.HSTS] is not None:
+            changes["hsts_seconds"] = None if v[O.HSTS] == "none" else v[O.HSTS]
         if not changes:
             _, found, invalid = await ops.read_for_write(store, self.prefix, service)
             if invalid:
@@ -182,20 +154,20 @@ class Cli:
     async def cmd_promote(self, store: Store) -> int:
         v = self.v
         change = release.Release(
-            v[SERVICE],
-            v[VERSION],
-            keep_old=v[KEEP_OLD],
-            min_instances=v[MIN_INSTANCES],
-            force=v[PROMOTE_FORCE],
+            v[O.SERVICE],
+            v[O.VERSION],
+            keep_old=v[O.KEEP_OLD],
+            min_instances=v[O.MIN_INSTANCES],
+            force=v[O.PROMOTE_FORCE],
         )
         return await self._release(store, change)
 
     async def cmd_canary(self, store: Store) -> int:
-        change = release.Release(self.v[SERVICE], self.v[VERSION], weight=self.v[WEIGHT])
+        change = release.Release(self.v[O.SERVICE], self.v[O.VERSION], weight=self.v[O.WEIGHT])
         return await self._release(store, change)
 
     async def _release(self, store: Store, change: release.Release) -> int:
-        within = None if self.v[NO_WAIT] else self.v[WAIT_TIMEOUT]
+        within = None if self.v[O.NO_WAIT] else self.v[O.WAIT_TIMEOUT]
         await release.release(store, self.prefix, change, say=say, warn=warn, wait=within)
         return EXIT_OK
 
@@ -205,25 +177,27 @@ class Cli:
         return await deploy_command(self.command, self.action, self.v, store, self.prefix)
 
     async def cmd_rollback(self, store: Store) -> int:
-        service = self.v[SERVICE]
+        service = self.v[O.SERVICE]
         if (await store.get(keys.app_config_key(self.prefix, service)))[1] is not None:
             return await self.deployer(store)  # an app: its containers come back first
         return await self._release(store, release.Release(service))
 
     async def cmd_drain(self, store: Store) -> int:
-        service, instance = self.v[SERVICE], self.v[INSTANCE]
+        service, instance = self.v[O.SERVICE], self.v[O.INSTANCE]
         revision = await ops.drain(store, self.prefix, service, instance)
         say(f"{service}/{instance}: draining (revision {revision})")
         return await self._wait(store, revision)
 
     async def cmd_gc(self, store: Store) -> int:
-        service, dry_run = self.v[SERVICE], self.v[DRY_RUN]
+        service, dry_run = self.v[O.SERVICE], self.v[O.DRY_RUN]
         app = (await store.get(keys.app_config_key(self.prefix, service)))[1] is not None
         if app and not dry_run:  # deploys that died mid-way go first, whatever else waits
             from deployer.cli import clean_abandoned
 
             await clean_abandoned(self.v, store, self.prefix)
-        removed = await ops.gc(store, self.prefix, service, force=self.v[GC_FORCE], dry_run=dry_run)
+        removed = await ops.gc(
+            store, self.prefix, service, force=self.v[O.GC_FORCE], dry_run=dry_run
+        )
         verb = "would remove" if dry_run else "removed"
         say(f"{service}: {verb} {len(removed)} record(s) of old versions")
         for key in removed:
@@ -233,9 +207,9 @@ class Cli:
         return EXIT_OK
 
     async def _wait(self, store: Store, revision: int) -> int:
-        if not self.v[NO_WAIT]:
+        if not self.v[O.NO_WAIT]:
             await release.wait_for_edges(
-                store, self.prefix, revision, within=self.v[WAIT_TIMEOUT], say=say
+                store, self.prefix, revision, within=self.v[O.WAIT_TIMEOUT], say=say
             )
         return EXIT_OK
 
