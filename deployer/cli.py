@@ -23,7 +23,7 @@ from typing import Any
 
 from deployer import apps, source
 from deployer import options as D
-from deployer.engine import DeployError, Engine
+from deployer.engine import STEP_ERRORS, Engine
 from deployer.gitshell import KEY_ENV
 from deployer.pipeline import Deployer, DeployFailed, Settings, Source
 from deployer.records import AppConfig, DeployRecord
@@ -115,7 +115,7 @@ async def run(command: str, action: str, v: Values, store: Store, prefix: str) -
         return fail(str(exc), EXIT_USAGE)
     except DeployFailed as exc:
         return fail(f"deploy failed: {exc}", EXIT_FAILED)
-    except DeployError as exc:
+    except STEP_ERRORS as exc:
         return fail(str(exc), EXIT_FAILED)
 
 

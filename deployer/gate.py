@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Mapping
 
-from deployer.engine import DeployError
+from deployer.engine import STEP_ERRORS, DeployError
 from deployer.records import AppConfig
 from deployer.scheduler import Release, Scheduler
 from fluster import keys
@@ -96,7 +96,7 @@ class HealthGate:
         for cid in ids[:3]:
             try:
                 lines = await self.scheduler.logs(cid, 10)
-            except DeployError as exc:
+            except STEP_ERRORS as exc:
                 lines = [str(exc)]
             out += [f"  {short(cid)}: {line}" for line in lines] or [f"  {short(cid)}: (no output)"]
         return "\n".join(out)

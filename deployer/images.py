@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deployer import dockerfile, source
-from deployer.engine import DeployError, Engine, NotFound
+from deployer.engine import DeployError, Engine
+from fluster.docker import NotFound
 
 if TYPE_CHECKING:
     from deployer.pipeline import Settings, Source

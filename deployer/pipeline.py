@@ -37,6 +37,7 @@ from deployer.lock import deploy_lock
 from deployer.records import AppConfig, DeployRecord, Stage
 from deployer.scheduler import Release, Scheduler
 from fluster import ops, release
+from fluster.docker import DockerError
 from fluster.records import RecordError
 from fluster.store import Store, StoreError
 from fluster.text import printable
@@ -222,7 +223,14 @@ class Deployer:
             await self._save()
             try:
                 yield
-            except (DeployError, ops.Refused, ops.WaitTimeout, RecordError, StoreError) as exc:
+            except (
+                DeployError,
+                DockerError,
+                ops.Refused,
+                ops.WaitTimeout,
+                RecordError,
+                StoreError,
+            ) as exc:
                 await self._finish("failed", str(exc))
                 raise DeployFailed(str(exc)) from None
 

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from deployer.engine import DeployError, Engine, NotFound
+from deployer.engine import Engine
 from deployer.records import AppConfig
+from fluster.docker import DockerError, NotFound
 
 APP_LABEL = "fluster.app"
 DEPLOY_LABEL = "fluster.deploy"  # the deploy that started the container
@@ -123,7 +124,7 @@ class LocalScheduler:
         cid = await self.engine.create(name, self.container_config(release, config))
         try:
             await self.engine.start(cid)
-        except DeployError:
+        except DockerError:
             await self.engine.remove(cid)
             raise
         return cid
@@ -146,8 +147,7 @@ class LocalScheduler:
                 info = await self.engine.inspect(cid)
             except NotFound:
                 return cid, ["(the container is gone)"]
-            state = info.get("State") or {}
-            if state.get("Status") in ("exited", "dead") or int(info.get("RestartCount", 0)):
+            if info.status in ("exited", "dead") or info.restarts:
                 return cid, await self.engine.logs(cid, 20)
         return None
 
@@ -155,11 +155,11 @@ class LocalScheduler:
         found = await self.engine.containers({APP_LABEL: app})
         return [
             Running(
-                id=str(c["Id"]),
-                name=str((c.get("Names") or ["?"])[0]).lstrip("/"),
-                version=str((c.get("Labels") or {}).get("fluster.version", "")),
-                image=str(c.get("Image", "")),
-                state=str(c.get("State", "")),
+                id=c.id,
+                name=c.name,
+                version=c.labels.get("fluster.version", ""),
+                image=c.image,
+                state=c.state,
             )
             for c in found
         ]
@@ -202,11 +202,7 @@ class LocalScheduler:
 
     async def remove_deploy(self, app: str, deploy_id: str, keep: Callable[[str], bool]) -> int:
         found = await self.engine.containers({APP_LABEL: app, DEPLOY_LABEL: deploy_id})
-        gone = [
-            str(c["Id"])
-            for c in found
-            if not keep(str((c.get("Labels") or {}).get("fluster.version", "")))
-        ]
+        gone = [c.id for c in found if not keep(c.labels.get("fluster.version", ""))]
         await self.remove_ids(gone)
         return len(gone)
 

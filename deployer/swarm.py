@@ -30,9 +30,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from deployer.engine import DeployError, Engine, NotFound, _mapped
+from deployer.engine import DeployError, Engine
 from deployer.records import AppConfig
 from deployer.scheduler import APP_LABEL, Release, Running
+from fluster.docker import DockerError, NotFound, mapped
 from fluster.runtime import Backoff
 
 VERSION_LABEL = "fluster.version"
@@ -107,13 +108,13 @@ class SwarmScheduler:
 
     async def _services(self, app: str, version: str | None = None) -> list[dict[str, Any]]:
         labels = [f"{APP_LABEL}={app}"] + ([f"{VERSION_LABEL}={version}"] if version else [])
-        async with _mapped("list services (is this engine a swarm manager?)"):
+        async with mapped("list services (is this engine a swarm manager?)"):
             found = await self.engine.client.services.list(filters={"label": labels})
         return [dict(s) for s in found]
 
     async def _create(self, release: Release, config: AppConfig) -> str:
         spec = service_spec(release, config, stop_grace=self.stop_grace)
-        async with _mapped(f"create service {spec['Name']}"):
+        async with mapped(f"create service {spec['Name']}"):
             await self.engine.client._query_json(
                 "services/create", method="POST", data=json.dumps(spec)
             )
@@ -122,12 +123,12 @@ class SwarmScheduler:
     async def _scale(self, name: str, replicas: int) -> None:
         """Set the replicas; retried once when another writer bumped the spec's version."""
         for attempt in (1, 2):
-            async with _mapped(f"service {name}"):
+            async with mapped(f"service {name}"):
                 service = await self.engine.client.services.inspect(name)
             spec = dict(service["Spec"])
             spec["Mode"] = {"Replicated": {"Replicas": replicas}}
             try:
-                async with _mapped(f"scale {name} to {replicas}"):
+                async with mapped(f"scale {name} to {replicas}"):
                     await self.engine.client._query_json(
                         f"services/{service['ID']}/update",
                         method="POST",
@@ -135,7 +136,7 @@ class SwarmScheduler:
                         data=json.dumps(spec),
                     )
                 return
-            except DeployError as exc:
+            except DockerError as exc:
                 if attempt == 2 or "out of sequence" not in str(exc):
                     raise
 
@@ -149,7 +150,7 @@ class SwarmScheduler:
         return [await self._create(release, config)]
 
     async def _tasks(self, name: str) -> list[dict[str, Any]]:
-        async with _mapped(f"tasks of {name}"):
+        async with mapped(f"tasks of {name}"):
             return [dict(t) for t in await self.engine.client.tasks.list(filters={"service": name})]
 
     async def _remember(self, name: str) -> None:
@@ -171,11 +172,11 @@ class SwarmScheduler:
     async def logs(self, ref: str, lines: int = 20) -> list[str]:
         """The service's last log lines, from every node (the manager collects them)."""
         try:
-            async with _mapped(f"logs of {ref}"):
+            async with mapped(f"logs of {ref}"):
                 pieces = await self.engine.client.services.logs(  # type: ignore[misc]
                     ref, stdout=True, stderr=True, tail=str(lines)
                 )
-        except DeployError as exc:
+        except DockerError as exc:
             return [f"(no logs: {exc})"]
         return "".join(pieces).splitlines()[-lines:]
 
@@ -249,7 +250,7 @@ class SwarmScheduler:
                 await self._scale(name, 0)
                 continue
             try:
-                async with _mapped(f"remove service {name}"):
+                async with mapped(f"remove service {name}"):
                     await self.engine.client.services.delete(name)
             except NotFound:
                 pass

@@ -7,7 +7,8 @@ Read in this order:
 - `registration.py`  the core: one record under its own lease, drain, retirement;
 - `hub.py`       one etcd watch per service: deleted keys and spec changes;
 - `health.py`    rise/fall gating and the HTTP/TCP probes;
-- `docker.py`    the Docker API through aiodocker, errors mapped to two exceptions;
+- `fluster/docker.py` (in the core, shared with the deployer): the Docker API through
+  aiodocker, typed, its errors mapped;
 - `agent.py`     the three modes (companion, host agent, static) on that core;
 - `status.py`, `cli.py`  `sidekick --check`, and the process around it all.
 """

@@ -21,11 +21,11 @@ from typing import Any, Literal
 
 import structlog
 
+from fluster.docker import Container, Docker, DockerError, DockerEvent, NotFound
 from fluster.keys import instance_key, owner_key, parse_key, services_prefix
 from fluster.records import Instance, RecordError
 from fluster.runtime import Backoff, Supervisor
 from fluster.store import AuthError, Store, StoreError, retry_backoff
-from sidekick.docker import Container, ContainerGone, Docker, DockerEvent, DockerUnavailable
 from sidekick.health import HealthGate, Probe, docker_healthy, make_probe, watch_health
 from sidekick.hub import Hub
 from sidekick.plan import (
@@ -186,7 +186,7 @@ class Sidekick:
 
         async def stop() -> None:
             reg.log.info("stopping retired container", container=key[:12])
-            with contextlib.suppress(ContainerGone, DockerUnavailable):
+            with contextlib.suppress(DockerError):
                 await docker.stop(key)
 
         self.supervisor.spawn(f"stop {key}", stop())
@@ -221,7 +221,7 @@ class Sidekick:
         assert self.docker is not None
         try:
             container = await self.docker.inspect(cid)
-        except ContainerGone:
+        except NotFound:
             self.leave(cid, died=True)
             return
         if not container.running:
@@ -258,10 +258,7 @@ class Sidekick:
     async def _own_labels(self, container: Container) -> Container:
         """`container` with only the `fluster.*` labels set on it, not its image's."""
         assert self.docker is not None
-        try:
-            image = await self.docker.image_labels(container.image_id)
-        except ContainerGone:
-            image = {}
+        image = await self.docker.image_labels(container.image_id)  # {} when gone
         labels, inherited = own_labels(container.labels, image)
         if inherited and self._first_report(container.id, "image labels"):
             log.error(
@@ -386,7 +383,7 @@ class Sidekick:
                 async for event in self.docker.events(since=since):
                     backoff.reset()
                     await self.on_event(event)
-            except DockerUnavailable as exc:
+            except DockerError as exc:
                 log.warning(
                     "docker unreachable, retrying", error=str(exc), attempt=backoff.attempt + 1
                 )

@@ -16,12 +16,12 @@ from typing import Any
 
 import structlog
 
+from fluster.docker import Docker
 from fluster.runtime import Supervisor, TaskDied, capture_signals, run, setup_logging
 from fluster.settings import SettingsError, exit_on_problems, make_directory
 from fluster.store import Store, StoreError, retry_backoff, retry_cap
 from sidekick import status
 from sidekick.agent import Sidekick
-from sidekick.docker import Docker
 from sidekick.plan import PlanError, detect_ip, node_name
 from sidekick.settings import Settings, build
 

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from fluster.docker import Container
 from fluster.records import NODE_RE, VERSION_RE, Instance, RecordError, validate_service_name
-from sidekick.docker import Container
 from sidekick.health import CheckSpec, parse_check
 from sidekick.settings import Settings
 

@@ -3,7 +3,7 @@
 `Registration` runs against a real etcd, but in this process: its decisions (when to
 put, retire, drain, put back) are read directly, with the injected clocks (`clock` for
 freshness, `wall` for `keep_old_until`), not only through a sidekick's log. The Docker
-event handling is fed `DockerEvent` values, which is what `sidekick.docker` turns the
+event handling is fed `DockerEvent` values, which is what `fluster.docker` turns the
 engine's stream into: the decisions are tested here; the real engine's stream is
 tested in tests/test_sidekick_docker.py.
 """
@@ -17,11 +17,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from fluster.docker import DockerEvent
 from fluster.records import Instance, ServiceSpec
 from fluster.runtime import Supervisor
 from fluster.store import EtcdSettings, Event, Store
 from sidekick.agent import Sidekick, response_to
-from sidekick.docker import DockerEvent
 from sidekick.hub import Hub
 from sidekick.plan import plan_static
 from sidekick.registration import Registration

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from fluster.docker import Container, EngineInfo, parse_event
 from fluster.settings import SettingsError
 from sidekick import status
-from sidekick.docker import Container, EngineInfo, parse_event
 from sidekick.health import CheckSpec, HealthGate, parse_check
 from sidekick.plan import PlanError, image_version, node_name, plan_container, plan_static
 from sidekick.settings import Settings, build

@@ -1,17 +1,24 @@
-"""The Docker Engine API, as much of it as a sidekick needs, through aiodocker.
+"""The Docker Engine API through aiodocker: the one wrapper the sidekick and the deployer
+use (the deployer's `Engine` adds building and moving images, deployer/engine.py).
 
-aiodocker errors become two exceptions here: `DockerUnavailable` (the daemon is down or
-restarting: retry) and `ContainerGone` (no such container: deregister). Containers are
-read into a small frozen `Container`, so planning a registration (`plan.py`) is a pure
-function of it. aiodocker is imported lazily: a static sidekick never pays for it.
+Every aiodocker or aiohttp error becomes a `DockerError` at the call site (`mapped`),
+with the engine's own words: `NotFound` (no such container or image), `DockerUnavailable`
+(the daemon is down, restarting or its socket missing: retry), or `DockerError` itself
+(the engine refused). Results are typed: a container is read into a frozen `Container`
+(so planning a registration, sidekick/plan.py, is a pure function of it), `docker ps`
+rows into `Listed`, events into `DockerEvent`. aiodocker is imported lazily: a static
+sidekick never pays for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
+
+from fluster.text import printable
 
 if TYPE_CHECKING:
     import aiodocker
@@ -21,12 +28,32 @@ if TYPE_CHECKING:
 EVENTS = frozenset({"start", "die", "stop", "kill", "destroy", "health_status", "pause", "unpause"})
 
 
-class DockerUnavailable(Exception):
+class DockerError(Exception):
+    """The engine refused or failed; the message says what and why."""
+
+
+class DockerUnavailable(DockerError):
     """dockerd cannot be reached (down, restarting, socket missing); try again later."""
 
 
-class ContainerGone(Exception):
-    """No such container."""
+class NotFound(DockerError):
+    """No such container or image."""
+
+
+@contextlib.asynccontextmanager
+async def mapped(what: str) -> AsyncIterator[None]:
+    """Inside: any aiodocker or aiohttp error becomes one of ours, prefixed by `what`."""
+    import aiodocker
+    import aiohttp
+
+    try:
+        yield
+    except aiodocker.DockerError as exc:
+        if exc.status == 404:
+            raise NotFound(f"{what}: {exc.message}") from None
+        raise DockerError(f"{what}: {exc.message}") from None
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise DockerUnavailable(f"{what}: Docker engine unreachable ({exc!r})") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +70,8 @@ class Container:
     network_mode: str = ""
     health: str = "none"  # none | starting | healthy | unhealthy
     started_at: str = ""  # State.StartedAt to the second, "" if never started
+    status: str = ""  # State.Status: created | running | exited | dead | ...
+    restarts: int = 0  # RestartCount
 
     @classmethod
     def from_inspect(cls, data: Mapping[str, Any]) -> Container:
@@ -77,6 +106,29 @@ class Container:
             network_mode=(data.get("HostConfig") or {}).get("NetworkMode", ""),
             health=(state.get("Health") or {}).get("Status", "none"),
             started_at=_started(str(state.get("StartedAt") or "")),
+            status=str(state.get("Status") or ""),
+            restarts=int(data.get("RestartCount") or 0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """A container as `docker ps -a` lists it."""
+
+    id: str
+    name: str
+    image: str
+    state: str  # running | exited | created | ...
+    labels: Mapping[str, str]
+
+    @classmethod
+    def from_list(cls, data: Mapping[str, Any]) -> Listed:
+        return cls(
+            id=str(data["Id"]),
+            name=str((data.get("Names") or ["?"])[0]).lstrip("/"),
+            image=str(data.get("Image", "")),
+            state=str(data.get("State", "")),
+            labels=dict(data.get("Labels") or {}),
         )
 
 
@@ -135,14 +187,16 @@ def parse_event(data: Mapping[str, Any]) -> DockerEvent | None:
 
 
 class Docker:
-    """A lazily connected Docker client; every call raises only our two exceptions."""
+    """A lazily connected Docker engine (`url`: None for DOCKER_HOST or the local
+    socket); every call raises only DockerError and its kinds."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str | None = None) -> None:
         self.url = url
         self._client: aiodocker.Docker | None = None
-        self._image_labels: dict[str, dict[str, str]] = {}
+        self._image_labels: dict[str, dict[str, str]] = {}  # image id -> its labels
 
-    async def _docker(self) -> aiodocker.Docker:
+    @property
+    def client(self) -> aiodocker.Docker:
         if self._client is None:
             import aiodocker
 
@@ -157,39 +211,23 @@ class Docker:
             await self._client.close()
             self._client = None
 
-    async def _json(self, path: str, method: str = "GET", params: Any = None) -> Any:
-        import aiodocker
-        import aiohttp
+    async def __aenter__(self) -> Self:
+        return self
 
-        docker = await self._docker()
-        try:
-            return await docker._query_json(path, method, params=params)
-        except aiodocker.DockerError as exc:
-            if exc.status == 404:
-                raise ContainerGone(exc.message) from None
-            raise DockerUnavailable(f"docker {path}: {exc.message}") from None
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise DockerUnavailable(f"docker {path}: {exc!r}") from None
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _json(self, path: str, method: str = "GET", params: Any = None) -> Any:
+        async with mapped(f"docker {path}"):
+            return await self.client._query_json(path, method, params=params)
 
     async def engine(self) -> EngineInfo:
         return EngineInfo.from_info(await self._json("info"))
 
+    # -- containers ---------------------------------------------------------------------
+
     async def inspect(self, ref: str) -> Container:
         return Container.from_inspect(await self._json(f"containers/{ref}/json"))
-
-    async def image_labels(self, image_id: str) -> Mapping[str, str]:
-        """The labels an image carries (its Dockerfile's LABEL lines and its bases').
-        Images are immutable: each is asked for once; a missing one has none."""
-        if image_id not in self._image_labels:
-            try:
-                data = await self._json(f"images/{image_id}/json")
-                labels = dict((data.get("Config") or {}).get("Labels") or {})
-            except ContainerGone:
-                labels = {}
-            if len(self._image_labels) >= 256:
-                self._image_labels.pop(next(iter(self._image_labels)))
-            self._image_labels[image_id] = labels
-        return self._image_labels[image_id]
 
     async def running(self) -> dict[str, tuple[str, dict[str, str]]]:
         """Every running container on this host (labelled or not): id -> (name, labels)."""
@@ -198,36 +236,78 @@ class Docker:
             for c in await self._json("containers/json")
         }
 
-    async def stop(self, ref: str, grace: int = 10) -> None:
-        import aiodocker
-        import aiohttp
+    async def containers(self, labels: Mapping[str, str]) -> list[Listed]:
+        """Every container (running or not) carrying all of `labels`, as `docker ps -a`."""
+        filters = json.dumps({"label": [f"{k}={v}" for k, v in labels.items()]})
+        found = await self._json("containers/json", params={"all": "1", "filters": filters})
+        return [Listed.from_list(c) for c in found]
 
-        docker = await self._docker()
-        try:
+    async def create(self, name: str, config: Mapping[str, Any]) -> str:
+        async with mapped(f"create {name}"):
+            container = await self.client.containers.create(dict(config), name=name)
+        return str(container.id)
+
+    async def start(self, ref: str) -> None:
+        async with mapped(f"start {ref[:12]}"):
+            await self.client.containers.container(ref).start()
+
+    async def stop(self, ref: str, grace: int = 10) -> None:
+        async with (
+            mapped(f"stop {ref[:12]}"),
             # aiodocker's _query hands the response over without releasing it.
-            async with docker._query(
-                f"containers/{ref}/stop", "POST", params={"t": grace}
-            ) as response:
-                response.release()
-        except aiodocker.DockerError as exc:
-            if exc.status == 404:
-                raise ContainerGone(exc.message) from None
-            raise DockerUnavailable(f"docker stop: {exc.message}") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise DockerUnavailable(f"docker stop: {exc!r}") from None
+            self.client._query(f"containers/{ref}/stop", "POST", params={"t": grace}) as response,
+        ):
+            response.release()
+
+    async def remove(self, ref: str) -> None:
+        """Remove the container (and its anonymous volumes), running or not; gone is fine."""
+        with contextlib.suppress(NotFound):
+            async with mapped(f"remove {ref[:12]}"):
+                await self.client.containers.container(ref).delete(force=True, v=True)
+
+    async def logs(self, ref: str, lines: int = 20) -> list[str]:
+        """Its last `lines` lines of output, safe to print."""
+        async with mapped(f"logs {ref[:12]}"):
+            chunks = await self.client.containers.container(ref).log(
+                stdout=True, stderr=True, tail=lines
+            )
+        return printable("".join(chunks), keep_newlines=True).splitlines()[-lines:]
+
+    # -- images -------------------------------------------------------------------------
+
+    async def image(self, ref: str) -> Mapping[str, Any]:
+        """`docker image inspect` of `ref`."""
+        return dict(await self._json(f"images/{ref}/json"))
+
+    async def image_labels(self, ref: str) -> Mapping[str, str]:
+        """The labels an image carries (its Dockerfile's LABEL lines and its bases'); a
+        missing one has none. Asked once per image id (ids are immutable; a tag is not)."""
+        cached = self._image_labels.get(ref)
+        if cached is not None:
+            return cached
+        try:
+            labels = dict((((await self.image(ref)).get("Config")) or {}).get("Labels") or {})
+        except NotFound:
+            labels = {}
+        if ref.startswith("sha256:"):
+            if len(self._image_labels) >= 256:
+                self._image_labels.pop(next(iter(self._image_labels)))
+            self._image_labels[ref] = labels
+        return labels
+
+    # -- events -------------------------------------------------------------------------
 
     async def events(self, since: float | None = None) -> AsyncIterator[DockerEvent]:
         """Container events (from `since`, a Unix time) until the stream breaks, which
         raises DockerUnavailable."""
-        import aiodocker
-        import aiohttp
-
-        docker = await self._docker()
         params = {"filters": json.dumps({"type": ["container"]})}
         if since is not None:
             params["since"] = f"{since:.3f}"
         try:
-            async with docker._query("events", params=params, timeout=None) as response:
+            async with (
+                mapped("docker events"),
+                self.client._query("events", params=params, timeout=None) as response,
+            ):
                 try:
                     while True:
                         line = await response.content.readline()
@@ -238,8 +318,10 @@ class Docker:
                             yield event
                 finally:
                     response.close()  # not released by aiodocker; a broken one must not linger
-        except aiodocker.DockerError as exc:
-            raise DockerUnavailable(f"docker events: {exc.message}") from None
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
+        except ValueError as exc:  # a line that is not JSON
             raise DockerUnavailable(f"docker events: {exc!r}") from None
+        except DockerError as exc:
+            if isinstance(exc, DockerUnavailable):
+                raise
+            raise DockerUnavailable(str(exc)) from None
         raise DockerUnavailable("docker events: stream ended (dockerd restarting?)")
