@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fluster.records import Instance
 from testbed.etcd import Etcd
+from testbed.waiting import wait_for
 
 
 class SidekickProcess:
@@ -36,12 +37,17 @@ class SidekickProcess:
     def logged(self, event: str) -> bool:
         return any(e.get("event") == event for e in self.events())
 
-    def logged_at(self, event: str) -> float:
+    def logged_at(self, event: str, timeout: float = 5.0) -> float:
         """Unix time of the last `event` in the log: when the sidekick did it, free of
-        the delay with which a loaded machine lets a polling test notice."""
-        stamps = [str(e["timestamp"]) for e in self.events() if e.get("event") == event]
-        assert stamps, f"{event!r} never logged"
-        return datetime.fromisoformat(stamps[-1].replace("Z", "+00:00")).timestamp()
+        the delay with which a loaded machine lets a polling test notice. Waits for the
+        line: what it says (a record written or deleted) is visible in etcd a moment
+        before the sidekick has written it."""
+
+        def stamps() -> list[str]:
+            return [str(e["timestamp"]) for e in self.events() if e.get("event") == event]
+
+        found = wait_for(stamps, timeout=timeout, what=f"{event!r} in {self.log_path}")
+        return datetime.fromisoformat(found[-1].replace("Z", "+00:00")).timestamp()
 
     def send(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
