@@ -2,8 +2,8 @@
 (reloader/build.py builds it; this module holds its types and names).
 
 Templates only ever see this model, never raw records, so every decision about what
-HAProxy gets (which instances route, canary split, names, ordering) is made here in
-plain Python where it is testable. The model is a pure function of the snapshot and
+HAProxy gets (which instances route, canary split, names, ordering) is made here and in
+build.py, in plain Python where it is testable. The model is a pure function of the snapshot and
 the settings; building it twice gives equal models, which is what makes rendering
 byte-identical for the same catalog.
 
