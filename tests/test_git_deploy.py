@@ -120,6 +120,10 @@ class World:
         records = json.loads(self.fluster("deploys", self.app, "--json").stdout)
         return [r for r in records if r.get("version") == version]
 
+    def stage_names(self, version: str) -> list[str]:
+        """The stages the deploys of `version` have begun, as recorded."""
+        return [str(s["name"]) for r in self.records(version) for s in r.get("stages", [])]
+
     def wait_started(self, version: str, what: str) -> None:
         """Until the app's `replicas` (2) containers of `version` run."""
         wait_for(lambda: len(self.containers(version)) == 2, timeout=120, what=what)
@@ -636,6 +640,13 @@ def test_an_abandoned_deploy_is_marked_and_its_containers_removed(world: World) 
     )
     try:
         world.wait_started(sha[:12], "the doomed deploy's containers running")
+        # Its containers run a moment before it reaches the gate (a parallel run killed
+        # it in between): the record says when it is there.
+        wait_for(
+            lambda: "healthy" in world.stage_names(sha[:12]),
+            timeout=30,
+            what="the doomed deploy at its health gate",
+        )
     finally:
         proc.kill()
         output = proc.communicate(timeout=30)[0]
