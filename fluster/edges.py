@@ -28,10 +28,11 @@ def reloader_statuses(kvs: Mapping[str, bytes]) -> dict[str, ReloaderStatus | No
     """Reloader name -> its status record (None when unreadable), from its keys."""
     out: dict[str, ReloaderStatus | None] = {}
     for key, value in kvs.items():
+        name = key.rsplit("/", 1)[-1]
         try:
-            out[key.rsplit("/", 1)[-1]] = ReloaderStatus.parse(value)
+            out[name] = ReloaderStatus.parse(value)
         except RecordError:
-            out[key.rsplit("/", 1)[-1]] = None
+            out[name] = None
     return out
 
 
