@@ -8,6 +8,8 @@ operators editing one app cannot silently overwrite each other. Deploy ids sort 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,6 +20,8 @@ from fluster import keys
 from fluster.ops import Refused
 from fluster.records import RecordError, ServiceSpec
 from fluster.store import Conflict, Store
+
+KEEP_RELEASES = 10  # the newest releases kept whatever else is trimmed
 
 
 class NoSuchApp(Exception):
@@ -144,12 +148,72 @@ async def record(store: Store, prefix: str, rec: DeployRecord) -> None:
 
 
 async def trim(store: Store, prefix: str, app: str, keep: int = KEEP_DEPLOYS) -> int:
-    """Delete all but the newest `keep` deploy records; returns how many went."""
+    """Delete all but the newest `keep` deploy records, never one of the newest
+    KEEP_RELEASES releases (a run of failed pushes takes no rollback away); returns how
+    many went."""
     _, kvs = await store.get_prefix(keys.deploys_prefix(prefix, app))
-    old = sorted(kv.key for kv in kvs)[:-keep] if len(kvs) > keep else []
+    if len(kvs) <= keep:
+        return 0
+    ordered = sorted(kvs, key=lambda kv: kv.key)
+    numbered = [kv.key for kv in ordered if _number_of(kv.value)]
+    kept = {kv.key for kv in ordered[-keep:]} | set(numbered[-KEEP_RELEASES:])
+    old = [kv.key for kv in ordered if kv.key not in kept]
     for key in old:
         await store.delete(key)
     return len(old)
+
+
+def _number_of(raw: bytes) -> int:
+    try:
+        return DeployRecord.parse(raw).number
+    except RecordError:
+        return 0
+
+
+def releases(records: list[DeployRecord | RecordError]) -> list[DeployRecord]:
+    """The records that are releases (numbered), oldest first."""
+    return [r for r in records if isinstance(r, DeployRecord) and r.number]
+
+
+def next_number(records: list[DeployRecord | RecordError]) -> int:
+    return max((r.number for r in releases(records)), default=0) + 1
+
+
+def digest(config: AppConfig, image: str, command: str) -> str:
+    """What a release runs, in six hex digits: its image, command and runtime config."""
+    what = json.dumps([image, command, config.runtime()], sort_keys=True)
+    return hashlib.sha256(what.encode()).hexdigest()[:6]
+
+
+def version_for(
+    records: list[DeployRecord | RecordError],
+    base: str,
+    config: AppConfig,
+    image: str,
+    command: str,
+) -> str:
+    """The version a release of `image` with `config` runs as.
+
+    A version names what its containers run, because routing, rollback and stopped
+    containers go by version. A code release is its commit (`base`, as pushed) unless
+    that version already ran with another config or command; then, like a config release
+    (same image, new config), it is `{base}-{digest}`: the same config again is the same
+    version, so its stopped containers serve a rollback to it.
+    """
+    mine = digest(config, image, command)
+    for rec in releases(records):
+        if rec.version == base and digest(rec.config(config), rec.image, rec.command) != mine:
+            return f"{base[:48]}-{mine}"
+    return base
+
+
+def find_release(records: list[DeployRecord | RecordError], which: str) -> DeployRecord | None:
+    """The release `which` names: `v7` (its number) or a git sha / version (its newest)."""
+    found = releases(records)
+    if which[:1] in "vV" and which[1:].isdigit():
+        return next((r for r in found if r.number == int(which[1:])), None)
+    matches = [r for r in found if r.version == which or r.version.startswith(which)]
+    return matches[-1] if len(which) >= 4 and matches else None
 
 
 async def history(store: Store, prefix: str, app: str) -> list[DeployRecord | RecordError]:

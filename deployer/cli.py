@@ -25,7 +25,8 @@ from deployer import apps, source
 from deployer import options as D
 from deployer.engine import STEP_ERRORS, Engine
 from deployer.gitshell import KEY_ENV
-from deployer.pipeline import Deployer, DeployFailed, Settings, Source
+from deployer.pipeline import Deployer
+from deployer.progress import DeployFailed, Settings, Source
 from deployer.records import AppConfig, DeployRecord
 from deployer.scheduler import LocalScheduler, Scheduler
 from deployer.swarm import SwarmScheduler
@@ -106,10 +107,14 @@ async def run(command: str, action: str, v: Values, store: Store, prefix: str) -
     try:
         if command == "app":
             return await app_command(action, v, store, prefix)
-        if command == "deploys":
-            return await deploys_command(v, store, prefix)
+        if command in ("deploys", "releases"):
+            return await releases_command(v, store, prefix)
         if command == "gc":
             return await gc_command(v, store, prefix)
+        if command in ("scale", "logs", "run", "retire"):
+            from deployer import running
+
+            return await running.run(command, v, store, prefix)
         return await deploy_command(command, v, store, prefix)
     except apps.NoSuchApp as exc:
         return fail(str(exc), EXIT_USAGE)
@@ -124,7 +129,10 @@ def config_changes(v: Values, current: AppConfig | None) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     for opt in D.APP_FIELDS:
         value: Any = v[opt]
-        special = (D.ENV, D.UNSET_ENV, D.SECRET, D.UNSET_SECRET, D.APP_KEEP_OLD)
+        special = (
+            D.ENV, D.UNSET_ENV, D.SECRET, D.UNSET_SECRET, D.APP_KEEP_OLD, D.VOLUME,
+            D.UNSET_VOLUME,
+        )  # fmt: skip
         if opt not in special and value is not None:
             changes[opt.dest] = value
     if v[D.APP_KEEP_OLD] is not None:
@@ -153,6 +161,14 @@ def config_changes(v: Values, current: AppConfig | None) -> dict[str, Any]:
         for key in v[D.UNSET_SECRET] or ():
             secrets.pop(key, None)
         changes["secrets"] = secrets
+    if v[D.VOLUME] or v[D.UNSET_VOLUME]:
+        gone = set(v[D.UNSET_VOLUME] or ()) | {
+            item.split(":")[1] for item in v[D.VOLUME] or () if ":" in item
+        }
+        kept = [
+            vol for vol in (current.volumes if current else ()) if vol.split(":")[1] not in gone
+        ]
+        changes["volumes"] = [*kept, *(v[D.VOLUME] or ())]
     return changes
 
 
@@ -195,12 +211,25 @@ async def app_command(action: str, v: Values, store: Store, prefix: str) -> int:
         return await app_ls(v, store, prefix)
     app = v[D.APP]
     if action == "config":
-        current = (await apps.load(store, prefix, app)).config
-        changes = config_changes(v, current)
-        if changes:
-            current = await apps.edit(store, prefix, app, changes)
-            say(f"{app}: config written")
-        print(json.dumps(current.shown(), indent=2, sort_keys=True))
+        before = (await apps.load(store, prefix, app)).config
+        changes = config_changes(v, before)
+        if not changes:
+            print(json.dumps(before.shown(), indent=2, sort_keys=True))
+            return EXIT_OK
+        after = await apps.edit(store, prefix, app, changes)
+        say(f"{app}: config written")
+        print(json.dumps(after.shown(), indent=2, sort_keys=True), flush=True)
+        if v[D.NO_RESTART]:
+            say(f"{app}: not restarted (--no-restart): the next release runs with it")
+            return EXIT_OK
+        from deployer import running
+
+        if after.runtime() != before.runtime():
+            async with running.deployer(v, store, prefix, after) as d:
+                if await d.reconfigure(app) is None:
+                    say(f"{app}: no release runs yet; the first deploy runs with this config")
+        elif after.replicas != before.replicas:
+            return await running.scale(v, store, prefix, app, after.replicas)
         return EXIT_OK
     # create: the config first (it validates every field), then the repository.
     try:
@@ -255,7 +284,7 @@ def table(rows: list[list[str]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
-# -- fluster deploys --------------------------------------------------------------------
+# -- fluster releases ---------------------------------------------------------------
 
 
 def _seconds(start: str, end: str | None) -> str:
@@ -264,28 +293,39 @@ def _seconds(start: str, end: str | None) -> str:
     return f"{(datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds():.1f}"
 
 
-async def deploys_command(v: Values, store: Store, prefix: str) -> int:
+KIND_SHOWN = {"deploy": "code", "config": "config", "rollback": "rollback"}
+
+
+async def releases_command(v: Values, store: Store, prefix: str) -> int:
+    """`fluster releases APP` (and its old name `deploys`): every deploy of the app, newest
+    last; a release has its number, a failed or refused deploy none."""
     app = v[D.APP]
     await apps.load(store, prefix, app)
     records = await apps.history(store, prefix, app)
     if v[D.JSON]:
-        listing = [
-            json.loads(r.to_json()) if isinstance(r, DeployRecord) else {"error": str(r)}
-            for r in records
-        ]
+        listing = [r.shown() if isinstance(r, DeployRecord) else {"error": str(r)} for r in records]
         print(json.dumps(listing, indent=2))
         return EXIT_OK
-    rows = [["DEPLOY", "KIND", "VERSION", "RESULT", "SECONDS", "BY", "STAGES (s)"]]
+    rows = [["RELEASE", "KIND", "VERSION", "WHEN", "BY", "RESULT", "SECONDS", "STAGES (s)"]]
     for rec in records:
         if not isinstance(rec, DeployRecord):
-            rows.append(["?", "", "", f"(invalid record: {rec})", "", "", ""])
+            rows.append(["?", "", "", "", "", f"(invalid record: {rec})", "", ""])
             continue
         stages = " ".join(f"{s.name}:{_seconds(s.started, s.ended)}" for s in rec.stages)
-        total = _seconds(rec.started, rec.finished)
-        by = printable(rec.by) or "-"
-        rows.append([rec.id, rec.kind, rec.version, rec.result, total, by, printable(stages)])
+        rows.append(
+            [
+                rec.name,
+                KIND_SHOWN[rec.kind],
+                rec.version,
+                rec.started[:19].replace("T", " "),
+                printable(rec.by) or "-",
+                rec.result,
+                _seconds(rec.started, rec.finished),
+                printable(stages),
+            ]
+        )
     if len(rows) == 1:
-        say(f"no deploys of {app} yet")
+        say(f"no releases of {app} yet")
         return EXIT_OK
     table(rows)
     failed = [r for r in records if isinstance(r, DeployRecord) and r.error]
@@ -327,9 +367,15 @@ async def deploy_command(command: str, v: Values, store: Store, prefix: str) -> 
             else LocalScheduler(engine, publish_ip=v[D.PUBLISH_IP], network=v[D.NETWORK])
         )
         terminal = Terminal(receive=command != "rollback" and bool(v[D.RECEIVE]))
+        if command != "rollback" and v[D.RECEIVE]:  # a push returns once the release serves
+            from deployer.running import retire_later
+
+            settings = dataclasses.replace(
+                settings, retire_later=retire_later(fluster_command(), v[D.DOCKER_HOST])
+            )
         d = Deployer(store, prefix, engine, scheduler, settings, terminal, gone=terminal.gone)
         if command == "rollback":
-            await d.rollback(app)
+            await d.rollback(app, v[D.ROLLBACK_TO])
             return EXIT_OK
         src = Source(image=v[D.IMAGE])
         if v[D.GIT]:

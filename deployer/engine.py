@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from typing import Any, Literal
 
 from aiodocker.jsonstream import json_stream_stream
@@ -127,3 +127,48 @@ class Engine(Docker):
         async with mapped(f"{way} {ref}"):
             async for item in move(repo, tag=tag, stream=True):
                 _say_stream(item, out, last)
+
+    # -- containers run to completion, and followed output ---------------------------
+
+    async def run_once(
+        self, name: str, config: Mapping[str, Any], out: Out, *, time_limit: float
+    ) -> int:
+        """Create and start a container, relay its output line by line, and return its
+        exit status; it is removed whatever happens (a time limit past: killed, 124)."""
+        cid = await self.create(name, config)
+        try:
+            await self.start(cid)
+            try:
+                async with asyncio.timeout(time_limit):
+                    async for line in self.follow(cid):
+                        out(line)
+                    async with mapped(f"wait {name}"):
+                        status = await self.client.containers.container(cid).wait()
+            except TimeoutError:
+                out(f"(still running after {time_limit:g}s: stopped)")
+                return 124
+            return int(status.get("StatusCode", 1))
+        finally:
+            await self.remove(cid)
+
+    async def follow(
+        self, ref: str, *, tail: int | str = "all", since: float = 0, follow: bool = True
+    ) -> AsyncIterator[str]:
+        """A container's output as it comes, line by line, each prefixed by Docker's
+        timestamp (RFC 3339, nanoseconds, then a space); safe to print."""
+        container = self.client.containers.container(ref)
+        options: dict[str, Any] = {"timestamps": True, "tail": str(tail), "since": int(since)}
+        async with mapped(f"logs {ref[:12]}"):
+            if not follow:
+                chunks = await container.log(stdout=True, stderr=True, **options)
+                for line in "".join(chunks).splitlines():
+                    yield printable(line)
+                return
+            pending = ""
+            async for chunk in container.log(stdout=True, stderr=True, follow=True, **options):
+                pending += chunk
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    yield printable(line)
+            if pending:
+                yield printable(pending)

@@ -15,7 +15,7 @@ from deployer.engine import DeployError, Engine
 from fluster.docker import NotFound
 
 if TYPE_CHECKING:
-    from deployer.pipeline import Settings, Source
+    from deployer.progress import Settings, Source
 
 REVISION_LABEL = "org.opencontainers.image.revision"
 IMAGE_ID_RE = re.compile(r"(sha256:)?[0-9a-f]{12,64}")

@@ -90,6 +90,42 @@ DRAIN_SECONDS: Option[float | None] = Option(
     number(0),
     shown="2",
 )
+MEMORY: Option[str | None] = Option(
+    "--memory",
+    None,
+    "each container's memory limit (256m, 1g; none): over it the app is killed",
+    None,
+    lambda text: "" if str(text).strip() == "none" else str(text).strip(),
+    shown="none",
+    metavar="SIZE",
+)
+CPUS: Option[float | None] = Option(
+    "--cpus", None, "each container's CPUs (0.5, 2; 0 no limit)", None, number(0), shown="0"
+)
+VOLUME: Option[list[str] | None] = Option(
+    "--volume",
+    None,
+    "mount the app's named volume NAME (Docker volume APP-NAME) at /path (repeatable; "
+    "`:ro` read-only); never a host path",
+    None,
+    list,
+    kind="list",
+    metavar="NAME:/path[:ro]",
+)
+UNSET_VOLUME: Option[list[str] | None] = Option(
+    "--unset-volume", None, "unmount the volume on /path (repeatable)", None, list,
+    kind="list", metavar="/path",
+)  # fmt: skip
+RELEASE_COMMAND: Option[str | None] = Option(
+    "--release-command",
+    None,
+    "run once per release in a one-off container before traffic (migrations); a non-zero "
+    "exit refuses the release. Wins over the Procfile's release: line (none: no command)",
+    None,
+    lambda text: "" if str(text).strip() == "none" else str(text),
+    shown="the Procfile's release: line",
+    metavar="COMMAND",
+)
 APP_FIELDS: tuple[Option[Any], ...] = (
     SERVICE,
     REPLICAS,
@@ -104,6 +140,11 @@ APP_FIELDS: tuple[Option[Any], ...] = (
     SCHEDULER,
     HEALTH_TIMEOUT,
     DRAIN_SECONDS,
+    MEMORY,
+    CPUS,
+    VOLUME,
+    UNSET_VOLUME,
+    RELEASE_COMMAND,
 )
 
 REPOS: Option[str] = Option(
@@ -231,7 +272,6 @@ GIT_SHELL = (REPOS, SHELL_KEY, SHELL_APPS)
 # What `app create` writes into the hook, for every deploy a push runs.
 HOOK_SETTINGS = (REGISTRY, PUBLISH_IP, NETWORK, DOCKER_HOST, *BUILD_LIMITS)
 APP_CREATE = (APP, *APP_FIELDS, REPOS, SSH_HOST, SSH_USER, SSH_PORT, *HOOK_SETTINGS)
-APP_CONFIG = (APP, *APP_FIELDS)
 DEPLOY = (
     APP,
     IMAGE,
@@ -250,8 +290,50 @@ DEPLOY = (
     *BUILD_LIMITS,
 )
 DEPLOYS = (APP, JSON)
+NO_RESTART = switch(
+    "--no-restart",
+    None,
+    "only store the change: the next release runs with it (by default a change of env, "
+    "secrets, limits, volumes, port or check is a new release now, and --replicas scales)",
+)
+# What runs an app's containers (the hook's settings, on the command line or from env).
+RUNNING = (PUBLISH_IP, NETWORK, DOCKER_HOST, LOCK_TIMEOUT, DEPLOY_WAIT)
+APP_CONFIG = (APP, *APP_FIELDS, NO_RESTART, REGISTRY, *RUNNING)
 # `fluster rollback APP` of an app restarts its previous version's containers.
-ROLLBACK_APP = (REGISTRY, PUBLISH_IP, NETWORK, DOCKER_HOST, LOCK_TIMEOUT)
+ROLLBACK_TO: Option[str] = Option(
+    "--to",
+    None,
+    "of an app: the release to go back to (v7, or a git sha); its config comes back too",
+    "",
+    shown="the previous active version",
+    metavar="vN|SHA",
+)
+ROLLBACK_APP = (ROLLBACK_TO, REGISTRY, PUBLISH_IP, NETWORK, DOCKER_HOST, LOCK_TIMEOUT)
+COUNT: Option[int] = Option(
+    "count", None, "instances of the active release", 1, integer(1, 100), kind="positional",
+    metavar="N",
+)  # fmt: skip
+SCALE = (APP, COUNT, *RUNNING)
+FOLLOW = switch("--follow", None, "keep printing new lines as they come", short="-f")
+TAIL: Option[int | None] = Option(
+    "--tail", None, "the last N lines of each instance", None, integer(0, 100000),
+    shown="100, or all with --since", metavar="N",
+)  # fmt: skip
+SINCE: Option[str] = Option(
+    "--since", None, "lines from the last DURATION only (90s, 10m, 2h, 1d)", "", metavar="DURATION"
+)
+RELEASE: Option[str] = Option(
+    "--release", None, "this release's instances (v7)", "", shown="the running ones", metavar="vN"
+)
+LOGS = (APP, FOLLOW, TAIL, SINCE, RELEASE, DOCKER_HOST)
+RUN_COMMAND: Option[list[str]] = Option(
+    "argv", None, "the command and its arguments (after --)", [], list, kind="positional",
+    metavar="CMD", nargs="...",
+)  # fmt: skip
+RUN = (APP, RUN_COMMAND, NETWORK, DOCKER_HOST)
+DEPLOY_ID: Option[str] = Option("deploy", None, "the deploy whose old release retires", "",
+                                kind="positional", metavar="DEPLOY")  # fmt: skip
+RETIRE = (APP, DEPLOY_ID, DOCKER_HOST, LOCK_TIMEOUT)
 DRY_RUN = switch("--dry-run", None, "only say what would go")  # gc's, read by its dest
 # The rollback command's positional (declared in fluster.cli), read by its dest.
 SERVICE_ARG: Option[str] = Option("service", None, "", "", kind="positional")

@@ -1,4 +1,10 @@
-"""A deploy, stage by stage: receive -> build -> push -> start -> healthy -> promote -> retire.
+"""A release, stage by stage: receive -> build -> push -> release -> start -> healthy ->
+promote -> retire.
+
+There is one way to put a version in front of the users, `Deployer.roll_out`, and three
+kinds of release go through it: a code deploy (a push or an image), a config change (the
+active release's image with a new config) and a rollback (an earlier release again, with
+its config). Each is numbered (v1, v2, ...) once promoted.
 
 Each stage is printed as it starts and ends (on the terminal of `fluster deploy`, and as
 `remote:` lines of `git push`, whose hook runs this) and recorded with its times in the
@@ -11,7 +17,12 @@ deploy's record. The order is what keeps users safe:
   every reloader has applied it, so no edge still sends traffic to the old version when
   its containers stop;
 - the old containers are stopped, not removed: `fluster rollback APP` starts them again
-  without a build until the keep-old window ends.
+  without a build until the keep-old window ends;
+- a push's `release:` command (Procfile, or the app's `release_command`) runs once in a
+  one-off container of the new image before any new instance starts: a non-zero exit
+  refuses the push with nothing changed;
+- a push returns once the new release serves all traffic: its retirement of the old one
+  goes on in `fluster retire` (detached), and ends in the release's record.
 
 Registration is not done here: the sidekick host agent on the machine registers the
 containers from their labels, and the health gate waits for those records in etcd.
@@ -20,60 +31,23 @@ containers from their labels, and the health gate waits for those records in etc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Literal
 
-from deployer import apps, pushes, source
+from deployer import apps, oneoff, pushes
 from deployer.engine import DeployError, Engine
 from deployer.gate import HealthGate, short
 from deployer.images import Images
 from deployer.lock import deploy_lock
-from deployer.records import AppConfig, DeployRecord, Stage
+from deployer.progress import DeployFailed, Progress, Settings, Source
+from deployer.records import AppConfig, DeployRecord
 from deployer.scheduler import Release, Scheduler
 from fluster import ops, release
-from fluster.docker import DockerError
-from fluster.records import RecordError
-from fluster.store import Store, StoreError
-from fluster.text import printable
-
-# Stages that change nothing users see: a push cut off during them stops the deploy.
-# From the promotion on, it finishes: half a promotion is worse than a whole one.
-BEFORE_PROMOTION = frozenset({"build", "tag", "push", "start", "healthy", "canary"})
+from fluster.store import Store
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    registry: str = "127.0.0.1:5000"
-    lock_timeout: float = 600.0
-    wait_timeout: float = ops.WAIT_TIMEOUT_S  # for every reloader to apply the promotion
-    by: str = ""  # who deploys, for the record
-    build_timeout: float = 900.0
-    max_context: int = 1 << 30  # bytes of build context (the pushed tree)
-    build_network: str = "none"  # the RUN steps': no route anywhere, etcd included
-    base_images: tuple[str, ...] = ()  # patterns a FROM may match; () any but other apps'
-
-
-@dataclass(frozen=True, slots=True)
-class Source:
-    """What to deploy: a git repository and ref, or an image already built."""
-
-    git_dir: Path | None = None
-    ref: str = ""
-    image: str = ""
-    update: source.Update | None = None  # a push: the branch must still be where it was
-
-
-class DeployFailed(Exception):
-    """The deploy stopped; the old version still serves. The message says why."""
-
-
-class Deployer:
+class Deployer(Progress):
     def __init__(
         self,
         store: Store,
@@ -96,64 +70,29 @@ class Deployer:
         self.images = Images(engine, settings, self.head, self.detail)
         self.gate = HealthGate(store, prefix, scheduler, self.detail, gone)
 
-    # -- output and the record --------------------------------------------------------
-
-    def _stamp(self) -> str:
-        return self.now().isoformat(timespec="milliseconds")
-
-    def head(self, text: str) -> None:
-        self.say(f"-----> {text}")
-
-    def detail(self, text: str) -> None:
-        self.say(f"       {text}")
-
-    async def _save(self, **changes: object) -> None:
-        assert self.record is not None
-        self.record = dataclasses.replace(self.record, **changes)  # type: ignore[arg-type]
-        await apps.record(self.store, self.prefix, self.record)
-
-    async def stage(self, name: str, work: Callable[[], object]) -> object:
-        """Run one stage: print and record its start, end and duration."""
-        assert self.record is not None
-        if not self.held():
-            raise DeployError(
-                "lost the deploy lock (etcd unreachable for longer than its lease?); "
-                "stopped before " + name
-            )
-        if name in BEFORE_PROMOTION and self.gone():
-            raise DeployError(
-                f"the push was disconnected; stopped before {name}, nothing changed "
-                "(push again to deploy)"
-            )
-        started = self._stamp()
-        t0 = time.monotonic()
-        self.head(f"{name}")
-        stages = [*self.record.stages, Stage(name, started)]
-        await self._save(stages=tuple(stages))
-        ok = False
-        try:
-            result = work()
-            if asyncio.iscoroutine(result):
-                result = await result
-            ok = True
-            return result
-        finally:
-            stages[-1] = dataclasses.replace(stages[-1], ended=self._stamp(), ok=ok)
-            await self._save(stages=tuple(stages))
-            self.head(f"{name}: {'done' if ok else 'FAILED'} in {time.monotonic() - t0:.1f}s")
-
     # -- the deploy -------------------------------------------------------------------
 
     async def deploy(
         self, app: str, src: Source, *, promote: bool = True, canary: int | None = None
     ) -> DeployRecord:
+        """A code release: the pushed commit built (or an image taken), its release
+        command run, then rolled out."""
         config = (await apps.load(self.store, self.prefix, app)).config
-        target, ref, version, commit = await self.images.receive(app, src)
+        target, ref, base, commit = await self.images.receive(app, src)
+        procfile = (
+            await oneoff.procfile(src.git_dir, commit.sha)
+            if src.git_dir is not None and commit is not None
+            else oneoff.Procfile()
+        )
+        command = procfile.web
+        history = await apps.history(self.store, self.prefix, app)
+        version = apps.version_for(history, base, config, target, command)
         deploy_id = apps.deploy_id(self.now(), version)
         self.head(f"{app}: deploying {version} ({ref}) as deploy {deploy_id}")
         if commit is not None:
             self.detail(f"{commit.subject} ({commit.author})")
-        async with self._recorded(app, deploy_id, "deploy", ref, version, target):
+        new = Release(app, version, target, deploy_id, command)
+        async with self._recorded(new, "deploy", ref, config):
             await apps.claim(self.store, self.prefix, app, config.service)
             assert self.record is not None
             await pushes.still_current(self.store, self.prefix, self.record, src, self.now())
@@ -170,69 +109,149 @@ class Deployer:
             await self.stage("push", lambda: self.engine.push(target, self.detail))
             if src.update is not None:
                 await self._save(branch=src.update.ref)
-            new = Release(app, version, target, deploy_id)
-            await self._start_and_gate(new, config, fresh=True)
-            if canary is not None:
-                await self.stage("canary", lambda: self._canary(config, version, canary))
-                return await self._finish("waiting")
-            if not promote:
-                self.head(
-                    f"not promoted (--no-promote): `fluster promote {config.service} "
-                    f"{version}` when ready"
+            if release_command := config.release_command or procfile.release:
+                await self.stage(
+                    "release", lambda: self._release_phase(new, config, release_command)
                 )
-                return await self._finish("waiting")
-            await self.stage("promote", lambda: self._promote(config, version))
-            await self.stage("retire", lambda: self._retire(app, config, version))
-            return await self._finish("succeeded")
+            return await self.roll_out(new, config, fresh=True, promote=promote, canary=canary)
 
-    @contextlib.asynccontextmanager
-    async def _recorded(
+    async def reconfigure(self, app: str) -> DeployRecord | None:
+        """A config release: the active release's image and command with the app's
+        config as it is now; None when the app has no release to restart."""
+        config = (await apps.load(self.store, self.prefix, app)).config
+        current = await self.active_release(app, config)
+        if current is None:
+            return None
+        base = current.image.rpartition(":")[2] or current.version
+        history = await apps.history(self.store, self.prefix, app)
+        version = apps.version_for(history, base, config, current.image, current.command)
+        if digest_of(current, config) == apps.digest(config, current.image, current.command):
+            self.head(f"{app}: {current.name} already runs with this config")
+            return current
+        deploy_id = apps.deploy_id(self.now(), version)
+        self.head(f"{app}: config changed, releasing {version} as deploy {deploy_id}")
+        new = Release(app, version, current.image, deploy_id, current.command)
+        ref = f"config of {current.name}"
+        async with self._recorded(new, "config", ref, config):
+            return await self.roll_out(new, config, fresh=True)
+
+    async def rollback(self, app: str, to: str = "") -> DeployRecord:
+        """An earlier release again, with its config: `to` names it (`v3`, a sha),
+        else the previous active version. Its stopped containers start again (no build);
+        when they are gone, new ones start from its image."""
+        config = (await apps.load(self.store, self.prefix, app)).config
+        history = await apps.history(self.store, self.prefix, app)
+        svc = (await ops.snapshot(self.store, self.prefix)).services.get(config.service)
+        if to:
+            target = apps.find_release(history, to)
+            if target is None:
+                known = ", ".join(r.name for r in apps.releases(history)[-10:]) or "none"
+                raise DeployFailed(f"{app} has no release {to!r} (releases kept: {known})")
+        else:
+            if svc is None or not svc.spec.history:
+                raise DeployFailed(f"{app} has no previous version to roll back to")
+            previous = svc.spec.history[0]
+            target = next(
+                (r for r in reversed(apps.releases(history)) if r.version == previous), None
+            ) or DeployRecord(
+                id="", app=app, kind="deploy", ref="", version=previous, by="", started="",
+                image=f"{self.settings.registry.rstrip('/')}/{app}:{previous}",
+            )  # fmt: skip
+        if svc is not None and svc.spec.active_version == target.version:
+            raise DeployFailed(f"{target.name} ({target.version}) is already the active version")
+        config = target.config(config)
+        deploy_id = apps.deploy_id(self.now(), target.version)
+        label = f"{target.name} ({target.version})" if target.number else target.version
+        self.head(f"{app}: rolling back to {label} as deploy {deploy_id}")
+        active = svc.spec.active_version if svc else None
+        new = Release(app, target.version, target.image, deploy_id, target.command)
+        async with self._recorded(new, "rollback", f"rollback from {active} to {label}", config):
+            if target.runtime:  # its config is the app's again, as it ran
+                await apps.edit(self.store, self.prefix, app, dict(target.runtime))
+            return await self.roll_out(new, config, fresh=False)
+
+    async def roll_out(
         self,
-        app: str,
-        deploy_id: str,
-        kind: Literal["deploy", "rollback"],
-        ref: str,
-        version: str,
-        image: str,
-    ) -> AsyncIterator[None]:
-        """Hold the app's deploy lock for one deploy or rollback, recorded from its start.
-
-        The record is written once the lock is ours (its `started` is then, not while
-        waiting); an error the body raises marks it failed and becomes `DeployFailed`.
-        """
-        async with deploy_lock(
-            self.store,
-            self.prefix,
-            app,
-            deploy_id,
-            wait_limit=self.settings.lock_timeout,
-            say=self.head,
-        ) as held:
-            self.held = held
-            await self.clean_abandoned(app)
-            self.record = DeployRecord(
-                id=deploy_id,
-                app=app,
-                kind=kind,
-                ref=ref,
-                version=version,
-                image=image,
-                by=self.settings.by,
-                started=self._stamp(),
+        new: Release,
+        config: AppConfig,
+        *,
+        fresh: bool,
+        promote: bool = True,
+        canary: int | None = None,
+    ) -> DeployRecord:
+        """The one way a release reaches users: started beside the active one (`fresh`:
+        new containers; else its stopped ones again), gated on health, promoted (every
+        edge applied it), numbered, then the old one retired (now, or detached)."""
+        await self._start_and_gate(new, config, fresh=fresh)
+        if canary is not None:
+            await self.stage("canary", lambda: self._canary(config, new.version, canary))
+            return await self._finish("waiting")
+        if not promote:
+            self.head(
+                f"not promoted (--no-promote): `fluster promote {config.service} "
+                f"{new.version}` when ready"
             )
-            await self._save()
-            try:
-                yield
-            except (
-                DeployError,
-                DockerError,
-                ops.Refused,
-                ops.WaitTimeout,
-                RecordError,
-                StoreError,
-            ) as exc:
-                await self._finish("failed", str(exc))
-                raise DeployFailed(str(exc)) from None
+            return await self._finish("waiting")
+        await self.stage("promote", lambda: self._promote(config, new.version))
+        history = await apps.history(self.store, self.prefix, new.app)
+        await self._save(number=apps.next_number(history))
+        assert self.record is not None
+        self.head(f"{new.app}: {self.record.name} serves ({new.version})")
+        if self.settings.retire_later is not None:
+            self.settings.retire_later(new.app, new.deploy_id)
+            self.head("the old release retires in the background (`fluster releases` shows when)")
+            return await self._finish("succeeded")
+        await self.stage("retire", lambda: self._retire(new.app, config, new.version))
+        return await self._finish("succeeded")
+
+    async def retire(self, app: str, deploy_id: str) -> None:
+        """A pushed release's retirement, after the push returned: under the app's lock,
+        only if it is still the active release (a later one retires for itself)."""
+        config = (await apps.load(self.store, self.prefix, app)).config
+        async with deploy_lock(
+            self.store, self.prefix, app, f"{deploy_id}-retire",
+            wait_limit=self.settings.lock_timeout, say=lambda text: None,
+        ) as held:  # fmt: skip
+            self.held = held
+            self.record = next(
+                (r for r in await apps.history(self.store, self.prefix, app)
+                 if isinstance(r, DeployRecord) and r.id == deploy_id),
+                None,
+            )  # fmt: skip
+            if self.record is None:
+                return
+            svc = (await ops.snapshot(self.store, self.prefix)).services.get(config.service)
+            if svc is None or svc.spec.active_version != self.record.version:
+                self.detail("a later release is active: it retires the old ones")
+                return
+            config = self.record.config(config)
+            await self.stage("retire", lambda: self._retire(app, config, self.record_version))
+
+    @property
+    def record_version(self) -> str:
+        assert self.record is not None
+        return self.record.version
+
+    async def active_release(self, app: str, config: AppConfig) -> DeployRecord | None:
+        """The newest release of the version the app's service routes to."""
+        svc = (await ops.snapshot(self.store, self.prefix)).services.get(config.service)
+        active = svc.spec.active_version if svc else None
+        history = await apps.history(self.store, self.prefix, app)
+        return next((r for r in reversed(apps.releases(history)) if r.version == active), None)
+
+    async def _release_phase(self, new: Release, config: AppConfig, command: str) -> None:
+        self.detail(f"$ {command}")
+        status = await self.engine.run_once(
+            oneoff.name(new.app, "release"),
+            oneoff.container_config(new, config, command, self.scheduler.network),
+            lambda line: self.detail(line.partition(" ")[2]),
+            time_limit=self.settings.build_timeout,
+        )
+        if status:
+            raise DeployError(
+                f"the release command exited with status {status}; nothing was started "
+                "and the current release still serves"
+            )
 
     async def clean_abandoned(self, app: str) -> None:
         """Deploys of the app recorded as running while we hold its lock died mid-way
@@ -259,16 +278,6 @@ class Deployer:
                 f"deploy {rec.id} ({rec.version}) was abandoned mid-way: marked so, "
                 f"{removed} of its container(s) removed"
             )
-
-    async def _finish(self, result: str, error: str = "") -> DeployRecord:
-        error = printable(error, keep_newlines=True)
-        await self._save(result=result, finished=self._stamp(), error=error)
-        await apps.trim(self.store, self.prefix, self.record.app if self.record else "")
-        assert self.record is not None
-        if result != "failed":
-            total = (self.now() - datetime.fromisoformat(self.record.started)).total_seconds()
-            self.head(f"deploy {self.record.id}: {result} in {total:.1f}s")
-        return self.record
 
     async def _start_and_gate(self, release: Release, config: AppConfig, *, fresh: bool) -> None:
         """Start the version (`fresh`: new containers; else its stopped ones again) and
@@ -351,30 +360,7 @@ class Deployer:
         if removed:
             self.detail(f"removed {removed} stopped container(s) of older versions")
 
-    # -- rollback ---------------------------------------------------------------------
 
-    async def rollback(self, app: str) -> DeployRecord:
-        """Bring the previous version back: its containers, without a build."""
-        config = (await apps.load(self.store, self.prefix, app)).config
-        svc = (await ops.snapshot(self.store, self.prefix)).services.get(config.service)
-        if svc is None or not svc.spec.history:
-            raise DeployFailed(f"{app} has no previous version to roll back to")
-        previous = svc.spec.history[0]
-        image = await self._image_of(app, previous)
-        deploy_id = apps.deploy_id(self.now(), previous)
-        self.head(f"{app}: rolling back to {previous} as deploy {deploy_id}")
-        ref = f"rollback from {svc.spec.active_version}"
-        async with self._recorded(app, deploy_id, "rollback", ref, previous, image):
-            await apps.claim(self.store, self.prefix, app, config.service)
-            old = Release(app, previous, image, deploy_id)
-            await self._start_and_gate(old, config, fresh=False)
-            await self.stage("promote", lambda: self._release(release.Release(config.service)))
-            await self.stage("retire", lambda: self._retire(app, config, previous))
-            return await self._finish("succeeded")
-
-    async def _image_of(self, app: str, version: str) -> str:
-        """The image a version was deployed from (its deploy record), else the registry's."""
-        for rec in reversed(await apps.history(self.store, self.prefix, app)):
-            if isinstance(rec, DeployRecord) and rec.version == version and rec.image:
-                return rec.image
-        return f"{self.settings.registry.rstrip('/')}/{app}:{version}"
+def digest_of(rec: DeployRecord, current: AppConfig) -> str:
+    """The digest of what a release runs (its runtime config over `current`)."""
+    return apps.digest(rec.config(current), rec.image, rec.command)

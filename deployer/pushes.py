@@ -15,7 +15,7 @@ from fluster.runtime import Backoff
 from fluster.store import Store
 
 if TYPE_CHECKING:
-    from deployer.pipeline import Source
+    from deployer.progress import Source
 
 
 async def still_current(

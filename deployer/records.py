@@ -34,14 +34,22 @@ MAX_ENV: Final = 64
 KEEP_DEPLOYS: Final = 50
 SCHEDULERS: Final = ("local", "swarm")
 RESULTS: Final = ("running", "succeeded", "failed", "waiting", "abandoned")
+KINDS: Final = ("deploy", "config", "rollback")
+# What a release runs besides its image: the app config's fields that shape a container.
+# A release records them, so a rollback to it runs it as it ran (its config too).
+RUNTIME_FIELDS: Final = ("port", "check", "env", "secrets", "memory", "cpus", "volumes")
+MIN_MEMORY: Final = 6 << 20  # Docker's own minimum
 MASK: Final = "(secret)"
 
 ENV_KEY_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 BRANCH_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+MEMORY_RE: Final = re.compile(r"([1-9][0-9]{0,12})([kmg]?)", re.IGNORECASE)
+VOLUME_RE: Final = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.-]{0,63}):(/[^:\0]{0,255}?)(:ro)?")
 CHECK_RE: Final = re.compile(r"none|tcp|docker|http:" + CHECK_PATH_RE.pattern)
 
 Scheduler = Literal["local", "swarm"]
 Result = Literal["running", "succeeded", "failed", "waiting", "abandoned"]
+Kind = Literal["deploy", "config", "rollback"]
 
 
 def validate_app_name(name: object) -> str:
@@ -65,6 +73,12 @@ def _env(value: object, name: str = "env") -> dict[str, str]:
     return clean
 
 
+def _command(value: object, name: str = "release_command") -> str:
+    text = _str(value, name)
+    _require(text.isprintable() and len(text) <= 4096, name, "one printable line")
+    return text
+
+
 def _keep_old(value: object) -> str:
     text = _str(value, "keep_old")
     try:
@@ -72,6 +86,46 @@ def _keep_old(value: object) -> str:
     except ValueError as exc:
         raise RecordError("keep_old", f"{exc} (e.g. 90s, 10m, 2h, 1d)") from None
     return text
+
+
+def memory_bytes(text: str) -> int:
+    """`512m` -> bytes (k, m, g: powers of 1024; no unit: bytes); 0 for ""."""
+    if not text:
+        return 0
+    found = MEMORY_RE.fullmatch(text)
+    if found is None:
+        raise ValueError(f"want a size such as 256m or 1g, got {text!r}")
+    number, unit = found.groups()
+    return int(number) << {"": 0, "k": 10, "m": 20, "g": 30}[unit.lower()]
+
+
+def _memory(value: object) -> str:
+    text = _str(value, "memory")
+    try:
+        size = memory_bytes(text)
+    except ValueError as exc:
+        raise RecordError("memory", str(exc)) from None
+    _require(not text or size >= MIN_MEMORY, "memory", "at least 6m (Docker's minimum)")
+    return text
+
+
+def _volumes(value: object) -> tuple[str, ...]:
+    _require(isinstance(value, list | tuple), "volumes", "must be a list of NAME:/path")
+    assert isinstance(value, list | tuple)
+    _require(len(value) <= 16, "volumes", "at most 16")
+    out = []
+    for item in value:
+        text = _str(item, "volumes")
+        found = VOLUME_RE.fullmatch(text)
+        _require(
+            found is not None and ".." not in text.split(":")[1].split("/"),
+            "volumes",
+            f"want NAME:/absolute/path[:ro] (a named volume, never a host path), got {text!r}",
+        )
+        out.append(text)
+    paths = [v.split(":")[1] for v in out]
+    _require(len(set(paths)) == len(paths), "volumes", "two volumes on one path")
+    return tuple(out)
 
 
 def _float(value: object, name: str, lo: float, hi: float) -> float:
@@ -98,12 +152,22 @@ class AppConfig:
     scheduler: Scheduler = "local"
     health_timeout: float = 120.0  # seconds for every new instance to be registered up
     drain_seconds: float = 2.0  # between the promotion and stopping the old containers
+    memory: str = ""  # a container's memory limit (256m, 1g); "" none
+    cpus: float = 0.0  # a container's share of CPUs (0.5, 2); 0 no limit
+    volumes: tuple[str, ...] = ()  # NAME:/path[:ro]: the app's own named volumes
+    release_command: str = ""  # run once per release before traffic (else Procfile's)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["env"] = dict(self.env)
         out["secrets"] = dict(self.secrets)
+        out["volumes"] = list(self.volumes)
         return out
+
+    def runtime(self) -> dict[str, Any]:
+        """What a release records of this config: what shapes its containers."""
+        whole = self.to_dict()
+        return {name: whole[name] for name in RUNTIME_FIELDS}
 
     def shown(self) -> dict[str, Any]:
         """`to_dict` as listings show it: the secrets' names, never their values."""
@@ -142,6 +206,10 @@ class AppConfig:
             scheduler=scheduler,
             health_timeout=_float(obj.get("health_timeout", 120.0), "health_timeout", 1, 3600),
             drain_seconds=_float(obj.get("drain_seconds", 2.0), "drain_seconds", 0, 600),
+            memory=_memory(obj.get("memory", "")),
+            cpus=_float(obj.get("cpus", 0.0), "cpus", 0, 256),
+            volumes=_volumes(obj.get("volumes", [])),
+            release_command=_command(obj.get("release_command", "")),
         )
 
     @classmethod
@@ -169,11 +237,18 @@ class Stage:
 
 @dataclass(frozen=True, slots=True)
 class DeployRecord:
-    """`{prefix}/apps/{app}/deploys/{id}`: what was deployed, by whom, each stage, result."""
+    """`{prefix}/apps/{app}/deploys/{id}`: what was deployed, by whom, each stage, result.
+
+    A deploy that puts a new version in front of the users is a release: it gets the
+    app's next `number` (v1, v2, ...) when it is promoted; a failed or refused one keeps
+    0. Its `kind` says what changed: `deploy` (code: a push or an image), `config` (the
+    same image with a new config) or `rollback` (an earlier release again). `runtime` is
+    the config it ran with (`AppConfig.runtime`), so a rollback to it runs it as it ran.
+    """
 
     id: str
     app: str
-    kind: Literal["deploy", "rollback"]
+    kind: Kind
     ref: str
     version: str
     image: str
@@ -184,11 +259,32 @@ class DeployRecord:
     finished: str | None = None
     error: str = ""
     branch: str = ""  # a push: the ref it moves (refs/heads/main), once the hook succeeds
+    number: int = 0  # vN once released; 0: not (yet) a release
+    runtime: Mapping[str, Any] = field(default_factory=dict)
+    command: str = ""  # the Procfile's web: line ("" the image's CMD)
+
+    @property
+    def name(self) -> str:
+        """`v7`, or "-" for a deploy that released nothing."""
+        return f"v{self.number}" if self.number else "-"
 
     def to_json(self) -> str:
         out = asdict(self)
         out["stages"] = [asdict(s) for s in self.stages]
+        out["runtime"] = dict(self.runtime)
         return json.dumps(out, sort_keys=True, separators=(",", ":"))
+
+    def shown(self) -> dict[str, Any]:
+        """`to_json` as listings show it: the secrets' names, never their values."""
+        out: dict[str, Any] = json.loads(self.to_json())
+        if secrets := out["runtime"].get("secrets"):
+            out["runtime"]["secrets"] = dict.fromkeys(sorted(secrets), MASK)
+        out["release"] = self.name
+        return out
+
+    def config(self, current: AppConfig) -> AppConfig:
+        """`current` with this release's runtime fields: how to run it again."""
+        return current.replace(**self.runtime) if self.runtime else current
 
     @classmethod
     def parse(cls, raw: bytes | str) -> DeployRecord:
@@ -198,8 +294,15 @@ class DeployRecord:
         result = obj.get("result", "running")
         _require(result in RESULTS, "result", f"must be one of {', '.join(RESULTS)}")
         kind = obj.get("kind", "deploy")
-        _require(kind in ("deploy", "rollback"), "kind", "must be deploy or rollback")
+        _require(kind in KINDS, "kind", f"must be one of {', '.join(KINDS)}")
         version = obj.get("version", "")
+        runtime = obj.get("runtime", {})
+        _require(isinstance(runtime, dict), "runtime", "must be an object")
+        if runtime:  # validated as a config would be: a rollback runs it
+            try:
+                AppConfig.from_dict({"service": "x", **runtime})
+            except RecordError as exc:
+                raise RecordError(f"runtime.{exc.field}", exc.reason) from None
         return cls(
             id=_str(obj.get("id"), "id"),
             app=validate_app_name(obj.get("app")),
@@ -224,4 +327,7 @@ class DeployRecord:
             finished=obj.get("finished"),
             error=str(obj.get("error", "")),
             branch=str(obj.get("branch", "")),
+            number=_int(obj.get("number", 0), "number", 0, 10**9),
+            runtime=runtime,
+            command=_command(obj.get("command", ""), "command"),
         )

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from deployer import oneoff
 from deployer.engine import Engine
 from deployer.records import AppConfig
 from fluster.docker import DockerError, NotFound
 
 APP_LABEL = "fluster.app"
 DEPLOY_LABEL = "fluster.deploy"  # the deploy that started the container
+Drain = Callable[[list[str]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +35,7 @@ class Release:
     version: str
     image: str
     deploy_id: str = ""
+    command: str = ""  # the Procfile's web: line; "" the image's CMD
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,8 @@ class Running:
 
 
 class Scheduler(Protocol):
+    network: str  # the Docker network a one-off container of the app joins ("" default)
+
     async def start(self, release: Release, config: AppConfig) -> list[str]:
         """Start `config.replicas` new instances of `release`; returns their ids."""
 
@@ -69,6 +74,13 @@ class Scheduler(Protocol):
         """Remove what an abandoned deploy started, but for versions `keep` says yes to."""
 
     async def instances(self, app: str) -> list[Running]: ...
+
+    async def scale(
+        self, release: Release, config: AppConfig, count: int, drain: Drain
+    ) -> list[str]:
+        """Run `count` instances of the (running) release: new ones started (their ids
+        returned, for the health gate), surplus ones drained (`drain(ids)`: out of
+        rotation at every edge) before they stop and go."""
 
     async def logs(self, ref: str, lines: int = 20) -> list[str]:
         """The last log lines of one of the ids `start`/`resume` returned."""
@@ -93,15 +105,10 @@ class LocalScheduler:
 
     def container_config(self, release: Release, config: AppConfig) -> dict[str, Any]:
         port = f"{config.port}/tcp"
-        env = {
-            **config.environment,
-            "APP_VERSION": release.version,
-            "FLUSTER_APP": release.app,
-            "FLUSTER_VERSION": release.version,
-            "PORT": str(config.port),
-        }
+        env = oneoff.environment(release.app, release.version, config)
         return {
             "Image": release.image,
+            **({"Cmd": oneoff.shell(release.command)} if release.command else {}),
             "Env": [f"{k}={v}" for k, v in env.items()],
             "ExposedPorts": {port: {}},
             "Labels": {
@@ -115,6 +122,7 @@ class LocalScheduler:
             "HostConfig": {
                 "PortBindings": {port: [{"HostIp": self.publish_ip, "HostPort": ""}]},
                 "RestartPolicy": {"Name": "unless-stopped"},
+                **oneoff.limits(release.app, config),
                 **({"NetworkMode": self.network} if self.network else {}),
             },
         }
@@ -208,3 +216,21 @@ class LocalScheduler:
 
     async def logs(self, ref: str, lines: int = 20) -> list[str]:
         return await self.engine.logs(ref, lines)
+
+    async def scale(
+        self, release: Release, config: AppConfig, count: int, drain: Drain
+    ) -> list[str]:
+        running = [
+            r
+            for r in await self.instances(release.app)
+            if r.version == release.version and r.state == "running"
+        ]
+        if count > len(running):
+            more = AppConfig.from_dict({**config.to_dict(), "replicas": count - len(running)})
+            return await self.start(release, more)
+        surplus = [r.id for r in running[count:]]
+        if surplus:
+            await drain(surplus)
+            await asyncio.gather(*(self.engine.stop(i, self.stop_grace) for i in surplus))
+            await self.remove_ids(surplus)
+        return []

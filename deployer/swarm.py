@@ -30,9 +30,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from deployer import oneoff
 from deployer.engine import DeployError, Engine
 from deployer.records import AppConfig
-from deployer.scheduler import APP_LABEL, Release, Running
+from deployer.scheduler import APP_LABEL, Drain, Release, Running
 from fluster.docker import DockerError, NotFound, mapped
 from fluster.runtime import Backoff
 
@@ -57,20 +58,21 @@ def service_name(app: str, version: str) -> str:
 
 def service_spec(release: Release, config: AppConfig, *, stop_grace: int) -> dict[str, Any]:
     """The service for one version: pure, so what Swarm is asked for is testable."""
-    env = {
-        **config.environment,
-        "APP_VERSION": release.version,
-        "FLUSTER_APP": release.app,
-        "FLUSTER_VERSION": release.version,
-        "PORT": str(config.port),
-    }
+    env = oneoff.environment(release.app, release.version, config)
     ident = {APP_LABEL: release.app, VERSION_LABEL: release.version}
+    host = oneoff.limits(release.app, config)
+    resources = {
+        name: host[key] for name, key in (("MemoryBytes", "Memory"), ("NanoCPUs", "NanoCpus"))
+        if key in host
+    }  # fmt: skip
     return {
         "Name": service_name(release.app, release.version),
         "Labels": {**ident, "fluster.deploy": release.deploy_id},
         "TaskTemplate": {
             "ContainerSpec": {
                 "Image": release.image,
+                **({"Command": oneoff.shell(release.command)} if release.command else {}),
+                **({"Mounts": oneoff.mounts(release.app, config)} if config.volumes else {}),
                 "Env": [f"{k}={v}" for k, v in env.items()],
                 # On the containers, where the sidekick reads them (not the service's).
                 "Labels": {
@@ -83,6 +85,7 @@ def service_spec(release: Release, config: AppConfig, *, stop_grace: int) -> dic
                 "StopGracePeriod": stop_grace * 1_000_000_000,
             },
             "RestartPolicy": {"Condition": "any", "Delay": 2_000_000_000},
+            **({"Resources": {"Limits": resources}} if resources else {}),
         },
         "Mode": {"Replicated": {"Replicas": config.replicas}},
         "EndpointSpec": {
@@ -99,6 +102,8 @@ def replicas_of(service: Mapping[str, Any]) -> int:
 
 class SwarmScheduler:
     """Versions as Swarm services, through a manager's engine."""
+
+    network = ""  # one-off containers run on the manager, on its default bridge
 
     def __init__(self, engine: Engine, *, stop_grace: int = 10) -> None:
         self.engine = engine
@@ -254,6 +259,21 @@ class SwarmScheduler:
                     await self.engine.client.services.delete(name)
             except NotFound:
                 pass
+
+    async def scale(
+        self, release: Release, config: AppConfig, count: int, drain: Drain
+    ) -> list[str]:
+        """Swarm picks the tasks a scale-down stops, so none can be drained first: their
+        sidekicks drain them as their containers get SIGTERM (docs/DEPLOYING.md)."""
+        found = await self._services(release.app, release.version)
+        if not found:
+            raise DeployError(f"no service of {release.version} to scale")
+        name = str(found[0]["Spec"]["Name"])
+        more = count > replicas_of(found[0])
+        if more:
+            await self._remember(name)
+        await self._scale(name, count)
+        return [name] if more else []
 
     async def instances(self, app: str) -> list[Running]:
         """One entry per replica a version's service asks for, `running`, all with the

@@ -139,7 +139,37 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command("deploy", "build (or take) an image, start it beside the old one, promote", D.DEPLOY),
-    Command("deploys", "an app's deploy history (the last 50)", D.DEPLOYS),
+    Command(
+        "releases",
+        "an app's releases (v1, v2, ...: code, config, rollback) and failed deploys, with "
+        "who, when, result and stage times (the last 50; the newest 10 releases always)",
+        D.DEPLOYS,
+    ),
+    Command("deploys", "the same as releases (its old name)", D.DEPLOYS),
+    Command(
+        "scale",
+        "run N instances of an app's active release now (new ones gated on health, surplus "
+        "ones drained first); the app's config keeps N",
+        D.SCALE,
+    ),
+    Command(
+        "logs",
+        "an app's output, every instance, interleaved by time, prefixed with its release "
+        "and instance",
+        D.LOGS,
+    ),
+    Command(
+        "run",
+        "run a one-off command in a new container of the app's active release (its image, "
+        "env, limits and network), then remove it; the exit status is the command's. "
+        "E.g. fluster run web -- python manage.py migrate",
+        D.RUN,
+    ),
+    Command(
+        "retire",
+        "stop the release a push replaced (a push runs this itself, in the background)",
+        D.RETIRE,
+    ),
     Command("git-shell", "forced command of deploy keys: git push to its apps only", D.GIT_SHELL),
 )
 GLOBAL: tuple[Option[Any], ...] = (*ETCD_OPTIONS, O.LOG_LEVEL)

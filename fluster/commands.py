@@ -44,9 +44,14 @@ class Cli:
             "rollback": self.cmd_rollback,
             "drain": self.cmd_drain,
             "gc": self.cmd_gc,
-            "app": self.deployer,  # these three: deployer/cli.py
+            "app": self.deployer,  # these: deployer/cli.py
             "deploy": self.deployer,
             "deploys": self.deployer,
+            "releases": self.deployer,
+            "scale": self.deployer,
+            "logs": self.deployer,
+            "run": self.deployer,
+            "retire": self.deployer,
         }
 
     async def main(self, store: Store) -> int:

@@ -91,6 +91,7 @@ class Option(Generic[T]):
     nargs: str | None = None  # "?": an optional positional, or a flag whose value is optional
     const: str | None = None  # with nargs "?": what the flag alone stores
     required: bool = False  # reported with the other problems, not by argparse alone
+    short: str | None = None  # a one-letter alias of the flag (-f)
 
     @property
     def dest(self) -> str:
@@ -151,7 +152,12 @@ def add_options(
             )
         elif opt.kind == "switch":
             parser.add_argument(
-                opt.flag, action="store_const", const=True, default=given, help=opt.help_text()
+                *filter(None, (opt.short, opt.flag)),
+                dest=opt.dest,
+                action="store_const",
+                const=True,
+                default=given,
+                help=opt.help_text(),
             )
         else:
             extra: dict[str, Any] = {"nargs": opt.nargs, "const": opt.const} if opt.nargs else {}
@@ -344,9 +350,9 @@ ETCD_OPTIONS: tuple[Option[Any], ...] = (
 )
 
 
-def switch(flag: str, env: str | None, help: str) -> Option[bool]:
+def switch(flag: str, env: str | None, help: str, short: str | None = None) -> Option[bool]:
     """An on/off flag; its variable takes 1/0, true/false, yes/no, on/off."""
-    return Option(flag, env, help, False, parse=boolean, kind="switch")
+    return Option(flag, env, help, False, parse=boolean, kind="switch", short=short)
 
 
 def domain(text: Any) -> str:

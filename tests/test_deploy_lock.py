@@ -109,7 +109,8 @@ async def test_a_deploy_that_promotes_over_an_invalid_spec_says_so(etcd: Etcd) -
     engine and scheduler stand-ins are never called)."""
     from typing import Any, cast
 
-    from deployer.pipeline import Deployer, Settings
+    from deployer.pipeline import Deployer
+    from deployer.progress import Settings
     from deployer.records import AppConfig
 
     said: list[str] = []

@@ -1,0 +1,361 @@
+"""An app from day to day, on real parts: releases, config changes, scale, logs, run,
+a release phase, rollback to any release, limits and volumes.
+
+One module-wide world, as `test_git_deploy.py` has, but the app is pushed from this
+host (`git push` to the bare repository's path runs the same hook a push over ssh
+does): real etcd, Debian's docker-registry on loopback, a real sidekick host agent, a
+real reloader with HAProxy, the real Docker engine. The tests run in order on one app,
+each from where the one before left it, and each change happens under a request loop
+through HAProxy that counts every failed request.
+
+The app answers `{mark} {COLOR}`: its code's mark and its environment's COLOR, so a
+test tells a code release from a config release by what it is served.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.docker import BASE_IMAGE
+from testbed.load import Load
+from tests.support.docker import Engine, docker_cmd
+from tests.support.etcd import Etcd, wait_for
+from tests.support.gitapp import IDENTITY
+from tests.support.haproxy import ReloaderProcess
+from tests.support.registry import Registry
+from tests.support.sidekick import Sidekicks
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+FLUSTER = str(Path(sys.executable).with_name("fluster"))
+
+APP = """\
+import http.server, os, signal, sys
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+BODY = ({mark!r} + " " + os.environ.get("COLOR", "-")).encode()
+print("app {mark} starting with COLOR=" + os.environ.get("COLOR", "-"), flush=True)
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+# The image's CMD would fail: the Procfile's web: line is what the instances run.
+DOCKERFILE = f"""\
+FROM {BASE_IMAGE}
+ENV PYTHONUNBUFFERED=1
+COPY app.py /app.py
+CMD ["false"]
+"""
+
+
+@dataclass
+class World:
+    etcd: Etcd
+    reloader: ReloaderProcess
+    engine: Engine
+    root: Path
+    app: str
+    registry: str
+    repos: Path
+    work: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "ETCD_ENDPOINTS": self.etcd.endpoints,
+            "FLUSTER_REGISTRY": self.registry,
+            "FLUSTER_REPOS": str(self.repos),
+        }
+
+    @property
+    def host(self) -> str:
+        return f"{self.app}.localhost"
+
+    def fluster(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [FLUSTER, *args], capture_output=True, text=True, env=self.env, timeout=180,
+            input=stdin,
+        )  # fmt: skip
+
+    def ok(self, *args: str) -> str:
+        done = self.fluster(*args)
+        assert done.returncode == 0, f"fluster {' '.join(args)}:\n{done.stdout}{done.stderr}"
+        return done.stdout
+
+    def git(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["git", *args], cwd=self.work, capture_output=True, text=True,
+            env={**os.environ, **IDENTITY}, timeout=300,
+        )  # fmt: skip
+
+    def commit(self, mark: str, procfile: str) -> None:
+        (self.work / "app.py").write_text(APP.format(mark=mark))
+        (self.work / "Dockerfile").write_text(DOCKERFILE)
+        (self.work / "Procfile").write_text(procfile)
+        for args in (("add", "-A"), ("commit", "-q", "-m", f"app {mark}")):
+            out = self.git(*args)
+            assert out.returncode == 0, out.stderr
+
+    def push(self) -> subprocess.CompletedProcess[str]:
+        return self.git("push", "origin", "HEAD:main")
+
+    def releases(self) -> list[dict[str, Any]]:
+        return list(json.loads(self.ok("releases", self.app, "--json")))
+
+    def served(self, expected: str, timeout: float = 30) -> None:
+        """Until `expected` alone answers through HAProxy."""
+        wait_for(
+            lambda: self.reloader.served_by(self.host, 6) == {expected},
+            timeout=timeout,
+            interval=0.2,
+            what=f"{expected!r} alone served (reloader log: {self.reloader.log_path})",
+        )
+
+    def containers(self, version: str = "", *, running: bool = True) -> list[str]:
+        args = ["ps", "-q", "--filter", f"label=fluster.app={self.app}"]
+        if version:
+            args += ["--filter", f"label=fluster.version={version}"]
+        return self.engine.docker(*args, *([] if running else ["-a"])).split()
+
+    def retired(self, release: dict[str, Any]) -> None:
+        """Until the release's background retirement is recorded as done."""
+
+        def done() -> bool:
+            rec = next(r for r in self.releases() if r["id"] == release["id"])
+            return any(s["name"] == "retire" and s["ok"] for s in rec["stages"])
+
+        wait_for(done, timeout=60, what=f"{release['release']} retired the old release")
+
+
+PROCFILE = "web: python3 /app.py\nrelease: echo migrating with COLOR=$COLOR\n"
+
+
+@pytest.fixture(scope="module")
+def world(docker_engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("day2")
+    app = f"e{uuid.uuid4().hex[:8]}"
+    etcd = Etcd(root / "etcd").start()
+    registry = reloader = None
+    sidekicks = Sidekicks(etcd, root)
+    try:
+        registry = Registry(root / "registry").start()
+        reloader = ReloaderProcess(etcd, root / "reloader").start()
+        sidekicks.start("--all", "--node", f"n{app}", "--ttl", "3", "--check-interval", "0.2",
+                        "--drain-seconds", "1")  # fmt: skip
+        work = root / "work"
+        world = World(etcd, reloader, Engine(docker_engine.host), root, app, registry.address,
+                      root / "repos", work)  # fmt: skip
+        world.ok("app", "create", app, "--replicas", "2", "--health-timeout", "30",
+                 "--drain-seconds", "1", "--keep-old", "1h", "--env", "COLOR=red")  # fmt: skip
+        work.mkdir()
+        remote = str(world.repos / f"{app}.git")
+        for args in (("init", "-q", "-b", "main"), ("remote", "add", "origin", remote)):
+            assert world.git(*args).returncode == 0
+        world.commit("one", PROCFILE)
+        pushed = world.push()
+        output = pushed.stdout + pushed.stderr
+        assert pushed.returncode == 0, output
+        assert "remote:        migrating with COLOR=red" in output, output
+        world.served("one red", 60)
+        yield world
+    finally:
+        for label in ("fluster.app", "fluster.oneoff"):
+            ids = docker_cmd("ps", "-aq", "--filter", f"label={label}={app}", check=False)
+            if ids.stdout.split():
+                docker_cmd("rm", "-f", *ids.stdout.split(), check=False)
+        docker_cmd("volume", "rm", "-f", f"{app}-data", check=False)
+        sidekicks.close()
+        for part in (reloader, registry):
+            if part is not None:
+                part.stop()
+        etcd.stop()
+
+
+def test_a_push_is_release_v1_and_returns_before_the_old_one_retires(world: World) -> None:
+    (first,) = world.releases()
+    assert (first["release"], first["kind"], first["result"]) == ("v1", "deploy", "succeeded")
+    assert [s["name"] for s in first["stages"]][:4] == ["build", "push", "release", "start"]
+    world.commit("two", PROCFILE)
+    with Load(world.reloader.http_port, world.host) as load:
+        wait_for(lambda: load.served["one red"] > 20, what="load running on one")
+        pushed = world.push()
+        output = pushed.stdout + pushed.stderr
+        assert pushed.returncode == 0, output
+        after = load.only()
+        second = world.releases()[-1]
+        world.retired(second)
+    assert after == {"two red"}, f"answers right after the push: {after}"
+    assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:10]}"
+    assert "v2 serves" in output and "retires in the background" in output, output
+    assert second["release"] == "v2"
+    assert world.containers(first["version"]) == [], "v1 still running after its retirement"
+    assert len(world.containers(first["version"], running=False)) == 2, "v1 kept for rollback"
+
+
+def test_a_config_change_is_a_new_release_of_the_same_image(world: World) -> None:
+    code = world.releases()[-1]
+    with Load(world.reloader.http_port, world.host) as load:
+        wait_for(lambda: load.served["two red"] > 20, what="load running on two red")
+        out = world.ok("app", "config", world.app, "--env", "COLOR=blue")
+        after = load.only()
+    assert after == {"two blue"}, f"answers right after the config change: {after}\n{out}"
+    assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:10]}"
+    release = world.releases()[-1]
+    assert (release["release"], release["kind"]) == ("v3", "config"), release
+    assert release["image"] == code["image"] and release["version"] != code["version"]
+    assert release["runtime"]["env"] == {"COLOR": "blue"}
+    assert world.containers(code["version"]) == [], "the code release's containers still run"
+
+    stored = world.ok("app", "config", world.app, "--env", "COLOR=green", "--no-restart")
+    assert "not restarted" in stored
+    world.served("two blue", 5)
+    assert world.releases()[-1]["release"] == "v3"
+    world.ok("app", "config", world.app, "--env", "COLOR=blue", "--no-restart")
+
+
+def test_scale_up_gates_the_new_ones_and_down_drains_first(world: World) -> None:
+    version = world.releases()[-1]["version"]
+    out = world.ok("scale", world.app, "3")
+    assert "3 instance(s)" in out, out
+    assert len(world.containers(version)) == 3
+    assert json.loads(world.ok("app", "config", world.app))["replicas"] == 3
+    with Load(world.reloader.http_port, world.host) as load:
+        wait_for(lambda: sum(load.served.values()) > 20, what="load running")
+        out = world.ok("scale", world.app, "1")
+        time.sleep(0.5)  # a few more requests after the scale-down returned (not a sync)
+    assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:10]}\n{out}"
+    assert "draining" in out, out
+    assert len(world.containers(version)) == 1
+    world.ok("scale", world.app, "2")
+    assert len(world.containers(version)) == 2
+
+
+def test_logs_of_every_instance_prefixed_with_release_and_instance(world: World) -> None:
+    out = world.ok("logs", world.app, "--tail", "5")
+    lines = [line for line in out.splitlines() if "starting with COLOR=blue" in line]
+    assert len(lines) >= 2, out
+    assert all(line.startswith(f"v3 {world.app}-") and " | app two" in line for line in lines)
+    # A retired release's stopped containers keep their output (v1's are removed by now:
+    # a retirement keeps the containers of the release it retires only).
+    old = world.ok("logs", world.app, "--release", "v2")
+    assert "v2 " in old and "app two starting with COLOR=red" in old, old
+    missing = world.fluster("logs", world.app, "--release", "v99")
+    assert missing.returncode == 2 and "no release 'v99'" in missing.stderr
+
+
+def test_logs_follow_prints_the_lines_of_instances_started_meanwhile(world: World) -> None:
+    proc = subprocess.Popen(
+        [FLUSTER, "logs", world.app, "-f", "--tail", "0"], env=world.env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        version = world.releases()[-1]["version"]
+        world.ok("scale", world.app, "3")  # a new instance logs its start
+        assert len(world.containers(version)) == 3
+        wait_for(
+            lambda: any("app two starting with COLOR=blue" in line for line in lines),
+            timeout=15,
+            what=f"the new instance's first line followed (so far: {lines})",
+        )
+        assert all(line.startswith("v3 ") for line in lines), lines
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)  # closes the pipes
+    world.ok("scale", world.app, "2")
+
+
+def test_run_a_one_off_command_with_the_release_env_and_exit_status(world: World) -> None:
+    done = world.fluster("run", world.app, "--", "sh", "-c", 'echo "color $COLOR"; cat; exit 3',
+                         stdin="from stdin\n")  # fmt: skip
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert done.stdout.splitlines() == ["color blue", "from stdin"], done.stdout
+    oneoffs = docker_cmd("ps", "-aq", "--filter", f"label=fluster.oneoff={world.app}")
+    assert oneoffs.stdout.split() == [], "the one-off container was left behind"
+    usage = world.fluster("run", world.app)
+    assert usage.returncode == 2 and "after --" in usage.stdout + usage.stderr
+
+
+def test_a_failing_release_phase_refuses_the_push_and_changes_nothing(world: World) -> None:
+    before = world.releases()
+    world.commit("three", "web: python3 /app.py\nrelease: echo migration failed; exit 7\n")
+    try:
+        with Load(world.reloader.http_port, world.host) as load:
+            wait_for(lambda: load.served["two blue"] > 20, what="load running on two blue")
+            pushed = world.push()
+            time.sleep(0.5)  # a few more requests after the refusal (not a sync)
+    finally:
+        world.git("reset", "-q", "--hard", "HEAD~1")
+    output = pushed.stdout + pushed.stderr
+    assert pushed.returncode != 0, output
+    assert "migration failed" in output and "exited with status 7" in output, output
+    assert "-----> start" not in output, output
+    assert load.failures == [] and set(load.served) == {"two blue"}, (
+        load.failures[:5],
+        load.served,
+    )
+    after = world.releases()
+    assert after[-1]["result"] == "failed" and after[-1]["release"] == "-"
+    assert [r["release"] for r in after[:-1]] == [r["release"] for r in before]
+
+
+def test_rollback_to_any_release_brings_its_config_back(world: World) -> None:
+    first = world.releases()[0]
+    with Load(world.reloader.http_port, world.host) as load:
+        wait_for(lambda: load.served["two blue"] > 20, what="load running on two blue")
+        out = world.ok("rollback", world.app, "--to", "v1")
+        after = load.only()
+    assert after == {"one red"}, f"answers after rollback --to v1: {after}\n{out}"
+    assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:10]}"
+    last = world.releases()[-1]
+    assert (last["kind"], last["version"], last["release"]) == ("rollback", first["version"], "v4")
+    assert json.loads(world.ok("app", "config", world.app))["env"] == {"COLOR": "red"}
+    missing = world.fluster("rollback", world.app, "--to", "v42")
+    assert missing.returncode == 1 and "no release 'v42'" in missing.stderr
+    # and forward again, by sha: the config release v3 (two, blue)
+    v3 = next(r for r in world.releases() if r["release"] == "v3")
+    world.ok("rollback", world.app, "--to", v3["version"])
+    world.served("two blue")
+
+
+def test_limits_and_volumes_are_a_release_and_reach_the_containers(world: World) -> None:
+    with Load(world.reloader.http_port, world.host) as load:
+        wait_for(lambda: load.served["two blue"] > 20, what="load running on two blue")
+        world.ok("app", "config", world.app, "--memory", "64m", "--cpus", "0.5",
+                 "--volume", "data:/data")  # fmt: skip
+    assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:10]}"
+    release = world.releases()[-1]
+    assert release["kind"] == "config" and release["runtime"]["memory"] == "64m"
+    ids = world.containers(release["version"])
+    assert len(ids) == 2
+    info = json.loads(world.engine.docker("inspect", *ids))
+    for c in info:
+        assert c["HostConfig"]["Memory"] == 64 << 20
+        assert c["HostConfig"]["NanoCpus"] == 500_000_000
+        assert [(m["Name"], m["Destination"]) for m in c["Mounts"]] == [
+            (f"{world.app}-data", "/data")
+        ]
+    bad = world.fluster("app", "config", world.app, "--volume", "/etc:/host-etc")
+    assert bad.returncode == 2 and "never a host path" in bad.stderr, bad.stderr
