@@ -46,6 +46,14 @@ def test_app_config_defaults_and_round_trip() -> None:
         ({"scheduler": "k8s"}, "scheduler"),
         ({"service": "Web"}, "service"),
         ({"health_timeout": 0}, "health_timeout"),
+        ({"memory": "lots"}, "memory"),
+        ({"memory": "1k"}, "memory"),
+        ({"cpus": -1}, "cpus"),
+        ({"volumes": ["/etc:/etc"]}, "volumes"),
+        ({"volumes": ["data:relative"]}, "volumes"),
+        ({"volumes": ["data:/a/../etc"]}, "volumes"),
+        ({"volumes": ["a:/x", "b:/x"]}, "volumes"),
+        ({"release_command": "one\ntwo"}, "release_command"),
     ],
 )
 def test_app_config_refuses_bad_fields(change: dict[str, object], field: str) -> None:
@@ -254,3 +262,102 @@ def test_a_keep_old_a_promotion_could_not_use_is_refused_at_config(keep_old: str
     with pytest.raises(RecordError, match="keep_old"):
         AppConfig.from_dict({"service": "web", "keep_old": keep_old})
     assert AppConfig.from_dict({"service": "web", "keep_old": "3650d"}).keep_old == "3650d"
+
+
+def test_limits_and_volumes_parse_and_shape_the_container() -> None:
+    from deployer import oneoff
+
+    config = AppConfig.from_dict(
+        {"service": "web", "memory": "256m", "cpus": 1.5, "volumes": ["data:/data:ro"]}
+    )
+    assert oneoff.limits("web", config) == {
+        "Memory": 256 << 20,
+        "NanoCpus": 1_500_000_000,
+        "Mounts": [{"Type": "volume", "Source": "web-data", "Target": "/data", "ReadOnly": True}],
+    }
+    assert oneoff.limits("web", AppConfig(service="web")) == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "web", "release"),
+    [
+        ("web: gunicorn app\nrelease: ./migrate\n", "gunicorn app", "./migrate"),
+        ("# comment\n\nworker: celery\nweb:python3 -m app\n", "python3 -m app", ""),
+        ("", "", ""),
+    ],
+)
+def test_procfile_lines(text: str, web: str, release: str) -> None:
+    from deployer.oneoff import Procfile
+
+    assert Procfile.parse(text) == Procfile(web=web, release=release)
+
+
+def test_a_procfile_line_that_is_not_name_command_is_refused() -> None:
+    from deployer.oneoff import Procfile
+
+    with pytest.raises(DeployError, match="line 2"):
+        Procfile.parse("web: app\nrelease ./migrate\n")
+
+
+def _release(
+    number: int, version: str, env: dict[str, str], result: str = "succeeded"
+) -> DeployRecord:
+    config = AppConfig(service="web", env=env)
+    return DeployRecord(
+        id=f"20261130T18000{number}.000Z-{version[:7]}", app="web", kind="deploy", ref="main",
+        version=version, image=f"r/web:{version[:12]}", by="dev", started="2026-11-30T18:00:00",
+        result=result, number=number, runtime=config.runtime(),  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_a_version_names_its_image_and_config() -> None:
+    from deployer import apps
+
+    red, blue = (
+        AppConfig(service="web", env={"C": "red"}),
+        AppConfig(service="web", env={"C": "blue"}),
+    )
+    history: list[DeployRecord | RecordError] = [_release(1, "aaaaaaaaaaaa", {"C": "red"})]
+    image = "r/web:aaaaaaaaaaaa"
+    # The same commit with the same config is the same version; with another, another.
+    assert apps.version_for(history, "aaaaaaaaaaaa", red, image, "") == "aaaaaaaaaaaa"
+    other = apps.version_for(history, "aaaaaaaaaaaa", blue, image, "")
+    assert other.startswith("aaaaaaaaaaaa-") and other != "aaaaaaaaaaaa"
+    assert apps.version_for(history, "aaaaaaaaaaaa", blue, image, "") == other  # stable
+    assert apps.version_for(history, "aaaaaaaaaaaa", red, image, "gunicorn") != "aaaaaaaaaaaa"
+    assert (
+        apps.version_for(history, "bbbbbbbbbbbb", blue, "r/web:bbbbbbbbbbbb", "") == "bbbbbbbbbbbb"
+    )
+
+
+def test_releases_are_found_by_number_or_sha_and_failed_ones_take_none() -> None:
+    from deployer import apps
+
+    history: list[DeployRecord | RecordError] = [
+        _release(1, "aaaaaaaaaaaa", {}),
+        _release(0, "cccccccccccc", {}, result="failed"),
+        _release(2, "bbbbbbbbbbbb", {}),
+    ]
+    assert [r.name for r in apps.releases(history)] == ["v1", "v2"]
+    assert apps.next_number(history) == 3
+    assert apps.find_release(history, "v1") is history[0]
+    assert apps.find_release(history, "bbbbbbb") is history[2]
+    assert apps.find_release(history, "v3") is None
+    assert apps.find_release(history, "cccccccc") is None  # failed: not a release
+    assert apps.find_release(history, "bb") is None  # too short to name one
+
+
+def test_a_release_record_keeps_its_config_and_never_shows_a_secret() -> None:
+    config = AppConfig(service="web", env={"A": "1"}, secrets={"DB": "hunter2"}, memory="64m")
+    rec = DeployRecord(
+        id="x", app="web", kind="config", ref="", version="v", image="i", by="", started="s",
+        number=4, runtime=config.runtime(),
+    )  # fmt: skip
+    again = DeployRecord.parse(rec.to_json())
+    assert again == rec and again.config(AppConfig(service="web")) == config.replace(service="web")
+    shown = rec.shown()
+    assert shown["release"] == "v4" and shown["runtime"]["secrets"] == {"DB": "(secret)"}
+    assert "hunter2" not in str(shown)
+    bad = rec.to_json().replace('"64m"', '"lots"')
+    with pytest.raises(RecordError, match=r"runtime\.memory"):
+        DeployRecord.parse(bad)

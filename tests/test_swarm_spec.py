@@ -42,3 +42,17 @@ def test_service_spec_labels_containers_for_the_sidekick_and_publishes_in_host_m
         "Mode": "dnsrr",
         "Ports": [{"Protocol": "tcp", "TargetPort": 8080, "PublishMode": "host"}],
     }
+
+
+def test_service_spec_carries_the_command_limits_and_the_apps_own_volumes() -> None:
+    config = AppConfig(service="web", memory="128m", cpus=0.5, volumes=("data:/data",))
+    release = Release("web", "3f2a9c1d0e4b", "r/web:3f2a9c1d0e4b", "d1", "gunicorn app")
+    spec = service_spec(release, config, stop_grace=7)
+    container = spec["TaskTemplate"]["ContainerSpec"]
+    assert container["Command"] == ["/bin/sh", "-c", "gunicorn app"]
+    assert container["Mounts"] == [
+        {"Type": "volume", "Source": "web-data", "Target": "/data", "ReadOnly": False}
+    ]
+    assert spec["TaskTemplate"]["Resources"] == {
+        "Limits": {"MemoryBytes": 128 << 20, "NanoCPUs": 500_000_000}
+    }
