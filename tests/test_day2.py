@@ -32,7 +32,7 @@ from testbed.docker import BASE_IMAGE
 from testbed.load import Load
 from tests.support.docker import Engine, docker_cmd
 from tests.support.etcd import Etcd, wait_for
-from tests.support.gitapp import IDENTITY
+from tests.support.gitapp import COLOR_APP, IDENTITY
 from tests.support.haproxy import ReloaderProcess
 from tests.support.registry import Registry
 from tests.support.sidekick import Sidekicks
@@ -40,23 +40,6 @@ from tests.support.sidekick import Sidekicks
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 FLUSTER = str(Path(sys.executable).with_name("fluster"))
-
-APP = """\
-import http.server, os, signal, sys
-signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
-BODY = ({mark!r} + " " + os.environ.get("COLOR", "-")).encode()
-print("app {mark} starting with COLOR=" + os.environ.get("COLOR", "-"), flush=True)
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(BODY)))
-        self.end_headers()
-        self.wfile.write(BODY)
-    def log_message(self, *a):
-        pass
-http.server.ThreadingHTTPServer(("", int(os.environ["PORT"])), H).serve_forever()
-"""
 
 # The image's CMD would fail: the Procfile's web: line is what the instances run.
 DOCKERFILE = f"""\
@@ -109,7 +92,7 @@ class World:
         )  # fmt: skip
 
     def commit(self, mark: str, procfile: str) -> None:
-        (self.work / "app.py").write_text(APP.format(mark=mark))
+        (self.work / "app.py").write_text(COLOR_APP.format(mark=mark))
         (self.work / "Dockerfile").write_text(DOCKERFILE)
         (self.work / "Procfile").write_text(procfile)
         for args in (("add", "-A"), ("commit", "-q", "-m", f"app {mark}")):

@@ -23,7 +23,7 @@ from deployer.engine import Engine
 from deployer.swarm import SwarmScheduler
 from testbed.load import Load
 from tests.support.etcd import Etcd, wait_for
-from tests.support.gitapp import APP, DOCKERFILE, IDENTITY
+from tests.support.gitapp import APP, COLOR_APP, DOCKERFILE, IDENTITY
 from tests.support.haproxy import ReloaderProcess
 from tests.support.registry import Registry
 from tests.support.sidekick import Sidekicks
@@ -162,6 +162,60 @@ def test_swarm_deploys_v2_beside_v1_promotes_retires_and_rolls_back(
         assert removed == 1
         assert d.services() == {v2: 2}
         reloader.wait_served(host, {"v2"})
+    finally:
+        reloader.stop()
+        registry.stop()
+
+
+@pytest.mark.timeout(600)
+def test_day_two_on_swarm_config_scale_logs_and_rollback_to_a_release(
+    private_swarm: PrivateSwarm, etcd: Etcd, sidekicks: Sidekicks, tmp_path: Path
+) -> None:
+    """The day-2 commands with the Swarm scheduler: a config change is a new service of
+    the same image, scale sets the service's replicas, logs come through the manager,
+    and a rollback to v1 brings its config back; under load, none fails a request."""
+    registry = Registry(tmp_path / "registry").start()
+    reloader = ReloaderProcess(etcd, tmp_path / "reloader").start()
+    try:
+        d = Deploys(private_swarm, etcd, registry, tmp_path)
+        sidekicks.start(
+            "--all", "--node", f"n{d.app}", "--ttl", "3", "--check-interval", "0.2",
+            "--drain-seconds", "1", DOCKER_HOST=private_swarm.host,
+        )  # fmt: skip
+        d.fluster(
+            "app", "create", d.app, "--replicas", "2", "--health-timeout", "90",
+            "--drain-seconds", "1", "--keep-old", "1h", "--scheduler", "swarm",
+            "--env", "COLOR=red",
+        )  # fmt: skip
+        assert d.run("git", "init", "-q", "-b", "main").returncode == 0
+        host = f"{d.app}.localhost"
+        d.commit("one", app=COLOR_APP.format(mark="one"))
+        d.fluster("deploy", d.app, "--git", str(d.work), "--ref", "main")
+        reloader.wait_served(host, {"one red"}, timeout=60)
+
+        with Load(reloader.http_port, host) as load:
+            wait_for(lambda: load.served["one red"] > 20, what="load running on one red")
+            d.fluster("app", "config", d.app, "--env", "COLOR=blue")
+            reloader.wait_served(host, {"one blue"}, timeout=30)
+        assert load.failures == [], f"{len(load.failures)} failed requests: {load.failures[:10]}"
+        releases = json.loads(d.fluster("releases", d.app, "--json"))
+        assert [(r["release"], r["kind"]) for r in releases] == [("v1", "deploy"), ("v2", "config")]
+        v1, v2 = releases[0]["version"], releases[1]["version"]
+        assert d.services() == {v1: 0, v2: 2}
+
+        d.fluster("scale", d.app, "3")
+        assert d.services() == {v1: 0, v2: 3}
+        wait_for(lambda: d.running_tasks(v2) == 3, timeout=60, what="3 tasks of v2")
+        logs = d.fluster("logs", d.app, "--tail", "20")
+        assert logs.count("app one starting with COLOR=blue") >= 3, logs
+        assert all(line.startswith("v2 ") for line in logs.splitlines()), logs
+
+        with Load(reloader.http_port, host) as load:
+            wait_for(lambda: load.served["one blue"] > 20, what="load running on one blue")
+            d.fluster("rollback", d.app, "--to", "v1")
+            reloader.wait_served(host, {"one red"}, timeout=30)
+        assert load.failures == [], f"{len(load.failures)} failed requests: {load.failures[:10]}"
+        assert d.services() == {v1: 3, v2: 0}  # the app's replicas now: 3
     finally:
         reloader.stop()
         registry.stop()

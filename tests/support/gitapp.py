@@ -42,3 +42,22 @@ ENV PYTHONUNBUFFERED=1
 COPY app.py /app.py
 {{extra}}CMD ["python3", "/app.py"]
 """
+
+# The day-2 app: answers `{mark} {COLOR}`, its code's mark and its environment's COLOR,
+# so a test tells a code release from a config release by what it is served.
+COLOR_APP = """\
+import http.server, os, signal, sys
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+BODY = ({mark!r} + " " + os.environ.get("COLOR", "-")).encode()
+print("app {mark} starting with COLOR=" + os.environ.get("COLOR", "-"), flush=True)
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("", int(os.environ["PORT"])), H).serve_forever()
+"""
