@@ -35,7 +35,8 @@ from testbed.waiting import wait_for
 REPO = Path(__file__).resolve().parent.parent
 FLUSTER = str(Path(sys.executable).with_name("fluster"))
 STAGES = ("build", "push", "start", "healthy", "promote", "retire")
-GOAL = 15.0
+GOAL = 15.0  # serving all traffic
+PUSH_GOAL = 8.0  # `git push` returned (the retirement goes on after it)
 
 
 @dataclass
@@ -122,15 +123,23 @@ def d1_deploy(work: Path, etcd: Etcd, trials: int = 3) -> DeployFigures:
             others = [t for t, v in answers.seen if v != version]
             last_other = max((t for t in others if t >= t0), default=t0)
             new_after = any(v == version and t > last_other for t, v in answers.seen)
-            records = json.loads(
-                subprocess.run(
-                    [FLUSTER, "deploys", app, "--json"],
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                    check=True,
-                ).stdout
+
+            def releases() -> list[dict[str, object]]:
+                out = subprocess.run(
+                    [FLUSTER, "releases", app, "--json"],
+                    env=env, capture_output=True, text=True, timeout=60, check=True,
+                )  # fmt: skip
+                return list(json.loads(out.stdout))
+
+            # The retirement goes on after the push: the next trial starts once it ended.
+            records = wait_for(
+                lambda: (
+                    (r := releases())
+                    and any(s["name"] == "retire" and s.get("ended") for s in r[-1]["stages"])  # type: ignore[attr-defined]
+                    and r
+                ),
+                timeout=60,
+                what="the old release retired",
             )
             stages = {
                 s["name"]: _seconds(s["started"], s["ended"])
@@ -173,7 +182,8 @@ def row(command: str, f: DeployFigures) -> Row:
     answered = sum(t.answered for t in f.trials)
     worst = max(serving) if serving else None
     ok = bool(f.trials) and len(serving) == len(f.trials) and worst is not None
-    ok = ok and worst <= GOAL and failed == 0  # type: ignore[operator]
+    pushed = max((t.push for t in f.trials), default=0.0)
+    ok = ok and worst <= GOAL and failed == 0 and pushed <= PUSH_GOAL  # type: ignore[operator]
 
     def med(name: str) -> str:
         values = [t.stages[name] for t in f.trials if name in t.stages]
@@ -181,9 +191,11 @@ def row(command: str, f: DeployFigures) -> Row:
 
     ours = (
         f"serving all traffic {statistics.median(serving):.1f} s median, {worst:.1f} s max; "
-        f"push returned {statistics.median([t.push for t in f.trials]):.1f} s; "
-        f"stages (median s) build {med('build')}, push {med('push')}, start {med('start')}, "
-        f"healthy {med('healthy')}, promote {med('promote')}, retire {med('retire')}; "
+        f"push returned {statistics.median([t.push for t in f.trials]):.1f} s median, "
+        f"{pushed:.1f} s max; "
+        f"stages (median s) build {med('build')}, push {med('push')}, "
+        f"release {med('release')}, start {med('start')}, healthy {med('healthy')}, "
+        f"promote {med('promote')}, retire (after the push) {med('retire')}; "
         f"{failed} failed of {answered:,}"
         if serving
         else "no trial completed"
@@ -195,8 +207,9 @@ def row(command: str, f: DeployFigures) -> Row:
         "2 passes to register), which sets the floor of the healthy stage.",
         "Serving all traffic = from just before `git push` until the last answer from the old "
         "version, as seen by a request loop through HAProxy (one new connection per request "
-        "plus one keep-alive connection); the push itself returns after the retire stage "
-        "(drain 2 s, then the old containers stop, the demo app draining 3 s on SIGTERM).",
+        "plus one keep-alive connection). The push returns once the new release serves; "
+        "the retire stage (drain 2 s, then the old containers stop, the demo app draining "
+        "3 s on SIGTERM) goes on in the background and is read from `fluster releases`.",
         "Per trial (push s / serving s / stages): "
         + "; ".join(
             f"{t.push:.1f} / {t.serving if t.serving is None else round(t.serving, 1)} / "
@@ -207,7 +220,7 @@ def row(command: str, f: DeployFigures) -> Row:
     return Row(
         key="D1",
         what="git push -> new version serving all traffic (demo app, warm build cache)",
-        goal=f"< {GOAL:g} s, 0 failed requests",
+        goal=f"push returns <= {PUSH_GOAL:g} s, serving < {GOAL:g} s, 0 failed requests",
         ours=ours,
         verdict="yes" if ok else "**no**",
         command=command,

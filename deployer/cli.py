@@ -31,6 +31,7 @@ from deployer.records import AppConfig, DeployRecord
 from deployer.scheduler import LocalScheduler, Scheduler
 from deployer.swarm import SwarmScheduler
 from fluster import ops
+from fluster.docker import DockerError
 from fluster.records import RecordError
 from fluster.settings import (
     ETCD_CACERT,
@@ -429,5 +430,35 @@ async def gc_command(v: Values, store: Store, prefix: str) -> int:
             say(f"{app}: would remove the stopped instances of {', '.join(sorted(idle)) or '-'}")
             return EXIT_OK
         removed = await scheduler.remove(app, keep=spec.routes_version)
-    say(f"{app}: removed {removed} stopped instance(s) of versions no longer routed")
+        say(f"{app}: removed {removed} stopped instance(s) of versions no longer routed")
+        images = await remove_images(
+            engine, v[D.REGISTRY], app, await apps.history(store, prefix, app)
+        )
+    say(f"{app}: removed {len(images)} image(s) older than its last {apps.KEEP_RELEASES} releases")
+    for image in images:
+        say(f"  {image}")
     return EXIT_OK
+
+
+async def remove_images(
+    engine: Engine, registry: str, app: str, history: list[DeployRecord | RecordError]
+) -> list[str]:
+    """The app's images on this engine that none of its last KEEP_RELEASES releases (nor
+    a deploy still waiting or running) runs; one a container still uses is kept (Docker
+    refuses). The registry keeps every image: a rollback finds it there."""
+    keep = {r.image for r in apps.releases(history)[-apps.KEEP_RELEASES :]}
+    keep |= {
+        r.image
+        for r in history
+        if isinstance(r, DeployRecord) and r.result in ("running", "waiting")
+    }
+    gone = []
+    for tag in await engine.tags_of(f"{registry.rstrip('/')}/{app}"):
+        if tag in keep:
+            continue
+        try:
+            await engine.untag(tag)
+        except DockerError:
+            continue  # in use by a container (a stopped one kept for a rollback)
+        gone.append(tag)
+    return gone

@@ -8,6 +8,7 @@ push` sees the build as it happens; what fails says the engine's own words.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from typing import Any, Literal
@@ -101,6 +102,24 @@ class Engine(Docker):
         """Every name the image `ref` resolves to is known by (tags and digests)."""
         info = await self.image(ref)
         return [str(n) for n in (info.get("RepoTags") or []) + (info.get("RepoDigests") or [])]
+
+    async def tags_of(self, repository: str) -> list[str]:
+        """Every `repository:tag` this engine has of `repository`."""
+        params = {"filters": json.dumps({"reference": [repository]})}
+        found = await self._json("images/json", params=params)
+        return sorted(
+            str(tag)
+            for image in found
+            for tag in image.get("RepoTags") or ()
+            if tag != "<none>:<none>"
+        )
+
+    async def untag(self, ref: str) -> None:
+        """Remove the name `ref` (the image goes with its last name, unless a container
+        uses it, which Docker refuses: kept then)."""
+        with contextlib.suppress(NotFound):
+            async with mapped(f"remove image {ref}"):
+                await self.client.images.delete(ref, noprune=False)
 
     async def has_image(self, ref: str) -> bool:
         try:

@@ -102,8 +102,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("drain", "stop sending new traffic to one instance", (O.SERVICE, O.INSTANCE, *O.WAIT)),
     Command(
         "gc",
-        "remove records of versions a service no longer routes (of an app: their containers)",
-        (O.SERVICE, O.GC_FORCE, O.DRY_RUN, D.DOCKER_HOST),
+        "remove records of versions a service no longer routes (of an app: their containers, "
+        "and its images older than its last 10 releases)",
+        (O.SERVICE, O.GC_FORCE, O.DRY_RUN, D.DOCKER_HOST, D.REGISTRY),
     ),
     Command(
         "cert",

@@ -14,6 +14,7 @@ test tells a code release from a config release by what it is served.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -28,6 +29,9 @@ from typing import Any
 
 import pytest
 
+from deployer.cli import remove_images
+from deployer.engine import Engine as DockerEngine
+from deployer.records import DeployRecord
 from testbed.docker import BASE_IMAGE
 from testbed.load import Load
 from tests.support.docker import Engine, docker_cmd
@@ -342,3 +346,32 @@ def test_limits_and_volumes_are_a_release_and_reach_the_containers(world: World)
         ]
     bad = world.fluster("app", "config", world.app, "--volume", "/etc:/host-etc")
     assert bad.returncode == 2 and "never a host path" in bad.stderr, bad.stderr
+
+
+def test_gc_keeps_the_images_of_the_last_ten_releases(world: World) -> None:
+    """`remove_images` (what `fluster gc APP` runs after the containers) on the real
+    engine: twelve tags of one image, eleven of them releases; the oldest release's and
+    the one no release names go, the last ten stay."""
+    repo = f"{world.registry}/{world.app}-gc"
+    tags = [f"{repo}:{n:012x}" for n in range(12)]
+    for tag in tags:
+        world.engine.docker("tag", BASE_IMAGE, tag)
+    history = [
+        DeployRecord(
+            id=f"{n:03d}", app=f"{world.app}-gc", kind="deploy", ref="", version=f"{n:012x}",
+            image=tags[n], by="", started="2026-12-07T00:00:00", result="succeeded", number=n + 1,
+        )
+        for n in range(11)
+    ]  # fmt: skip
+
+    async def gc() -> list[str]:
+        async with DockerEngine() as engine:
+            return await remove_images(engine, world.registry, f"{world.app}-gc", list(history))
+
+    try:
+        assert sorted(asyncio.run(gc())) == [tags[0], tags[11]]
+        left = world.engine.docker("images", "--format", "{{.Repository}}:{{.Tag}}", repo)
+        assert sorted(left.split()) == tags[1:11]
+    finally:
+        for tag in tags:
+            docker_cmd("rmi", tag, check=False)

@@ -14,13 +14,20 @@ import os
 import re
 import shutil
 import subprocess
+import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from testbed.docker import BASE_IMAGE, DOCKER
+from tests.support.etcd import free_port, wait_for
+from tests.support.swarm import PrivateSwarm
+
 REPO = Path(__file__).resolve().parents[1]
 STACK = REPO / "docker-stack.yml"
+STACK_IMAGES = ("fluster/haproxy:dev", "fluster/sidekick:dev", "fluster/etcd:dev")
 MEMBERS = "10.0.0.11:2379,10.0.0.12:2379,10.0.0.13:2379"
 
 
@@ -123,3 +130,94 @@ def test_stack_file_sets_only_settings_the_components_read() -> None:
         for key in services[name]["environment"]:
             assert re.match(r"(ETCD|FLUSTER|SIDEKICK|RELOADER)_", key), key
             assert f'"{key}"' in code, f"{name}: {key} is read by no component"
+
+
+# -- the stack deployed for real -----------------------------------------------------
+
+
+def test_stack_file_reaches_etcd_by_dns_round_robin() -> None:
+    services = parsed(ETCD_ENDPOINTS="etcd:2379", FLUSTER_ETCD_REPLICAS="1")["services"]
+    assert services["etcd"]["deploy"]["endpoint_mode"] == "dnsrr"
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_docker_stack_deploy_serves_an_app_service_through_the_edge(
+    private_swarm: PrivateSwarm, project_images: None
+) -> None:
+    """`docker stack deploy -c docker-stack.yml` as DEPLOYING.md's quick try says, on a
+    one-node swarm of the test's own (its own dockerd: never the machine's engine):
+    the stack's own etcd (one member, reached by DNS round robin: this kernel has no
+    IPVS, so a Swarm virtual IP would reach nothing), the sidekick and the edge; then an
+    app service labelled as DEPLOYING.md shows is served through the edge's port."""
+    for image in STACK_IMAGES:
+        private_swarm.copy_image(image)
+    node = private_swarm.docker("info", "--format", "{{.Swarm.NodeID}}")
+    private_swarm.docker("node", "update", "--label-add", "fluster.edge=true", node)
+    # Edges in containers reach the node's published ports at an address of the host's
+    # that is not loopback: the gateway of Swarm's docker_gwbridge on this node.
+    shown = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show", "dev", private_swarm.gwbridge],
+        capture_output=True, text=True, check=True, timeout=10,
+    ).stdout  # fmt: skip
+    gateway = shown.split(" inet ")[1].split("/")[0]
+    http_port, https_port = free_port(), free_port()
+    name = f"fl{uuid.uuid4().hex[:6]}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("ETCD_", "FLUSTER_"))},
+        "DOCKER_HOST": private_swarm.host,
+        "ETCD_ENDPOINTS": "etcd:2379",
+        "FLUSTER_ETCD_REPLICAS": "1",
+        "FLUSTER_HTTP_PORT": str(http_port),
+        "FLUSTER_HTTPS_PORT": str(https_port),
+        "DOCKER_SOCKET": str(private_swarm.sock),
+        "SIDEKICK_ADVERTISE_IP": gateway,
+    }
+    deployed = subprocess.run(
+        [DOCKER or "docker", "stack", "deploy", "-c", str(STACK), name],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    private_swarm.docker(
+        "service", "create", "--detach", "--name", f"{name}-web", "--replicas", "2",
+        "--endpoint-mode", "dnsrr", "--publish", "mode=host,target=8000",
+        "--container-label", "fluster.service=web", "--container-label", "fluster.port=8000",
+        "--container-label", "fluster.check=http:/",
+        BASE_IMAGE, "python3", "-m", "http.server", "8000", timeout=60,
+    )  # fmt: skip
+
+    def served() -> bool:
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(
+                    f"http://127.0.0.1:{http_port}/", headers={"Host": "web.localhost"}
+                ),
+                timeout=3,
+            ) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    try:
+        wait_for(
+            served, timeout=90, interval=1, what="the app service served through the stack's edge"
+        )
+    except AssertionError:
+        for service in ("etcd", "sidekick", "edge"):
+            print(
+                private_swarm.docker(
+                    "service", "ps", "--no-trunc", f"{name}_{service}", check=False
+                )
+            )
+            print(
+                private_swarm.docker(
+                    "service", "logs", "--tail", "30", f"{name}_{service}", check=False
+                )
+            )
+        raise
+    # Both tasks are in rotation: the edge sees two servers of web, and both answer.
+    answers = 0
+    for _ in range(10):
+        answers += served()
+    assert answers == 10

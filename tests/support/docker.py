@@ -193,6 +193,19 @@ def docker_engine() -> Engine:
     return Engine()
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def project_images(docker_engine: Engine) -> None:
+    """The project's images (scripts/build-images.sh: fluster/haproxy, sidekick, etcd, ...)
+    on the machine's engine; one pytest worker builds them at a time."""
+    with exclusive("docker-engine"):
+        subprocess.run(
+            [str(REPO / "scripts/build-images.sh")], check=True, capture_output=True, timeout=600
+        )
+
+
 @pytest.fixture
 def apps(docker_engine: Engine) -> Iterator[Engine]:
     """The engine, removing the containers a test started when it ends."""
@@ -267,9 +280,11 @@ class PrivateDockerd:
 
     def load_base_image(self) -> None:
         """Copy the base image over from the main engine (docker save | docker load)."""
-        with subprocess.Popen(
-            [DOCKER or "docker", "save", BASE_IMAGE], stdout=subprocess.PIPE
-        ) as save:
+        self.copy_image(BASE_IMAGE)
+
+    def copy_image(self, image: str) -> None:
+        """Copy `image` over from the main engine (docker save | docker load)."""
+        with subprocess.Popen([DOCKER or "docker", "save", image], stdout=subprocess.PIPE) as save:
             subprocess.run(
                 [DOCKER or "docker", "-H", self.host, "load", "-q"],
                 stdin=save.stdout,
