@@ -213,24 +213,18 @@ class Deployer(Progress):
             wait_limit=self.settings.lock_timeout, say=lambda text: None,
         ) as held:  # fmt: skip
             self.held = held
-            self.record = next(
+            self.record = rec = next(
                 (r for r in await apps.history(self.store, self.prefix, app)
                  if isinstance(r, DeployRecord) and r.id == deploy_id),
                 None,
             )  # fmt: skip
-            if self.record is None:
+            if rec is None:
                 return
             svc = (await ops.snapshot(self.store, self.prefix)).services.get(config.service)
-            if svc is None or svc.spec.active_version != self.record.version:
+            if svc is None or svc.spec.active_version != rec.version:
                 self.detail("a later release is active: it retires the old ones")
                 return
-            config = self.record.config(config)
-            await self.stage("retire", lambda: self._retire(app, config, self.record_version))
-
-    @property
-    def record_version(self) -> str:
-        assert self.record is not None
-        return self.record.version
+            await self.stage("retire", lambda: self._retire(app, rec.config(config), rec.version))
 
     async def active_release(self, app: str, config: AppConfig) -> DeployRecord | None:
         """The newest release of the version the app's service routes to."""

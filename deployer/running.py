@@ -69,9 +69,10 @@ async def deployer(
 
 async def run(command: str, v: Values, store: Store, prefix: str) -> int:
     app = v[D.APP]
-    if command == "scale":
+    if command == "scale":  # kept in the config once it runs (a failed scale-up keeps none)
+        code = await scale(v, store, prefix, app, v[D.COUNT])
         await apps.edit(store, prefix, app, {"replicas": v[D.COUNT]})
-        return await scale(v, store, prefix, app, v[D.COUNT])
+        return code
     if command == "logs":
         return await logs.command(v, store, prefix, app)
     if command == "run":
@@ -87,8 +88,8 @@ async def run(command: str, v: Values, store: Store, prefix: str) -> int:
 
 async def scale(v: Values, store: Store, prefix: str, app: str, count: int) -> int:
     """The active release to `count` instances now: new ones gated on health like a
-    deploy's; surplus ones drained at every edge, then stopped and removed. The app's
-    config already says `count` (the next release starts that many)."""
+    deploy's (a failure removes them); surplus ones drained at every edge, then stopped
+    and removed."""
     config = (await apps.load(store, prefix, app)).config
     async with deployer(v, store, prefix, config) as d:
         current = await d.active_release(app, config)
@@ -112,9 +113,11 @@ async def scale(v: Values, store: Store, prefix: str, app: str, count: int) -> i
                 wanted = AppConfig.from_dict({**config.to_dict(), "replicas": count})
                 try:
                     await d.gate.wait(new, wanted, started)
-                except BaseException:
+                except BaseException:  # the new ones go; the others serve on
                     if isinstance(d.scheduler, LocalScheduler):
                         await d.scheduler.remove_ids(started)
+                    else:  # a service's replicas: back to what they were
+                        await d.scheduler.scale(new, config, max(have, 1), drain)
                     raise
             say(f"{app}: {count} instance(s) of {current.name}")
     return EXIT_OK
