@@ -226,9 +226,17 @@ async def app_command(action: str, v: Values, store: Store, prefix: str) -> int:
         from deployer import running
 
         if after.runtime() != before.runtime():
-            async with running.deployer(v, store, prefix, after) as d:
-                if await d.reconfigure(app) is None:
-                    say(f"{app}: no release runs yet; the first deploy runs with this config")
+            try:
+                async with running.deployer(v, store, prefix, after) as d:
+                    if await d.reconfigure(app) is None:
+                        say(f"{app}: no release runs yet; the first deploy runs with this config")
+            except DeployFailed:
+                # The release with it failed: the config goes back to what runs, so the
+                # next push does not start from a config that was never healthy.
+                if (await apps.load(store, prefix, app)).config == after:
+                    await apps.edit(store, prefix, app, before.runtime())
+                    say(f"{app}: config restored to what the active release runs")
+                raise
         elif after.replicas != before.replicas:
             return await running.scale(v, store, prefix, app, after.replicas)
         return EXIT_OK

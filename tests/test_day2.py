@@ -109,6 +109,10 @@ class World:
     def releases(self) -> list[dict[str, Any]]:
         return list(json.loads(self.ok("releases", self.app, "--json")))
 
+    def current(self) -> dict[str, Any]:
+        """The newest release (a failed deploy after it is not one)."""
+        return next(r for r in reversed(self.releases()) if r["release"] != "-")
+
     def served(self, expected: str, timeout: float = 30) -> None:
         """Until `expected` alone answers through HAProxy."""
         wait_for(
@@ -220,8 +224,24 @@ def test_a_config_change_is_a_new_release_of_the_same_image(world: World) -> Non
     world.ok("app", "config", world.app, "--env", "COLOR=blue", "--no-restart")
 
 
+def test_a_config_release_that_fails_its_gate_changes_nothing(world: World) -> None:
+    before = world.releases()
+    with Load(world.reloader.http_port, world.host) as load:
+        wait_for(lambda: load.served["two blue"] > 20, what="load running on two blue")
+        failed = world.fluster("app", "config", world.app, "--env", "COLOR=crash")
+        time.sleep(0.5)  # a few more requests after the refusal (not a sync)
+    output = failed.stdout + failed.stderr
+    assert failed.returncode == 1, output
+    assert "no such colour: crash" in output and "config restored" in output, output
+    assert load.failures == [] and set(load.served) == {"two blue"}, (load.failures, load.served)
+    assert json.loads(world.ok("app", "config", world.app))["env"] == {"COLOR": "blue"}
+    after = world.releases()
+    assert after[-1]["result"] == "failed" and len(after) == len(before) + 1
+    assert [r["release"] for r in after[:-1]] == [r["release"] for r in before]
+
+
 def test_scale_up_gates_the_new_ones_and_down_drains_first(world: World) -> None:
-    version = world.releases()[-1]["version"]
+    version = world.current()["version"]
     out = world.ok("scale", world.app, "3")
     assert "3 instance(s)" in out, out
     assert len(world.containers(version)) == 3
@@ -259,7 +279,7 @@ def test_logs_follow_prints_the_lines_of_instances_started_meanwhile(world: Worl
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
     reader.start()
     try:
-        version = world.releases()[-1]["version"]
+        version = world.current()["version"]
         world.ok("scale", world.app, "3")  # a new instance logs its start
         assert len(world.containers(version)) == 3
         wait_for(

@@ -44,12 +44,15 @@ COPY app.py /app.py
 """
 
 # The day-2 app: answers `{mark} {COLOR}`, its code's mark and its environment's COLOR,
-# so a test tells a code release from a config release by what it is served.
+# so a test tells a code release from a config release by what it is served; COLOR=crash
+# makes it exit at start.
 COLOR_APP = """\
 import http.server, os, signal, sys
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
 BODY = ({mark!r} + " " + os.environ.get("COLOR", "-")).encode()
 print("app {mark} starting with COLOR=" + os.environ.get("COLOR", "-"), flush=True)
+if os.environ.get("COLOR") == "crash":  # a config that cannot work (a bad DATABASE_URL)
+    sys.exit("no such colour: crash")
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
