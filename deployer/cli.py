@@ -227,7 +227,7 @@ async def app_command(action: str, v: Values, store: Store, prefix: str) -> int:
 
         if after.runtime() != before.runtime():
             try:
-                async with running.deployer(v, store, prefix, after) as d:
+                async with running.deployer(v, store, prefix, app, after) as d:
                     if await d.reconfigure(app) is None:
                         say(f"{app}: no release runs yet; the first deploy runs with this config")
             except DeployFailed:
@@ -370,11 +370,9 @@ async def deploy_command(command: str, v: Values, store: Store, prefix: str) -> 
         kind = (None if command == "rollback" else v[D.DEPLOY_SCHEDULER]) or (
             await apps.load(store, prefix, app)
         ).config.scheduler
-        scheduler: Scheduler = (
-            SwarmScheduler(engine)
-            if kind == "swarm"
-            else LocalScheduler(engine, publish_ip=v[D.PUBLISH_IP], network=v[D.NETWORK])
-        )
+        from deployer.running import scheduler_for
+
+        scheduler = await scheduler_for(engine, app, kind, v)
         terminal = Terminal(receive=command != "rollback" and bool(v[D.RECEIVE]))
         if command != "rollback" and v[D.RECEIVE]:  # a push returns once the release serves
             from deployer.running import retire_later

@@ -24,7 +24,7 @@ from deployer.lock import deploy_lock
 from deployer.pipeline import Deployer
 from deployer.progress import DeployFailed, Settings
 from deployer.records import AppConfig
-from deployer.scheduler import LocalScheduler, Release, Scheduler
+from deployer.scheduler import APP_LABEL, LocalScheduler, Release, Scheduler
 from deployer.swarm import SwarmScheduler
 from fluster import keys, ops, release
 from fluster.ops import parse_keep_old
@@ -39,19 +39,36 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def scheduler_for(engine: Engine, config: AppConfig, v: Values) -> Scheduler:
-    if config.scheduler == "swarm":
+async def scheduler_for(engine: Engine, app: str, scheduler: str, v: Values) -> Scheduler:
+    """The app's scheduler. On one engine, the publish address and network are what the
+    command was given, else what the app's running containers use (a push's hook set
+    them with FLUSTER_PUBLISH_IP / FLUSTER_NETWORK; an operator's shell may not have
+    them), else the defaults: a config release or a scale-up lands where the others are."""
+    if scheduler == "swarm":
         return SwarmScheduler(engine)
-    return LocalScheduler(
-        engine,
-        publish_ip=v.get(D.PUBLISH_IP, "127.0.0.1"),
-        network=v.get(D.NETWORK, ""),
-    )
+    publish_ip, network = v.get(D.PUBLISH_IP, "127.0.0.1"), v.get(D.NETWORK, "")
+    if not (v.given(D.PUBLISH_IP) and v.given(D.NETWORK)):
+        seen_ip, seen_network = await placement(engine, app)
+        publish_ip = publish_ip if v.given(D.PUBLISH_IP) else seen_ip or publish_ip
+        network = network if v.given(D.NETWORK) else seen_network or network
+    return LocalScheduler(engine, publish_ip=publish_ip, network=network)
+
+
+async def placement(engine: Engine, app: str) -> tuple[str, str]:
+    """(publish address, network) of a running container of the app; ("", "") if none."""
+    for c in await engine.containers({APP_LABEL: app}):
+        if c.state != "running":
+            continue
+        info = await engine.inspect(c.id)
+        ips = [ip for bindings in info.ports.values() for ip, _ in bindings]
+        mode = info.network_mode
+        return (ips[0] if ips else ""), ("" if mode in ("", "default", "bridge") else mode)
+    return "", ""
 
 
 @contextlib.asynccontextmanager
 async def deployer(
-    v: Values, store: Store, prefix: str, config: AppConfig, by: str = ""
+    v: Values, store: Store, prefix: str, app: str, config: AppConfig, by: str = ""
 ) -> AsyncIterator[Deployer]:
     """A Deployer for a release that builds nothing (config, rollback, retire)."""
     from deployer.cli import pusher
@@ -64,7 +81,8 @@ async def deployer(
         by=by or pusher(),
     )
     async with Engine(v[D.DOCKER_HOST] or None) as engine:
-        yield Deployer(store, prefix, engine, scheduler_for(engine, config, v), settings, say)
+        scheduler = await scheduler_for(engine, app, config.scheduler, v)
+        yield Deployer(store, prefix, engine, scheduler, settings, say)
 
 
 async def run(command: str, v: Values, store: Store, prefix: str) -> int:
@@ -78,7 +96,7 @@ async def run(command: str, v: Values, store: Store, prefix: str) -> int:
     if command == "run":
         return await run_command(v, store, prefix, app)
     config = (await apps.load(store, prefix, app)).config
-    async with deployer(v, store, prefix, config) as d:
+    async with deployer(v, store, prefix, app, config) as d:
         await d.retire(app, v[D.DEPLOY_ID])
     return EXIT_OK
 
@@ -91,7 +109,7 @@ async def scale(v: Values, store: Store, prefix: str, app: str, count: int) -> i
     deploy's (a failure removes them); surplus ones drained at every edge, then stopped
     and removed."""
     config = (await apps.load(store, prefix, app)).config
-    async with deployer(v, store, prefix, config) as d:
+    async with deployer(v, store, prefix, app, config) as d:
         current = await d.active_release(app, config)
         if current is None:
             say(f"{app}: no release runs yet; the first deploy starts {count}")
@@ -161,8 +179,11 @@ async def run_command(v: Values, store: Store, prefix: str, app: str) -> int:
         say("fluster: give the command after --, e.g. fluster run web -- python manage.py shell")
         return EXIT_USAGE
     config = (await apps.load(store, prefix, app)).config
-    async with deployer(v, store, prefix, config) as d:
+    network = v[D.NETWORK]
+    async with deployer(v, store, prefix, app, config) as d:
         current = await d.active_release(app, config)
+        if current is not None and not network and config.scheduler == "local":
+            network = (await placement(d.engine, app))[1]
     if current is None:
         raise DeployFailed(f"{app} has no release yet: nothing to run")
     config = current.config(config)
@@ -173,8 +194,8 @@ async def run_command(v: Values, store: Store, prefix: str, app: str) -> int:
     args = [docker, "run", "--rm", "--label", f"{oneoff.ONEOFF_LABEL}={app}"]
     args += ["-i"] if not sys.stdin.isatty() or sys.stdout.isatty() else []
     args += ["-t"] if sys.stdin.isatty() and sys.stdout.isatty() else []
-    if v[D.NETWORK] and config.scheduler == "local":
-        args += ["--network", v[D.NETWORK]]
+    if network:
+        args += ["--network", network]
     if config.memory:
         args += ["--memory", config.memory]
     if config.cpus:

@@ -156,8 +156,12 @@ def world(docker_engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> It
         work = root / "work"
         world = World(etcd, reloader, Engine(docker_engine.host), root, app, registry.address,
                       root / "repos", work)  # fmt: skip
+        # The app's containers on a network of their own, as the compose demo's are: a
+        # one-off (`fluster run`) joins it.
+        docker_cmd("network", "create", f"day2-{app}")
         world.ok("app", "create", app, "--replicas", "2", "--health-timeout", "30",
-                 "--drain-seconds", "1", "--keep-old", "1h", "--env", "COLOR=red")  # fmt: skip
+                 "--drain-seconds", "1", "--keep-old", "1h", "--env", "COLOR=red",
+                 "--network", f"day2-{app}")  # fmt: skip
         work.mkdir()
         remote = str(world.repos / f"{app}.git")
         for args in (("init", "-q", "-b", "main"), ("remote", "add", "origin", remote)):
@@ -175,6 +179,7 @@ def world(docker_engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> It
             if ids.stdout.split():
                 docker_cmd("rm", "-f", *ids.stdout.split(), check=False)
         docker_cmd("volume", "rm", "-f", f"{app}-data", check=False)
+        docker_cmd("network", "rm", f"day2-{app}", check=False)
         sidekicks.close()
         for part in (reloader, registry):
             if part is not None:
@@ -301,6 +306,10 @@ def test_run_a_one_off_command_with_the_release_env_and_exit_status(world: World
     assert done.stdout.splitlines() == ["color blue", "from stdin"], done.stdout
     oneoffs = docker_cmd("ps", "-aq", "--filter", f"label=fluster.oneoff={world.app}")
     assert oneoffs.stdout.split() == [], "the one-off container was left behind"
+    # On the instances' network: their names resolve (Docker's DNS on a user network).
+    name = world.engine.docker("inspect", "-f", "{{.Name}}", world.containers()[0]).lstrip("/")
+    resolved = world.fluster("run", world.app, "--", "getent", "hosts", name)
+    assert resolved.returncode == 0, resolved.stdout + resolved.stderr
     usage = world.fluster("run", world.app)
     assert usage.returncode == 2 and "after --" in usage.stdout + usage.stderr
 
