@@ -327,7 +327,7 @@ async def releases_command(v: Values, store: Store, prefix: str) -> int:
                 KIND_SHOWN[rec.kind],
                 rec.version,
                 rec.started[:19].replace("T", " "),
-                printable(rec.by) or "-",
+                printable(f"{rec.author} ({rec.by})" if rec.author else rec.by) or "-",
                 rec.result,
                 _seconds(rec.started, rec.finished),
                 printable(stages),

@@ -96,6 +96,8 @@ class Deployer(Progress):
             await apps.claim(self.store, self.prefix, app, config.service)
             assert self.record is not None
             await pushes.still_current(self.store, self.prefix, self.record, src, self.now())
+            if commit is not None:
+                await self._save(author=commit.author)
             svc = (await ops.snapshot(self.store, self.prefix)).services.get(config.service)
             active = svc is not None and svc.spec.active_version == version
             if active and svc and not canary and ops.up_count(svc, version) >= config.replicas:

@@ -262,6 +262,7 @@ class DeployRecord:
     number: int = 0  # vN once released; 0: not (yet) a release
     runtime: Mapping[str, Any] = field(default_factory=dict)
     command: str = ""  # the Procfile's web: line ("" the image's CMD)
+    author: str = ""  # a commit's: its git author, as `git log` shows it
 
     @property
     def name(self) -> str:
@@ -330,4 +331,5 @@ class DeployRecord:
             number=_int(obj.get("number", 0), "number", 0, 10**9),
             runtime=runtime,
             command=_command(obj.get("command", ""), "command"),
+            author=str(obj.get("author", "")),
         )

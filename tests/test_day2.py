@@ -34,12 +34,11 @@ from deployer.engine import Engine as DockerEngine
 from deployer.records import DeployRecord
 from testbed.docker import BASE_IMAGE
 from testbed.load import Load
+from tests.support.deployhost import deploy_host
 from tests.support.docker import Engine, docker_cmd
 from tests.support.etcd import Etcd, wait_for
 from tests.support.gitapp import COLOR_APP, IDENTITY
 from tests.support.haproxy import ReloaderProcess
-from tests.support.registry import Registry
-from tests.support.sidekick import Sidekicks
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -145,51 +144,37 @@ PROCFILE = "web: python3 /app.py\nrelease: echo migrating with COLOR=$COLOR\n"
 def world(docker_engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("day2")
     app = f"e{uuid.uuid4().hex[:8]}"
-    etcd = Etcd(root / "etcd").start()
-    registry = reloader = None
-    sidekicks = Sidekicks(etcd, root)
+    # The app's containers on a network of their own, as the compose demo's are: a
+    # one-off (`fluster run`) joins it.
+    docker_cmd("network", "create", f"day2-{app}")
     try:
-        registry = Registry(root / "registry").start()
-        reloader = ReloaderProcess(etcd, root / "reloader").start()
-        sidekicks.start("--all", "--node", f"n{app}", "--ttl", "3", "--check-interval", "0.2",
-                        "--drain-seconds", "1")  # fmt: skip
-        work = root / "work"
-        world = World(etcd, reloader, Engine(docker_engine.host), root, app, registry.address,
-                      root / "repos", work)  # fmt: skip
-        # The app's containers on a network of their own, as the compose demo's are: a
-        # one-off (`fluster run`) joins it.
-        docker_cmd("network", "create", f"day2-{app}")
-        world.ok("app", "create", app, "--replicas", "2", "--health-timeout", "30",
-                 "--drain-seconds", "1", "--keep-old", "1h", "--env", "COLOR=red",
-                 "--network", f"day2-{app}")  # fmt: skip
-        work.mkdir()
-        remote = str(world.repos / f"{app}.git")
-        for args in (("init", "-q", "-b", "main"), ("remote", "add", "origin", remote)):
-            assert world.git(*args).returncode == 0
-        world.commit("one", PROCFILE)
-        pushed = world.push()
-        output = pushed.stdout + pushed.stderr
-        assert pushed.returncode == 0, output
-        assert "remote:        migrating with COLOR=red" in output, output
-        world.served("one red", 60)
-        yield world
+        with deploy_host(root, app) as host:
+            work = root / "work"
+            world = World(host.etcd, host.reloader, Engine(docker_engine.host), root, app,
+                          host.registry.address, root / "repos", work)  # fmt: skip
+            world.ok("app", "create", app, "--replicas", "2", "--health-timeout", "30",
+                     "--drain-seconds", "1", "--keep-old", "1h", "--env", "COLOR=red",
+                     "--network", f"day2-{app}")  # fmt: skip
+            work.mkdir()
+            remote = str(world.repos / f"{app}.git")
+            for args in (("init", "-q", "-b", "main"), ("remote", "add", "origin", remote)):
+                assert world.git(*args).returncode == 0
+            world.commit("one", PROCFILE)
+            pushed = world.push()
+            output = pushed.stdout + pushed.stderr
+            assert pushed.returncode == 0, output
+            assert "remote:        migrating with COLOR=red" in output, output
+            world.served("one red", 60)
+            yield world
     finally:
-        for label in ("fluster.app", "fluster.oneoff"):
-            ids = docker_cmd("ps", "-aq", "--filter", f"label={label}={app}", check=False)
-            if ids.stdout.split():
-                docker_cmd("rm", "-f", *ids.stdout.split(), check=False)
         docker_cmd("volume", "rm", "-f", f"{app}-data", check=False)
         docker_cmd("network", "rm", f"day2-{app}", check=False)
-        sidekicks.close()
-        for part in (reloader, registry):
-            if part is not None:
-                part.stop()
-        etcd.stop()
 
 
 def test_a_push_is_release_v1_and_returns_before_the_old_one_retires(world: World) -> None:
     (first,) = world.releases()
     assert (first["release"], first["kind"], first["result"]) == ("v1", "deploy", "succeeded")
+    assert first["author"] == "Dev <dev@example.invalid>" and first["by"], first
     assert [s["name"] for s in first["stages"]][:4] == ["build", "push", "release", "start"]
     world.commit("two", PROCFILE)
     with Load(world.reloader.http_port, world.host) as load:

@@ -12,6 +12,7 @@ in order on one app: v1 is deployed once by the fixture, each test pushes from t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,13 +29,13 @@ import pytest
 
 from testbed.docker import BASE_IMAGE
 from testbed.load import Load
-from tests.support.docker import Engine, docker_cmd
+from tests.support.deployhost import deploy_host
+from tests.support.docker import Engine
 from tests.support.etcd import Etcd, wait_for
 from tests.support.faults import TcpProxy
 from tests.support.gitapp import APP, DOCKERFILE, IDENTITY
 from tests.support.haproxy import ReloaderProcess
 from tests.support.registry import Registry
-from tests.support.sidekick import Sidekicks
 from tests.support.sshd import Sshd
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -178,19 +179,15 @@ def world(docker_engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> It
         pytest.skip("the ssh deploy path starts sshd, which needs root here")
     root = tmp_path_factory.mktemp("gitdeploy")
     app = f"d{uuid.uuid4().hex[:8]}"
-    etcd = Etcd(root / "etcd").start()
-    registry = reloader = sshd = None
-    sidekicks = Sidekicks(etcd, root)
     engine = Engine(docker_engine.host)
-    try:
-        registry = Registry(root / "registry").start()
-        reloader = ReloaderProcess(etcd, root / "reloader").start()
-        sidekicks.start("--all", "--node", f"n{app}", "--ttl", "3", "--check-interval", "0.2",
-                        "--drain-seconds", "1")  # fmt: skip
-        repos = root / "repos"
+    with deploy_host(root, app) as host, contextlib.ExitStack() as stack:
         sshd = Sshd(root / "sshd").start(None)  # the keys come from `fluster app keys add`
+        stack.callback(sshd.stop)
+        repos = root / "repos"
         work = root / "work"
-        world = World(etcd, registry, reloader, sshd, engine, root, app, repos, "", work)
+        world = World(
+            host.etcd, host.registry, host.reloader, sshd, engine, root, app, repos, "", work
+        )
         created = world.fluster(
             "app", "create", app, "--replicas", "2", "--health-timeout", "30",
             "--drain-seconds", "1", "--keep-old", "1h", "--ssh-host", "127.0.0.1",
@@ -211,15 +208,6 @@ def world(docker_engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> It
         assert world.served(60) == "v1"
         world.versions["v1"] = str(world.active())
         yield world
-    finally:
-        ids = docker_cmd("ps", "-aq", "--filter", f"label=fluster.app={app}", check=False)
-        if ids.stdout.split():
-            docker_cmd("rm", "-f", *ids.stdout.split(), check=False)
-        sidekicks.close()
-        for part in (sshd, reloader, registry):
-            if part is not None:
-                part.stop()
-        etcd.stop()
 
 
 def test_push_v2_over_ssh_serves_alone_without_a_failed_request(world: World) -> None:
