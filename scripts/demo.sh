@@ -117,8 +117,13 @@ deploy() {
 
 The new version serves web.localhost:
   curl -H 'Host: web.localhost' -H 'Accept: application/json' http://127.0.0.1:$http_port/
-  ETCD_ENDPOINTS=$etcd .venv/bin/fluster deploys web      (history, each stage's time)
-  ETCD_ENDPOINTS=$etcd .venv/bin/fluster rollback web     (the previous version, no build)
+A day with it (docs/DEPLOYING.md, "A day with the app"), with ETCD_ENDPOINTS=$etcd:
+  .venv/bin/fluster releases web                    (v1, v2, ...: each stage's time)
+  .venv/bin/fluster logs web -f                     (every instance, interleaved)
+  .venv/bin/fluster app config web --env GREETING=hi   (a config release, no failed request)
+  .venv/bin/fluster scale web 3
+  .venv/bin/fluster run web -- python3 -c 'import os; print(os.environ["APP_VERSION"])'
+  .venv/bin/fluster rollback web --to v1            (any release, with its config)
 Deploy the next version: make demo-deploy (or commit in $work and git push production main)
 MSG
 }

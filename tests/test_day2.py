@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -295,6 +296,14 @@ def test_run_a_one_off_command_with_the_release_env_and_exit_status(world: World
     name = world.engine.docker("inspect", "-f", "{{.Name}}", world.containers()[0]).lstrip("/")
     resolved = world.fluster("run", world.app, "--", "getent", "hosts", name)
     assert resolved.returncode == 0, resolved.stdout + resolved.stderr
+    # On a terminal (script(1) gives it one), the one-off gets a tty of its own.
+    if shutil.which("script"):
+        command = f"{FLUSTER} run {world.app} -- sh -c 'tty; exit 4'"
+        tty = subprocess.run(
+            ["script", "-qec", command, "/dev/null"], capture_output=True, text=True,
+            env=world.env, timeout=60, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert tty.returncode == 4 and "/dev/pts/" in tty.stdout, tty.stdout + tty.stderr
     usage = world.fluster("run", world.app)
     assert usage.returncode == 2 and "after --" in usage.stdout + usage.stderr
 

@@ -131,3 +131,32 @@ async def test_a_deploy_that_promotes_over_an_invalid_spec_says_so(etcd: Etcd) -
         assert any("replaced an invalid spec" in line for line in said), said
         _, kv = await store.get(keys.spec_key("/fluster", "web"))
         assert kv is not None and b'"active_version":"v2"' in kv.value.replace(b" ", b"")
+
+
+async def test_trimming_the_history_keeps_the_newest_ten_releases(etcd: Etcd) -> None:
+    """60 records, the first 12 releases then 48 failed pushes: the newest 50 stay, and
+    the 10 newest releases too, though older than those 50 (a run of failed pushes takes
+    no rollback away); the numbering goes on from the newest release."""
+    from deployer import apps
+    from deployer.records import DeployRecord
+
+    def record(n: int) -> DeployRecord:
+        released = n < 12
+        return DeployRecord(
+            id=f"20261207T0000{n:02d}.000Z", app="web", kind="deploy", ref="main",
+            version=f"{n:012x}", image=f"r/web:{n:012x}", by="dev", started="2026-12-07",
+            result="succeeded" if released else "failed", number=n + 1 if released else 0,
+        )  # fmt: skip
+
+    async with Store(EtcdSettings(endpoints=etcd.endpoint_list)) as store:
+        for n in range(60):
+            await apps.record(store, "/trim", record(n))
+        # The newest 50 are records 10-59; releases 2-9 (v3-v10) stay besides.
+        assert await apps.trim(store, "/trim", "web") == 2
+        history = await apps.history(store, "/trim", "web")
+        ids = [r.id for r in history if isinstance(r, DeployRecord)]
+        assert ids == [record(n).id for n in range(2, 60)]
+        assert [r.name for r in apps.releases(history)] == [f"v{n}" for n in range(3, 13)]
+        assert apps.next_number(history) == 13
+        assert apps.find_release(history, "v12") is not None
+        assert apps.find_release(history, "v2") is None  # trimmed
