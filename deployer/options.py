@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fluster.ops import KEEP_OLD_TEXT, WAIT_TIMEOUT_S
+from fluster.options import canary_steps, duration_seconds, percent
 from fluster.records import RecordError, validate_service_name
 from fluster.settings import Option, integer, number, one_of, switch
 
@@ -126,6 +127,29 @@ RELEASE_COMMAND: Option[str | None] = Option(
     shown="the Procfile's release: line",
     metavar="COMMAND",
 )
+CANARY_STEPS: Option[tuple[int, ...] | None] = Option(
+    "--canary-steps",
+    None,
+    "traffic shares a new release goes through before its promotion, each judged by the "
+    "edges' counters for --canary-interval (e.g. 10,50; none: promote at once)",
+    None,
+    canary_steps,
+    shown="none",
+    metavar="PCT,PCT",
+)
+CANARY_INTERVAL: Option[float | None] = Option(
+    "--canary-interval", None, "how long each step is observed (10s, 1m)", None,
+    duration_seconds, shown="30s", metavar="DURATION",
+)  # fmt: skip
+CANARY_MAX_ERRORS: Option[float | None] = Option(
+    "--canary-max-errors", None, "the bar: the new release's 5xx share of its responses in a "
+    "step (or the active release's, when higher)", None, percent, shown="1%", metavar="PCT",
+)  # fmt: skip
+CANARY_MIN_REQUESTS: Option[int | None] = Option(
+    "--canary-min-requests", None, "responses a step needs to be judged (it waits up to two "
+    "more intervals, then goes on with a warning)", None, integer(1, 10**9), shown="20",
+    metavar="N",
+)  # fmt: skip
 APP_FIELDS: tuple[Option[Any], ...] = (
     SERVICE,
     REPLICAS,
@@ -145,6 +169,10 @@ APP_FIELDS: tuple[Option[Any], ...] = (
     VOLUME,
     UNSET_VOLUME,
     RELEASE_COMMAND,
+    CANARY_STEPS,
+    CANARY_INTERVAL,
+    CANARY_MAX_ERRORS,
+    CANARY_MIN_REQUESTS,
 )
 
 REPOS: Option[str] = Option(

@@ -43,7 +43,7 @@ from deployer.lock import deploy_lock
 from deployer.progress import DeployFailed, Progress, Settings, Source
 from deployer.records import AppConfig, DeployRecord
 from deployer.scheduler import Release, Scheduler
-from fluster import ops, release
+from fluster import analysis, ops, release
 from fluster.store import Store
 
 
@@ -194,6 +194,8 @@ class Deployer(Progress):
                 f"{new.version}` when ready"
             )
             return await self._finish("waiting")
+        if config.canary_steps:
+            await self.stage("analysis", lambda: self._analyse(new, config))
         await self.stage("promote", lambda: self._promote(config, new.version))
         history = await apps.history(self.store, self.prefix, new.app)
         await self._save(number=apps.next_number(history))
@@ -205,6 +207,35 @@ class Deployer(Progress):
             return await self._finish("succeeded")
         await self.stage("retire", lambda: self._retire(new.app, config, new.version))
         return await self._finish("succeeded")
+
+    async def _analyse(self, new: Release, config: AppConfig) -> None:
+        """Progressive delivery: the new release through the config's canary steps, each
+        judged by every edge's counters (fluster.analysis). Over the bar: its share is
+        back to 0, its containers go after the drain, and the deploy fails naming the
+        figures. Without an active release to compare with, it is promoted at once."""
+        svc = (await ops.snapshot(self.store, self.prefix)).services.get(config.service)
+        active = svc.spec.active_version if svc else None
+        if active is None or active == new.version:
+            self.detail("no active release to compare with: promoted without steps")
+            return
+        bar = analysis.Bar(
+            config.canary_steps,
+            config.canary_interval,
+            config.canary_max_errors,
+            config.canary_min_requests,
+        )
+        try:
+            await analysis.analyse(
+                self.store, self.prefix, config.service, new.version, active, bar,
+                say=self.detail, warn=lambda text: self.detail(f"warning: {text}"),
+                wait=self.settings.wait_timeout,
+            )  # fmt: skip
+        except analysis.CanaryFailed as exc:
+            self.detail(str(exc))
+            await asyncio.sleep(config.drain_seconds)  # requests in flight to it finish
+            await self.scheduler.stop(new.app, new.version)
+            await self.scheduler.remove(new.app, keep=lambda version: version != new.version)
+            raise DeployError(f"{exc}; {active} serves on") from None
 
     async def retire(self, app: str, deploy_id: str) -> None:
         """A pushed release's retirement, after the push returned: under the app's lock,
@@ -257,6 +288,7 @@ class Deployer(Progress):
         dead = await apps.abandoned(self.store, self.prefix, app)
         if not dead:
             return
+        await self._end_abandoned_canary(app, {rec.version for rec in dead})
         keep = await apps.routed(self.store, self.prefix, app)
         for rec in dead:
             removed = await self.scheduler.remove_deploy(app, rec.id, keep=keep)
@@ -274,6 +306,18 @@ class Deployer(Progress):
                 f"deploy {rec.id} ({rec.version}) was abandoned mid-way: marked so, "
                 f"{removed} of its container(s) removed"
             )
+
+    async def _end_abandoned_canary(self, app: str, versions: set[str]) -> None:
+        """A deploy that died during its canary analysis left its share routed (it had
+        passed its health gate): the share goes back to 0 before its containers go."""
+        service = (await apps.load(self.store, self.prefix, app)).config.service
+        svc = (await ops.snapshot(self.store, self.prefix)).services.get(service)
+        canary = svc.spec.canary if svc else None
+        if canary is not None and canary.version in versions and canary.weight:
+            self.head(
+                f"ending the canary of {canary.version} its dead deploy left at {canary.weight} %"
+            )
+            await self._release(release.Release(service, canary.version, weight=0))
 
     async def _start_and_gate(self, release: Release, config: AppConfig, *, fresh: bool) -> None:
         """Start the version (`fresh`: new containers; else its stopped ones again) and

@@ -31,7 +31,9 @@ from fluster.text import printable
 
 # Stages that change nothing users see: a push cut off during them stops the deploy.
 # From the promotion on, it finishes: half a promotion is worse than a whole one.
-BEFORE_PROMOTION = frozenset({"build", "tag", "push", "release", "start", "healthy", "canary"})
+BEFORE_PROMOTION = frozenset(
+    {"build", "tag", "push", "release", "start", "healthy", "canary", "analysis"}
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,6 +128,14 @@ def _volumes(value: object) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _steps(value: object) -> tuple[int, ...]:
+    _require(isinstance(value, list | tuple), "canary_steps", "must be a list of percentages")
+    assert isinstance(value, list | tuple)
+    steps = tuple(_int(v, "canary_steps", 1, 99) for v in value)
+    _require(list(steps) == sorted(set(steps)), "canary_steps", "must rise, e.g. [10, 50]")
+    return steps
+
+
 def _float(value: object, name: str, lo: float, hi: float) -> float:
     ok = isinstance(value, int | float) and not isinstance(value, bool)
     _require(ok, name, f"must be a number, not {type(value).__name__}")
@@ -156,12 +164,19 @@ class AppConfig:
     cpus: float = 0.0  # a container's share of CPUs (0.5, 2); 0 no limit
     volumes: tuple[str, ...] = ()  # NAME:/path[:ro]: the app's own named volumes
     release_command: str = ""  # run once per release before traffic (else Procfile's)
+    # Progressive delivery (fluster.analysis): the shares a new release goes through,
+    # each judged by the edges' counters, before its promotion; () promotes at once.
+    canary_steps: tuple[int, ...] = ()
+    canary_interval: float = 30.0
+    canary_max_errors: float = 1.0  # percent
+    canary_min_requests: int = 20
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["env"] = dict(self.env)
         out["secrets"] = dict(self.secrets)
         out["volumes"] = list(self.volumes)
+        out["canary_steps"] = list(self.canary_steps)
         return out
 
     def runtime(self) -> dict[str, Any]:
@@ -210,6 +225,14 @@ class AppConfig:
             cpus=_float(obj.get("cpus", 0.0), "cpus", 0, 256),
             volumes=_volumes(obj.get("volumes", [])),
             release_command=_command(obj.get("release_command", "")),
+            canary_steps=_steps(obj.get("canary_steps", [])),
+            canary_interval=_float(obj.get("canary_interval", 30.0), "canary_interval", 1, 3600),
+            canary_max_errors=_float(
+                obj.get("canary_max_errors", 1.0), "canary_max_errors", 0, 100
+            ),
+            canary_min_requests=_int(
+                obj.get("canary_min_requests", 20), "canary_min_requests", 1, 10**9
+            ),
         )
 
     @classmethod

@@ -90,8 +90,9 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "canary",
-        "send a share of traffic to a version beside the active one",
-        (O.SERVICE, O.VERSION, O.WEIGHT, *O.WAIT),
+        "send a share of traffic to a version beside the active one; with --steps, walk it "
+        "through shares judged by the edges' counters, then promote it (or roll it back)",
+        (O.SERVICE, O.VERSION, O.WEIGHT, *O.ANALYSIS, *O.WAIT),
     ),
     Command(
         "rollback",

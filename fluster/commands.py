@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from fluster import edges, keys, listing, ops, release
+from fluster import analysis, edges, keys, listing, ops, release
 from fluster import options as O
 from fluster.catalog import Service
 from fluster.records import (
@@ -168,8 +168,31 @@ class Cli:
         return await self._release(store, change)
 
     async def cmd_canary(self, store: Store) -> int:
-        change = release.Release(self.v[O.SERVICE], self.v[O.VERSION], weight=self.v[O.WEIGHT])
-        return await self._release(store, change)
+        v = self.v
+        service, version, weight = v[O.SERVICE], v[O.VERSION], v[O.WEIGHT]
+        if v[O.STEPS]:
+            return await self._analysed_canary(store, service, version)
+        if weight is None:
+            return fail("give --weight PERCENT, or --steps PCT,PCT to analyse it", EXIT_USAGE)
+        return await self._release(store, release.Release(service, version, weight=weight))
+
+    async def _analysed_canary(self, store: Store, service: str, version: str) -> int:
+        """`--steps`: walk the canary through them, judged by the edges' counters, then
+        promote; a step over the bar rolls it back (exit 4)."""
+        v = self.v
+        snap = await ops.snapshot(store, self.prefix)
+        active = snap.services[service].spec.active_version if service in snap.services else None
+        if active is None:
+            raise ops.Refused(f"{service} has no active version to compare {version} with")
+        bar = analysis.Bar(v[O.STEPS], v[O.INTERVAL], v[O.MAX_ERRORS], v[O.MIN_REQUESTS])
+        try:
+            await analysis.analyse(
+                store, self.prefix, service, version, active, bar, say=say, warn=warn,
+                wait=v[O.WAIT_TIMEOUT],
+            )  # fmt: skip
+        except analysis.CanaryFailed as exc:
+            return fail(f"canary failed: {exc}", EXIT_REFUSED)
+        return await self._release(store, release.Release(service, version))
 
     async def _release(self, store: Store, change: release.Release) -> int:
         within = None if self.v[O.NO_WAIT] else self.v[O.WAIT_TIMEOUT]

@@ -51,6 +51,15 @@ def reloader_key(prefix: str, reloader_id: str) -> str:
     return f"{prefix}/reloaders/{reloader_id}"
 
 
+def counters_prefix(prefix: str, service: str) -> str:
+    """Where the edges publish a service's per-version counters under canary analysis."""
+    return f"{prefix}/counters/{service}/"
+
+
+def counters_key(prefix: str, service: str, reloader_id: str) -> str:
+    return f"{prefix}/counters/{service}/{reloader_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedKey:
     service: str

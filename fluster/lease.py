@@ -84,6 +84,7 @@ class Lease:
         self._id: int | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._wanted: dict[str, _Wanted] = {}
+        self._unwanted: set[str] = set()  # keys `unset()` whose delete is still to come
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
 
@@ -151,6 +152,12 @@ class Lease:
         data = value.encode() if isinstance(value, str) else value
         self._wanted[key] = _Wanted(data, only_if_absent=False)
         self._wake.set()
+
+    def unset(self, key: str) -> None:
+        """Say that `key` should go (deleted by `run()`; with the lease anyway)."""
+        if self._wanted.pop(key, None) is not None:
+            self._unwanted.add(key)
+            self._wake.set()
 
     async def revoke(self) -> None:
         """Revoke the lease (its keys go with it) and forget every key; retryable."""
@@ -233,6 +240,10 @@ class Lease:
                 await backoff.sleep(cap=retry_cap(exc))
 
     async def _write(self, lease: int) -> None:
+        for key in list(self._unwanted):
+            if key not in self._wanted:
+                await self.store.delete(key)
+            self._unwanted.discard(key)
         for key, wanted in list(self._wanted.items()):
             if wanted.written_under == lease or self._wanted.get(key) is not wanted:
                 continue

@@ -215,7 +215,9 @@ async def promote(
     return await write_spec(store, prefix, svc, spec, replaced=replaced)
 
 
-async def canary(store: Store, prefix: str, service: str, version: str, weight: int) -> Written:
+async def canary(
+    store: Store, prefix: str, service: str, version: str, weight: int, *, analysis: bool = False
+) -> Written:
     _, found, replaced = await read_for_write(store, prefix, service)
     svc = _service(found, service)
     if weight and not up_count(svc, version):
@@ -227,7 +229,8 @@ async def canary(store: Store, prefix: str, service: str, version: str, weight: 
             f"{service} routes every version (no active version): promote one first, "
             "then send a canary share to another"
         )
-    spec = svc.spec.replace(canary={"version": version, "weight": weight} if weight else None)
+    share = {"version": version, "weight": weight, "analysis": analysis}
+    spec = svc.spec.replace(canary=share if weight else None)
     return await write_spec(store, prefix, svc, spec, replaced=replaced)
 
 

@@ -155,15 +155,68 @@ KEEP_OLD: Option[timedelta] = Option(
     shown=ops.KEEP_OLD_TEXT,
     metavar="DURATION",
 )
-WEIGHT: Option[int] = Option(
+WEIGHT: Option[int | None] = Option(
     "--weight",
     None,
-    "percent of traffic to VERSION, 0-100; 0 ends the canary",
-    0,
+    "percent of traffic to VERSION, 0-100; 0 ends the canary (or give --steps)",
+    None,
     integer(0, 100),
     metavar="PERCENT",
-    required=True,
 )
+
+
+def canary_steps(text: Any) -> tuple[int, ...]:
+    """`10,50` -> (10, 50): rising percentages below 100; `none` -> () (no analysis)."""
+    raw = str(text).strip()
+    if raw in ("none", "0"):
+        return ()
+    try:
+        steps = tuple(int(p.strip().rstrip("%")) for p in raw.split(",") if p.strip())
+    except ValueError:
+        raise ValueError(f"want rising percentages such as 10,50, got {text!r}") from None
+    if not steps or any(not 0 < s < 100 for s in steps) or list(steps) != sorted(set(steps)):
+        raise ValueError(f"want rising percentages between 1 and 99 such as 10,50, got {text!r}")
+    return steps
+
+
+def duration_seconds(text: Any) -> float:
+    """`30s`, `2m` -> seconds (at least 1)."""
+    seconds = ops.parse_keep_old(str(text)).total_seconds()
+    if seconds < 1:
+        raise ValueError(f"want at least 1s, got {text!r}")
+    return seconds
+
+
+def percent(text: Any) -> float:
+    """`1%`, `0.5` -> percent."""
+    value = float(str(text).strip().rstrip("%"))
+    if not 0 <= value <= 100:
+        raise ValueError(f"want a percentage between 0 and 100, got {text!r}")
+    return value
+
+
+STEPS: Option[tuple[int, ...]] = Option(
+    "--steps",
+    None,
+    "walk the canary through these shares, each judged by the edges' counters for "
+    "--interval, then promote VERSION; one over the bar rolls back (e.g. 10,50)",
+    (),
+    canary_steps,
+    metavar="PCT,PCT",
+)
+INTERVAL: Option[float] = Option(
+    "--interval", None, "how long each step is observed (10s, 1m)", 30.0, duration_seconds,
+    shown="30s", metavar="DURATION",
+)  # fmt: skip
+MAX_ERRORS: Option[float] = Option(
+    "--max-errors", None, "the bar: VERSION's 5xx share of its responses in a step (or the "
+    "active version's, when higher)", 1.0, percent, shown="1%", metavar="PCT",
+)  # fmt: skip
+MIN_REQUESTS: Option[int] = Option(
+    "--min-requests", None, "responses a step needs to be judged (it waits up to two more "
+    "intervals for them, then goes on with a warning)", 20, integer(1, 10**9), metavar="N",
+)  # fmt: skip
+ANALYSIS = (STEPS, INTERVAL, MAX_ERRORS, MIN_REQUESTS)
 NO_WAIT = switch("--no-wait", None, "do not wait for the reloaders to apply the change")
 WAIT_TIMEOUT: Option[float] = Option(
     "--wait-timeout",

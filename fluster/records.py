@@ -271,10 +271,13 @@ class Check:
 
 @dataclass(frozen=True, slots=True)
 class Canary:
-    """A share of traffic (percent) sent to one version while another is active."""
+    """A share of traffic (percent) sent to one version while another is active.
+    `analysis`: someone judges it by the edges' counters, so every reloader publishes
+    the service's per-version response counts while it is set."""
 
     version: str
     weight: int
+    analysis: bool = False
 
     @classmethod
     def from_dict(cls, obj: object) -> Canary:
@@ -284,6 +287,7 @@ class Canary:
         return cls(
             version=validate_version(obj["version"], "canary.version"),
             weight=_int(obj.get("weight", 10), "canary.weight", 0, 100),
+            analysis=obj.get("analysis", False) is True,
         )
 
 
@@ -319,6 +323,8 @@ class ServiceSpec:
         out = asdict(self)
         out["hosts"] = list(self.hosts)
         out["history"] = list(self.history)
+        if out["canary"] and not out["canary"]["analysis"]:
+            del out["canary"]["analysis"]  # said only when set
         return out
 
     def replace(self, **changes: Any) -> ServiceSpec:

@@ -33,6 +33,7 @@ class Release:
     keep_old: timedelta = KEEP_OLD
     min_instances: int = 1
     force: bool = False  # promote even with no instance of the version up
+    analysis: bool = False  # a canary share the edges count for (fluster.analysis)
 
 
 async def write(store: Store, prefix: str, release: Release) -> ops.Written:
@@ -40,7 +41,10 @@ async def write(store: Store, prefix: str, release: Release) -> ops.Written:
     if release.version is None:
         return await ops.rollback(store, prefix, release.service)
     if release.weight is not None:
-        return await ops.canary(store, prefix, release.service, release.version, release.weight)
+        return await ops.canary(
+            store, prefix, release.service, release.version, release.weight,
+            analysis=release.analysis,
+        )  # fmt: skip
     return await ops.promote(
         store,
         prefix,

@@ -24,6 +24,7 @@ from reloader.acme import AcmeIssuer
 from reloader.apply import Applier, ApplyFailed, Rejected
 from reloader.build import ServiceCache, build_model
 from reloader.certs import CertWatcher, TlsFiles
+from reloader.counters import Counters
 from reloader.debounce import Debouncer
 from reloader.facts import FactFinder, Reporter, tcp_ports_in
 from reloader.guard import LiveServers, RemovalGuard
@@ -72,6 +73,13 @@ class Reloader:
         self.applier.on_late_rejection = self.stats.late_rejection
         self.upkeep = Upkeep(self.applier, rs.pool_size)
         self.publisher = Publisher(self.store, settings.prefix, settings.reloader_id, settings.node)
+        self.counters = Counters(
+            settings.prefix,
+            settings.reloader_id,
+            self.publisher.lease,
+            self.applier.admin,
+            lambda: {n: s.spec for n, s in (self.latest.services if self.latest else {}).items()},
+        )
         self.certs = CertWatcher(self.store, settings.prefix)
         self.certs.on_change = self._certs_changed
         self.tls = EdgeTls(
@@ -308,6 +316,7 @@ class Reloader:
             intake.append(supervisor.start("haproxy", self.haproxy.supervise()))
             intake.append(supervisor.start("pipeline", self.pipeline()))
             supervisor.start("publisher", self.publisher.run())
+            supervisor.start("counters", self.counters.run())
             try:
                 await status.start(*self.settings.status_bind)
             except OSError as exc:

@@ -231,6 +231,32 @@ def test_a_config_release_that_fails_its_gate_changes_nothing(world: World) -> N
     assert [r["release"] for r in after[:-1]] == [r["release"] for r in before]
 
 
+def test_a_release_failing_one_request_in_five_is_rolled_back_by_its_canary(
+    world: World,
+) -> None:
+    """Progressive delivery: with canary steps, a config release that passes its health
+    check yet fails a fifth of its requests is judged by the edge's counters at its
+    first step (10 %), rolled back, and the config restored."""
+    world.ok("app", "config", world.app, "--canary-steps", "10,50", "--canary-interval", "3s")
+    try:
+        with Load(world.reloader.http_port, world.host) as load:
+            wait_for(lambda: load.served["two blue"] > 20, what="load running on two blue")
+            before = sum(load.served.values()) + len(load.failures)
+            failed = world.fluster("app", "config", world.app, "--env", "COLOR=flaky")
+            window = sum(load.served.values()) + len(load.failures) - before
+    finally:
+        world.ok("app", "config", world.app, "--canary-steps", "none")
+    output = failed.stdout + failed.stderr
+    assert failed.returncode == 1, output
+    assert "canary 10 %: 5xx" in output and "-> rolled back" in output, output
+    assert "config restored" in output and "canary 50 %" not in output, output
+    assert len(load.failures) <= 0.03 * window, (len(load.failures), window)
+    world.served("two blue", 10)
+    assert json.loads(world.ok("app", "config", world.app))["env"] == {"COLOR": "blue"}
+    assert world.releases()[-1]["result"] == "failed"
+    assert len(world.containers(world.releases()[-1]["version"], running=False)) == 0
+
+
 def test_scale_up_gates_the_new_ones_and_down_drains_first(world: World) -> None:
     version = world.current()["version"]
     out = world.ok("scale", world.app, "3")

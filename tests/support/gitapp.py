@@ -45,7 +45,7 @@ COPY app.py /app.py
 
 # The day-2 app: answers `{mark} {COLOR}`, its code's mark and its environment's COLOR,
 # so a test tells a code release from a config release by what it is served; COLOR=crash
-# makes it exit at start.
+# makes it exit at start, COLOR=flaky answer 500 to one request in five (not /health).
 COLOR_APP = """\
 import http.server, os, signal, sys
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
@@ -53,10 +53,13 @@ BODY = ({mark!r} + " " + os.environ.get("COLOR", "-")).encode()
 print("app {mark} starting with COLOR=" + os.environ.get("COLOR", "-"), flush=True)
 if os.environ.get("COLOR") == "crash":  # a config that cannot work (a bad DATABASE_URL)
     sys.exit("no such colour: crash")
+SEEN = [0]
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
-        self.send_response(200)
+        SEEN[0] += 1  # COLOR=flaky: healthy, yet every fifth answer is a 500
+        flaky = os.environ.get("COLOR") == "flaky" and SEEN[0] % 5 == 0
+        self.send_response(500 if flaky and self.path != "/health" else 200)
         self.send_header("Content-Length", str(len(BODY)))
         self.end_headers()
         self.wfile.write(BODY)
