@@ -257,6 +257,43 @@ def test_a_release_failing_one_request_in_five_is_rolled_back_by_its_canary(
     assert len(world.containers(world.releases()[-1]["version"], running=False)) == 0
 
 
+def test_a_deploy_killed_mid_analysis_leaves_no_canary_behind(world: World) -> None:
+    """The deployer SIGKILLed during its canary analysis: the lock frees with its lease;
+    the canary share it had routed (a healthy release) stays until the next deploy of the
+    app or `fluster gc APP`, which ends it and removes its containers."""
+    world.ok("app", "config", world.app, "--canary-steps", "10,50", "--canary-interval", "30s")
+    proc = subprocess.Popen(
+        [FLUSTER, "app", "config", world.app, "--env", "COLOR=green"], env=world.env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: any(s["name"] == "analysis" for s in world.releases()[-1]["stages"]),
+            timeout=90,
+            what="the config release at its canary analysis",
+        )
+        canary = world.releases()[-1]["version"]
+        wait_for(lambda: world.reloader.served_by(world.host, 40) >= {"two green"},
+                 timeout=20, what="the canary's share served")  # fmt: skip
+    finally:
+        proc.kill()
+        proc.wait()
+    world.ok("app", "config", world.app, "--canary-steps", "none", "--env", "COLOR=blue",
+             "--no-restart")  # fmt: skip
+    # Its lock goes with its lease (10 s); until then the deploy is not known dead.
+    wait_for(
+        lambda: "ending the canary of" in world.fluster("gc", world.app).stdout,
+        timeout=40,
+        interval=1,
+        what="fluster gc ending the dead deploy's canary",
+    )
+    world.served("two blue", 10)
+    assert world.containers(canary, running=False) == []
+    assert world.releases()[-2]["result"] == "abandoned" or any(
+        r["version"] == canary and r["result"] == "abandoned" for r in world.releases()
+    )
+
+
 def test_scale_up_gates_the_new_ones_and_down_drains_first(world: World) -> None:
     version = world.current()["version"]
     out = world.ok("scale", world.app, "3")
