@@ -398,7 +398,10 @@ async def deploy_command(command: str, v: Values, store: Store, prefix: str) -> 
             if not ref:
                 return fail("--git needs --ref REF (a branch, tag or commit)", EXIT_USAGE)
             src = Source(git_dir=git_dir, ref=ref, update=update)
-        record = await d.deploy(app, src, promote=not v[D.NO_PROMOTE], canary=v[D.CANARY])
+        once = {opt.dest: v[opt] for opt in D.CANARY_FIELDS if v[opt] is not None}
+        record = await d.deploy(
+            app, src, promote=not v[D.NO_PROMOTE], canary=v[D.CANARY], analysis=once
+        )
         return EXIT_OK if record.result != "failed" else EXIT_FAILED
 
 

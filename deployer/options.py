@@ -300,7 +300,13 @@ GIT_SHELL = (REPOS, SHELL_KEY, SHELL_APPS)
 # What `app create` writes into the hook, for every deploy a push runs.
 HOOK_SETTINGS = (REGISTRY, PUBLISH_IP, NETWORK, DOCKER_HOST, *BUILD_LIMITS)
 APP_CREATE = (APP, *APP_FIELDS, REPOS, SSH_HOST, SSH_USER, SSH_PORT, *HOOK_SETTINGS)
-DEPLOY = (
+CANARY_FIELDS: tuple[Option[Any], ...] = (
+    CANARY_STEPS,
+    CANARY_INTERVAL,
+    CANARY_MAX_ERRORS,
+    CANARY_MIN_REQUESTS,
+)
+DEPLOY: tuple[Option[Any], ...] = (
     APP,
     IMAGE,
     GIT,
@@ -308,6 +314,7 @@ DEPLOY = (
     RECEIVE,
     NO_PROMOTE,
     CANARY,
+    *CANARY_FIELDS,
     DEPLOY_SCHEDULER,
     LOCK_TIMEOUT,
     REGISTRY,

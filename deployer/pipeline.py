@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
 from deployer import apps, oneoff, pushes
@@ -73,11 +73,19 @@ class Deployer(Progress):
     # -- the deploy -------------------------------------------------------------------
 
     async def deploy(
-        self, app: str, src: Source, *, promote: bool = True, canary: int | None = None
+        self,
+        app: str,
+        src: Source,
+        *,
+        promote: bool = True,
+        canary: int | None = None,
+        analysis: Mapping[str, object] | None = None,
     ) -> DeployRecord:
         """A code release: the pushed commit built (or an image taken), its release
-        command run, then rolled out."""
+        command run, then rolled out; `analysis`: canary_* fields for this deploy only."""
         config = (await apps.load(self.store, self.prefix, app)).config
+        if analysis:
+            config = config.replace(**analysis)
         target, ref, base, commit = await self.images.receive(app, src)
         procfile = (
             await oneoff.procfile(src.git_dir, commit.sha)

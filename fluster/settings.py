@@ -103,7 +103,7 @@ class Option(Generic[T]):
         if self.required:
             text += " (required)"
         elif shown:
-            text += f" (default: {shown})"
+            text += f" (default: {shown.replace('%', '%%')})"
         if self.env:
             text += f" [env {self.env}]"
         return text

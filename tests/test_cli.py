@@ -378,3 +378,24 @@ async def test_a_write_over_an_invalid_spec_still_compares_what_it_read(etcd: Et
         with pytest.raises(Conflict):
             await ops.write_spec(store, PREFIX, svc, svc.spec.replace(balance="first"))
     assert etcd.ctl("get", "--print-value-only", SPEC_KEY).stdout.strip() == "other garbage"
+
+
+def _paths(commands: tuple[object, ...], above: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for command in commands:
+        path = (*above, command.name)  # type: ignore[attr-defined]
+        out.append(path)
+        out += _paths(command.actions, path)  # type: ignore[attr-defined]
+    return out
+
+
+def test_every_command_explains_itself(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--help` of every command and action prints its options (a `%` in a default once
+    broke argparse's formatting of a whole command's help)."""
+    from fluster.cli import COMMANDS, main
+
+    for path in _paths(COMMANDS):
+        with pytest.raises(SystemExit) as done:
+            main([*path, "--help"], environ={})
+        assert done.value.code == 0, path
+        assert f"usage: fluster {' '.join(path)}" in capsys.readouterr().out.replace("\n", " ")
