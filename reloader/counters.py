@@ -116,6 +116,21 @@ class Counters:
             self.lease.set(key, json.dumps({"at": at, "versions": versions}, sort_keys=True))
             self.published.add(key)
 
+    def of(self, service: str) -> dict[str, tuple[int, int]]:
+        """This edge's counts of the service's versions under analysis: version ->
+        (responses, 5xx) since the analysis began; {} when it is not under analysis."""
+        spec = self.under_analysis().get(service)
+        if spec is None or spec.canary is None or spec.active_version is None:
+            return {}
+        out = {}
+        for version, backend in (
+            (spec.active_version, backend_name(service)),
+            (spec.canary.version, backend_name(service, canary=True)),
+        ):
+            totals = self.totals.get((backend, version))
+            out[version] = (totals.responses, totals.errors) if totals else (0, 0)
+        return out
+
     def _key(self, service: str) -> str:
         return keys.counters_key(self.prefix, service, self.reloader_id)
 

@@ -127,6 +127,8 @@ class ServiceStatus:
     port: int | None = None
     canary_version: str | None = None
     canary_weight: int = 0  # percent of requests to the canary version
+    # Under canary analysis: this edge's counts since it began, version -> [responses, 5xx]
+    analysis: Mapping[str, tuple[int, int]] | None = None
     skipped: str | None = None  # why the service is left out of HAProxy, if it is
     # The version served while the active one has no instance up (fluster.routing), and
     # the warning that says so; both None when the active version serves.
@@ -141,6 +143,7 @@ class ServiceStatus:
         held: Mapping[str, float] | None = None,
         skipped: str | None = None,
         left_out: Mapping[str, str] | None = None,
+        analysis: Mapping[str, tuple[int, int]] | None = None,
     ) -> ServiceStatus:
         """`held`: instance -> seconds its hold has left (reloader.guard); `left_out`:
         instance -> why HAProxy does not get it (reloader.model)."""
@@ -172,6 +175,7 @@ class ServiceStatus:
             port=spec.port if spec.mode == "tcp" else None,
             canary_version=spec.canary.version if spec.canary else None,
             canary_weight=spec.canary.weight if spec.canary else 0,
+            analysis=analysis or None,
             skipped=skipped,
             fallback_version=decided.fallback,
             warning=None
@@ -404,6 +408,7 @@ def status_of(r: Reloader) -> Status:
                 },
                 skipped=why_skipped.get(name),
                 left_out={i: r for (s, i), r in left_out.items() if s == name and i},
+                analysis=r.counters.of(name),
             )
             for name, svc in snap.services.items()
         },

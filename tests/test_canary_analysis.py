@@ -95,7 +95,19 @@ def test_a_canary_failing_one_request_in_five_rolls_itself_back_and_a_good_one_i
 
         for load in loads:  # from here on, not one request may fail
             load.failures.clear()
-        good = fluster(etcd, "canary", "web", "v3", "--steps", "10,50", "--interval", "2s")
+        env = {**os.environ, "ETCD_ENDPOINTS": etcd.endpoints}
+        with subprocess.Popen(
+            [FLUSTER, "canary", "web", "v3", "--steps", "10,50", "--interval", "2s"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        ) as proc:  # fmt: skip
+            # Meanwhile each edge's status (and dashboard) shows its own counts of both.
+            def counted() -> set[str]:
+                return set(edges[1].status()["services"]["web"].get("analysis") or ())
+
+            wait_for(lambda: counted() == {"v1", "v3"}, timeout=20, what="the edge's analysis")
+            assert "Under canary analysis" in edges[1].http_get("/")[1]
+            out, err = proc.communicate(timeout=120)
+        good = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         assert good.returncode == 0, good.stdout + good.stderr
         steps = [line for line in good.stdout.splitlines() if line.startswith("canary ")]
         assert [s.split(":")[0] for s in steps] == ["canary 10 %", "canary 50 %"], good.stdout
