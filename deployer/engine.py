@@ -191,3 +191,28 @@ class Engine(Docker):
                     yield printable(line)
             if pending:
                 yield printable(pending)
+
+    async def service_follow(
+        self, name: str, *, tail: int | str = "all", since: float = 0, follow: bool = True
+    ) -> AsyncIterator[str]:
+        """A Swarm service's output (every task, on every node, through the manager), line
+        by line: Docker's timestamp, the task's details (`com.docker.swarm.task.id=...`),
+        then the text; safe to print."""
+        options: dict[str, Any] = {
+            "stdout": True, "stderr": True, "timestamps": True, "details": True,
+            "tail": str(tail), "since": int(since),
+        }  # fmt: skip
+        async with mapped(f"logs of {name}"):
+            if not follow:
+                got = await self.client.services.logs(name, **options)  # type: ignore[misc]
+                for line in "".join(got).splitlines():
+                    yield printable(line)
+                return
+            pending = ""
+            async for chunk in self.client.services.logs(name, follow=True, **options):  # type: ignore[union-attr]
+                pending += chunk
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    yield printable(line)
+            if pending:
+                yield printable(pending)

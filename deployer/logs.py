@@ -13,6 +13,7 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from deployer import apps
 from deployer import options as D
@@ -22,9 +23,10 @@ from deployer.scheduler import APP_LABEL
 from deployer.swarm import VERSION_LABEL
 from fluster import ops
 from fluster.docker import mapped
+from fluster.ops import parse_keep_old
+from fluster.records import RecordError
 from fluster.settings import Values
 from fluster.store import Store
-from fluster.text import printable
 
 DEFAULT_TAIL = 100
 COLOURS = (36, 33, 32, 35, 34, 91, 92, 93, 94, 95, 96)
@@ -108,31 +110,9 @@ async def read(
             stamp, text = split_stamp(raw)
             yield Line(stamp, src.label, text)
         return
-    async with mapped(f"logs of {src.ref}"):
-        stream = await engine.client.services.logs(  # type: ignore[misc]
-            src.ref, stdout=True, stderr=True, follow=follow, timestamps=True, details=True,
-            tail=str(tail), since=int(since),
-        ) if not follow else engine.client.services.logs(
-            src.ref, stdout=True, stderr=True, follow=True, timestamps=True, details=True,
-            tail=str(tail), since=int(since),
-        )  # fmt: skip
-        chunks = [stream] if isinstance(stream, str) else stream
-        pending = ""
-        async for chunk in _each(chunks):
-            pending += chunk
-            *lines, pending = pending.split("\n")
-            for raw in lines:
-                stamp, task, text = swarm_line(printable(raw))
-                yield Line(stamp, f"{src.label} {src.ref}.{task}" if task else src.label, text)
-
-
-async def _each(chunks: object) -> AsyncIterator[str]:
-    if isinstance(chunks, list):
-        for chunk in chunks:
-            yield chunk
-    else:
-        async for chunk in chunks:  # type: ignore[attr-defined]
-            yield chunk
+    async for raw in engine.service_follow(src.ref, tail=tail, since=since, follow=follow):
+        stamp, task, text = swarm_line(raw)
+        yield Line(stamp, f"{src.label} {src.ref}.{task}" if task else src.label, text)
 
 
 class Printer:
@@ -150,9 +130,18 @@ class Printer:
         self.write(f"{label} | {line.text}")
 
 
-async def command(v: Values, store: Store, prefix: str, app: str) -> int:
-    from deployer.running import since_seconds
+def since_seconds(text: str) -> float:
+    """`--since 10m` -> the Unix time ten minutes ago; "" -> 0 (all)."""
+    if not text:
+        return 0.0
+    try:
+        delta = parse_keep_old(text)
+    except ValueError as exc:
+        raise RecordError("--since", f"{exc} (e.g. 90s, 10m, 2h, 1d)") from None
+    return (datetime.now(UTC) - delta).timestamp()
 
+
+async def command(v: Values, store: Store, prefix: str, app: str) -> int:
     config = (await apps.load(store, prefix, app)).config
     history = apps.releases(await apps.history(store, prefix, app))
     since = since_seconds(v[D.SINCE])

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
 
 from deployer import apps, logs, oneoff
 from deployer import options as D
@@ -27,7 +26,6 @@ from deployer.records import AppConfig
 from deployer.scheduler import APP_LABEL, LocalScheduler, Release, Scheduler
 from deployer.swarm import SwarmScheduler
 from fluster import keys, ops, release
-from fluster.ops import parse_keep_old
 from fluster.records import Instance, RecordError
 from fluster.settings import Values
 from fluster.store import Store
@@ -234,14 +232,3 @@ def retire_later(fluster: list[str], docker_host: str) -> Callable[[str, str], N
         )
 
     return start
-
-
-def since_seconds(text: str) -> float:
-    """`--since 10m` -> the Unix time ten minutes ago; "" -> 0 (all)."""
-    if not text:
-        return 0.0
-    try:
-        delta = parse_keep_old(text)
-    except ValueError as exc:
-        raise RecordError("--since", f"{exc} (e.g. 90s, 10m, 2h, 1d)") from None
-    return (datetime.now(UTC) - delta).timestamp()
