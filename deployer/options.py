@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fluster.ops import KEEP_OLD_TEXT, WAIT_TIMEOUT_S
-from fluster.options import canary_steps, duration_seconds, percent
+from fluster.options import canary_steps, duration_seconds, latency, percent
 from fluster.records import RecordError, validate_service_name
 from fluster.settings import Option, integer, number, one_of, switch
 
@@ -150,6 +150,12 @@ CANARY_MIN_REQUESTS: Option[int | None] = Option(
     "more intervals, then goes on with a warning)", None, integer(1, 10**9), shown="20",
     metavar="N",
 )  # fmt: skip
+CANARY_MAX_LATENCY: Option[float | None] = Option(
+    "--canary-max-latency", None, "judge response times too: the new release's mean "
+    "response time in a step may not exceed this, or the active release's when higher "
+    "(250ms, 1s; none: not judged)", None, lambda text: latency(text) or 0.0,
+    shown="not judged", metavar="DURATION",
+)  # fmt: skip
 APP_FIELDS: tuple[Option[Any], ...] = (
     SERVICE,
     REPLICAS,
@@ -173,6 +179,7 @@ APP_FIELDS: tuple[Option[Any], ...] = (
     CANARY_INTERVAL,
     CANARY_MAX_ERRORS,
     CANARY_MIN_REQUESTS,
+    CANARY_MAX_LATENCY,
 )
 
 REPOS: Option[str] = Option(
@@ -305,6 +312,7 @@ CANARY_FIELDS: tuple[Option[Any], ...] = (
     CANARY_INTERVAL,
     CANARY_MAX_ERRORS,
     CANARY_MIN_REQUESTS,
+    CANARY_MAX_LATENCY,
 )
 DEPLOY: tuple[Option[Any], ...] = (
     APP,

@@ -231,6 +231,7 @@ class Deployer(Progress):
             config.canary_interval,
             config.canary_max_errors,
             config.canary_min_requests,
+            config.canary_max_latency or None,
         )
         try:
             await analysis.analyse(

@@ -170,6 +170,7 @@ class AppConfig:
     canary_interval: float = 30.0
     canary_max_errors: float = 1.0  # percent
     canary_min_requests: int = 20
+    canary_max_latency: float = 0.0  # seconds of mean response time; 0: not judged
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -229,6 +230,9 @@ class AppConfig:
             canary_interval=_float(obj.get("canary_interval", 30.0), "canary_interval", 1, 3600),
             canary_max_errors=_float(
                 obj.get("canary_max_errors", 1.0), "canary_max_errors", 0, 100
+            ),
+            canary_max_latency=_float(
+                obj.get("canary_max_latency", 0.0), "canary_max_latency", 0, 3600
             ),
             canary_min_requests=_int(
                 obj.get("canary_min_requests", 20), "canary_min_requests", 1, 10**9

@@ -9,6 +9,9 @@ the two versions over that window:
 - the new version's 5xx share of its responses must not exceed the bar: `max_errors`
   percent, or the active version's own 5xx share in the same window when that is higher
   (a backend both depend on failing is not the new version's fault);
+- with `max_latency` set, the new version's mean response time (HAProxy's, over each
+  edge's last 1024 responses, weighted by what each edge counted in the window) must not
+  exceed it, or the active version's when that is higher;
 - with fewer than `min_requests` responses from the new version, the window grows by
   another interval, at most twice; then the step goes on with a warning (a quiet app is
   not blocked forever, and the operator is told it was not judged).
@@ -43,6 +46,7 @@ class Bar:
     interval: float = 30.0
     max_errors: float = 1.0  # percent of the new version's responses
     min_requests: int = 20
+    max_latency: float | None = None  # seconds of mean response time; None: not judged
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,8 @@ class Window:
     weight: int
     new: tuple[int, int]  # (responses, 5xx) of the new version
     active: tuple[int, int]
+    new_ms: float = 0.0  # mean response time, weighted over the edges
+    active_ms: float = 0.0
 
     @staticmethod
     def rate(pair: tuple[int, int]) -> float:
@@ -60,27 +66,43 @@ class Window:
     def bar(self, max_errors: float) -> float:
         return max(max_errors, self.rate(self.active))
 
-    def line(self, max_errors: float) -> str:
+    def latency_bar(self, max_latency: float) -> float:
+        return max(max_latency * 1000, self.active_ms)
+
+    def slow(self, max_latency: float | None) -> bool:
+        return max_latency is not None and self.new_ms > self.latency_bar(max_latency)
+
+    def line(self, max_errors: float, max_latency: float | None = None) -> str:
         new, active = self.rate(self.new), self.rate(self.active)
-        return (
+        text = (
             f"canary {self.weight} %: 5xx {new:.1f} % of {self.new[0]} responses "
             f"(active {active:.1f} % of {self.active[0]}), bar {self.bar(max_errors):.1f} %"
         )
+        if max_latency is not None:
+            text += (
+                f"; mean response {self.new_ms:.0f} ms (active {self.active_ms:.0f} ms), "
+                f"bar {self.latency_bar(max_latency):.0f} ms"
+            )
+        return text
 
 
-Counts = Mapping[str, Mapping[str, tuple[int, int]]]  # edge -> version -> (responses, 5xx)
+# edge -> version -> (responses, 5xx, mean response ms)
+Counts = Mapping[str, Mapping[str, tuple[int, int, int]]]
 
 
-async def read(store: Store, prefix: str, service: str) -> dict[str, dict[str, tuple[int, int]]]:
-    """Every edge's published counters of `service`: edge -> version -> (responses, 5xx)."""
+async def read(
+    store: Store, prefix: str, service: str
+) -> dict[str, dict[str, tuple[int, int, int]]]:
+    """Every edge's published counters of `service`."""
     base = keys.counters_prefix(prefix, service)
     _, kvs = await store.get_prefix(base)
-    out: dict[str, dict[str, tuple[int, int]]] = {}
+    out: dict[str, dict[str, tuple[int, int, int]]] = {}
     for kv in kvs:
         try:
             versions = json.loads(kv.value)["versions"]
             out[kv.key[len(base) :]] = {
-                v: (int(c["responses"]), int(c["errors"])) for v, c in versions.items()
+                v: (int(c["responses"]), int(c["errors"]), int(c.get("rtime_ms", 0)))
+                for v, c in versions.items()
             }
         except (ValueError, KeyError, TypeError, AttributeError):
             continue  # not ours to judge by: an edge that wrote garbage is left out
@@ -91,16 +113,20 @@ def window(weight: int, before: Counts, after: Counts, new: str, active: str) ->
     """What every edge counted between two readings (an edge missing from `before` began
     counting during the window: all it counted is in it)."""
 
-    def total(version: str) -> tuple[int, int]:
+    def total(version: str) -> tuple[tuple[int, int], float]:
         responses = errors = 0
+        weighted = 0.0
         for edge, versions in after.items():
-            now = versions.get(version, (0, 0))
-            then = before.get(edge, {}).get(version, (0, 0))
-            responses += max(0, now[0] - then[0])
+            now = versions.get(version, (0, 0, 0))
+            then = before.get(edge, {}).get(version, (0, 0, 0))
+            counted = max(0, now[0] - then[0])
+            responses += counted
             errors += max(0, now[1] - then[1])
-        return responses, errors
+            weighted += counted * now[2]
+        return (responses, errors), (weighted / responses if responses else 0.0)
 
-    return Window(weight, total(new), total(active))
+    (new_counts, new_ms), (active_counts, active_ms) = total(new), total(active)
+    return Window(weight, new_counts, active_counts, new_ms, active_ms)
 
 
 async def analyse(
@@ -130,17 +156,18 @@ async def analyse(
             if extension < EXTENSIONS:
                 say(f"canary {weight} %: {step.new[0]} responses so far, waiting for "
                     f"{bar.min_requests}")  # fmt: skip
+        line = step.line(bar.max_errors, bar.max_latency)
         if step.new[0] < bar.min_requests:
-            warn(f"{step.line(bar.max_errors)}: fewer than {bar.min_requests} responses in "
+            warn(f"{line}: fewer than {bar.min_requests} responses in "
                  f"{(EXTENSIONS + 1) * bar.interval:g}s, not judged; going on")  # fmt: skip
-        elif Window.rate(step.new) > step.bar(bar.max_errors):
+        elif Window.rate(step.new) > step.bar(bar.max_errors) or step.slow(bar.max_latency):
             await release.release(
                 store, prefix, release.Release(service, version, weight=0), say=say, warn=warn,
                 wait=wait,
             )  # fmt: skip
-            raise CanaryFailed(f"{step.line(bar.max_errors)} -> rolled back")
+            raise CanaryFailed(f"{line} -> rolled back")
         else:
-            say(step.line(bar.max_errors))
+            say(line)
         done.append(step)
     return done
 

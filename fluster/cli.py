@@ -234,6 +234,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         *(sub.options if sub else ()),
     )
     values = resolve(args, options, problems)
+    if command.name == "canary":
+        problems.check(
+            values[O.WEIGHT] is not None or bool(values[O.STEPS]),
+            "--weight is required (or --steps, for an analysed canary)",
+        )
     settings = etcd_settings(values, problems)
     if problems.items:
         print(f"error: {SettingsError(problems.items)}", file=sys.stderr)

@@ -172,8 +172,7 @@ class Cli:
         service, version, weight = v[O.SERVICE], v[O.VERSION], v[O.WEIGHT]
         if v[O.STEPS]:
             return await self._analysed_canary(store, service, version)
-        if weight is None:
-            return fail("give --weight PERCENT, or --steps PCT,PCT to analyse it", EXIT_USAGE)
+        assert weight is not None  # fluster.cli refused the command without one
         return await self._release(store, release.Release(service, version, weight=weight))
 
     async def _analysed_canary(self, store: Store, service: str, version: str) -> int:
@@ -184,7 +183,9 @@ class Cli:
         active = snap.services[service].spec.active_version if service in snap.services else None
         if active is None:
             raise ops.Refused(f"{service} has no active version to compare {version} with")
-        bar = analysis.Bar(v[O.STEPS], v[O.INTERVAL], v[O.MAX_ERRORS], v[O.MIN_REQUESTS])
+        bar = analysis.Bar(
+            v[O.STEPS], v[O.INTERVAL], v[O.MAX_ERRORS], v[O.MIN_REQUESTS], v[O.MAX_LATENCY]
+        )
         try:
             await analysis.analyse(
                 store, self.prefix, service, version, active, bar, say=say, warn=warn,

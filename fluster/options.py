@@ -216,7 +216,28 @@ MIN_REQUESTS: Option[int] = Option(
     "--min-requests", None, "responses a step needs to be judged (it waits up to two more "
     "intervals for them, then goes on with a warning)", 20, integer(1, 10**9), metavar="N",
 )  # fmt: skip
-ANALYSIS = (STEPS, INTERVAL, MAX_ERRORS, MIN_REQUESTS)
+
+
+def latency(text: Any) -> float | None:
+    """`250ms`, `0.5s`, `1s` -> seconds; `none` -> None (not judged)."""
+    raw = str(text).strip().lower()
+    if raw == "none":
+        return None
+    try:
+        value = float(raw[:-2]) / 1000 if raw.endswith("ms") else float(raw.rstrip("s"))
+    except ValueError:
+        raise ValueError(f"want a duration such as 250ms or 1s, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"want a duration above 0, got {text!r}")
+    return value
+
+
+MAX_LATENCY: Option[float | None] = Option(
+    "--max-latency", None, "judge response times too: VERSION's mean response time in a step "
+    "(HAProxy's, over each edge's last 1024 responses) may not exceed this, or the active "
+    "version's when higher (250ms, 1s)", None, latency, shown="not judged", metavar="DURATION",
+)  # fmt: skip
+ANALYSIS = (STEPS, INTERVAL, MAX_ERRORS, MIN_REQUESTS, MAX_LATENCY)
 NO_WAIT = switch("--no-wait", None, "do not wait for the reloaders to apply the change")
 WAIT_TIMEOUT: Option[float] = Option(
     "--wait-timeout",

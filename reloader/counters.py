@@ -8,7 +8,8 @@ the key goes once the analysis ends.
 
 The numbers are HAProxy's own, from `show stat` of the service's two backends (the
 active version's `be_{service}`, the canary's `be_{service}_canary`): responses by
-class. HAProxy's counters start again at zero in each new worker (a reload), so this
+class, and the mean response time over the backend's last 1024 responses. HAProxy's
+counters start again at zero in each new worker (a reload), so this
 keeps running totals of its own that only grow: the deployer subtracts two readings
 taken an interval apart, summed over every edge.
 """
@@ -60,15 +61,27 @@ class Totals:
         self.last = (responses, errors)
 
 
-def parse_stat(csv_text: str) -> dict[str, tuple[int, int]]:
-    """`show stat` CSV -> backend name -> (responses, 5xx) of its BACKEND row."""
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One backend's BACKEND row: its counters, and HAProxy's mean response time (ms)
+    over its last 1024 responses."""
+
+    responses: int
+    errors: int
+    rtime_ms: int
+
+
+def parse_stat(csv_text: str) -> dict[str, Reading]:
+    """`show stat` CSV -> backend name -> its reading."""
     text = csv_text.lstrip("# ")
     out = {}
     for row in csv.DictReader(io.StringIO(text)):
         if row.get("svname") != "BACKEND":
             continue
         counts = [int(row.get(c) or 0) for c in CLASSES]
-        out[row["pxname"]] = (sum(counts), int(row.get("hrsp_5xx") or 0))
+        out[row["pxname"]] = Reading(
+            sum(counts), int(row.get("hrsp_5xx") or 0), int(row.get("rtime") or 0)
+        )
     return out
 
 
@@ -109,9 +122,14 @@ class Counters:
                 (spec.canary.version, backend_name(name, canary=True)),
             ):
                 totals = self.totals.setdefault((backend, version), Totals())
-                if backend in stats:
-                    totals.add(*stats[backend])
-                versions[version] = {"responses": totals.responses, "errors": totals.errors}
+                reading = stats.get(backend)
+                if reading is not None:
+                    totals.add(reading.responses, reading.errors)
+                versions[version] = {
+                    "responses": totals.responses,
+                    "errors": totals.errors,
+                    "rtime_ms": reading.rtime_ms if reading else 0,
+                }
             key = self._key(name)
             self.lease.set(key, json.dumps({"at": at, "versions": versions}, sort_keys=True))
             self.published.add(key)

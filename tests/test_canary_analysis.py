@@ -35,10 +35,17 @@ def fluster(etcd: Etcd, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_window_is_what_every_edge_counted() -> None:
-    before = {"edge-a": {"v1": (100, 1), "v2": (10, 0)}}  # edge-b had not published yet
-    after = {"edge-a": {"v1": (190, 1), "v2": (20, 2)}, "edge-b": {"v1": (80, 0), "v2": (10, 2)}}
+    # (responses, 5xx, mean response ms); edge-b had not published at the step's start.
+    before = {"edge-a": {"v1": (100, 1, 5), "v2": (10, 0, 40)}}
+    after = {
+        "edge-a": {"v1": (190, 1, 5), "v2": (20, 2, 40)},
+        "edge-b": {"v1": (80, 0, 15), "v2": (10, 2, 10)},
+    }
     step = window(10, before, after, "v2", "v1")
-    assert step == Window(10, new=(20, 4), active=(170, 0))
+    # The means are weighted by what each edge counted in the window: (10x40 + 10x10) / 20.
+    assert step == Window(
+        10, new=(20, 4), active=(170, 0), new_ms=25.0, active_ms=(90 * 5 + 80 * 15) / 170
+    )
     assert step.line(1.0) == (
         "canary 10 %: 5xx 20.0 % of 20 responses (active 0.0 % of 170), bar 1.0 %"
     )
@@ -47,7 +54,7 @@ def test_a_window_is_what_every_edge_counted() -> None:
 
 
 def start(
-    sidekicks: Sidekicks, backends: Callable[..., list[HttpBackend]], version: str, **kw: int
+    sidekicks: Sidekicks, backends: Callable[..., list[HttpBackend]], version: str, **kw: float
 ) -> list[HttpBackend]:
     group = backends(2, version, **kw)
     for backend in group:
@@ -68,7 +75,7 @@ def test_a_canary_failing_one_request_in_five_rolls_itself_back_and_a_good_one_i
     start(sidekicks, backends, "v2", error_every=5)
     start(sidekicks, backends, "v3")
     wait_for(lambda: len(sidekicks.instances("web")) == 6, timeout=20, what="6 registered")
-    edges = [start_reloader(), start_reloader()]
+    edges = [start_reloader("--id", "edge-a"), start_reloader("--id", "edge-b")]
     assert fluster(etcd, "promote", "web", "v1").returncode == 0
     for edge in edges:
         edge.wait_served(HOST, {"v1-0", "v1-1"})
@@ -81,6 +88,8 @@ def test_a_canary_failing_one_request_in_five_rolls_itself_back_and_a_good_one_i
         t0 = [sum(x.served.values()) + len(x.failures) for x in loads]
         bad = fluster(etcd, "canary", "web", "v2", "--steps", "10,50", "--interval", "3s",
                       "--max-errors", "1%", "--min-requests", "20")  # fmt: skip
+        # Both edges published their counts (the step waited for every live edge's).
+        assert "reloaders applied: 2/2" in bad.stdout, bad.stdout
         seen = [
             sum(x.served.values()) + len(x.failures) - t for x, t in zip(loads, t0, strict=True)
         ]
@@ -109,7 +118,11 @@ def test_a_canary_failing_one_request_in_five_rolls_itself_back_and_a_good_one_i
             out, err = proc.communicate(timeout=120)
         good = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         assert good.returncode == 0, good.stdout + good.stderr
-        steps = [line for line in good.stdout.splitlines() if line.startswith("canary ")]
+        steps = [
+            line
+            for line in good.stdout.splitlines()
+            if line.startswith("canary ") and "5xx" in line
+        ]
         assert [s.split(":")[0] for s in steps] == ["canary 10 %", "canary 50 %"], good.stdout
         assert all("5xx 0.0 %" in s for s in steps), steps
         for edge in edges:
@@ -148,3 +161,29 @@ def test_a_quiet_step_goes_on_with_a_warning(
     assert quiet.returncode == 0, quiet.stdout + quiet.stderr
     assert "fewer than 20 responses in 3s, not judged; going on" in quiet.stderr, quiet.stderr
     assert json.loads(fluster(etcd, "spec", "web").stdout)["active_version"] == "v2"
+
+
+def test_a_slower_canary_is_rolled_back_by_its_mean_response_time(
+    etcd: Etcd,
+    sidekicks: Sidekicks,
+    backends: Callable[..., list[HttpBackend]],
+    start_reloader: Callable[..., ReloaderProcess],
+) -> None:
+    """A latency regression: v2 answers every request right, 300 ms late. With
+    --max-latency 100ms it is rolled back at its first step, naming both means."""
+    start(sidekicks, backends, "v1")
+    start(sidekicks, backends, "v2", delay=0.3)
+    wait_for(lambda: len(sidekicks.instances("web")) == 4, timeout=20, what="4 registered")
+    edge = start_reloader()
+    assert fluster(etcd, "promote", "web", "v1").returncode == 0
+    edge.wait_served(HOST, {"v1-0", "v1-1"})
+    with Load(edge.http_port, HOST, limit=120.0, pace=0.002) as load:
+        wait_for(lambda: sum(load.served.values()) > 50, what="load running")
+        slow = fluster(etcd, "canary", "web", "v2", "--steps", "20", "--interval", "3s",
+                       "--max-latency", "100ms", "--min-requests", "5")  # fmt: skip
+    assert slow.returncode == 4, slow.stdout + slow.stderr
+    assert "5xx 0.0 %" in slow.stderr and "-> rolled back" in slow.stderr, slow.stderr
+    mean = int(slow.stderr.split("mean response ")[1].split(" ms")[0])
+    assert mean >= 250, slow.stderr
+    assert load.failures == [], load.failures[:5]
+    assert json.loads(fluster(etcd, "spec", "web").stdout)["canary"] is None

@@ -33,6 +33,8 @@ class _Handler(BaseHTTPRequestHandler):
             server.first_request_at = time.monotonic()
         body = server.ident.encode()
         server.requests += 1
+        if server.delay:
+            time.sleep(server.delay)  # a slow release: each answer takes this long
         failing = server.error_every and server.requests % server.error_every == 0
         self.send_response(500 if failing else 200)
         self.send_header("Content-Type", "text/plain")
@@ -56,12 +58,13 @@ class HttpBackend:
     every `error_every`-th request when that is set: a release that passes its health
     check and still fails users)."""
 
-    def __init__(self, ident: str, error_every: int = 0) -> None:
+    def __init__(self, ident: str, error_every: int = 0, delay: float = 0.0) -> None:
         self.ident = ident
         self.server = _Server(("127.0.0.1", 0), _Handler)
         self.server.ident = ident  # type: ignore[attr-defined]
         self.server.requests = 0  # type: ignore[attr-defined]
         self.server.error_every = error_every  # type: ignore[attr-defined]
+        self.server.delay = delay  # type: ignore[attr-defined]
         # When the first request arrived: registration -> served latency for benchmarks.
         self.server.first_request_at = None  # type: ignore[attr-defined]
         self.port = int(self.server.server_address[1])
@@ -88,8 +91,12 @@ class HttpBackend:
 def backends() -> Iterator[Callable[..., list[HttpBackend]]]:
     started: list[HttpBackend] = []
 
-    def start(count: int = 1, prefix: str = "app", error_every: int = 0) -> list[HttpBackend]:
-        new = [HttpBackend(f"{prefix}-{len(started) + i}", error_every) for i in range(count)]
+    def start(
+        count: int = 1, prefix: str = "app", error_every: int = 0, delay: float = 0.0
+    ) -> list[HttpBackend]:
+        new = [
+            HttpBackend(f"{prefix}-{len(started) + i}", error_every, delay) for i in range(count)
+        ]
         started.extend(new)
         return new
 
