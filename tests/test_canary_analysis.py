@@ -98,6 +98,7 @@ def test_a_canary_failing_one_request_in_five_rolls_itself_back_and_a_good_one_i
         assert "canary 10 %: 5xx" in bad.stderr and "-> rolled back" in bad.stderr, bad.stderr
         assert "canary 50 %" not in bad.stdout + bad.stderr  # stopped at the first step
         # What users saw: a tenth of the window's requests went to v2, a fifth of those failed.
+        print(f"bad canary: {failed} failed of {sum(seen)} requests in its window")
         assert failed <= 0.03 * sum(seen), (failed, seen)
         spec = json.loads(fluster(etcd, "spec", "web").stdout)
         assert spec["active_version"] == "v1" and spec["canary"] is None, spec
