@@ -65,20 +65,38 @@ def start(
     return group
 
 
-def test_a_canary_failing_one_request_in_five_rolls_itself_back_and_a_good_one_is_promoted(
+Fleet = Callable[..., list[ReloaderProcess]]
+
+
+@pytest.fixture
+def fleet(
     etcd: Etcd,
     sidekicks: Sidekicks,
     backends: Callable[..., list[HttpBackend]],
     start_reloader: Callable[..., ReloaderProcess],
+) -> Fleet:
+    """`fleet(edges, v1={}, v2={"delay": 0.3}, ...)`: two backends per version behind
+    static sidekicks, `edges` reloaders (each with an id of its own), v1 promoted and
+    served by every edge; returns the edges."""
+
+    def make(edges: int = 1, **versions: dict[str, float]) -> list[ReloaderProcess]:
+        for version, options in versions.items():
+            start(sidekicks, backends, version, **options)
+        count = 2 * len(versions)
+        wait_for(lambda: len(sidekicks.instances("web")) == count, timeout=20, what="registered")
+        started = [start_reloader("--id", f"edge-{n}") for n in range(edges)]
+        assert fluster(etcd, "promote", "web", "v1").returncode == 0
+        for edge in started:
+            edge.wait_served(HOST, {"v1-0", "v1-1"})
+        return started
+
+    return make
+
+
+def test_a_canary_failing_one_request_in_five_rolls_itself_back_and_a_good_one_is_promoted(
+    etcd: Etcd, fleet: Fleet
 ) -> None:
-    start(sidekicks, backends, "v1")
-    start(sidekicks, backends, "v2", error_every=5)
-    start(sidekicks, backends, "v3")
-    wait_for(lambda: len(sidekicks.instances("web")) == 6, timeout=20, what="6 registered")
-    edges = [start_reloader("--id", "edge-a"), start_reloader("--id", "edge-b")]
-    assert fluster(etcd, "promote", "web", "v1").returncode == 0
-    for edge in edges:
-        edge.wait_served(HOST, {"v1-0", "v1-1"})
+    edges = fleet(2, v1={}, v2={"error_every": 5}, v3={})
 
     loads = [Load(edge.http_port, HOST, limit=120.0, pace=0.002) for edge in edges]
     for load in loads:
@@ -146,38 +164,18 @@ def test_a_canary_failing_one_request_in_five_rolls_itself_back_and_a_good_one_i
     )
 
 
-def test_a_quiet_step_goes_on_with_a_warning(
-    etcd: Etcd,
-    sidekicks: Sidekicks,
-    backends: Callable[..., list[HttpBackend]],
-    start_reloader: Callable[..., ReloaderProcess],
-) -> None:
-    start(sidekicks, backends, "v1")
-    start(sidekicks, backends, "v2")
-    wait_for(lambda: len(sidekicks.instances("web")) == 4, timeout=20, what="4 registered")
-    edge = start_reloader()
-    assert fluster(etcd, "promote", "web", "v1").returncode == 0
-    edge.wait_served(HOST, {"v1-0", "v1-1"})
+def test_a_quiet_step_goes_on_with_a_warning(etcd: Etcd, fleet: Fleet) -> None:
+    fleet(1, v1={}, v2={})
     quiet = fluster(etcd, "canary", "web", "v2", "--steps", "50", "--interval", "1s")
     assert quiet.returncode == 0, quiet.stdout + quiet.stderr
     assert "fewer than 20 responses in 3s, not judged; going on" in quiet.stderr, quiet.stderr
     assert json.loads(fluster(etcd, "spec", "web").stdout)["active_version"] == "v2"
 
 
-def test_a_slower_canary_is_rolled_back_by_its_mean_response_time(
-    etcd: Etcd,
-    sidekicks: Sidekicks,
-    backends: Callable[..., list[HttpBackend]],
-    start_reloader: Callable[..., ReloaderProcess],
-) -> None:
+def test_a_slower_canary_is_rolled_back_by_its_mean_response_time(etcd: Etcd, fleet: Fleet) -> None:
     """A latency regression: v2 answers every request right, 300 ms late. With
     --max-latency 100ms it is rolled back at its first step, naming both means."""
-    start(sidekicks, backends, "v1")
-    start(sidekicks, backends, "v2", delay=0.3)
-    wait_for(lambda: len(sidekicks.instances("web")) == 4, timeout=20, what="4 registered")
-    edge = start_reloader()
-    assert fluster(etcd, "promote", "web", "v1").returncode == 0
-    edge.wait_served(HOST, {"v1-0", "v1-1"})
+    (edge,) = fleet(1, v1={}, v2={"delay": 0.3})
     with Load(edge.http_port, HOST, limit=120.0, pace=0.002) as load:
         wait_for(lambda: sum(load.served.values()) > 50, what="load running")
         slow = fluster(etcd, "canary", "web", "v2", "--steps", "20", "--interval", "3s",
