@@ -8,7 +8,8 @@ CN is its etcd user name, and holds only the permissions its job needs.
   (its spec, and the watch that notices its record deleted), readwrite
   `{prefix}/services/{svc}/instances/`;
 - `reloader` (role `fluster-reloader`): read `{prefix}/services/` and `{prefix}/certs/`
-  (TLS private keys: no sidekick ever reads them), readwrite `{prefix}/reloaders/`;
+  (TLS private keys: no sidekick ever reads them), readwrite `{prefix}/reloaders/` and
+  `{prefix}/counters/`;
 - `fluster-operator` (role `fluster-operator`): readwrite `{prefix}/services/` and
   `{prefix}/certs/`, read `{prefix}/reloaders/` (what `fluster promote` waits on);
 - `fluster-deployer` (role `fluster-deployer`): readwrite `{prefix}/apps/`,
@@ -78,6 +79,14 @@ def rbac_commands(prefix: str, services: Iterable[str]) -> list[tuple[str, ...]]
             "readwrite",
             f"{prefix}/reloaders/",
         ),
+        (
+            "role",
+            "grant-permission",
+            "--prefix=true",
+            "fluster-reloader",
+            "readwrite",
+            f"{prefix}/counters/",
+        ),
         ("user", "add", "reloader", "--no-password"),
         ("user", "grant-role", "reloader", "fluster-reloader"),
         ("user", "add", "reloader-pw", "--new-user-password", RELOADER_PASSWORD),
@@ -100,6 +109,14 @@ def rbac_commands(prefix: str, services: Iterable[str]) -> list[tuple[str, ...]]
             "read",
             f"{prefix}/reloaders/",
         ),
+        (
+            "role",
+            "grant-permission",
+            "--prefix=true",
+            "fluster-operator",
+            "read",
+            f"{prefix}/counters/",
+        ),
         ("user", "add", "fluster-operator", "--no-password"),
         ("user", "grant-role", "fluster-operator", "fluster-operator"),
         ("role", "add", "fluster-deployer"),
@@ -121,6 +138,14 @@ def rbac_commands(prefix: str, services: Iterable[str]) -> list[tuple[str, ...]]
             "fluster-deployer",
             "read",
             f"{prefix}/reloaders/",
+        ),
+        (
+            "role",
+            "grant-permission",
+            "--prefix=true",
+            "fluster-deployer",
+            "read",
+            f"{prefix}/counters/",
         ),
         ("user", "add", "fluster-deployer", "--no-password"),
         ("user", "grant-role", "fluster-deployer", "fluster-deployer"),
