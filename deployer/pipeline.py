@@ -202,7 +202,8 @@ class Deployer(Progress):
                 f"{new.version}` when ready"
             )
             return await self._finish("waiting")
-        if config.canary_steps:
+        # A rollback is the way out of a bad release: never held up by steps.
+        if config.canary_steps and self.record is not None and self.record.kind != "rollback":
             await self.stage("analysis", lambda: self._analyse(new, config))
         await self.stage("promote", lambda: self._promote(config, new.version))
         history = await apps.history(self.store, self.prefix, new.app)
