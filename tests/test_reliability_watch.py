@@ -44,22 +44,41 @@ async def test_snapshot_revision_never_runs_ahead_of_its_events(etcd: Etcd) -> N
                 written[name] = await writer.put(key, f"10.0.0.1:{1000 + i}")
 
         async def check() -> None:
+            """Every snapshot the catalog publishes, checked once: a scan costs O(puts),
+            and re-scanning the same snapshot every millisecond starved the catalog it
+            shares the loop with on a busy machine."""
+            checked = -1
             while True:
                 snap = catalog.snapshot
-                web = snap.services.get("web")
-                have = set(web.instances) if web else set()
-                missing = [
-                    n for n, r in list(written.items()) if r <= snap.revision and n not in have
-                ]
-                if missing:
-                    ahead.append(f"revision {snap.revision} lacks {len(missing)} earlier puts")
+                if snap.revision != checked:
+                    checked = snap.revision
+                    web = snap.services.get("web")
+                    have = set(web.instances) if web else set()
+                    missing = [
+                        n for n, r in list(written.items()) if r <= snap.revision and n not in have
+                    ]
+                    if missing:
+                        ahead.append(f"revision {snap.revision} lacks {len(missing)} earlier puts")
                 await asyncio.sleep(0.001)
+
+        def seen() -> str:
+            web = catalog.snapshot.services.get("web")
+            return (
+                f"2400 instances in the catalog; it has {len(web.instances) if web else 0} at "
+                f"revision {catalog.snapshot.revision}, etcd is at {max(written.values())}; "
+                f"snapshots ahead of their events: {ahead[:3]}"
+            )
 
         try:
             await eventually(lambda: catalog.revision > 0, what="first list")
             checker = asyncio.create_task(check())
             await asyncio.gather(*(write(w) for w in range(16)))
-            await eventually(lambda: len(catalog.snapshot.services["web"].instances) == 2400)
+            try:
+                await eventually(
+                    lambda: len(catalog.snapshot.services["web"].instances) == 2400, timeout=30
+                )
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\nwanted {seen()}") from None
             checker.cancel()
         finally:
             task.cancel()
