@@ -83,6 +83,26 @@ class Project:
     def __call__(self, *args: str, timeout: float = 120) -> str:
         return run([*self.compose, *args], env=self.env, timeout=timeout)
 
+    def down(self, grace: int = 30) -> None:
+        """Take the project down, and fail if that did not work (a left-over project
+        holds ports). dockerd releases a removed container's network endpoint after the
+        container is gone; on a busy machine compose can ask to remove the network before
+        that ("has active endpoints"): asked again until it goes, within a deadline."""
+        args = ["down", "--volumes", "--remove-orphans", "--timeout", str(grace)]
+        deadline = time.monotonic() + 60
+        while True:
+            proc = subprocess.run(
+                [*self.compose, *args], cwd=REPO, env=self.env, capture_output=True, text=True,
+                timeout=180, check=False,
+            )  # fmt: skip
+            if proc.returncode == 0:
+                return
+            lagging = "has active endpoints" in proc.stderr
+            assert lagging and time.monotonic() < deadline, (
+                f"{args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+            )
+            time.sleep(1)  # dockerd's own pace: retried, not a synchronisation
+
     def up(self, *args: str, timeout: float = 180) -> None:
         """`up -d --no-build ARGS` on the project's host ports; when Docker could not
         bind one because another process took it after `free_port()`, the project is
@@ -108,7 +128,7 @@ class Project:
                 lost = f" (attempt {attempt}: a host port was taken)" if lost_a_port(output) else ""
                 raise AssertionError(f"compose up exited {proc.returncode}{lost}:\n{output}")
             print(f"compose up: host port {self.http_port} or {self.status_port} taken; again")
-            self("down", "--volumes", "--remove-orphans", "--timeout", "5", timeout=180)
+            self.down(grace=5)
             self.http_port, self.status_port = free_port(), free_port()
 
     def containers(self, service: str) -> set[str]:
@@ -298,7 +318,7 @@ def project(images: None) -> Iterator[Project]:
         )
         print(logs.stdout[-20_000:])
         # Always tear down, and fail if that did not work: a left-over project holds ports.
-        proj("down", "--volumes", "--remove-orphans", "--timeout", "30", timeout=180)
+        proj.down()
 
 
 def scale(project: Project, service: str, n: int) -> None:
@@ -489,7 +509,7 @@ def test_the_documented_deploy_by_hand_never_fails_a_request(images: None) -> No
         assert len(proj.containers("web-v2")) == 2, "the v2 instances still run"
     finally:
         load.stop()
-        proj("down", "--volumes", "--remove-orphans", "--timeout", "30", timeout=180)
+        proj.down()
     print(f"requests: {load.total()}, failed: {len(load.failures)}")
     assert load.failures == [], (
         f"{len(load.failures)} of {load.total()} failed: {load.failures[:10]}"
