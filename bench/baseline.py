@@ -30,7 +30,7 @@ from bench import adapter
 from fluster.catalog import Catalog, Snapshot
 from fluster.channel import EtcdSettings, endpoints_from_text
 from fluster.runtime import setup_logging
-from fluster.store import Store
+from fluster.store import open_store
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
@@ -120,7 +120,7 @@ class Baseline:
 
 async def main_async(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
-    store = Store(EtcdSettings(endpoints=endpoints_from_text(args.etcd_endpoints)))
+    store = open_store(EtcdSettings(endpoints=endpoints_from_text(args.etcd_endpoints)))
     await store.connect()
     baseline = Baseline(state_dir, args.http_bind)
     catalog = Catalog(store, args.prefix)

@@ -19,7 +19,7 @@ from pathlib import Path
 from bench import adapter, cdf, churn, deploy, report, routing, scenarios, tls
 from bench.backends import Backends, raise_fd_limit
 from bench.report import Row, ms, ratio
-from fluster.store import EtcdSettings, Store
+from fluster.store import EtcdSettings, open_store
 from testbed.etcd import Etcd
 
 ROWS = (
@@ -120,7 +120,7 @@ async def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], list[str
     only = set(args.only)
     etcd = Etcd(work / "etcd").start()
     backends = Backends(21000, scenarios.PORTS_NEEDED).start()
-    store = Store(EtcdSettings(endpoints=etcd.endpoint_list))
+    store = open_store(EtcdSettings(endpoints=etcd.endpoint_list))
     await store.connect()
     env = scenarios.Env(work, etcd, store, backends, args.quick)
     env.split_ports()

@@ -93,7 +93,7 @@ def measure(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--window", type=float, default=60.0, help="seconds measured")
     parser.add_argument("--ttl", type=int, default=10)
     parser.add_argument("--docker", action="store_true", help="also the host agent (--all)")

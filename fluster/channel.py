@@ -1,7 +1,6 @@
-"""How a Store reaches etcd: the settings every component shares, the endpoints, and
-the one gRPC channel to all members (`round_robin` over the resolved endpoints, so a
-dead or frozen member, noticed by HTTP/2 keepalive pings, drops out and calls go to a
-live one)."""
+"""How a Store reaches etcd: the settings every component shares, the endpoints and
+their resolution (the wire itself is the transport's: fluster/store_grpc.py,
+fluster/store_http.py)."""
 
 from __future__ import annotations
 
@@ -10,16 +9,9 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 from urllib.parse import urlsplit
 
-import grpc
-import grpc.aio
-
-# Pings every 6 s, dead after 5 s more without an ack: a frozen member is noticed in ~11 s.
-# etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time), hence not lower.
-KEEPALIVE_TIME_MS = 6_000
-KEEPALIVE_TIMEOUT_MS = 5_000
 DEFAULT_TIMEOUT = 5.0
 
 
@@ -35,6 +27,9 @@ class EtcdSettings:
     password: str | None = field(default=None, repr=False)
     tls_server_name: str | None = None
     timeout: float = DEFAULT_TIMEOUT
+    # grpc, http (etcd's JSON gateway) or auto: the component's own choice
+    # (fluster.store.transport_for).
+    transport: Literal["auto", "grpc", "http"] = "auto"
 
     @property
     def tls(self) -> bool:
@@ -89,38 +84,6 @@ def endpoints_from_text(text: str) -> tuple[str, ...]:
     if errors:
         raise ValueError("; ".join(errors))
     return parts
-
-
-async def open_channel(s: EtcdSettings) -> grpc.aio.Channel:
-    """One channel to every member: `round_robin` over the resolved endpoints."""
-    hosts = [parse_endpoint(e) for e in s.endpoints]
-    addresses = await asyncio.gather(*(resolve(h, p) for h, p in hosts))
-    families = {a.startswith("[") for a in addresses}
-    if len(families) > 1:
-        raise ValueError("etcd endpoints mix IPv4 and IPv6 addresses; use one family")
-    target = ("ipv6:" if True in families else "ipv4:") + ",".join(addresses)
-    options: list[tuple[str, Any]] = [
-        ("grpc.lb_policy_name", "round_robin"),
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        # etcd refuses pings on a connection with no open stream (GOAWAY
-        # "too_many_pings"); streams are what the pings guard anyway.
-        ("grpc.keepalive_permit_without_calls", 0),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.initial_reconnect_backoff_ms", 200),
-        ("grpc.max_reconnect_backoff_ms", 2_000),
-        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ]
-    if not s.tls:
-        return grpc.aio.insecure_channel(target, options=options)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=s.cacert.read_bytes() if s.cacert else None,
-        private_key=s.key.read_bytes() if s.key else None,
-        certificate_chain=s.cert.read_bytes() if s.cert else None,
-    )
-    # With several addresses in one target gRPC cannot derive the name to verify.
-    options.append(("grpc.ssl_target_name_override", s.tls_server_name or hosts[0][0]))
-    return grpc.aio.secure_channel(target, credentials, options=options)
 
 
 class Unresolved(OSError):

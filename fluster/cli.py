@@ -23,6 +23,7 @@ from fluster.settings import (
     DOMAIN,
     ETCD_OPTIONS,
     PREFIX,
+    HelpFormatter,
     Option,
     Problems,
     SettingsError,
@@ -30,7 +31,7 @@ from fluster.settings import (
     etcd_settings,
     resolve,
 )
-from fluster.store import Store
+from fluster.store import open_store
 
 EPILOG = """\
 exit status:
@@ -183,7 +184,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         description="Operate the fluster registry: list services, promote, canary, roll back. "
         "Every global option is also an environment variable (shown in [env ...]).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fluster {__version__}")
     add_options(parser.add_argument_group("etcd"), ETCD_OPTIONS, environ)
@@ -207,7 +208,7 @@ def _add_commands(
             help=command.help,
             description=command.help,
             epilog=EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         add_options(p, command.options, environ)
         if command.actions:
@@ -274,7 +275,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     color = sys.stdout.isatty() and "NO_COLOR" not in environ
     cli = Cli(command.name, values, values[PREFIX], action.name if action else "", color)
     try:
-        return run(cli.main(Store(settings)))
+        return run(cli.main(open_store(settings)))
     except KeyboardInterrupt:
         return EXIT_ERROR
 

@@ -76,13 +76,18 @@ def setup_logging(
     )
 
 
-def run(main: Coroutine[Any, Any, int]) -> int:
-    """Run `main` on uvloop when it is installed, else on asyncio's own loop."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a declared dependency
-        return asyncio.run(main)
-    return uvloop.run(main)
+def run(main: Coroutine[Any, Any, int], *, fast_loop: bool = True) -> int:
+    """Run `main` on uvloop when it is installed and `fast_loop` (the reloader's and the
+    deployer's throughput), else on asyncio's own loop (the sidekick's: uvloop costs
+    more memory than the sidekick's whole event loop ever needs)."""
+    if fast_loop:
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a declared dependency
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 @contextlib.contextmanager

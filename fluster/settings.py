@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -331,6 +332,16 @@ ETCD_TLS_SERVER_NAME: Option[str] = Option(
     "",
     shown="the first endpoint's host",
 )
+ETCD_TRANSPORT: Option[str] = Option(
+    "--etcd-transport",
+    "ETCD_TRANSPORT",
+    "how to talk to etcd: grpc, or http (etcd's JSON gateway on the same port: a much "
+    "smaller process; with a client certificate it needs one without a CommonName and "
+    "--etcd-user); auto: http for the sidekick unless it has a client certificate, grpc "
+    "for the rest",
+    "auto",
+    parse=one_of("auto", "grpc", "http"),
+)
 PREFIX: Option[str] = Option(
     "--prefix",
     "FLUSTER_PREFIX",
@@ -346,6 +357,7 @@ ETCD_OPTIONS: tuple[Option[Any], ...] = (
     ETCD_USER,
     ETCD_PASSWORD,
     ETCD_TLS_SERVER_NAME,
+    ETCD_TRANSPORT,
     PREFIX,
 )
 
@@ -400,6 +412,12 @@ def etcd_settings(values: Values, problems: Problems) -> EtcdSettings:
     problems.check(
         not user or bool(password), "--etcd-user needs --etcd-password (or ETCD_PASSWORD)"
     )
+    transport = values[ETCD_TRANSPORT]
+    problems.check(
+        transport != "http" or cert is None or bool(user),
+        "--etcd-transport http with a client certificate needs --etcd-user: etcd's "
+        "gateway takes no identity from a certificate (or use grpc)",
+    )
     return EtcdSettings(
         endpoints=values[ETCD_ENDPOINTS],
         cacert=values[ETCD_CACERT],
@@ -408,7 +426,21 @@ def etcd_settings(values: Values, problems: Problems) -> EtcdSettings:
         user=user or None,
         password=password or None,
         tls_server_name=values[ETCD_TLS_SERVER_NAME] or None,
+        transport=cast(Literal["auto", "grpc", "http"], transport),
     )
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's, told the terminal's width: argparse asks `shutil` for it, and
+    importing shutil loads the bz2 and lzma libraries, half a megabyte of every
+    sidekick's memory (bench/sidekick_footprint.py)."""
+
+    def __init__(self, prog: str) -> None:
+        try:
+            width = int(os.environ.get("COLUMNS", "0")) or os.get_terminal_size().columns or 80
+        except (ValueError, OSError):
+            width = 80
+        super().__init__(prog, width=width - 2)
 
 
 def make_directory(path: Path, flag: str) -> str | None:

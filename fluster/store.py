@@ -1,42 +1,28 @@
-"""The one module that talks to etcd.
+"""The one interface fluster has to etcd, whichever way it travels.
 
-Everything else in fluster sees `Store` and the few exceptions below, never gRPC: the
-client library (etcd3aio, for its generated etcd v3 stubs) can be swapped here alone.
-We drive the stubs ourselves rather than through etcd3aio's services because the parts
-that matter for a discovery system are exactly the ones a generic client gets subtly
-wrong for us: watches must carry `hasleader` and must surface compaction instead of
-skipping past it, lease keepalives must use one long-lived stream, and every gRPC error
-must become one of our exceptions at the call site.
+Everything in fluster sees `Store`, the records below and the few exceptions, never a
+wire format. Two transports implement it (`open_store` picks one from the settings):
 
-One channel serves all members (fluster/channel.py, with the settings every component
-shares): `round_robin` over the resolved endpoints, so a dead or frozen member (noticed
-by HTTP/2 keepalive pings) drops out and calls go to a live one.
+- gRPC (`fluster/store_grpc.py`): etcd's own protocol, one HTTP/2 channel to every
+  member, long-lived lease and watch streams with progress requests. The reloader, the
+  deployer and the CLI use it.
+- HTTP (`fluster/store_http.py`): etcd's JSON gateway on the same port, over a small
+  HTTP/1.1 client. It exists for the sidekick, which runs on every host beside the
+  containers: without grpcio and protobuf a sidekick fits in 25 MB instead of 46.
+
+Both give the same answers and raise the same exceptions; `tests/test_store.py` runs its
+checks against both on a real etcd.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import abc
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-import grpc
-import grpc.aio
-
-# etcd3aio keeps its generated stubs in a private module; importing it here (and only
-# here) is the price of driving the streams ourselves.
-from etcd3aio import _protobuf as pb
-
-from fluster.channel import (
-    EtcdSettings,
-    Unresolved,
-    open_channel,
-)
+from fluster.channel import EtcdSettings
 from fluster.runtime import Backoff
-
-_PROGRESS = pb.rpc_pb2.WatchProgressRequest()  # type: ignore[attr-defined]
-_DELETE = pb.kv_pb2.Event.DELETE  # type: ignore[attr-defined]
 
 # The one retry policy for etcd calls that must eventually succeed (a record, a lease,
 # a watch): back within a second of etcd being reachable again; after an AuthError,
@@ -102,16 +88,6 @@ class WatchBatch:
     events: tuple[Event, ...]
 
 
-def _kv(raw: Any) -> KeyValue:
-    return KeyValue(
-        key=raw.key.decode("utf-8", "replace"),
-        value=bytes(raw.value),
-        mod_revision=raw.mod_revision,
-        create_revision=raw.create_revision,
-        lease=raw.lease,
-    )
-
-
 def prefix_end(prefix: bytes) -> bytes:
     """The exclusive range end that selects every key starting with `prefix`."""
     end = bytearray(prefix)
@@ -123,28 +99,37 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\0"
 
 
-def map_error(exc: grpc.aio.AioRpcError, what: str) -> StoreError:
-    """Turn a gRPC status into one of ours, keeping etcd's own words."""
-    code, detail = exc.code(), exc.details() or ""
-    message = f"{what}: {detail or code.name}"
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+# gRPC status codes (the same numbers etcd's JSON gateway reports).
+CANCELLED, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND = 1, 2, 3, 4, 5
+PERMISSION_DENIED, RESOURCE_EXHAUSTED, OUT_OF_RANGE, INTERNAL = 7, 8, 11, 13
+UNAVAILABLE, UNAUTHENTICATED = 14, 16
+_RETRYABLE = {CANCELLED, UNKNOWN, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, UNAVAILABLE}
+
+
+def error_for(code: int, detail: str, what: str) -> StoreError:
+    """One of ours for etcd's status `code` and words, whichever transport brought them."""
+    message = f"{what}: {detail}"
+    if code in (UNAUTHENTICATED, PERMISSION_DENIED):
         return AuthError(message)
-    if code == grpc.StatusCode.INVALID_ARGUMENT and "authentication failed" in detail:
+    if code == INVALID_ARGUMENT and "authentication failed" in detail:
         return AuthError(f"{what}: wrong user name or password")
-    if code == grpc.StatusCode.NOT_FOUND and "lease" in detail:
+    if code == NOT_FOUND and "lease" in detail:
         return LeaseLost(message)
-    if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in detail:
+    if code == OUT_OF_RANGE and "compacted" in detail:
         return Compacted(0)
-    if code in (
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.INTERNAL,
-    ):
+    if code in _RETRYABLE:
         return Unavailable(message)
     return StoreError(message)
+
+
+def watch_cancelled(prefix: str, reason: str) -> StoreError:
+    """One of ours for a watch etcd cancelled or refused, by its reason."""
+    reason = reason or "refused by the server"
+    if "permission" in reason or "auth" in reason:
+        return AuthError(f"watch {prefix}: {reason}")
+    if "leader" in reason:
+        return Unavailable(f"watch {prefix}: {reason}")
+    return WatchRefused(f"watch {prefix}: {reason}")
 
 
 def retry_backoff() -> Backoff:
@@ -157,37 +142,18 @@ def retry_cap(exc: BaseException) -> float:
     return AUTH_RETRY_CAP if isinstance(exc, AuthError) else RETRY_CAP
 
 
-class Store:
+class Store(abc.ABC):
     """An etcd v3 client for fluster's needs: ranges, txns, leases and watches."""
 
     def __init__(self, settings: EtcdSettings) -> None:
         self.settings = settings
-        self._channel: grpc.aio.Channel | None = None
-        self._token: str | None = None
-        self._auth_lock = asyncio.Lock()
 
-    # -- connection ---------------------------------------------------------------------
-
+    @abc.abstractmethod
     async def connect(self) -> None:
-        """Build the channel (no I/O happens until the first call) and authenticate."""
-        if self._channel is None:
-            try:
-                self._channel = await open_channel(self.settings)
-            except Unresolved as exc:
-                raise Unavailable(str(exc)) from None
-            except ValueError as exc:
-                raise StoreError(str(exc)) from None
-            self._kv = pb.KVStub(self._channel)
-            self._lease = pb.LeaseStub(self._channel)
-            self._watch = pb.WatchStub(self._channel)
-            self._auth = pb.AuthStub(self._channel)
-        if self.settings.user:
-            await self._authenticate()
+        """Get ready (and authenticate when a user is set); I/O may wait for the first call."""
 
-    async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+    @abc.abstractmethod
+    async def close(self) -> None: ...
 
     async def __aenter__(self) -> Store:
         await self.connect()
@@ -196,55 +162,18 @@ class Store:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    @property
-    def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("token", self._token),) if self._token else ()
-
-    async def _authenticate(self) -> None:
-        async with self._auth_lock:
-            request = pb.AuthenticateRequest(
-                name=self.settings.user, password=self.settings.password or ""
-            )
-            try:
-                reply = await self._auth.Authenticate(request, timeout=self.settings.timeout)
-            except grpc.aio.AioRpcError as exc:
-                raise map_error(exc, "authenticate") from None
-            self._token = reply.token
-
-    async def _call(self, what: str, method: str, request: Any) -> Any:
-        """One unary RPC (`method` is "stub.Method") with a deadline; an expired token is
-        renewed and retried once."""
-        if self._channel is None:
-            await self.connect()
-        stub, _, name = method.partition(".")
-        call = getattr(getattr(self, f"_{stub}"), name)
-        for attempt in (1, 2):
-            try:
-                return await call(request, metadata=self._metadata, timeout=self.settings.timeout)
-            except grpc.aio.AioRpcError as exc:
-                expired = exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.settings.user
-                if expired and attempt == 1:
-                    await self._authenticate()
-                    continue
-                raise map_error(exc, what) from None
-        raise AssertionError("unreachable")
-
     # -- key-value ----------------------------------------------------------------------
 
+    @abc.abstractmethod
     async def get(self, key: str, *, revision: int = 0) -> tuple[int, KeyValue | None]:
         """(store revision, the key or None), now or as it was at `revision` (Compacted
         when etcd no longer keeps that revision)."""
-        request = pb.RangeRequest(key=key.encode(), revision=revision)
-        reply = await self._call("get", "kv.Range", request)
-        return reply.header.revision, (_kv(reply.kvs[0]) if reply.kvs else None)
 
+    @abc.abstractmethod
     async def get_prefix(self, prefix: str, *, revision: int = 0) -> tuple[int, list[KeyValue]]:
         """(store revision, every key under `prefix`), one consistent read."""
-        raw = prefix.encode()
-        request = pb.RangeRequest(key=raw, range_end=prefix_end(raw), revision=revision)
-        reply = await self._call("get prefix", "kv.Range", request)
-        return reply.header.revision, [_kv(kv) for kv in reply.kvs]
 
+    @abc.abstractmethod
     async def count_prefix(
         self,
         prefix: str,
@@ -254,37 +183,17 @@ class Store:
         min_create_revision: int = 0,
     ) -> int:
         """How many keys under `prefix` (at `revision`, changed or created at or after the
-        minimums); no value crosses the wire. Compacted for an old revision.
+        minimums); no value crosses the wire. Compacted for an old revision."""
 
-        etcd's `count` ignores the revision filters (they prune the returned keys only),
-        so a filtered count reads the matching keys, without values, and counts them."""
-        raw = prefix.encode()
-        filtered = bool(min_mod_revision or min_create_revision)
-        request = pb.RangeRequest(
-            key=raw,
-            range_end=prefix_end(raw),
-            revision=revision,
-            count_only=not filtered,
-            keys_only=filtered,
-            min_mod_revision=min_mod_revision,
-            min_create_revision=min_create_revision,
-        )
-        reply = await self._call("count prefix", "kv.Range", request)
-        return len(reply.kvs) if filtered else int(reply.count)
-
+    @abc.abstractmethod
     async def put(self, key: str, value: str | bytes, *, lease: int = 0) -> int:
-        data = value.encode() if isinstance(value, str) else value
-        request = pb.PutRequest(key=key.encode(), value=data, lease=lease)
-        reply = await self._call("put", "kv.Put", request)
-        return int(reply.header.revision)
+        """Write `key`; returns the new store revision."""
 
+    @abc.abstractmethod
     async def delete(self, key: str, *, prefix: bool = False) -> int:
         """Delete a key (or every key under it); returns how many went."""
-        raw = key.encode()
-        request = pb.DeleteRangeRequest(key=raw, range_end=prefix_end(raw) if prefix else b"")
-        reply = await self._call("delete", "kv.DeleteRange", request)
-        return int(reply.deleted)
 
+    @abc.abstractmethod
     async def replace(
         self,
         key: str,
@@ -298,142 +207,70 @@ class Store:
         `mod_revision=0` means "only if the key does not exist". Raises Conflict when
         someone else wrote in between; returns the new store revision.
         """
-        raw = key.encode()
-        compare = pb.Compare(
-            result=pb.Compare.EQUAL, target=pb.Compare.MOD, key=raw, mod_revision=mod_revision
-        )
-        if value is None:
-            op = pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=raw))
-        else:
-            data = value.encode() if isinstance(value, str) else value
-            op = pb.RequestOp(request_put=pb.PutRequest(key=raw, value=data, lease=lease))
-        reply = await self._call(
-            "transaction", "kv.Txn", pb.TxnRequest(compare=[compare], success=[op])
-        )
-        if not reply.succeeded:
-            raise Conflict(
-                f"{key} changed since it was read (expected mod revision {mod_revision})"
-            )
-        return int(reply.header.revision)
 
-    async def compact(self, revision: int) -> None:
-        request = pb.CompactionRequest(revision=revision, physical=True)
-        await self._call("compact", "kv.Compact", request)
+    @abc.abstractmethod
+    async def compact(self, revision: int) -> None: ...
 
+    # -- leases -------------------------------------------------------------------------
+
+    @abc.abstractmethod
     async def grant(self, ttl: int) -> int:
-        reply = await self._call("lease grant", "lease.LeaseGrant", pb.LeaseGrantRequest(TTL=ttl))
-        if reply.error:
-            raise StoreError(f"lease grant: {reply.error}")
-        return int(reply.ID)
+        """A new lease of `ttl` seconds; its id."""
 
+    @abc.abstractmethod
     async def revoke(self, lease: int) -> None:
-        with contextlib.suppress(LeaseLost):
-            await self._call("lease revoke", "lease.LeaseRevoke", pb.LeaseRevokeRequest(ID=lease))
+        """End `lease` and delete its keys; an expired one is fine."""
 
-    async def keepalive(self, lease: int, interval: float) -> AsyncIterator[int]:
-        """Refresh `lease` every `interval` seconds over one stream; yields each new TTL.
+    @abc.abstractmethod
+    def keepalive(self, lease: int, interval: float) -> AsyncIterator[int]:
+        """Refresh `lease` every `interval` seconds; yields each new TTL.
 
-        Raises LeaseLost when etcd says the lease is gone, Unavailable when the stream
-        breaks or an answer is overdue (a frozen member never closes the stream itself).
+        Raises LeaseLost when etcd says the lease is gone, Unavailable when the
+        connection breaks or an answer is overdue (a frozen member never answers).
         """
-        if self._channel is None:
-            await self.connect()
-
-        async def requests() -> AsyncIterator[Any]:
-            while True:
-                yield pb.LeaseKeepAliveRequest(ID=lease)
-                await asyncio.sleep(interval)
-
-        call = self._lease.LeaseKeepAlive(requests(), metadata=self._metadata)
-        try:
-            while True:
-                async with asyncio.timeout(interval + self.settings.timeout):
-                    reply = await call.read()
-                if reply is grpc.aio.EOF:
-                    raise Unavailable("lease keepalive: stream closed by the server")
-                if reply.TTL <= 0:
-                    raise LeaseLost(f"lease {lease:x} expired")
-                yield int(reply.TTL)
-        except TimeoutError:
-            raise Unavailable("lease keepalive: no answer from etcd") from None
-        except grpc.aio.AioRpcError as exc:
-            raise map_error(exc, "lease keepalive") from None
-        finally:
-            call.cancel()
 
     # -- watch --------------------------------------------------------------------------
 
-    async def watch(
+    @abc.abstractmethod
+    def watch(
         self, prefix: str, start_revision: int, *, progress_every: float = 5.0
     ) -> AsyncIterator[WatchBatch]:
         """Stream every change under `prefix` from `start_revision`, with previous values.
 
         Never resumes by itself: a broken stream raises Unavailable, history that was
         compacted away raises Compacted, and a refused watch raises WatchRefused, so the
-        caller (the catalog) decides between resuming and a full resync.
+        caller (fluster/follow.py) decides between resuming and a full resync.
 
-        Every `progress_every` seconds we ask etcd for a progress notification, which
-        arrives as a batch with no events: proof that the stream is alive and current
-        up to its revision even when nothing changes. Silence for longer than that plus
-        the call timeout means the member is frozen, and raises Unavailable.
+        About every `progress_every` seconds without a change the stream yields a batch
+        with no events: proof that it is alive and current (its revision is not a
+        promise that every event up to it was delivered). Silence for longer than that
+        plus the call timeout means the member is frozen, and raises Unavailable.
         """
-        if self._channel is None:
-            await self.connect()
-        raw = prefix.encode()
-        create = pb.WatchCreateRequest(
-            key=raw, range_end=prefix_end(raw), start_revision=start_revision, prev_kv=True
-        )
 
-        async def requests() -> AsyncIterator[Any]:
-            yield pb.WatchRequest(create_request=create)
-            while True:
-                await asyncio.sleep(progress_every)
-                yield pb.WatchRequest(progress_request=_PROGRESS)
 
-        # `hasleader`: a member cut off from the quorum cancels this watch instead of
-        # serving a stale stream forever.
-        metadata = (*self._metadata, ("hasleader", "true"))
-        call = self._watch.Watch(requests(), metadata=metadata)
-        try:
-            while True:
-                async with asyncio.timeout(progress_every + self.settings.timeout):
-                    reply = await call.read()
-                if reply is grpc.aio.EOF:
-                    raise Unavailable(f"watch {prefix}: stream ended")
-                if reply.compact_revision:
-                    raise Compacted(int(reply.compact_revision))
-                if reply.canceled or (reply.created and reply.watch_id == -1):
-                    raise self._cancelled(prefix, reply.cancel_reason)
-                if reply.created:
-                    continue
-                events = tuple(
-                    Event(
-                        type="delete" if ev.type == _DELETE else "put",
-                        kv=_kv(ev.kv),
-                        prev=_kv(ev.prev_kv) if ev.HasField("prev_kv") else None,
-                    )
-                    for ev in reply.events
-                )
-                yield WatchBatch(int(reply.header.revision), events)
-        except TimeoutError:
-            raise Unavailable(f"watch {prefix}: no word from etcd, member frozen?") from None
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.settings.user:
-                with contextlib.suppress(StoreError):
-                    await self._authenticate()  # the caller's resume will use the new token
-                raise Unavailable(f"watch {prefix}: auth token expired, renewed") from None
-            raise map_error(exc, f"watch {prefix}") from None
-        finally:
-            call.cancel()
+Transport = Literal["grpc", "http"]
 
-    @staticmethod
-    def _cancelled(prefix: str, reason: str) -> StoreError:
-        reason = reason or "refused by the server"
-        if "permission" in reason or "auth" in reason:
-            return AuthError(f"watch {prefix}: {reason}")
-        if "leader" in reason:
-            return Unavailable(f"watch {prefix}: {reason}")
-        return WatchRefused(f"watch {prefix}: {reason}")
+
+def transport_for(settings: EtcdSettings, preferred: Transport = "grpc") -> Transport:
+    """The transport `settings` ask for; `auto` is `preferred`, except that a client
+    certificate goes over gRPC: etcd's gateway does not take a certificate's identity
+    (its CN) and, with `--client-cert-auth`, refuses a certificate that has a CN at all."""
+    if settings.transport != "auto":
+        return settings.transport
+    if preferred == "http" and settings.cert is not None:
+        return "grpc"
+    return preferred
+
+
+def open_store(settings: EtcdSettings, *, preferred: Transport = "grpc") -> Store:
+    """A Store for `settings` (not connected yet); see `transport_for`."""
+    if transport_for(settings, preferred) == "http":
+        from fluster.store_http import HttpStore
+
+        return HttpStore(settings)
+    from fluster.store_grpc import GrpcStore
+
+    return GrpcStore(settings)
 
 
 __all__: Sequence[str] = (
@@ -449,4 +286,5 @@ __all__: Sequence[str] = (
     "Unavailable",
     "WatchBatch",
     "WatchRefused",
+    "open_store",
 )

@@ -19,7 +19,7 @@ import structlog
 
 from fluster.catalog import Catalog, Snapshot
 from fluster.runtime import Supervisor, TaskDied
-from fluster.store import Store
+from fluster.store import open_store
 from reloader.acme import AcmeIssuer
 from reloader.apply import Applier, ApplyFailed, Rejected
 from reloader.build import ServiceCache, build_model
@@ -55,7 +55,7 @@ class Reloader:
         self.settings = settings
         self.renderer = renderer
         rs = settings.render
-        self.store = Store(settings.etcd)
+        self.store = open_store(settings.etcd)
         self.catalog = Catalog(self.store, settings.prefix)
         self.debouncer = Debouncer(settings.quiet, settings.max_wait)
         self.guard = RemovalGuard(settings.max_removal_pct, settings.removal_hold, settings.guard)

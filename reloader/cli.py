@@ -12,7 +12,7 @@ from fluster import keys
 from fluster.catalog import Catalog
 from fluster.runtime import capture_signals, run, setup_logging
 from fluster.settings import SettingsError, exit_on_problems, make_directory
-from fluster.store import Store, StoreError
+from fluster.store import StoreError, open_store
 from reloader import settings as settings_mod
 from reloader.app import Reloader
 from reloader.listener import http_listener
@@ -24,7 +24,7 @@ log = structlog.get_logger("reloader")
 
 
 async def render_once(settings: settings_mod.Settings, renderer: Renderer) -> int:
-    async with Store(settings.etcd) as store:
+    async with open_store(settings.etcd) as store:
         snapshot = await Catalog(store, settings.prefix).load()
         _, certs = await store.get_prefix(keys.certs_prefix(settings.prefix))
     # HTTPS is on when a record is there; its validity is the running reloader's concern.

@@ -16,6 +16,7 @@ from fluster.settings import (
     DOMAIN,
     ETCD_OPTIONS,
     PREFIX,
+    HelpFormatter,
     Option,
     Problems,
     add_options,
@@ -363,7 +364,7 @@ def parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="reloader",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_options(p, OPTIONS, environ)
     add_options(p.add_argument_group("etcd"), ETCD_OPTIONS, environ)

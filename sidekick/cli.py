@@ -19,7 +19,7 @@ import structlog
 from fluster.docker import Docker
 from fluster.runtime import Supervisor, TaskDied, capture_signals, run, setup_logging
 from fluster.settings import SettingsError, exit_on_problems, make_directory
-from fluster.store import Store, StoreError, retry_backoff, retry_cap
+from fluster.store import Store, StoreError, open_store, retry_backoff, retry_cap
 from sidekick import status
 from sidekick.agent import Sidekick
 from sidekick.plan import PlanError, detect_ip, node_name
@@ -45,12 +45,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
-    return run(serve(settings))
+    return run(serve(settings), fast_loop=False)
 
 
 async def serve(s: Settings) -> int:
     stop = asyncio.Event()
-    store = Store(s.etcd)
+    store = open_store(s.etcd, preferred="http")
     docker = Docker(s.docker_host) if s.mode != "static" else None
     # Docker modes learn the node name from dockerd (the host's name even when the
     # sidekick itself runs in a container) unless --node says otherwise.

@@ -31,6 +31,7 @@ from fluster.records import (
 from fluster.settings import (
     ETCD_OPTIONS,
     MAX_LEASE_TTL,
+    HelpFormatter,
     Option,
     Problems,
     add_options,
@@ -328,7 +329,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sidekick",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sidekick {__version__}")
     for title, group in (

@@ -11,7 +11,7 @@ import pytest
 
 from fluster.catalog import Catalog, Snapshot
 from fluster.records import Instance
-from fluster.store import EtcdSettings, Event, KeyValue, Store
+from fluster.store import EtcdSettings, Event, KeyValue, Store, open_store
 from tests.support.etcd import Etcd, eventually
 
 PREFIX = "/fluster"
@@ -38,7 +38,7 @@ async def etcd_state(store: Store, revision: int = 0) -> dict[str, dict[str, Ins
 
 @pytest.fixture
 async def store(etcd: Etcd) -> AsyncIterator[Store]:
-    async with Store(EtcdSettings(endpoints=etcd.endpoint_list)) as st:
+    async with open_store(EtcdSettings(endpoints=etcd.endpoint_list)) as st:
         yield st
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from fluster import ops
 from fluster.records import ServiceSpec
-from fluster.store import Conflict, EtcdSettings, Store
+from fluster.store import Conflict, EtcdSettings, open_store
 from tests.support.etcd import Etcd, wait_for
 
 PREFIX = "/fluster"
@@ -116,7 +116,7 @@ def test_drain_keeps_the_lease(etcd: Etcd, cli) -> None:  # type: ignore[no-unty
 async def test_a_stale_write_is_a_conflict(etcd: Etcd) -> None:
     register(etcd, "web", "a", "v1")
     register(etcd, "web", "b", "v2")
-    async with Store(EtcdSettings(endpoints=etcd.endpoint_list)) as store:
+    async with open_store(EtcdSettings(endpoints=etcd.endpoint_list)) as store:
         stale = (await ops.snapshot(store, PREFIX)).services["web"]
         await ops.promote(store, PREFIX, "web", "v1")  # another operator got there first
         with pytest.raises(Conflict):
@@ -371,7 +371,7 @@ def test_an_invalid_spec_over_a_promotion_is_replaced_from_the_last_valid_one(  
 
 async def test_a_write_over_an_invalid_spec_still_compares_what_it_read(etcd: Etcd) -> None:
     etcd.put(SPEC_KEY, "garbage")
-    async with Store(EtcdSettings(endpoints=etcd.endpoint_list)) as store:
+    async with open_store(EtcdSettings(endpoints=etcd.endpoint_list)) as store:
         _, svc, invalid = await ops.read_for_write(store, PREFIX, "web")
         assert svc is not None and invalid is not None and invalid.reason.startswith("spec: ")
         etcd.put(SPEC_KEY, "other garbage")  # someone else wrote in between

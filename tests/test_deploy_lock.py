@@ -14,7 +14,7 @@ import pytest
 from deployer.engine import DeployError
 from deployer.lock import TTL, deploy_lock
 from fluster import keys
-from fluster.store import EtcdSettings, Store
+from fluster.store import EtcdSettings, open_store
 from tests.support.etcd import Etcd
 
 HOLDER = """
@@ -23,7 +23,7 @@ from deployer.lock import deploy_lock
 from fluster.store import EtcdSettings, Store
 
 async def main():
-    async with Store(EtcdSettings(endpoints=(sys.argv[1],))) as store:
+    async with open_store(EtcdSettings(endpoints=(sys.argv[1],))) as store:
         async with deploy_lock(store, "/fluster", "web", "dead-deploy", wait_limit=5, say=print):
             print("holding", flush=True)
             await asyncio.sleep(3600)
@@ -40,7 +40,7 @@ async def test_a_second_deploy_waits_for_the_first(etcd: Etcd) -> None:
         said.append(text)
         asked.set()
 
-    async with Store(EtcdSettings(endpoints=etcd.endpoint_list)) as store:
+    async with open_store(EtcdSettings(endpoints=etcd.endpoint_list)) as store:
         holding, first_done = asyncio.Event(), asyncio.Event()
         order: list[str] = []
 
@@ -69,7 +69,7 @@ async def test_a_second_deploy_waits_for_the_first(etcd: Etcd) -> None:
 
 async def test_a_lock_held_too_long_is_a_clear_error(etcd: Etcd) -> None:
     async with (
-        Store(EtcdSettings(endpoints=etcd.endpoint_list)) as store,
+        open_store(EtcdSettings(endpoints=etcd.endpoint_list)) as store,
         deploy_lock(store, "/fluster", "web", "deploy-1", wait_limit=5, say=print),
     ):
         with pytest.raises(DeployError, match="deploy deploy-1 of web still running"):
@@ -92,7 +92,7 @@ async def test_a_dead_deploy_frees_the_lock_with_its_lease(etcd: Etcd) -> None:
         killed = time.monotonic()
         said: list[str] = []
         async with (
-            Store(EtcdSettings(endpoints=etcd.endpoint_list)) as store,
+            open_store(EtcdSettings(endpoints=etcd.endpoint_list)) as store,
             deploy_lock(store, "/fluster", "web", "next", wait_limit=3 * TTL, say=said.append),
         ):
             took = time.monotonic() - killed
@@ -114,7 +114,7 @@ async def test_a_deploy_that_promotes_over_an_invalid_spec_says_so(etcd: Etcd) -
     from deployer.records import AppConfig
 
     said: list[str] = []
-    async with Store(EtcdSettings(endpoints=etcd.endpoint_list)) as store:
+    async with open_store(EtcdSettings(endpoints=etcd.endpoint_list)) as store:
         await store.put(keys.spec_key("/fluster", "web"), '{"hosts": ["bad host"]}')
         for name in ("a", "b"):
             instance = '{"host": "127.0.0.1", "port": 8001, "version": "v2"}'
@@ -148,7 +148,7 @@ async def test_trimming_the_history_keeps_the_newest_ten_releases(etcd: Etcd) ->
             result="succeeded" if released else "failed", number=n + 1 if released else 0,
         )  # fmt: skip
 
-    async with Store(EtcdSettings(endpoints=etcd.endpoint_list)) as store:
+    async with open_store(EtcdSettings(endpoints=etcd.endpoint_list)) as store:
         for n in range(60):
             await apps.record(store, "/trim", record(n))
         # The newest 50 are records 10-59; releases 2-9 (v3-v10) stay besides.

@@ -7,16 +7,18 @@ paused with SIGSTOP, and single members with auth or mutual TLS enabled.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fluster.catalog import Catalog
-from fluster.store import AuthError, EtcdSettings, Store, StoreError, Unavailable
+from fluster.store import AuthError, EtcdSettings, StoreError, Unavailable, open_store
 from testbed.pki import Pki
 from tests.support.etcd import Etcd, Member, eventually
 
@@ -30,7 +32,7 @@ def ikey(name: str) -> str:
 
 @pytest.fixture
 async def catalog3(etcd3: Etcd) -> AsyncIterator[Catalog]:
-    async with Store(EtcdSettings(endpoints=etcd3.endpoint_list, timeout=2.0)) as store:
+    async with open_store(EtcdSettings(endpoints=etcd3.endpoint_list, timeout=2.0)) as store:
         catalog = Catalog(store, PREFIX, progress_every=1.0)
         task = asyncio.create_task(catalog.run(lambda s: None))
         await eventually(lambda: catalog.revision > 0)
@@ -88,8 +90,15 @@ async def test_frozen_member_is_noticed_and_a_live_one_takes_over(
         host.resume()
 
 
-async def test_store_calls_fail_fast_without_quorum(etcd3: Etcd) -> None:
-    async with Store(EtcdSettings(endpoints=etcd3.endpoint_list, timeout=1.0)) as store:
+@pytest.fixture(params=["grpc", "http"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each store check below runs over both transports (fluster/store.py)."""
+    return str(request.param)
+
+
+async def test_store_calls_fail_fast_without_quorum(etcd3: Etcd, transport: Any) -> None:
+    settings = EtcdSettings(endpoints=etcd3.endpoint_list, timeout=1.0, transport=transport)
+    async with open_store(settings) as store:
         await store.put("/x", "1")
         etcd3.members[0].stop()
         etcd3.members[1].stop()
@@ -116,16 +125,22 @@ def etcd_auth(etcd: Etcd) -> Etcd:
     return etcd
 
 
-async def test_wrong_password_is_a_clear_error(etcd_auth: Etcd) -> None:
-    settings = EtcdSettings(endpoints=etcd_auth.endpoint_list, user="alice", password="nope")
+async def test_wrong_password_is_a_clear_error(etcd_auth: Etcd, transport: Any) -> None:
+    settings = EtcdSettings(
+        endpoints=etcd_auth.endpoint_list, user="alice", password="nope", transport=transport
+    )
     with pytest.raises(AuthError, match="wrong user name or password"):
-        async with Store(settings):
+        async with open_store(settings):
             pass
 
 
-async def test_permission_denied_is_a_clear_error_for_reads_and_watches(etcd_auth: Etcd) -> None:
-    settings = EtcdSettings(endpoints=etcd_auth.endpoint_list, user="alice", password="alicepw")
-    async with Store(settings) as store:
+async def test_permission_denied_is_a_clear_error_for_reads_and_watches(
+    etcd_auth: Etcd, transport: Any
+) -> None:
+    settings = EtcdSettings(
+        endpoints=etcd_auth.endpoint_list, user="alice", password="alicepw", transport=transport
+    )
+    async with open_store(settings) as store:
         await store.get_prefix("/other/")  # allowed
         with pytest.raises(AuthError, match="permission denied"):
             await store.get_prefix(f"{PREFIX}/services/")
@@ -140,9 +155,11 @@ async def test_permission_denied_is_a_clear_error_for_reads_and_watches(etcd_aut
             await asyncio.wait_for(watch(), 10)
 
 
-async def test_expired_token_is_renewed(etcd_auth: Etcd) -> None:
-    settings = EtcdSettings(endpoints=etcd_auth.endpoint_list, user="alice", password="alicepw")
-    async with Store(settings) as store:
+async def test_expired_token_is_renewed(etcd_auth: Etcd, transport: Any) -> None:
+    settings = EtcdSettings(
+        endpoints=etcd_auth.endpoint_list, user="alice", password="alicepw", transport=transport
+    )
+    async with open_store(settings) as store:
         store._token = "stale.token.from-before"  # as if etcd had expired it
         await store.get_prefix("/other/")
         assert store._token != "stale.token.from-before"
@@ -158,7 +175,7 @@ def etcd_tls(tmp_path: Path) -> AsyncIterator[Etcd]:
     cluster.stop()
 
 
-async def test_mutual_tls(etcd_tls: Etcd) -> None:
+async def test_mutual_tls(etcd_tls: Etcd, transport: Any) -> None:
     pki = etcd_tls.pki
     assert pki is not None
     good = EtcdSettings(
@@ -167,17 +184,18 @@ async def test_mutual_tls(etcd_tls: Etcd) -> None:
         cert=pki.client_cert("reloader"),
         key=pki.client_key("reloader"),
         timeout=2.0,
+        transport=transport,
     )
-    async with Store(good) as store:
+    async with open_store(good) as store:
         await store.put("/tls", "ok")
         assert (await store.get("/tls"))[1] is not None
 
-    no_cert = EtcdSettings(endpoints=good.endpoints, cacert=pki.ca, timeout=2.0)
-    async with Store(no_cert) as store:
+    no_cert = dataclasses.replace(good, cert=None, key=None)
+    async with open_store(no_cert) as store:
         with pytest.raises(Unavailable):
             await store.get("/tls")
 
-    plaintext = EtcdSettings(endpoints=etcd_tls.endpoint_list, timeout=2.0)
-    async with Store(plaintext) as store:
+    plaintext = EtcdSettings(endpoints=etcd_tls.endpoint_list, timeout=2.0, transport=transport)
+    async with open_store(plaintext) as store:
         with pytest.raises(Unavailable):
             await store.get("/tls")

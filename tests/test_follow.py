@@ -9,13 +9,15 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 import pytest
 
 from fluster.follow import Follow, until
-from fluster.store import EtcdSettings, KeyValue, Store, WatchBatch
+from fluster.store import EtcdSettings, KeyValue, Store, WatchBatch, open_store
 from tests.support.etcd import Etcd, eventually
 
 
-@pytest.fixture
-async def store(etcd: Etcd) -> AsyncIterator[Store]:
-    async with Store(EtcdSettings(endpoints=etcd.endpoint_list)) as st:
+@pytest.fixture(params=["grpc", "http"])
+async def store(etcd: Etcd, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    async with open_store(
+        EtcdSettings(endpoints=etcd.endpoint_list, transport=request.param)
+    ) as st:
         yield st
 
 

@@ -8,13 +8,15 @@ from collections.abc import AsyncIterator
 import pytest
 
 from fluster.lease import Lease
-from fluster.store import Conflict, EtcdSettings, Store
+from fluster.store import Conflict, EtcdSettings, Store, open_store
 from tests.support.etcd import Etcd, eventually
 
 
-@pytest.fixture
-async def store(etcd: Etcd) -> AsyncIterator[Store]:
-    async with Store(EtcdSettings(endpoints=etcd.endpoint_list)) as st:
+@pytest.fixture(params=["grpc", "http"])
+async def store(etcd: Etcd, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    async with open_store(
+        EtcdSettings(endpoints=etcd.endpoint_list, transport=request.param)
+    ) as st:
         yield st
 
 

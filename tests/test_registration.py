@@ -20,7 +20,7 @@ import pytest
 from fluster.docker import DockerEvent
 from fluster.records import Instance, ServiceSpec
 from fluster.runtime import Supervisor
-from fluster.store import EtcdSettings, Event, Store
+from fluster.store import EtcdSettings, Event, Store, open_store
 from sidekick.agent import Sidekick, response_to
 from sidekick.hub import Hub
 from sidekick.plan import plan_static
@@ -44,9 +44,11 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-async def store(etcd: Etcd) -> AsyncIterator[Store]:
-    async with Store(EtcdSettings(endpoints=etcd.endpoint_list)) as st:
+@pytest.fixture(params=["grpc", "http"])
+async def store(etcd: Etcd, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    async with open_store(
+        EtcdSettings(endpoints=etcd.endpoint_list, transport=request.param)
+    ) as st:
         yield st
 
 

@@ -26,7 +26,7 @@ from etcd3aio import _protobuf as pb
 from fluster import keys
 from fluster.catalog import Catalog, Snapshot
 from fluster.records import Instance, ServiceSpec
-from fluster.store import EtcdSettings, Store
+from fluster.store import EtcdSettings, Store, open_store
 from tests.support.etcd import Etcd, eventually, wait_for
 from tests.support.faults import Load, service_servers
 from tests.support.fuzz import Fuzzer, Record, known_escapes
@@ -94,7 +94,7 @@ class ValidSet:
 
 @pytest.fixture
 async def store(etcd: Etcd) -> AsyncIterator[Store]:
-    async with Store(EtcdSettings(endpoints=etcd.endpoint_list, timeout=10.0)) as st:
+    async with open_store(EtcdSettings(endpoints=etcd.endpoint_list, timeout=10.0)) as st:
         yield st
 
 

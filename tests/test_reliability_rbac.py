@@ -29,6 +29,7 @@ from fluster.store import (
     StoreError,
     Unavailable,
     WatchRefused,
+    open_store,
 )
 from testbed.pki import Pki
 from tests.support.etcd import eventually, wait_for
@@ -61,7 +62,7 @@ async def watch_once(store: Store, prefix: str) -> None:
 
 async def test_sidekick_identity_writes_only_its_own_instances(etcd_rbac: RbacEtcd) -> None:
     etcd_rbac.etcd.ctl("put", keys.spec_key(PREFIX, "web"), ServiceSpec().to_json(), check=True)
-    async with Store(etcd_rbac.settings(sidekick_identity("web"))) as store:
+    async with open_store(etcd_rbac.settings(sidekick_identity("web"))) as store:
         # Its whole job: lease, leased record, keepalive, read its spec, watch its service.
         lease = await store.grant(10)
         await store.put(WEB_1, INSTANCE, lease=lease)
@@ -99,8 +100,8 @@ async def test_reloader_identity_reads_services_and_writes_only_reloaders(
     etcd_rbac: RbacEtcd,
 ) -> None:
     async with (
-        Store(etcd_rbac.settings("reloader")) as reloader,
-        Store(etcd_rbac.settings(sidekick_identity("web"))) as sidekick,
+        open_store(etcd_rbac.settings("reloader")) as reloader,
+        open_store(etcd_rbac.settings(sidekick_identity("web"))) as sidekick,
     ):
         catalog = Catalog(reloader, PREFIX, progress_every=0.5)
         task = asyncio.create_task(catalog.run(lambda s: None))
@@ -134,7 +135,7 @@ async def test_reloader_identity_reads_services_and_writes_only_reloaders(
 
 async def test_a_lease_holder_refused_its_key_retries_and_lives_on(etcd_rbac: RbacEtcd) -> None:
     """The one retry policy: an AuthError is retried (slowly), never the end of a holder."""
-    async with Store(etcd_rbac.settings(sidekick_identity("web"))) as store:
+    async with open_store(etcd_rbac.settings(sidekick_identity("web"))) as store:
         lease = Lease(store, 10, name="status")
         lease.set(keys.reloader_key(PREFIX, "edge-1"), "{}")  # not a sidekick's to write
         runner = asyncio.create_task(lease.run())
@@ -150,16 +151,16 @@ async def test_a_lease_holder_refused_its_key_retries_and_lives_on(etcd_rbac: Rb
 async def test_password_identity_and_operator(etcd_rbac: RbacEtcd) -> None:
     """A password user is the same role behind a different credential (token wins over CN)."""
     with_password = etcd_rbac.settings("anyone", user="reloader-pw", password=RELOADER_PASSWORD)
-    async with Store(with_password) as store:
+    async with open_store(with_password) as store:
         await store.get_prefix(keys.services_prefix(PREFIX))
         await forbidden(lambda: store.put(WEB_1, INSTANCE))
 
     wrong = etcd_rbac.settings("anyone", user="reloader-pw", password="guess")
     with pytest.raises(AuthError, match="wrong user name or password"):
-        async with Store(wrong):
+        async with open_store(wrong):
             pass
 
-    async with Store(etcd_rbac.settings("fluster-operator")) as operator:
+    async with open_store(etcd_rbac.settings("fluster-operator")) as operator:
         await operator.put(keys.spec_key(PREFIX, "web"), ServiceSpec().to_json())
         await operator.get_prefix(keys.reloaders_prefix(PREFIX))
         await forbidden(lambda: operator.put(keys.reloader_key(PREFIX, "edge-1"), "{}"))
@@ -169,12 +170,12 @@ async def test_unknown_and_unauthenticated_clients_are_refused(
     etcd_rbac: RbacEtcd, tmp_path: Path
 ) -> None:
     # A certificate from our CA whose CN is no etcd user: connected, but allowed nothing.
-    async with Store(etcd_rbac.settings("stranger")) as store:
+    async with open_store(etcd_rbac.settings("stranger")) as store:
         await forbidden(lambda: store.get(WEB_1))
         await forbidden(lambda: store.put(WEB_1, INSTANCE))
 
     async def refused(settings: EtcdSettings) -> None:
-        async with Store(settings) as store:
+        async with open_store(settings) as store:
             with pytest.raises(Unavailable):
                 await store.get(WEB_1)
 
@@ -205,7 +206,7 @@ async def test_unknown_and_unauthenticated_clients_are_refused(
 async def test_store_errors_never_carry_the_password(etcd_rbac: RbacEtcd) -> None:
     settings = etcd_rbac.settings("anyone", user="reloader-pw", password=RELOADER_PASSWORD)
     assert RELOADER_PASSWORD not in repr(settings)
-    async with Store(settings) as store:
+    async with open_store(settings) as store:
         with pytest.raises(StoreError) as info:
             await store.put(WEB_1, INSTANCE)
     assert RELOADER_PASSWORD not in str(info.value)

@@ -23,7 +23,7 @@ import asyncio
 import pytest
 
 from fluster.catalog import Catalog
-from fluster.store import EtcdSettings, Store
+from fluster.store import EtcdSettings, open_store
 from tests.support.etcd import Etcd, eventually
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 async def test_snapshot_revision_never_runs_ahead_of_its_events(etcd: Etcd) -> None:
     settings = EtcdSettings(endpoints=etcd.endpoint_list)
-    async with Store(settings) as reader, Store(settings) as writer:
+    async with open_store(settings) as reader, open_store(settings) as writer:
         catalog = Catalog(reader, "/fluster", progress_every=0.005)
         task = asyncio.create_task(catalog.run(lambda s: None))
         written: dict[str, int] = {}  # instance -> revision of its put

@@ -6,13 +6,15 @@ import asyncio
 
 import pytest
 
-from fluster.store import Compacted, Conflict, EtcdSettings, LeaseLost, Store
+from fluster.store import Compacted, Conflict, EtcdSettings, LeaseLost, Store, open_store
 from tests.support.etcd import Etcd
 
 
-@pytest.fixture
-async def store(etcd: Etcd):
-    async with Store(EtcdSettings(endpoints=etcd.endpoint_list)) as st:
+@pytest.fixture(params=["grpc", "http"])
+async def store(etcd: Etcd, request: pytest.FixtureRequest):
+    async with open_store(
+        EtcdSettings(endpoints=etcd.endpoint_list, transport=request.param)
+    ) as st:
         yield st
 
 
@@ -67,7 +69,7 @@ async def test_watch_reports_compaction(store: Store, etcd: Etcd) -> None:
 
 
 async def test_calls_connect_lazily(etcd: Etcd) -> None:
-    store = Store(EtcdSettings(endpoints=etcd.endpoint_list))
+    store = open_store(EtcdSettings(endpoints=etcd.endpoint_list))
     try:
         assert (await store.get("/nothing"))[1] is None
     finally:
