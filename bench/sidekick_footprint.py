@@ -96,7 +96,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--window", type=float, default=60.0, help="seconds measured")
     parser.add_argument("--ttl", type=int, default=10)
-    parser.add_argument("--docker", action="store_true", help="also the host agent (--all)")
+    parser.add_argument(
+        "--docker", action="store_true", help="also the host agent (--all) and a companion"
+    )
     parser.add_argument("--containers", type=int, default=1, help="for the host agent")
     args = parser.parse_args()
     rows = []
@@ -115,7 +117,7 @@ def main() -> int:
                 )
             )
             if args.docker:
-                rows.append(docker_row(etcd, args, work))
+                rows.extend(docker_row(etcd, args, work))
         finally:
             etcd.stop()
     print(
@@ -133,20 +135,28 @@ def main() -> int:
     return 0
 
 
-def docker_row(etcd: Etcd, args: argparse.Namespace, work: Path) -> dict[str, object]:
+def docker_row(etcd: Etcd, args: argparse.Namespace, work: Path) -> list[dict[str, object]]:
+    """The host agent following `--containers` labelled containers, then a companion
+    sidekick (`--container`) beside one unlabelled container."""
     from testbed.docker import BASE_IMAGE, docker_cmd
 
-    ids = [
-        docker_cmd("run", "-d", "--label", "fluster.service=benchdocker", "--label",
-                   "fluster.port=8000", "-p", "127.0.0.1::8000", BASE_IMAGE, "python3", "-m",
-                   "http.server", "8000").stdout.strip()
-        for _ in range(args.containers)
-    ]  # fmt: skip
+    def run(*labels: str) -> str:
+        return docker_cmd("run", "-d", *labels, "-p", "127.0.0.1::8000", BASE_IMAGE,
+                          "python3", "-m", "http.server", "8000").stdout.strip()  # fmt: skip
+
+    labelled = ("--label", "fluster.service=benchdocker", "--label", "fluster.port=8000")
+    ids = [run(*labelled) for _ in range(args.containers)]
     try:
-        return measure(etcd, f"host agent (--all, {args.containers} containers)",
-                       ["--all", "--ttl", str(args.ttl), "--check", "none"],
-                       "/fluster/services/benchdocker/", args.window, work,
-                       expect=args.containers)  # fmt: skip
+        rows = [measure(etcd, f"host agent (--all, {args.containers} containers)",
+                        ["--all", "--ttl", str(args.ttl), "--check", "none"],
+                        "/fluster/services/benchdocker/", args.window, work,
+                        expect=args.containers)]  # fmt: skip
+        ids.append(alone := run())
+        rows.append(measure(etcd, "companion (--container)",
+                            ["--container", alone, "--service", "benchcompanion", "--port",
+                             "8000", "--ttl", str(args.ttl), "--check", "none"],
+                            "/fluster/services/benchcompanion/", args.window, work))  # fmt: skip
+        return rows
     finally:
         docker_cmd("rm", "-f", *ids, check=False)
 

@@ -13,9 +13,11 @@ import json
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from typing import Any, Literal
 
+import aiodocker
+import aiohttp
 from aiodocker.jsonstream import json_stream_stream
 
-from fluster.docker import Docker, DockerError, NotFound, mapped
+from fluster.docker import Docker, DockerError, DockerUnavailable, NotFound
 from fluster.text import printable
 
 
@@ -43,8 +45,39 @@ def _say_stream(item: Mapping[str, Any], out: Out, last: list[str]) -> None:
             del last[:-20]
 
 
+@contextlib.asynccontextmanager
+async def mapped(what: str) -> AsyncIterator[None]:
+    """Inside: any aiodocker or aiohttp error becomes one of ours, prefixed by `what`."""
+    try:
+        yield
+    except aiodocker.DockerError as exc:
+        if exc.status == 404:
+            raise NotFound(f"{what}: {exc.message}") from None
+        raise DockerError(f"{what}: {exc.message}") from None
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise DockerUnavailable(f"{what}: Docker engine unreachable ({exc!r})") from None
+
+
 class Engine(Docker):
-    """One Docker engine, with what a deploy does to images."""
+    """One Docker engine, with what a deploy does to images (through aiodocker, which
+    the deployer can afford: builds, pushes, pulls, services and their logs)."""
+
+    _client: aiodocker.Docker | None = None
+
+    @property
+    def client(self) -> aiodocker.Docker:
+        if self._client is None:
+            try:
+                self._client = aiodocker.Docker(url=self.url)
+            except (OSError, ValueError, aiodocker.DockerError) as exc:
+                raise DockerUnavailable(f"docker at {self.url}: {exc}") from None
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        await super().close()
 
     # -- images -------------------------------------------------------------------------
 

@@ -17,12 +17,11 @@ from datetime import UTC, datetime
 
 from deployer import apps
 from deployer import options as D
-from deployer.engine import STEP_ERRORS, Engine
+from deployer.engine import STEP_ERRORS, Engine, mapped
 from deployer.records import AppConfig, DeployRecord
 from deployer.scheduler import APP_LABEL
 from deployer.swarm import VERSION_LABEL
 from fluster import ops
-from fluster.docker import mapped
 from fluster.ops import parse_keep_old
 from fluster.records import RecordError
 from fluster.settings import Values

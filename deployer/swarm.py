@@ -31,10 +31,10 @@ from dataclasses import replace
 from typing import Any
 
 from deployer import oneoff
-from deployer.engine import DeployError, Engine
+from deployer.engine import DeployError, Engine, mapped
 from deployer.records import AppConfig
 from deployer.scheduler import APP_LABEL, Drain, Release, Running
-from fluster.docker import DockerError, NotFound, mapped
+from fluster.docker import DockerError, NotFound
 from fluster.runtime import Backoff
 
 VERSION_LABEL = "fluster.version"

@@ -1,27 +1,32 @@
-"""The Docker Engine API through aiodocker: the one wrapper the sidekick and the deployer
-use (the deployer's `Engine` adds building and moving images, deployer/engine.py).
+"""The Docker Engine API: the one wrapper the sidekick and the deployer use (the
+deployer's `Engine` adds building and moving images through aiodocker,
+deployer/engine.py).
 
-Every aiodocker or aiohttp error becomes a `DockerError` at the call site (`mapped`),
-with the engine's own words: `NotFound` (no such container or image), `DockerUnavailable`
-(the daemon is down, restarting or its socket missing: retry), or `DockerError` itself
-(the engine refused). Results are typed: a container is read into a frozen `Container`
-(so planning a registration, sidekick/plan.py, is a pure function of it), `docker ps`
-rows into `Listed`, events into `DockerEvent`. aiodocker is imported lazily: a static
-sidekick never pays for it.
+What the sidekick needs (inspect, list, events, stop) and the deployer's container
+basics travel over fluster/http1.py, not aiohttp: the sidekick runs beside every
+container and aiohttp alone would cost it 14 MB. Every failure becomes a `DockerError`
+with the engine's own words: `NotFound` (no such container or image),
+`DockerUnavailable` (the daemon is down, restarting or its socket missing: retry), or
+`DockerError` itself (the engine refused). Results are typed: a container is read into
+a frozen `Container` (so planning a registration, sidekick/plan.py, is a pure function
+of it), `docker ps` rows into `Listed`, events into `DockerEvent`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
+from urllib.parse import quote, urlencode, urlsplit
 
+from fluster.http1 import Address, Client
 from fluster.text import printable
 
-if TYPE_CHECKING:
-    import aiodocker
+LOCAL_SOCKET = "/var/run/docker.sock"
 
 # What we follow. `kill` arrives when `docker stop` sends SIGTERM, before the app exits,
 # which is the moment to start draining; the others mean it is over (or starting).
@@ -38,22 +43,6 @@ class DockerUnavailable(DockerError):
 
 class NotFound(DockerError):
     """No such container or image."""
-
-
-@contextlib.asynccontextmanager
-async def mapped(what: str) -> AsyncIterator[None]:
-    """Inside: any aiodocker or aiohttp error becomes one of ours, prefixed by `what`."""
-    import aiodocker
-    import aiohttp
-
-    try:
-        yield
-    except aiodocker.DockerError as exc:
-        if exc.status == 404:
-            raise NotFound(f"{what}: {exc.message}") from None
-        raise DockerError(f"{what}: {exc.message}") from None
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise DockerUnavailable(f"{what}: Docker engine unreachable ({exc!r})") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,30 +175,48 @@ def parse_event(data: Mapping[str, Any]) -> DockerEvent | None:
     )
 
 
+def engine_address(url: str | None = None) -> tuple[Address, str]:
+    """Where the engine listens (`url`, else DOCKER_HOST, else the local socket), and the
+    Host header to send: `unix:///path`, `tcp://host:port` (TLS as the docker CLI does,
+    with DOCKER_TLS_VERIFY and the files in DOCKER_CERT_PATH), `http(s)://host:port`."""
+    text = url or os.environ.get("DOCKER_HOST") or f"unix://{LOCAL_SOCKET}"
+    parts = urlsplit(text)
+    if parts.scheme == "unix":
+        return Address(unix=parts.path or LOCAL_SOCKET), "docker"
+    if parts.scheme not in ("tcp", "http", "https") or not parts.hostname:
+        raise ValueError(f"not a Docker engine address: {text!r}")
+    tls = None
+    if parts.scheme == "https" or os.environ.get("DOCKER_TLS_VERIFY"):
+        certs = os.environ.get("DOCKER_CERT_PATH") or os.path.expanduser("~/.docker")
+        tls = ssl.create_default_context(cafile=os.path.join(certs, "ca.pem"))
+        tls.load_cert_chain(os.path.join(certs, "cert.pem"), os.path.join(certs, "key.pem"))
+    port = parts.port or (2376 if tls else 2375)
+    return Address(parts.hostname, port, tls=tls), f"{parts.hostname}:{port}"
+
+
 class Docker:
     """A lazily connected Docker engine (`url`: None for DOCKER_HOST or the local
     socket); every call raises only DockerError and its kinds."""
 
     def __init__(self, url: str | None = None) -> None:
         self.url = url
-        self._client: aiodocker.Docker | None = None
+        self._http: Client | None = None
         self._image_labels: dict[str, dict[str, str]] = {}  # image id -> its labels
 
     @property
-    def client(self) -> aiodocker.Docker:
-        if self._client is None:
-            import aiodocker
-
+    def http(self) -> Client:
+        if self._http is None:
             try:
-                self._client = aiodocker.Docker(url=self.url)
-            except (OSError, ValueError, aiodocker.DockerError) as exc:
+                address, host = engine_address(self.url)
+            except (OSError, ValueError) as exc:
                 raise DockerUnavailable(f"docker at {self.url}: {exc}") from None
-        return self._client
+            self._http = Client(address, host=host)
+        return self._http
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
     async def __aenter__(self) -> Self:
         return self
@@ -217,9 +224,38 @@ class Docker:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _json(self, path: str, method: str = "GET", params: Any = None) -> Any:
-        async with mapped(f"docker {path}"):
-            return await self.client._query_json(path, method, params=params)
+    @staticmethod
+    def _path(path: str, params: Mapping[str, Any] | None) -> str:
+        query = f"?{urlencode(params)}" if params else ""
+        return f"/{path}{query}"
+
+    async def _call(
+        self,
+        path: str,
+        method: str = "GET",
+        params: Mapping[str, Any] | None = None,
+        body: Any = None,
+        what: str | None = None,
+    ) -> bytes:
+        """One request; the engine's answer (any 2xx or 304), or its refusal raised."""
+        what = what or f"docker {path}"
+        data = None if body is None else json.dumps(body).encode()
+        try:
+            response = await self.http.request(method, self._path(path, params), data)
+        except (OSError, TimeoutError) as exc:
+            raise DockerUnavailable(f"{what}: Docker engine unreachable ({exc!r})") from None
+        if response.status < 300 or response.status == 304:
+            return response.body
+        raise _refusal(what, response.status, response.body)
+
+    async def _json(
+        self, path: str, method: str = "GET", params: Mapping[str, Any] | None = None
+    ) -> Any:
+        raw = await self._call(path, method, params)
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            raise DockerUnavailable(f"docker {path}: an answer that is not JSON") from None
 
     async def engine(self) -> EngineInfo:
         return EngineInfo.from_info(await self._json("info"))
@@ -227,7 +263,7 @@ class Docker:
     # -- containers ---------------------------------------------------------------------
 
     async def inspect(self, ref: str) -> Container:
-        return Container.from_inspect(await self._json(f"containers/{ref}/json"))
+        return Container.from_inspect(await self._json(f"containers/{quote(ref)}/json"))
 
     async def running(self) -> dict[str, tuple[str, dict[str, str]]]:
         """Every running container on this host (labelled or not): id -> (name, labels)."""
@@ -243,35 +279,39 @@ class Docker:
         return [Listed.from_list(c) for c in found]
 
     async def create(self, name: str, config: Mapping[str, Any]) -> str:
-        async with mapped(f"create {name}"):
-            container = await self.client.containers.create(dict(config), name=name)
-        return str(container.id)
+        raw = await self._call(
+            "containers/create", "POST", {"name": name}, dict(config), what=f"create {name}"
+        )
+        return str(json.loads(raw)["Id"])
 
     async def start(self, ref: str) -> None:
-        async with mapped(f"start {ref[:12]}"):
-            await self.client.containers.container(ref).start()
+        await self._call(f"containers/{quote(ref)}/start", "POST", what=f"start {ref[:12]}")
 
     async def stop(self, ref: str, grace: int = 10) -> None:
-        async with (
-            mapped(f"stop {ref[:12]}"),
-            # aiodocker's _query hands the response over without releasing it.
-            self.client._query(f"containers/{ref}/stop", "POST", params={"t": grace}) as response,
-        ):
-            response.release()
+        await self._call(
+            f"containers/{quote(ref)}/stop", "POST", {"t": grace}, what=f"stop {ref[:12]}"
+        )
 
     async def remove(self, ref: str) -> None:
         """Remove the container (and its anonymous volumes), running or not; gone is fine."""
         with contextlib.suppress(NotFound):
-            async with mapped(f"remove {ref[:12]}"):
-                await self.client.containers.container(ref).delete(force=True, v=True)
+            await self._call(
+                f"containers/{quote(ref)}",
+                "DELETE",
+                {"force": "1", "v": "1"},
+                what=f"remove {ref[:12]}",
+            )
 
     async def logs(self, ref: str, lines: int = 20) -> list[str]:
         """Its last `lines` lines of output, safe to print."""
-        async with mapped(f"logs {ref[:12]}"):
-            chunks = await self.client.containers.container(ref).log(
-                stdout=True, stderr=True, tail=lines
-            )
-        return printable("".join(chunks), keep_newlines=True).splitlines()[-lines:]
+        config = (await self._json(f"containers/{quote(ref)}/json") or {}).get("Config") or {}
+        raw = await self._call(
+            f"containers/{quote(ref)}/logs",
+            params={"stdout": "1", "stderr": "1", "tail": str(lines)},
+            what=f"logs {ref[:12]}",
+        )
+        text = (raw if config.get("Tty") else demultiplex(raw)).decode("utf-8", "replace")
+        return printable(text, keep_newlines=True).splitlines()[-lines:]
 
     # -- images -------------------------------------------------------------------------
 
@@ -304,24 +344,45 @@ class Docker:
         if since is not None:
             params["since"] = f"{since:.3f}"
         try:
-            async with (
-                mapped("docker events"),
-                self.client._query("events", params=params, timeout=None) as response,
-            ):
-                try:
-                    while True:
-                        line = await response.content.readline()
-                        if not line:
-                            break
+            async with self.http.stream("GET", self._path("events", params)) as stream:
+                if stream.status != 200:
+                    raise _refusal("docker events", stream.status, await stream.read())
+                async for line in stream.lines():
+                    if line.strip():
                         event = parse_event(json.loads(line))
                         if event is not None:
                             yield event
-                finally:
-                    response.close()  # not released by aiodocker; a broken one must not linger
         except ValueError as exc:  # a line that is not JSON
             raise DockerUnavailable(f"docker events: {exc!r}") from None
+        except (OSError, TimeoutError) as exc:
+            raise DockerUnavailable(f"docker events: Docker engine unreachable ({exc!r})") from None
         except DockerError as exc:
             if isinstance(exc, DockerUnavailable):
                 raise
             raise DockerUnavailable(str(exc)) from None
         raise DockerUnavailable("docker events: stream ended (dockerd restarting?)")
+
+
+def _refusal(what: str, status: int, body: bytes) -> DockerError:
+    """The engine's refusal in its own words (`{"message": ...}`)."""
+    try:
+        message = str(json.loads(body).get("message", ""))
+    except (ValueError, AttributeError):
+        message = body.decode("utf-8", "replace").strip()[:300]
+    message = printable(message or f"HTTP {status}")
+    if status == 404:
+        return NotFound(f"{what}: {message}")
+    if status >= 500 and not message:
+        return DockerUnavailable(f"{what}: HTTP {status}")
+    return DockerError(f"{what}: {message}")
+
+
+def demultiplex(raw: bytes) -> bytes:
+    """The text of a non-TTY container's log stream: frames of an 8-byte header (stream,
+    0, 0, 0, big-endian length) and that many bytes."""
+    out, at = [], 0
+    while at + 8 <= len(raw):
+        size = int.from_bytes(raw[at + 4 : at + 8], "big")
+        out.append(raw[at + 8 : at + 8 + size])
+        at += 8 + size
+    return b"".join(out)

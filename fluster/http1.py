@@ -101,7 +101,15 @@ class _Connection:
 
     async def chunks(self, headers: Mapping[str, str]) -> AsyncIterator[bytes]:
         """The body as it arrives; ends at its end (the connection is then reusable unless
-        the body ran to the end of the connection)."""
+        the body ran to the end of the connection). A connection closed inside the body
+        raises ConnectionResetError."""
+        try:
+            async for chunk in self._chunks(headers):
+                yield chunk
+        except asyncio.IncompleteReadError:
+            raise ConnectionResetError("connection closed inside a response body") from None
+
+    async def _chunks(self, headers: Mapping[str, str]) -> AsyncIterator[bytes]:
         if "chunked" in headers.get("transfer-encoding", "").lower():
             while True:
                 try:
