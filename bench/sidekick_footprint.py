@@ -1,9 +1,10 @@
 """What one sidekick costs at rest: memory, CPU, and etcd requests per minute.
 
-    python -m bench.sidekick_footprint [--window 60] [--ttl 10] [--docker]
+    python -m bench.sidekick_footprint [--window 60] [--ttl 10] [--docker] [--image IMG]
 
 Starts a private etcd, one static sidekick (and with --docker a host agent following one
-labelled container, which loads the Docker client too), waits for the registration,
+labelled container, then a companion beside an unlabelled one; with --image the static
+sidekick as its image runs it, on Debian's Python), waits for the registration,
 then measures over the window: RSS and PSS (/proc), CPU (utime+stime), and the gRPC
 messages etcd received (its /metrics, `grpc_server_msg_received_total`), per method.
 The goal (issue 3): RSS <= 40 MB, one LeaseKeepAlive per TTL/3 and nothing else.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,6 +26,18 @@ from pathlib import Path
 from testbed.etcd import Etcd
 
 SIDEKICK = [sys.executable, "-m", "sidekick.cli"]
+DOCKER = "/usr/bin/docker"
+
+
+def sidekick_pid(container: str) -> int:
+    """The host pid of the sidekick in `container` (under its image's tini)."""
+    top = subprocess.run([DOCKER, "top", container, "-o", "pid,args"], capture_output=True,
+                         text=True, check=True).stdout.splitlines()[1:]  # fmt: skip
+    for line in top:
+        pid, _, args = line.strip().partition(" ")
+        if "sidekick" in args and "tini" not in args:
+            return int(pid)
+    raise RuntimeError(f"no sidekick process in {container}: {top}")
 
 
 def etcd_messages(etcd: Etcd) -> Counter[str]:
@@ -56,28 +70,48 @@ def cpu_seconds(pid: int) -> float:
 
 
 def measure(
-    etcd: Etcd, name: str, argv: list[str], key: str, window: float, work: Path, expect: int = 1
+    etcd: Etcd,
+    name: str,
+    argv: list[str],
+    key: str,
+    window: float,
+    work: Path,
+    expect: int = 1,
+    image: str | None = None,
 ) -> dict[str, object]:
     env = {
         **os.environ,
         "ETCD_ENDPOINTS": etcd.endpoints,
-        "SIDEKICK_STATE_DIR": str(work / name),
+        "SIDEKICK_STATE_DIR": str(work / re.sub(r"[^A-Za-z0-9]+", "-", name)),
         "SIDEKICK_LOG_LEVEL": "warning",
     }
-    with open(work / f"{name}.log", "ab") as log:
-        proc = subprocess.Popen([*SIDEKICK, *argv], env=env, stdout=log, stderr=log)
+    logfile = work / (re.sub(r"[^A-Za-z0-9]+", "-", name) + ".log")
+    with open(logfile, "ab") as log:
+        if image:
+            variables = [
+                f"--env={k}={v}" for k, v in env.items() if k.startswith(("ETCD_", "SIDEKICK_L"))
+            ]
+            command = [DOCKER, "run", "--rm", "--network", "host", "--name",
+                       f"footprint-{os.getpid()}", "--env=SIDEKICK_ALL=0", *variables, image,
+                       *argv]  # fmt: skip
+        else:
+            command = [*SIDEKICK, *argv]
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 60
         while len(etcd.ctl("get", "--prefix", key, "--keys-only").stdout.split()) < expect:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} never registered: {(work / f'{name}.log').read_text()}")
+                raise RuntimeError(f"{name} never registered: {logfile.read_text()}")
             time.sleep(0.1)
+        pid = sidekick_pid(f"footprint-{os.getpid()}") if image else proc.pid
         time.sleep(3)  # start-up done: the steady state only
-        m0, c0, t0 = etcd_messages(etcd), cpu_seconds(proc.pid), time.monotonic()
+        m0, c0, t0 = etcd_messages(etcd), cpu_seconds(pid), time.monotonic()
         time.sleep(window)
-        m1, c1, t1 = etcd_messages(etcd), cpu_seconds(proc.pid), time.monotonic()
-        rss, pss = memory_kb(proc.pid)
+        m1, c1, t1 = etcd_messages(etcd), cpu_seconds(pid), time.monotonic()
+        rss, pss = memory_kb(pid)
     finally:
+        if image:
+            subprocess.run([DOCKER, "stop", f"footprint-{os.getpid()}"], capture_output=True)
         proc.terminate()
         proc.wait(30)
     minutes = (t1 - t0) / 60
@@ -100,6 +134,7 @@ def main() -> int:
         "--docker", action="store_true", help="also the host agent (--all) and a companion"
     )
     parser.add_argument("--containers", type=int, default=1, help="for the host agent")
+    parser.add_argument("--image", help="also the static sidekick in this image (host network)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="sidekick-bench-") as tmp:
@@ -116,6 +151,14 @@ def main() -> int:
                     work,
                 )
             )
+            if args.image:
+                rows.append(
+                    measure(etcd, f"static, in {args.image}",
+                            ["--service", "benchimage", "--address", "127.0.0.1:9", "--ttl",
+                             str(args.ttl)],
+                            "/fluster/services/benchimage/", args.window, work,
+                            image=args.image)
+                )  # fmt: skip
             if args.docker:
                 rows.extend(docker_row(etcd, args, work))
         finally:
