@@ -62,7 +62,7 @@ class Answers(RequestLoops):
         super().__init__(port, host, limit=limit, headers={"Accept": "application/json"})
         self.seen: list[tuple[float, str]] = []
 
-    def answered(self, body: bytes) -> None:
+    def answered(self, body: bytes, sent: float) -> None:
         self.seen.append((time.monotonic(), json.loads(body)["version"]))
 
 

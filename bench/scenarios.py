@@ -9,6 +9,7 @@ picking the server.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -579,6 +580,10 @@ class Footprint:
     by_method: dict[str, float]
     ttl: int
     command: str
+    # Other modes, by bench.sidekick_footprint when a Docker engine is there: mode -> RSS
+    # MB (companion, host agent, and the static sidekick as its image runs it).
+    others: dict[str, float] = field(default_factory=dict)
+    others_note: str = ""
 
 
 def console_script(name: str) -> str:
@@ -595,6 +600,33 @@ def spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
 def etcd_messages(env: Env) -> Counter[str]:
     """gRPC messages etcd has received, by method (etcd's own /metrics)."""
     return footprint.etcd_messages(env.etcd)
+
+
+IMAGE = "fluster/sidekick:dev"
+
+
+def other_modes(env: Env, window: float, ttl: int) -> tuple[dict[str, float], str]:
+    """RSS of a companion, a host agent and the static sidekick in its image (MB), each
+    idle over `window` s; empty, with the reason, when there is no Docker engine."""
+    from testbed.docker import docker_cmd
+
+    if docker_cmd("info", check=False).returncode != 0:
+        return {}, "no Docker engine: companion, host agent and image not measured"
+    args = argparse.Namespace(window=window, ttl=ttl, containers=1)
+    work = env.work / "p6-modes"
+    work.mkdir(exist_ok=True)
+    rows = footprint.docker_row(env.etcd, args, work)
+    if docker_cmd("image", "inspect", IMAGE, check=False).returncode == 0:
+        rows.append(
+            footprint.measure(env.etcd, f"static, in {IMAGE}",
+                              ["--service", "p6image", "--address", "127.0.0.1:9", "--ttl",
+                               str(ttl)], "/fluster/services/p6image/", window, work,
+                              image=IMAGE)
+        )  # fmt: skip
+        note = ""
+    else:
+        note = f"{IMAGE} not built (scripts/build-images.sh): not measured in its image"
+    return {str(r["mode"]): float(str(r["rss_mb"])) for r in rows}, note
 
 
 async def p6_sidekick(env: Env, window: float, ttl: int = 10) -> Footprint:
@@ -635,7 +667,10 @@ async def p6_sidekick(env: Env, window: float, ttl: int = 10) -> Footprint:
         wait_or_kill(proc, 15)
     elapsed = t1 - t0
     delta = {m: (m1[m] - m0[m]) * 60 / elapsed for m in m1 if m1[m] != m0[m]}
+    others, note = await asyncio.to_thread(other_modes, env, min(window, 20.0), ttl)
     return Footprint(
+        others=others,
+        others_note=note,
         rss_kb=rss,
         cpu_percent=100 * (c1 - c0) / elapsed,
         window=elapsed,

@@ -17,7 +17,14 @@ from typing import Any
 import structlog
 
 from fluster.docker import Docker
-from fluster.runtime import Supervisor, TaskDied, capture_signals, run, setup_logging
+from fluster.runtime import (
+    Supervisor,
+    TaskDied,
+    capture_signals,
+    return_free_memory,
+    run,
+    setup_logging,
+)
 from fluster.settings import SettingsError, exit_on_problems, make_directory
 from fluster.store import Store, StoreError, open_store, retry_backoff, retry_cap
 from sidekick import status
@@ -26,6 +33,9 @@ from sidekick.plan import PlanError, detect_ip, node_name
 from sidekick.settings import Settings, build
 
 log = structlog.get_logger("sidekick")
+
+
+STARTED_WITHIN = 5.0  # seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,6 +88,8 @@ async def serve(s: Settings) -> int:
             intake.append(
                 supervisor.start("status file", write_status(sidekick, status_path, s.ttl / 3))
             )
+            # Start-up is over within seconds; what it freed need not stay resident.
+            asyncio.get_running_loop().call_later(STARTED_WITHIN, return_free_memory)
             await supervisor.wait(stop)
         except PlanError as exc:
             log.error("cannot register", error=str(exc))

@@ -123,7 +123,7 @@ class Traffic(RequestLoops):
         self.ok = 0
         self.failed_at: list[tuple[float, str]] = []
 
-    def answered(self, body: bytes) -> None:
+    def answered(self, body: bytes, sent: float) -> None:
         self.ok += 1
 
     def _failed(self, keep_alive: bool, what: str) -> None:

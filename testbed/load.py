@@ -40,8 +40,9 @@ class RequestLoops:
             threading.Thread(target=self._loop, args=(keep,), daemon=True) for keep in (False, True)
         ]
 
-    def answered(self, body: bytes) -> None:
-        """Keep one 200 answer (called with `self.lock` held)."""
+    def answered(self, body: bytes, sent: float) -> None:
+        """Keep one 200 answer to a request sent at `sent` (time.monotonic(); called
+        with `self.lock` held)."""
         raise NotImplementedError
 
     def _failed(self, keep_alive: bool, what: str) -> None:
@@ -56,12 +57,13 @@ class RequestLoops:
             try:
                 if conn is None:
                     conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                sent = time.monotonic()
                 conn.request("GET", "/", headers=self.headers)
                 resp = conn.getresponse()
                 body = resp.read()
                 if resp.status == 200:
                     with self.lock:
-                        self.answered(body)
+                        self.answered(body, sent)
                 else:
                     self._failed(keep_alive, f"{resp.status} {body[:80].decode(errors='replace')}")
                 if not keep_alive or resp.will_close:
@@ -94,14 +96,25 @@ class Load(RequestLoops):
     def __init__(self, port: int, host: str, limit: float = 240.0, pace: float = 0.005) -> None:
         super().__init__(port, host, limit=limit, pace=pace)
         self.served: Counter[str] = Counter()
-        self.recent: list[str] = []
+        self.recent: list[tuple[float, str]] = []  # (sent, body) of the last answers
 
-    def answered(self, body: bytes) -> None:
+    def answered(self, body: bytes, sent: float) -> None:
         text = body.decode()
         self.served[text] += 1
-        self.recent = [*self.recent[-39:], text]
+        self.recent = [*self.recent[-39:], (sent, text)]
 
-    def only(self) -> set[str]:
-        """The bodies of the last 20 answers: one element once one version serves alone."""
-        with self.lock:
-            return set(self.recent[-20:])
+    def only(self, count: int = 20, within: float = 15.0) -> set[str]:
+        """The bodies of the first `count` answers to requests sent from now on: one
+        element once one version serves alone. (Answers already on their way were
+        sent earlier, so a slow machine cannot mix an older version in.)"""
+        since = time.monotonic()
+        deadline = since + within
+        while True:
+            with self.lock:
+                after = [text for sent, text in self.recent if sent >= since]
+            if len(after) >= count or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)  # polling the loops' answers
+        if not after:
+            raise AssertionError(f"no answer to a request sent in {within} s: {self.failures[-5:]}")
+        return set(after[:count])

@@ -20,7 +20,7 @@ from tests.support.etcd import Etcd
 HOLDER = """
 import asyncio, sys
 from deployer.lock import deploy_lock
-from fluster.store import EtcdSettings, Store
+from fluster.store import EtcdSettings, open_store
 
 async def main():
     async with open_store(EtcdSettings(endpoints=(sys.argv[1],))) as store:
@@ -85,8 +85,9 @@ async def test_a_dead_deploy_frees_the_lock_with_its_lease(etcd: Etcd) -> None:
     try:
         assert proc.stdout is not None
         async with asyncio.timeout(30):
-            while (await proc.stdout.readline()).strip() != b"holding":
-                pass  # the holder's own log lines
+            while (line := await proc.stdout.readline()).strip() != b"holding":
+                # the holder's own log lines; at its end it died (its stderr is above)
+                assert line, f"the lock holder exited ({await proc.wait()}) before holding"
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
         killed = time.monotonic()

@@ -26,7 +26,7 @@ class Traffic(RequestLoops):
         super().__init__(port, host, limit=300.0, pace=0.0)
         self.ok = 0
 
-    def answered(self, body: bytes) -> None:
+    def answered(self, body: bytes, sent: float) -> None:
         self.ok += 1
 
 
