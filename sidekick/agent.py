@@ -242,7 +242,13 @@ class Sidekick:
                 current.reg.set_healthy(docker_healthy(container.health))
             return
         if current is not None:
-            self.leave(container.id, died=False)  # its address changed: replace the record
+            # Its address or record changed (a restart by dockerd): the new record takes
+            # the same key, so the old one must not drain. A draining write of the old
+            # registration could land after the new put (they travel on separate
+            # connections) and leave the new record draining; its lease is revoked
+            # instead, which takes the key only while it is still the old one's.
+            same_key = current.plan.name == plan.name and current.plan.service == plan.service
+            self.leave(container.id, died=same_key)
         probe = make_probe(plan.check, plan.instance.host, plan.instance.port, self.s.check_timeout)
         self.add(container.id, plan, probe)
         if plan.check.kind == "docker":

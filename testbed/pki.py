@@ -37,7 +37,7 @@ class Pki:
     def _openssl(self, *args: object) -> None:
         subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
 
-    def _issue(self, name: str, server: bool = False) -> tuple[Path, Path]:
+    def _issue(self, name: str, server: bool = False, cn: bool = True) -> tuple[Path, Path]:
         key, csr, cert = (
             self.root / f"{name}-key.pem",
             self.root / f"{name}.csr",
@@ -54,7 +54,7 @@ class Pki:
             "rsa:2048",
             "-nodes",
             "-subj",
-            f"/CN={name}",
+            f"/CN={name}" if cn else "/O=fluster-test",
             "-keyout",
             key,
             "-out",
@@ -84,3 +84,8 @@ class Pki:
 
     def client_key(self, name: str) -> Path:
         return self._issue(name)[1]
+
+    def client_pair_without_cn(self, name: str) -> tuple[Path, Path]:
+        """A client certificate with no CommonName (SANs only): what etcd's JSON gateway
+        accepts under --client-cert-auth; the identity then comes from a password user."""
+        return self._issue(f"{name}-no-cn", cn=False)

@@ -9,6 +9,7 @@ component's real calls are allowed, and "forbidden" means the AuthError it would
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -146,6 +147,24 @@ async def test_a_lease_holder_refused_its_key_retries_and_lives_on(etcd_rbac: Rb
         finally:
             runner.cancel()
             await lease.release()
+
+
+async def test_the_json_gateway_wants_a_password_and_a_certificate_without_cn(
+    etcd_rbac: RbacEtcd,
+) -> None:
+    """etcd's JSON gateway (`--etcd-transport http`, the small sidekick's) under
+    --client-cert-auth: a certificate with a CN is refused with words that say what to
+    do; one without a CN carries a password user, with that user's role."""
+    with_cn = etcd_rbac.settings(
+        "anyone", user="reloader-pw", password=RELOADER_PASSWORD, transport="http"
+    )
+    with pytest.raises(AuthError, match="client certificate without a CommonName"):
+        async with open_store(with_cn):
+            pass
+    cert, key = etcd_rbac.pki.client_pair_without_cn("gateway")
+    async with open_store(dataclasses.replace(with_cn, cert=cert, key=key)) as store:
+        await store.get_prefix(keys.services_prefix(PREFIX))  # the reloader role reads
+        await forbidden(lambda: store.put(WEB_1, INSTANCE))  # and writes no instance
 
 
 async def test_password_identity_and_operator(etcd_rbac: RbacEtcd) -> None:
