@@ -38,7 +38,7 @@ from types import MappingProxyType
 
 import structlog
 
-from fluster.catalog import Service, Snapshot
+from fluster.catalog import Service, Snapshot, changed_services
 from fluster.records import Instance
 from reloader.model import Backend
 
@@ -135,8 +135,7 @@ class RemovalGuard:
         # A service whose object is the one applied (the catalog keeps an unchanged
         # service's object) has nothing removed: only the changed ones are looked at, so
         # the cost follows the change, not the catalog (issue 15).
-        changed = {n for n, s in applied.services.items() if snapshot.services.get(n) is not s}
-        changed |= snapshot.services.keys() - applied.services.keys()
+        changed = changed_services(applied.services, snapshot.services)
         for name in sorted(changed | {k[0] for k in self.held}):
             before, after = applied.services.get(name), snapshot.services.get(name)
             if before is not None and after is not None and _promoted(before, after):
