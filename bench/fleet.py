@@ -7,12 +7,12 @@
   before).
 - F2: a new instance in rotation at every edge, 1 edge vs 5 edges, same run: put ->
   the server in every edge's HAProxy (read on each edge's admin socket).
-- F3: 100 simulated host agents hold 10,000 instances in 1,000 services, one lease per
-  registration as the sidekick holds them (fluster.lease.Lease, the sidekick's own
-  code), and 10 edges: time for every edge to serve every instance from cold, reloader
-  RSS and start; then every lease revoked at once (what etcd restored from a snapshot
-  without its leases leaves behind): time until all 10,000 are registered again, and
-  etcd's request rate meanwhile.
+- F3: 100 simulated host agents hold 10,000 instances in 1,000 services with the
+  sidekick's own lease code (fluster.lease.Lease), pointing at the bench's listening
+  backends (so HAProxy's checks pass, as in a healthy fleet), and 10 edges: time for
+  every edge to serve every instance from cold, reloader RSS; then every lease revoked
+  at once (what etcd restored from a snapshot without its leases leaves behind): time
+  until all 10,000 are registered again, and etcd's request rate meanwhile.
 
 Everything shares this machine's 2 cores: the edges, etcd, and the simulated agents.
 """
@@ -218,6 +218,7 @@ class FleetRun:
     instances: int
     services: int
     edges: int
+    leases_per_agent: int = 1
     cold_seconds: float = 0.0
     edge_rss_mb: list[float] = field(default_factory=list)
     recovery_seconds: float = 0.0
@@ -227,17 +228,26 @@ class FleetRun:
 
 
 class Agent:
-    """A host agent's registrations: one lease per instance, as the sidekick's."""
+    """A host agent's registrations under `leases` leases (the sidekick holds one per
+    registration; one per agent is what this machine can simulate for 10,000)."""
 
-    def __init__(self, store: Store, index: int, per_agent: int, services: int, ttl: int):
-        self.leases: list[Lease] = []
+    def __init__(
+        self,
+        store: Store,
+        index: int,
+        per_agent: int,
+        services: int,
+        ttl: int,
+        leases: int,
+        ports: list[int],
+    ):
+        self.leases = [Lease(store, ttl, name=f"agent{index}-{k}") for k in range(leases)]
         for j in range(per_agent):
             n = index * per_agent + j
             service = f"svc{n % services:04d}"
-            lease = Lease(store, ttl, name=f"agent{index}-{j}")
-            record = Instance(host="127.0.0.1", port=30000 + n % 20000)
-            lease.set(keys.instance_key(PREFIX, service, f"a{index}-{j}"), record.to_json())
-            self.leases.append(lease)
+            record = Instance(host="127.0.0.1", port=ports[n % len(ports)])
+            key = keys.instance_key(PREFIX, service, f"a{index}-{j}")
+            self.leases[j % leases].set(key, record.to_json())
 
     def start(self) -> list[asyncio.Task[None]]:
         return [asyncio.create_task(lease.run()) for lease in self.leases]
@@ -250,16 +260,21 @@ async def _count_instances(store: Store) -> int:
 async def f3_fleet(
     etcd: Etcd,
     work: Path,
+    ports: list[int],
     agents_n: int = 100,
     per_agent: int = 100,
     services: int = 1000,
     edges_n: int = 10,
     ttl: int = 10,
+    leases_per_agent: int = 1,
 ) -> FleetRun:
-    run = FleetRun(agents_n, agents_n * per_agent, services, edges_n)
+    run = FleetRun(agents_n, agents_n * per_agent, services, edges_n, leases_per_agent)
     settings = EtcdSettings(endpoints=etcd.endpoint_list, timeout=30.0)
     async with open_store(settings) as store:
-        agents = [Agent(store, i, per_agent, services, ttl) for i in range(agents_n)]
+        agents = [
+            Agent(store, i, per_agent, services, ttl, leases_per_agent, ports)
+            for i in range(agents_n)
+        ]
         tasks = [t for a in agents for t in a.start()]
         try:
             deadline = time.monotonic() + 300
@@ -279,7 +294,7 @@ async def f3_fleet(
                     await asyncio.sleep(0.5)
                 run.cold_seconds = time.monotonic() - started
                 run.edge_rss_mb = [_rss_mb(e) for e in edges]
-                handled = "grpc_server_handled_total"
+                handled = "grpc_server_msg_received_total"
                 r0, t0 = etcd_counter(etcd, handled), time.monotonic()
                 await asyncio.sleep(10)
                 run.steady_requests_per_s = (etcd_counter(etcd, handled) - r0) / (
