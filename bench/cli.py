@@ -9,6 +9,7 @@ import os
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +41,7 @@ ROWS = (
     "F1",
     "F2",
     "F3",
+    "F4",
 )
 DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 
@@ -152,7 +154,8 @@ async def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], list[str
                     for k in ("fluster", "baseline")
                     for n in (1, 500)
                 }
-                rows.append(p10_row(args, costs))
+                profile = await asyncio.to_thread(profile_change)
+                rows.append(p10_row(args, costs, profile))
         if "H1" in only:
             with _noted("H1", notes):
                 figures = await tls.h1_https(env, args.trials)
@@ -175,6 +178,10 @@ async def run(args: argparse.Namespace, work: Path) -> tuple[list[Row], list[str
         if "F3" in only:
             with _noted("F3", notes):
                 rows.append(f3_row(args, await fleet.f3_fleet(etcd, work, backends.ports)))
+        if "F4" in only:
+            with _noted("F4", notes):
+                port = backends.ports[-1] + 1
+                rows.append(f4_row(args, await fleet.f4_proxy(etcd, store, work, port)))
         for key, make in (
             ("R-CHURN", lambda c: churn.churn_row(c, work, args.churn)),
             ("R-NODE", lambda c: churn.node_row(c, work)),
@@ -589,7 +596,32 @@ def p7_row(args: argparse.Namespace, lookups: dict[str, routing.Lookup]) -> Row:
     )
 
 
-def p10_row(args: argparse.Namespace, costs: dict[tuple[str, int], routing.ChangeCost]) -> Row:
+def profile_change() -> list[str]:
+    """`python -m bench.profile_change`'s table as note lines (py-spy, when installed)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return ["Not profiled: py-spy is not installed (`pip install py-spy`)."]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.profile_change"], capture_output=True, text=True, timeout=900
+    )
+    if done.returncode != 0:
+        return [f"Profiling failed: {done.stderr.strip()[-300:]}"]
+    lines = done.stdout.strip().splitlines()
+    table = [line for line in lines[1:] if line.startswith("| ") and "---" not in line]
+    parts = [line.strip("| ").split(" | ") for line in table[1:]]
+    shares = "; ".join(f"{what} {ms_} ms ({share})" for share, ms_, what in parts)
+    return [
+        "Where the reloader's CPU per change goes (`.venv/bin/python -m bench.profile_change`, "
+        f"py-spy --native, 500 services): {lines[0]}. By what the busy samples were doing: "
+        f"{shares}."
+    ]
+
+
+def p10_row(
+    args: argparse.Namespace,
+    costs: dict[tuple[str, int], routing.ChangeCost],
+    profile: list[str] | None = None,
+) -> Row:
     def text(kind: str) -> str:
         parts = []
         for n in (1, 500):
@@ -623,6 +655,7 @@ def p10_row(args: argparse.Namespace, costs: dict[tuple[str, int], routing.Chang
                 f"the pipeline's file), so {c.check_cpu * 1000 / 60:.2f} ms per change at one "
                 "change a second, less the more changes share the minute."
             )
+    notes += profile or []
     for (kind, n), c in sorted(costs.items()):
         notes.append(
             f"{kind}, {n} services: {c.changes} changes, {c.cpu_seconds:.3f} s CPU "
@@ -702,7 +735,8 @@ def f3_row(args: argparse.Namespace, r: fleet.FleetRun) -> Row:
         "figures: cold start, every lease gone -> registered again, etcd request rate, "
         "reloader RSS",
         f"every edge serving all {r.instances:,} {r.cold_seconds:.0f} s after the edges "
-        f"started; all leases revoked -> all registered again in {r.recovery_seconds:.1f} s, "
+        f"started; all leases revoked -> all registered again {r.recovery_seconds:.1f} s after "
+        f"the first revoke (the revokes took {r.revoke_seconds:.1f} s), "
         f"etcd peak {r.peak_requests_per_s:,.0f} requests/s (steady "
         f"{r.steady_requests_per_s:,.0f}/s), an edge kept >= {r.min_served_during:,} servers "
         f"meanwhile; reloader RSS {rss:.0f} MB",
@@ -730,6 +764,35 @@ def f3_row(args: argparse.Namespace, r: fleet.FleetRun) -> Row:
             "one keepalive per instance per TTL/3 (10,000 instances: 3,000 a second at TTL "
             "10 s); one lease per host agent would make it one per host (30 a second for "
             "100 hosts), at the price of a host's registrations living and dying together.",
+        ],
+    )
+
+
+def f4_row(args: argparse.Namespace, r: fleet.ProxyRun) -> Row:
+    def way(name: str) -> str:
+        lat = r.rotation_ms.get(name, [])
+        return (
+            f"etcd CPU {r.etcd_cpu_pct.get(name, 0):.1f} %, {r.watchers.get(name, 0):.0f} "
+            f"watchers at etcd, in rotation at all edges p50 {fleet.p50(lat):.1f} ms, "
+            f"{r.resyncs.get(name, 0):.0f} watches reopened"
+        )
+
+    return Row(
+        "F4",
+        f"{r.edges} edges watching etcd directly vs through one `etcd grpc-proxy`, same changes",
+        "figures (fewer watchers and less etcd CPU through the proxy, for what latency)",
+        f"proxy: {way('proxy')}; the proxy's own CPU {r.proxy_cpu_pct:.1f} %",
+        f"direct: {way('direct')}",
+        "-",
+        "n/a",
+        row_command(args, "F4"),
+        [
+            f"{r.changes} changes in all ({r.changes // 2} each way): a new instance of a "
+            "served service put, then every edge's admin socket polled until every edge "
+            "has it, then 0.2 s. CPU from /proc over that window; watchers = etcd's "
+            "`etcd_debugging_mvcc_watcher_total`; watches reopened = the edges' catalog "
+            "resyncs and reconnects (a proxy that dropped or starved a stream shows here).",
+            "docs/OPERATIONS.md (Sizing a fleet) says when a proxy is worth it.",
         ],
     )
 

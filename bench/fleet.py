@@ -14,13 +14,18 @@
   at once (what etcd restored from a snapshot without its leases leaves behind): time
   until all 10,000 are registered again, and etcd's request rate meanwhile.
 
+- F4: 10 edges watching etcd directly vs through one `etcd grpc-proxy`, same churn:
+  etcd's CPU, the watch streams etcd holds, and put -> in rotation at every edge.
+
 Everything shares this machine's 2 cores: the edges, etcd, and the simulated agents.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
+import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -29,7 +34,7 @@ from pathlib import Path
 from fluster import keys
 from fluster.lease import Lease
 from fluster.records import Instance
-from fluster.store import EtcdSettings, Store, open_store
+from fluster.store import EtcdSettings, Store, Unavailable, open_store
 from testbed.etcd import Etcd
 from testbed.reloader import ReloaderProcess, unix_command
 
@@ -60,9 +65,16 @@ def server_count(edge: ReloaderProcess) -> int:
     return sum(1 for line in text.splitlines()[2:] if line.strip() and not line.startswith("#"))
 
 
-def start_edges(etcd: Etcd, work: Path, n: int, tag: str) -> list[ReloaderProcess]:
+@dataclass(frozen=True)
+class Endpoints:
+    """What ReloaderProcess needs of an etcd: where to reach it (a proxy, say)."""
+
+    endpoints: str
+
+
+def start_edges(etcd: Etcd | Endpoints, work: Path, n: int, tag: str) -> list[ReloaderProcess]:
     edges = [
-        ReloaderProcess(etcd, work / f"{tag}{i}", "--id", f"{tag}{i}", prefix=PREFIX)
+        ReloaderProcess(etcd, work / f"{tag}{i}", "--id", f"{tag}{i}", prefix=PREFIX)  # type: ignore[arg-type]
         for i in range(n)
     ]
     for edge in edges:
@@ -222,6 +234,7 @@ class FleetRun:
     cold_seconds: float = 0.0
     edge_rss_mb: list[float] = field(default_factory=list)
     recovery_seconds: float = 0.0
+    revoke_seconds: float = 0.0
     peak_requests_per_s: float = 0.0
     steady_requests_per_s: float = 0.0
     min_served_during: int = 0
@@ -302,8 +315,9 @@ async def f3_fleet(
                 )
                 # Every lease gone at once: what an etcd restored without its leases leaves.
                 ids = [lease.id for a in agents for lease in a.leases if lease.id]
-                await asyncio.gather(*(store.revoke(i) for i in ids))
                 lost = time.monotonic()
+                await revoke_all(store, ids)
+                run.revoke_seconds = time.monotonic() - lost
                 last, peak, low = etcd_counter(etcd, handled), 0.0, run.instances
                 while True:
                     await asyncio.sleep(1.0)
@@ -324,6 +338,94 @@ async def f3_fleet(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
     return run
+
+
+# -- F4 ------------------------------------------------------------------------------
+
+
+@dataclass
+class ProxyRun:
+    edges: int
+    seconds: float
+    changes: int
+    # "direct" / "proxy" -> figure
+    etcd_cpu_pct: dict[str, float] = field(default_factory=dict)
+    watchers: dict[str, float] = field(default_factory=dict)
+    rotation_ms: dict[str, list[float]] = field(default_factory=dict)
+    proxy_cpu_pct: float = 0.0
+    resyncs: dict[str, float] = field(default_factory=dict)
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def f4_proxy(
+    etcd: Etcd,
+    store: Store,
+    work: Path,
+    port: int,
+    edges_n: int = 10,
+    seconds: float = 20,
+    rate: float = 10,
+) -> ProxyRun:
+    run = ProxyRun(edges_n, seconds, 0)
+    proxy = start_proxy(etcd, work, port)
+    etcd_pid = etcd.members[0].proc.pid if etcd.members[0].proc else 0
+    try:
+        for way, target in (("direct", etcd), ("proxy", Endpoints(f"127.0.0.1:{port}"))):
+            edges = await asyncio.to_thread(start_edges, target, work, edges_n, f"f4{way}-")
+            try:
+                await asyncio.sleep(5)  # start-up done
+                resync0 = sum(_resyncs(e) for e in edges)
+                watchers = etcd_counter(etcd, "etcd_debugging_mvcc_watcher_total")
+                cpu0, p0, t0 = _cpu(etcd_pid), _cpu(proxy.pid), time.monotonic()
+                latencies = await _rotation_trials(store, edges, int(seconds * rate / 2), way)
+                elapsed = time.monotonic() - t0
+                run.etcd_cpu_pct[way] = 100 * (_cpu(etcd_pid) - cpu0) / elapsed
+                if way == "proxy":
+                    run.proxy_cpu_pct = 100 * (_cpu(proxy.pid) - p0) / elapsed
+                run.watchers[way] = watchers
+                run.rotation_ms[way] = latencies
+                run.resyncs[way] = sum(_resyncs(e) for e in edges) - resync0
+                run.changes += len(latencies)
+            finally:
+                await asyncio.to_thread(stop_edges, edges)
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+    return run
+
+
+def start_proxy(etcd: Etcd, work: Path, port: int) -> subprocess.Popen[bytes]:
+    """`etcd grpc-proxy start` in front of `etcd` on 127.0.0.1:`port`."""
+    with open(work / "grpc-proxy.log", "ab") as log:
+        return subprocess.Popen(
+            ["etcd", "grpc-proxy", "start", f"--endpoints={etcd.endpoints}",
+             f"--listen-addr=127.0.0.1:{port}", f"--data-dir={work / 'proxy'}"],
+            stdout=log, stderr=log, start_new_session=True,
+        )  # fmt: skip
+
+
+def _resyncs(edge: ReloaderProcess) -> float:
+    """Watches the edge had to open again (a stream that broke or went quiet)."""
+    metrics = edge.metrics()
+    return sum(v for k, v in metrics.items() if "reconnect" in k or "resync" in k)
+
+
+async def revoke_all(store: Store, ids: list[int], at_once: int = 10) -> None:
+    """Revoke every lease, `at_once` at a time, each retried while etcd is busy (a
+    revoke deletes every key of its lease in one request)."""
+    for start in range(0, len(ids), at_once):
+        for attempt in range(10):
+            try:
+                await asyncio.gather(*(store.revoke(i) for i in ids[start : start + at_once]))
+                break
+            except Unavailable:
+                if attempt == 9:
+                    raise
+                await asyncio.sleep(0.5)
 
 
 def _rss_mb(edge: ReloaderProcess) -> float:
