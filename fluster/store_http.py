@@ -144,6 +144,8 @@ class HttpStore(Store):
             if code == UNAUTHENTICATED and auth and self.settings.user and attempt == 1:
                 await self._authenticate()
                 continue
+            if code == UNAVAILABLE:
+                self._next += 1  # "no leader", say: the caller's retry goes to another member
             raise error_for(code, detail, what)
         raise AssertionError("unreachable")
 
