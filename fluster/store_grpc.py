@@ -167,14 +167,11 @@ class GrpcStore(Store):
     # -- key-value ----------------------------------------------------------------------
 
     async def get(self, key: str, *, revision: int = 0) -> tuple[int, KeyValue | None]:
-        """(store revision, the key or None), now or as it was at `revision` (Compacted
-        when etcd no longer keeps that revision)."""
         request = pb.RangeRequest(key=key.encode(), revision=revision)
         reply = await self._call("get", "kv.Range", request)
         return reply.header.revision, (_kv(reply.kvs[0]) if reply.kvs else None)
 
     async def get_prefix(self, prefix: str, *, revision: int = 0) -> tuple[int, list[KeyValue]]:
-        """(store revision, every key under `prefix`), one consistent read."""
         raw = prefix.encode()
         request = pb.RangeRequest(key=raw, range_end=prefix_end(raw), revision=revision)
         reply = await self._call("get prefix", "kv.Range", request)
@@ -214,7 +211,6 @@ class GrpcStore(Store):
         return int(reply.header.revision)
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:
-        """Delete a key (or every key under it); returns how many went."""
         raw = key.encode()
         request = pb.DeleteRangeRequest(key=raw, range_end=prefix_end(raw) if prefix else b"")
         reply = await self._call("delete", "kv.DeleteRange", request)
@@ -228,11 +224,6 @@ class GrpcStore(Store):
         mod_revision: int,
         lease: int = 0,
     ) -> int:
-        """Put (or, for None, delete) `key` only if its mod revision is still `mod_revision`.
-
-        `mod_revision=0` means "only if the key does not exist". Raises Conflict when
-        someone else wrote in between; returns the new store revision.
-        """
         raw = key.encode()
         compare = pb.Compare(
             result=pb.Compare.EQUAL, target=pb.Compare.MOD, key=raw, mod_revision=mod_revision
