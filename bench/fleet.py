@@ -23,7 +23,6 @@ Everything shares this machine's 2 cores: the edges, etcd, and the simulated age
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import subprocess
 import time
@@ -31,6 +30,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.pipelines import cpu_seconds
 from fluster import keys
 from fluster.lease import Lease
 from fluster.records import Instance
@@ -356,11 +356,6 @@ class ProxyRun:
     resyncs: dict[str, float] = field(default_factory=dict)
 
 
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def f4_proxy(
     etcd: Etcd,
     store: Store,
@@ -380,12 +375,12 @@ async def f4_proxy(
                 await asyncio.sleep(5)  # start-up done
                 resync0 = sum(_resyncs(e) for e in edges)
                 watchers = etcd_counter(etcd, "etcd_debugging_mvcc_watcher_total")
-                cpu0, p0, t0 = _cpu(etcd_pid), _cpu(proxy.pid), time.monotonic()
+                cpu0, p0, t0 = cpu_seconds(etcd_pid), cpu_seconds(proxy.pid), time.monotonic()
                 latencies = await _rotation_trials(store, edges, int(seconds * rate / 2), way)
                 elapsed = time.monotonic() - t0
-                run.etcd_cpu_pct[way] = 100 * (_cpu(etcd_pid) - cpu0) / elapsed
+                run.etcd_cpu_pct[way] = 100 * (cpu_seconds(etcd_pid) - cpu0) / elapsed
                 if way == "proxy":
-                    run.proxy_cpu_pct = 100 * (_cpu(proxy.pid) - p0) / elapsed
+                    run.proxy_cpu_pct = 100 * (cpu_seconds(proxy.pid) - p0) / elapsed
                 run.watchers[way] = watchers
                 run.rotation_ms[way] = latencies
                 run.resyncs[way] = sum(_resyncs(e) for e in edges) - resync0

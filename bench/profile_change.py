@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench import haproxy
+from bench.pipelines import cpu_seconds
 from fluster import keys
 from fluster.store import EtcdSettings, open_store
 from testbed.etcd import Etcd
@@ -64,11 +64,6 @@ def categorise(raw: Path) -> tuple[Counter[str], int]:
         else:
             counts["event loop (uvloop) and other native work"] += n
     return counts, total
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def churn(store_endpoint: tuple[str, ...], sock: Path, changes: int) -> list[float]:
