@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 MAX_HEAD = 64 * 1024  # status line and headers
 MAX_BODY = 64 * 1024 * 1024  # as gRPC's receive limit for etcd
 MAX_IDLE = 4  # kept-alive connections per client
+CLOSE_WAIT = 1.0  # seconds a closed connection may take to release its socket
 
 
 class ProtocolError(OSError):
@@ -68,8 +69,15 @@ class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
 
-    def close(self) -> None:
-        self.writer.close()
+    async def close(self) -> None:
+        """Drop the connection and wait until its socket is released. No TLS close_notify
+        exchange: nothing is left to read, and a peer that never answers it would hold
+        the socket open (for the SSL shutdown timeout, or past the end of the event loop,
+        where it leaks)."""
+        self.writer.transport.abort()
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(CLOSE_WAIT):
+                await self.writer.wait_closed()
 
     async def send(self, head: bytes, body: bytes) -> None:
         self.writer.write(head + body)
@@ -189,7 +197,7 @@ class Client:
 
     async def close(self) -> None:
         while self._idle:
-            self._idle.pop().close()
+            await self._idle.pop().close()
 
     def _head(
         self, method: str, path: str, body: bytes | None, headers: Mapping[str, str] | None
@@ -223,12 +231,12 @@ class Client:
                     await conn.send(head, body or b"")
                     status, answer = await conn.read_head()
                 except (ConnectionError, asyncio.IncompleteReadError):
-                    conn.close()
+                    await conn.close()
                     if reused:
                         continue  # the server closed an idle connection: a fresh one
                     raise
                 except BaseException:
-                    conn.close()
+                    await conn.close()
                     raise
                 try:
                     data = bytearray()
@@ -238,12 +246,12 @@ class Client:
                             if len(data) > MAX_BODY:
                                 raise ProtocolError(f"response over {MAX_BODY} bytes")
                 except BaseException:
-                    conn.close()
+                    await conn.close()
                     raise
                 if self._reusable(answer) and len(self._idle) < MAX_IDLE:
                     self._idle.append(conn)
                 else:
-                    conn.close()
+                    await conn.close()
                 return Response(status, answer, bytes(data))
 
     @staticmethod
@@ -268,4 +276,4 @@ class Client:
                 status, answer = await conn.read_head()
             yield Stream(status, answer, conn.chunks(answer))
         finally:
-            conn.close()
+            await conn.close()
