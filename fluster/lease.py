@@ -10,7 +10,10 @@ subtly wrong, so it is written here once:
 - a broken stream is reopened with backoff: the lease itself lives on for its TTL;
 - a lease that etcd calls gone (expired during a partition, revoked by an operator) is
   *lost*, and its keys went with it: the holder is told (`on_lost`), and a holder run
-  by `run()` / `async with` grants a new lease and writes its keys again;
+  by `run()` / `async with` grants a new lease and writes its keys again, after a random
+  delay of up to `spread` seconds (default TTL/3, `holdoff()`): when etcd loses every
+  lease at once (restored from a snapshot), a fleet's re-grants (and the writes after
+  them) are spread over TTL/3 as its keepalives are, not sent in the same second;
 - every etcd error is retried with the one policy (`store.retry_backoff`): at most
   RETRY_CAP (1 s) between attempts, AUTH_RETRY_CAP (10 s) after an AuthError, which
   will not fix itself quickly but must not kill a daemon either.
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,11 +76,17 @@ class Lease:
         *,
         name: str,
         on_lost: Callable[[], None] | None = None,
+        spread: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[float, float], float] = random.uniform,
     ) -> None:
         self.store, self.ttl, self.name = store, ttl, name
         self.on_lost = on_lost  # called when etcd says the lease is gone (keys gone too)
-        self.clock = clock
+        self.spread = ttl / 3 if spread is None else spread  # seconds, see holdoff()
+        self.clock, self._jitter = clock, jitter
+        # time.monotonic() before which a lost lease is not granted again: real time,
+        # whatever `clock` is, since the waits on it are real.
+        self._regrant_at = 0.0
         self.refreshed: float | None = None  # clock() when etcd last confirmed the lease
         self.losses = 0
         self.errors = 0  # etcd errors `run()` retried (a grant or a write refused)
@@ -92,6 +102,11 @@ class Lease:
     def id(self) -> int | None:
         """The current lease id, None while there is none (not granted yet, lost, revoked)."""
         return self._id
+
+    def holdoff(self) -> float:
+        """Seconds to wait before granting again after a loss (a random share of
+        `spread`, drawn at the loss); 0 when nothing was lost or the wait is over."""
+        return max(0.0, self._regrant_at - time.monotonic())
 
     def holds(self, key: str) -> bool:
         """Whether `key` is bound to this lease (written, or to be written again)."""
@@ -178,6 +193,7 @@ class Lease:
             return  # an old lease: already replaced or revoked
         self.losses += 1
         self._id = None
+        self._regrant_at = time.monotonic() + self._jitter(0.0, self.spread)
         if self._keeper is not asyncio.current_task() and self._keeper is not None:
             self._keeper.cancel()
         self._keeper = None
@@ -223,6 +239,8 @@ class Lease:
         while True:
             self._wake.clear()
             try:
+                if wait := self.holdoff():
+                    await asyncio.sleep(wait)
                 lease = await self.ensure()
                 await self._write(lease)
                 backoff.reset()

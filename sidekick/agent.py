@@ -131,6 +131,7 @@ class Sidekick:
             service=plan.service,
             name=plan.name,
             ttl=self.s.ttl,
+            reregister_spread=self.s.reregister_spread,
             drain_seconds=self.s.drain_seconds,
             healthy=probe is None and plan.check.kind != "docker",
         )

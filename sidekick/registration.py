@@ -13,13 +13,15 @@ task, `run`, makes etcd match it, so writes for a key never race each other:
 Failures are retried forever with the store's one retry policy (<= 1 s, so a record is
 back within a second of etcd being reachable). A lost lease (expired in a partition,
 revoked) or a key deleted behind our back (the watch in `hub.py` tells us) means: grant
-again, put again. Nothing here ever touches the app.
+again, put again; after a lost lease, once the lease's random hold-off is over
+(`reregister_spread`, fluster/lease.py says why). Nothing here ever touches the app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -47,9 +49,11 @@ class Registration:
         name: str,
         ttl: int,
         drain_seconds: float,
+        reregister_spread: float | None = None,
         healthy: bool = False,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+        jitter: Callable[[float, float], float] = random.uniform,
     ) -> None:
         self.store, self.key, self.instance = store, key, instance
         self.service, self.name = service, name
@@ -69,12 +73,21 @@ class Registration:
         self._held = False  # retirement held because the edge falls back to our version
         self._retire_timer: asyncio.TimerHandle | None = None
         self._wall = wall
-        self._lease = Lease(store, ttl, name=key, on_lost=self._lease_lost, clock=clock)
+        self._lease = Lease(
+            store,
+            ttl,
+            name=key,
+            on_lost=self._lease_lost,
+            spread=reregister_spread,
+            clock=clock,
+            jitter=jitter,
+        )
         self._written: Instance | None = None
         self._put_revision = 0
         self._wake = asyncio.Event()
         self._cut_drain = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._holdoff_timer: asyncio.TimerHandle | None = None
 
     # -- what the world says ------------------------------------------------------------
 
@@ -85,6 +98,11 @@ class Registration:
     @property
     def lease(self) -> int | None:
         return self._lease.id
+
+    @property
+    def holdoff(self) -> float:
+        """Seconds before a lost lease is granted again (0: not holding off)."""
+        return self._lease.holdoff()
 
     @property
     def put_revision(self) -> int:
@@ -222,8 +240,9 @@ class Registration:
 
     async def cancel(self) -> None:
         """Stop writing and refreshing without touching etcd (the lease then expires)."""
-        if self._retire_timer is not None:
-            self._retire_timer.cancel()
+        for timer in (self._retire_timer, self._holdoff_timer):
+            if timer is not None:
+                timer.cancel()
         task, self._task = self._task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -243,7 +262,13 @@ class Registration:
             self._wake.clear()
             try:
                 if self.wanted and self.spec_seen.is_set():
-                    await self._up()
+                    if wait := self.holdoff:
+                        # Not a sleep: what is wanted may change meanwhile.
+                        self._holdoff_timer = asyncio.get_running_loop().call_later(
+                            wait, self._poke
+                        )
+                    else:
+                        await self._up()
                 elif not self.wanted and (self._written or self._lease.id):
                     await self._down()
                 backoff.reset()
@@ -298,8 +323,9 @@ class Registration:
         self._cut_drain.clear()
 
     def _lease_lost(self) -> None:
-        """The lease expired (a partition) or was revoked behind our back: put again."""
-        self.log.warning("lease expired, registering again")
+        """The lease expired (a partition) or was revoked behind our back: put again,
+        once the lease's hold-off is over."""
+        self.log.warning("lease expired, registering again", after_seconds=round(self.holdoff, 2))
         self._written = None
         self._poke()
 

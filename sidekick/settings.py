@@ -81,6 +81,7 @@ class Settings:
     rise: int
     fall: int
     ttl: int
+    reregister_spread: float | None  # None: TTL/3
     drain_seconds: float
     on_retire: Literal["deregister", "stop"]
     docker_host: str
@@ -284,6 +285,16 @@ TTL: Option[int] = Option(
     10,
     integer(2, MAX_LEASE_TTL),
 )
+REREGISTER_SPREAD: Option[float | None] = Option(
+    "--reregister-spread",
+    "SIDEKICK_REREGISTER_SPREAD",
+    "after a lost lease, register again within a random delay of up to this many "
+    "seconds, so that a fleet whose leases etcd lost at once does not come back in "
+    "the same second (0: at once)",
+    None,
+    non_negative_float,
+    shown="TTL/3",
+)
 DRAIN_SECONDS: Option[float] = Option(
     "--drain-seconds",
     "SIDEKICK_DRAIN_SECONDS",
@@ -306,6 +317,7 @@ LIFECYCLE: tuple[Option[Any], ...] = (
     RISE,
     FALL,
     TTL,
+    REREGISTER_SPREAD,
     DRAIN_SECONDS,
     ON_RETIRE,
 )
@@ -409,6 +421,7 @@ def build(argv: Sequence[str] | None, environ: Mapping[str, str]) -> tuple[Setti
         rise=v[RISE],
         fall=v[FALL],
         ttl=v[TTL],
+        reregister_spread=v[REREGISTER_SPREAD],
         drain_seconds=v[DRAIN_SECONDS],
         on_retire="stop" if on_retire == "stop" else "deregister",
         docker_host=v[DOCKER_HOST],

@@ -89,3 +89,28 @@ async def test_a_lock_lost_to_another_holder_is_not_taken_back(store: Store, etc
 async def _value_is(store: Store, key: str, value: bytes) -> bool:
     _, kv = await store.get(key)
     return kv is not None and kv.value == value
+
+
+async def test_a_lost_lease_is_granted_again_only_after_its_holdoff(
+    store: Store, etcd: Etcd
+) -> None:
+    """After a loss, `run()` waits the random hold-off drawn at the loss (here the
+    whole spread) before it grants again: a fleet whose leases went at once does not
+    come back in one second."""
+    lease = Lease(store, 5, name="status", spread=1.5, jitter=lambda low, high: high)
+    lost_at: list[float] = []
+    lease.on_lost = lambda: lost_at.append(asyncio.get_running_loop().time())
+    runner = asyncio.create_task(lease.run())
+    try:
+        lease.set("/t/reloaders/a", "1")
+        old = await eventually(lambda: _lease_of(store, "/t/reloaders/a"), what="key written")
+        etcd.ctl("lease", "revoke", f"{old:x}", check=True)
+        await eventually(lambda: lost_at, what="the loss noticed")
+        await eventually(
+            lambda: _lease_of(store, "/t/reloaders/a"), what="key written under a new lease"
+        )
+        assert asyncio.get_running_loop().time() - lost_at[0] >= 1.5
+        assert lease.holdoff() == 0.0
+    finally:
+        runner.cancel()
+        await lease.release()

@@ -221,6 +221,27 @@ async def test_a_lease_revoked_behind_its_back_is_replaced(
     assert kv is not None and kv.lease == reg.lease
 
 
+async def test_a_lost_lease_is_replaced_only_after_its_holdoff(
+    store: Store, supervisor: Supervisor
+) -> None:
+    """The hold-off drawn at the loss (here the whole spread) passes before the record is
+    put again; it is a timer, not a sleep, so the writer still follows what is wanted."""
+    reg = await registered(store, supervisor, reregister_spread=1.5, jitter=lambda lo, hi: hi)
+    old = reg.lease
+    assert old is not None
+    loop = asyncio.get_running_loop()
+    await store.revoke(old)
+    await eventually(lambda: reg.lease is None, what="the loss noticed")
+    noticed, left = loop.time(), reg.holdoff
+    assert 0 < left <= 1.5
+    reg.set_healthy(False)
+    reg.set_healthy(True)  # pokes during the hold-off change nothing
+    await eventually(lambda: reg.lease not in (None, old) and reg.written, what="new lease")
+    assert loop.time() - noticed >= left
+    _, kv = await store.get(KEY)
+    assert kv is not None and kv.lease == reg.lease
+
+
 async def test_close_drains_then_revokes_and_a_dead_container_cuts_the_drain(
     store: Store, supervisor: Supervisor
 ) -> None:
