@@ -32,7 +32,7 @@ from testbed.reloader import ReloaderProcess
 
 # What a sample was doing: the first of these found in its stack (outermost first).
 CATEGORIES = (
-    ("runtime API: connecting to the admin socket", ("CliSession.__aenter__",)),
+    ("runtime API: connecting to the admin socket", ("CliSession.open",)),
     ("runtime API: commands and replies", ("RuntimeApi",)),
     ("removal guard (which services changed, capacity)", ("RemovalGuard",)),
     ("host facts (ports, names)", ("FactFinder",)),

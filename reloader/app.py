@@ -348,6 +348,7 @@ class Reloader:
         # The last runtime apply's file, so that the next start serves the same.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.applier.flush(), 10)
+        await self.applier.runtime.close()
         await self.haproxy.stop()
         await supervisor.cancel_all()
         with contextlib.suppress(Exception):

@@ -70,10 +70,10 @@ async def cli(socket: Path, command: str, limit: float = CLI_TIMEOUT) -> str:
 
 
 class CliSession:
-    """One interactive (`prompt` mode) connection to the stats socket for a batch of
-    commands: a storm of runtime changes then costs a round trip per command instead of
-    a connection per command. Opened per batch, never kept: after a reload the old
-    connection would still talk to the old, exiting worker."""
+    """One interactive (`prompt` mode) connection to the stats socket: a storm of runtime
+    changes then costs a round trip per command instead of a connection per command.
+    `open()` / `close()`, or `async with`. The runtime API keeps one across batches
+    (reloader/runtime_api.py says when it lets it go)."""
 
     PROMPT = b"\n> "
 
@@ -84,6 +84,22 @@ class CliSession:
         self._writer: asyncio.StreamWriter | None = None
 
     async def __aenter__(self) -> CliSession:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def usable(self) -> bool:
+        """Open, and HAProxy has not closed its side (`stats timeout`, a dying worker)."""
+        return (
+            self._reader is not None
+            and self._writer is not None
+            and not self._reader.at_eof()
+            and not self._writer.is_closing()
+        )
+
+    async def open(self) -> CliSession:
         try:
             async with asyncio.timeout(self.limit):
                 self._reader, self._writer = await asyncio.open_unix_connection(
@@ -94,7 +110,12 @@ class CliSession:
         await self.send("prompt")
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    def abort(self) -> None:
+        """Close at once (no waiting: for a connection given up on)."""
+        if self._writer is not None:
+            self._writer.transport.abort()
+
+    async def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             with contextlib.suppress(OSError):

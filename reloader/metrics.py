@@ -176,6 +176,12 @@ def families(s: Status) -> Iterator[Metric]:
             "New HTTP services that found the backend pool empty and took a reload.",
             s.pool_fallbacks,
         ),
+        (
+            "admin_connects_total",
+            "Connections to HAProxy's admin socket for runtime changes (kept between "
+            "changes; a new one after each reload or error).",
+            s.admin_connects,
+        ),
     ]
     for name, help_, value in counters:
         yield CounterMetricFamily(f"reloader_{name}", help_, value=value)

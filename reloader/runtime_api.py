@@ -13,6 +13,7 @@ describes the target state and so repairs whatever half-applied state we left.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,25 +138,59 @@ def _expect(reply: str, command: str, *accepted: str) -> None:
 class RuntimeApi:
     """Applies a Plan over the admin socket. Deletions that HAProxy refuses (a server
     still holding connections) are left in maintenance, which takes no new traffic, and
-    retried on the next apply."""
+    retried on the next apply.
 
-    def __init__(self, socket: Path, routes_map: Path) -> None:
+    One admin connection is kept from batch to batch (connecting cost a third of a
+    millisecond per change: docs/BENCHMARKS.md, P10). It is let go, so that the next
+    batch connects afresh, whenever it could be talking to a worker that no longer
+    serves: after every reload and restart (`forget()`: the old worker keeps the old
+    connection while it finishes), after any error in a batch, when HAProxy closed its
+    side, and when it sat idle for KEEP_IDLE (HAProxy's `stats timeout` is 30 s)."""
+
+    KEEP_IDLE = 20.0
+
+    def __init__(
+        self, socket: Path, routes_map: Path, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.socket = socket
         self.routes_map = routes_map
         self.send: Send = self._closed
         self.pending_deletes: set[tuple[str, str]] = set()
+        self.connects = 0  # admin connections opened (one per reload, not per change)
+        self._session: CliSession | None = None
+        self._used = 0.0  # clock() at the end of the session's last batch
+        self._clock = clock
 
     @staticmethod
     async def _closed(command: str) -> str:
         raise RuntimeApiError(f"no session for {command!r}")
 
     async def _batch(self, work: Callable[[], Awaitable[None]]) -> None:
-        async with CliSession(self.socket) as session:
-            self.send = session.send
-            try:
-                await work()
-            finally:
-                self.send = self._closed
+        session = self._session
+        if session is None or not session.usable or self._clock() - self._used > self.KEEP_IDLE:
+            self._let_go()
+            session = await CliSession(self.socket).open()
+            self._session = session
+            self.connects += 1
+        self.send = session.send
+        try:
+            await work()
+        except BaseException:
+            self._let_go()  # whatever broke may have broken the connection with it
+            raise
+        finally:
+            self.send = self._closed
+            self._used = self._clock()
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def _let_go(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            session.abort()
 
     async def run(self, command: str, *accepted: str) -> None:
         _expect(await self.send(command), command, *accepted)
@@ -227,5 +262,7 @@ class RuntimeApi:
             await self.delete(backend, name)
 
     def forget(self) -> None:
-        """After a reload or restart HAProxy has only what the config file says."""
+        """After a reload or restart HAProxy has only what the config file says, and the
+        kept connection talks to a worker that is leaving (or gone)."""
         self.pending_deletes.clear()
+        self._let_go()

@@ -258,6 +258,7 @@ class Status:
     skips_total: Mapping[str, int] = field(default_factory=dict)  # kind -> times left out
     pool_free: int = 0  # empty HTTP backends a new service can take without a reload
     pool_fallbacks: int = 0  # new HTTP services that found the pool empty and reloaded
+    admin_connects: int = 0  # admin socket connections the runtime API opened
     specs_kept_total: int = 0  # invalid specs answered by keeping the service's last good one
 
     @property
@@ -391,6 +392,7 @@ def status_of(r: Reloader) -> Status:
         skips_total=dict(r.reporter.counts),
         pool_free=r.applier.pool_free,
         pool_fallbacks=r.applier.pool_fallbacks,
+        admin_connects=r.applier.runtime.connects,
         applies=dict(r.stats.applies),
         failures=dict(r.stats.failures),
         apply_seconds_sum=r.stats.apply_seconds_sum,

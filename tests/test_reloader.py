@@ -98,6 +98,7 @@ async def test_membership_change_uses_the_runtime_api_new_tcp_service_reloads(
     etcd.delete(KEY.format("web", "a"))
     reloader.wait_served("web.localhost", {b.ident})
     assert reloader.workers() == workers, "a membership change must not reload"
+    assert reloader.metrics()["reloader_admin_connects_total"] == 1, "one kept connection"
     # The file follows, so that a later reload reproduces the state.
     wait_for(lambda: "server a " not in reloader.config, what="config file written")
     assert "server b 127.0.0.1:" in reloader.config
@@ -111,6 +112,13 @@ async def test_membership_change_uses_the_runtime_api_new_tcp_service_reloads(
     wait_for(lambda: reloader.status()["applies"]["reload"] >= 1, what="reload counted")
     # The reload reproduced the runtime API's work.
     reloader.wait_served("web.localhost", {b.ident})
+    # A runtime change after the reload reaches the new worker (a connection kept from
+    # before would reach the old, leaving one).
+    reloads = reloader.status()["applies"]["reload"]
+    etcd.put(KEY.format("web", "a"), a.json())
+    reloader.wait_served("web.localhost", {a.ident, b.ident})
+    assert reloader.status()["applies"]["reload"] == reloads, "a runtime change"
+    assert reloader.metrics()["reloader_admin_connects_total"] == 2
     # `fluster promote` learns from this key that the edge applied the change.
     last = etcd.ctl("get", "-w", "json", KEY.format("api", "c")).stdout
     revision = int(json.loads(last)["kvs"][0]["mod_revision"])
