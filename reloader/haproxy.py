@@ -76,6 +76,7 @@ class CliSession:
     (reloader/runtime_api.py says when it lets it go)."""
 
     PROMPT = b"\n> "
+    SLICE = 100  # commands per write in `exchange`
 
     def __init__(self, socket: Path, limit: float = CLI_TIMEOUT) -> None:
         self.socket = socket
@@ -123,20 +124,34 @@ class CliSession:
 
     async def send(self, command: str) -> str:
         """The reply to `command`, without the prompt."""
+        return (await self.exchange([command]))[0]
+
+    async def exchange(self, commands: Sequence[str]) -> list[str]:
+        """The replies to `commands`, sent in one write (HAProxy runs them in order, one
+        reply and prompt each): a batch costs one round trip, not one per command."""
         assert self._reader is not None and self._writer is not None
+        replies: list[str] = []
         try:
             async with asyncio.timeout(self.limit):
-                self._writer.write(command.encode() + b"\n")
-                await self._writer.drain()
-                data = await self._reader.readuntil(self.PROMPT)
+                # In slices, so that neither side's socket buffer fills while the other
+                # is still writing.
+                for start in range(0, len(commands), self.SLICE):
+                    part = commands[start : start + self.SLICE]
+                    self._writer.write("".join(c + "\n" for c in part).encode())
+                    await self._writer.drain()
+                    for _ in part:
+                        data = await self._reader.readuntil(self.PROMPT)
+                        reply = data[: -len(self.PROMPT)].decode("utf-8", "replace")
+                        replies.append(reply + "\n")
         except (
             OSError,
             TimeoutError,
             asyncio.IncompleteReadError,
             asyncio.LimitOverrunError,
         ) as exc:
-            raise HaproxyError(f"{self.socket.name}: {command.split()[0]}: {exc!r}") from exc
-        return data[: -len(self.PROMPT)].decode("utf-8", "replace") + "\n"
+            command = commands[len(replies)].split()[0]
+            raise HaproxyError(f"{self.socket.name}: {command}: {exc!r}") from exc
+        return replies
 
 
 @dataclass(frozen=True, slots=True)

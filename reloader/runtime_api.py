@@ -14,7 +14,7 @@ describes the target state and so repairs whatever half-applied state we left.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from reloader.model import Backend, Model, Server
 
 log = structlog.get_logger("reloader.runtime_api")
 
-Send = Callable[[str], Awaitable[str]]
+Exchange = Callable[[Sequence[str]], Awaitable[list[str]]]
 
 
 class RuntimeApiError(HaproxyError):
@@ -135,6 +135,16 @@ def _expect(reply: str, command: str, *accepted: str) -> None:
     raise RuntimeApiError(f"{command!r} -> {text[:200]!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class _Command:
+    """One CLI command and what its reply must start with (`accepted`, "" for an empty
+    reply), or a function that judges the reply itself (`then`)."""
+
+    text: str
+    accepted: tuple[str, ...] = ("",)
+    then: Callable[[str], None] | None = None
+
+
 class RuntimeApi:
     """Applies a Plan over the admin socket. Deletions that HAProxy refuses (a server
     still holding connections) are left in maintenance, which takes no new traffic, and
@@ -154,7 +164,7 @@ class RuntimeApi:
     ) -> None:
         self.socket = socket
         self.routes_map = routes_map
-        self.send: Send = self._closed
+        self._exchange: Exchange = self._closed
         self.pending_deletes: set[tuple[str, str]] = set()
         self.connects = 0  # admin connections opened (one per reload, not per change)
         self._session: CliSession | None = None
@@ -162,8 +172,8 @@ class RuntimeApi:
         self._clock = clock
 
     @staticmethod
-    async def _closed(command: str) -> str:
-        raise RuntimeApiError(f"no session for {command!r}")
+    async def _closed(commands: Sequence[str]) -> list[str]:
+        raise RuntimeApiError(f"no session for {commands[0]!r}")
 
     async def _batch(self, work: Callable[[], Awaitable[None]]) -> None:
         session = self._session
@@ -172,14 +182,14 @@ class RuntimeApi:
             session = await CliSession(self.socket).open()
             self._session = session
             self.connects += 1
-        self.send = session.send
+        self._exchange = session.exchange
         try:
             await work()
         except BaseException:
             self._let_go()  # whatever broke may have broken the connection with it
             raise
         finally:
-            self.send = self._closed
+            self._exchange = self._closed
             self._used = self._clock()
 
     async def close(self) -> None:
@@ -192,74 +202,96 @@ class RuntimeApi:
         if session is not None:
             session.abort()
 
-    async def run(self, command: str, *accepted: str) -> None:
-        _expect(await self.send(command), command, *accepted)
+    async def _run(self, commands: list[_Command]) -> None:
+        """Send `commands` in one exchange, then judge the replies in order: the first
+        unexpected one raises (HAProxy ran the rest anyway; the caller's reload of the
+        whole validated config repairs that)."""
+        if not commands:
+            return
+        replies = await self._exchange([c.text for c in commands])
+        for command, reply in zip(commands, replies, strict=True):
+            if command.then is not None:
+                command.then(reply)
+            else:
+                _expect(reply, command.text, *command.accepted)
 
     async def apply(self, changes: Plan) -> None:
         await self._batch(lambda: self._apply(changes))
 
     async def _apply(self, changes: Plan) -> None:
-        await self._retry_pending()
-        # Additions before removals: when a promotion swaps every server of a backend,
-        # removing first leaves it empty for a moment and requests get 503. The few
-        # milliseconds a lost instance keeps its slot are covered by HAProxy's redispatch.
+        await self._run(self._retries())  # first: a re-added server may be one of them
+        # Two round trips. Additions first: when a promotion swaps every server of a
+        # backend, removing first leaves it empty for a moment and requests get 503 (the
+        # few milliseconds a lost instance keeps its slot are covered by HAProxy's
+        # redispatch). Removals only once every addition was accepted, so that a
+        # refused one never leaves a backend emptied until the reload that repairs it.
+        first: list[_Command] = []
         for backend, server in changes.add:
+            ref = f"{backend}/{server.name}"
             if (backend, server.name) in self.pending_deletes:
                 # Still there in maintenance: bring it back with its new settings.
                 self.pending_deletes.discard((backend, server.name))
-                await self.update(backend, server)
-                await self.run(f"set server {backend}/{server.name} state ready", "")
+                first += self._update(backend, server)
+                first.append(_Command(f"set server {ref} state ready"))
                 continue
-            await self.run(
-                f"add server {backend}/{server.name} {server.address} {server.options}",
-                "New server registered.",
-            )
-            await self.run(f"enable health {backend}/{server.name}", "")
-            await self.run(f"enable server {backend}/{server.name}", "")
+            first += [
+                _Command(
+                    f"add server {ref} {server.address} {server.options}",
+                    ("New server registered.",),
+                ),
+                _Command(f"enable health {ref}"),
+                _Command(f"enable server {ref}"),
+            ]
         for backend, _old, new in changes.update:
-            await self.update(backend, new)
+            first += self._update(backend, new)
         # Routes after the servers they lead to, and before the servers they led to go.
-        for key, backend in changes.route_add:
-            await self.run(f"add map {self.routes_map} {key} {backend}", "")
-        for key, backend in changes.route_set:
-            await self.run(f"set map {self.routes_map} {key} {backend}", "")
-        for key in changes.route_del:
-            await self.run(f"del map {self.routes_map} {key}", "", "Key not found.")
+        first += [_Command(f"add map {self.routes_map} {k} {b}") for k, b in changes.route_add]
+        first += [_Command(f"set map {self.routes_map} {k} {b}") for k, b in changes.route_set]
+        await self._run(first)
+        second = [
+            _Command(f"del map {self.routes_map} {key}", ("", "Key not found."))
+            for key in changes.route_del
+        ]
         for backend, name in changes.delete:
-            await self.run(f"set server {backend}/{name} state maint", "")
-            await self.delete(backend, name)
+            second += [
+                _Command(f"set server {backend}/{name} state maint"),
+                self._delete(backend, name),
+            ]
+        await self._run(second)
 
-    async def update(self, backend: str, server: Server) -> None:
+    @staticmethod
+    def _update(backend: str, server: Server) -> list[_Command]:
         ref = f"{backend}/{server.name}"
-        await self.run(
-            f"set server {ref} addr {server.host} port {server.port}",
-            "IP changed from",
-            "no need to change",
-            "port changed from",
-        )
-        await self.run(f"set server {ref} weight {server.weight}", "")
+        return [
+            _Command(
+                f"set server {ref} addr {server.host} port {server.port}",
+                ("IP changed from", "no need to change", "port changed from"),
+            ),
+            _Command(f"set server {ref} weight {server.weight}"),
+        ]
 
-    async def delete(self, backend: str, name: str) -> bool:
-        reply = (await self.send(f"del server {backend}/{name}")).strip()
-        if reply.startswith("Server deleted.") or reply.startswith("No such server"):
-            self.pending_deletes.discard((backend, name))
-            return True
-        log.info(
-            "server still busy, left in maintenance",
-            backend=backend,
-            server=name,
-            reply=reply[:200],
-        )
-        self.pending_deletes.add((backend, name))
-        return False
+    def _delete(self, backend: str, name: str) -> _Command:
+        def judge(reply: str) -> None:
+            text = reply.strip()
+            if text.startswith("Server deleted.") or text.startswith("No such server"):
+                self.pending_deletes.discard((backend, name))
+                return
+            log.info(
+                "server still busy, left in maintenance",
+                backend=backend,
+                server=name,
+                reply=text[:200],
+            )
+            self.pending_deletes.add((backend, name))
+
+        return _Command(f"del server {backend}/{name}", then=judge)
 
     async def retry_pending(self) -> None:
         if self.pending_deletes:
-            await self._batch(self._retry_pending)
+            await self._batch(lambda: self._run(self._retries()))
 
-    async def _retry_pending(self) -> None:
-        for backend, name in sorted(self.pending_deletes):
-            await self.delete(backend, name)
+    def _retries(self) -> list[_Command]:
+        return [self._delete(backend, name) for backend, name in sorted(self.pending_deletes)]
 
     def forget(self) -> None:
         """After a reload or restart HAProxy has only what the config file says, and the
