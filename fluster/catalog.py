@@ -74,6 +74,10 @@ class Snapshot:
     # snapshots of one layout have the same services and specs (their instances may
     # differ), so what depends on those alone can be kept. 0: unknown, never the same.
     layout: int = 0
+    # Which services each snapshot changed, shared by the snapshots of one catalog
+    # between two lists: `changed_services` reads it instead of comparing every service.
+    seq: int = field(default=0, compare=False)  # 0: not the catalog's own (a guarded copy)
+    changes: ChangeLog | None = field(default=None, compare=False, repr=False)
 
     @property
     def instance_count(self) -> int:
@@ -83,28 +87,63 @@ class Snapshot:
         return other is not None and self.layout != 0 and self.layout == other.layout
 
 
-def changed_services(before: Mapping[str, Service], after: Mapping[str, Service]) -> frozenset[str]:
-    """The services added, removed or changed between two snapshots' services. The
-    catalog keeps an unchanged service's object, so this is an identity test per
-    service: cheap enough to run at every change, and what lets the work that follows
-    look at the changed services only (issue 15).
+class ChangeLog:
+    """The services each of a catalog's last KEEP snapshots changed (by `seq`). A list
+    (first, or after a compaction) starts a new log: no answer spans one."""
 
-    One apply asks it of the same two snapshots from the removal guard, the host facts,
-    the model's build and the status line: the last answer is kept, so the catalog is
-    walked once per change, not four times (the profile in docs/BENCHMARKS.md, P10)."""
+    KEEP = 1024
+
+    def __init__(self) -> None:
+        self._touched: dict[int, frozenset[str]] = {}
+
+    def record(self, seq: int, touched: frozenset[str]) -> None:
+        self._touched[seq] = touched
+        self._touched.pop(seq - self.KEEP, None)
+
+    def between(self, before: int, after: int) -> frozenset[str] | None:
+        """The services changed after snapshot `before` up to `after`; None when the
+        log no longer (or never) held every step."""
+        if not 0 < before <= after or after - before >= self.KEEP:
+            return None
+        if after - before == 1:
+            return self._touched.get(after)
+        steps = [self._touched.get(seq) for seq in range(before + 1, after + 1)]
+        if any(step is None for step in steps):
+            return None
+        return frozenset().union(*steps)  # type: ignore[arg-type]
+
+
+def changed_services(before: Snapshot | None, after: Snapshot) -> frozenset[str]:
+    """The services added, removed or changed from `before` to `after` (None: nothing
+    before). What lets the work that follows a change look at the changed services
+    only (issue 15).
+
+    Two of the catalog's own snapshots: what the catalog recorded when it made them,
+    whatever the catalog's size. Otherwise (a snapshot the removal guard patched, or
+    across a list) an identity test per service, since the catalog keeps an unchanged
+    service's object; its last answer is kept, as one apply asks it of the same two
+    snapshots from the removal guard, the host facts, the model's build and the status
+    line (the profile in docs/BENCHMARKS.md, P10)."""
+    if before is None:
+        return frozenset(after.services)
+    b, a = before.services, after.services
+    if before.changes is not None and before.changes is after.changes:
+        logged = before.changes.between(before.seq, after.seq)
+        if logged is not None:  # less what came and went in between
+            return frozenset(name for name in logged if name in a or name in b)
     global _last_changed
     last = _last_changed
-    if last is not None and last[0] is before and last[1] is after:
+    if last is not None and last[0] is b and last[1] is a:
         return last[2]
-    changed = {name for name, svc in after.items() if before.get(name) is not svc}
-    if len(after) != len(before) or changed:
-        changed.update(before.keys() - after.keys())
+    changed = {name for name, svc in a.items() if b.get(name) is not svc}
+    if len(a) != len(b) or changed:
+        changed.update(b.keys() - a.keys())
     answer = frozenset(changed)
-    _last_changed = (before, after, answer)
+    _last_changed = (b, a, answer)
     return answer
 
 
-# (before, after, answer) of the last call. Strong references, so an id is never reused
+# (before, after, answer) of the last walk. Strong references, so an id is never reused
 # while it is kept: two snapshots' service maps, which the reloader holds anyway.
 _last_changed: tuple[Mapping[str, Service], Mapping[str, Service], frozenset[str]] | None = None
 
@@ -167,6 +206,8 @@ class Catalog:
         self._rejected: dict[str, str] = {}
         self._last_good: dict[str, ServiceSpec] = {}  # survives a relist, unlike _building
         self._layout = 0  # Snapshot.layout of the last snapshot
+        self._seq = 0  # Snapshot.seq of the last snapshot
+        self._changes = ChangeLog()
 
     @property
     def revision(self) -> int:
@@ -220,6 +261,7 @@ class Catalog:
         self._frozen.clear()
         self._rejected.clear()
         self._layout += 1  # a new list: nothing kept from before can be trusted
+        self._changes = ChangeLog()
         for kv in kvs:
             self._put(kv, revision)
         snapshot = self._publish(revision, set(self._building))
@@ -316,11 +358,15 @@ class Catalog:
             self._frozen = dict(sorted(self._frozen.items()))
         if relaid or not self._layout:
             self._layout += 1
+        self._seq += 1
+        self._changes.record(self._seq, frozenset(touched))
         self.snapshot = Snapshot(
             revision=revision,
             services=MappingProxyType(dict(self._frozen)),
             rejected=MappingProxyType(dict(self._rejected)),
             layout=self._layout,
+            seq=self._seq,
+            changes=self._changes,
         )
         return self.snapshot
 

@@ -260,7 +260,7 @@ class ServiceCache:
         model, before, last_key, ports, positions = self.last
         if key != last_key or not snapshot.same_layout(before):
             return None
-        changed = changed_services(before.services, snapshot.services)
+        changed = changed_services(before, snapshot)
         services = [snapshot.services[name] for name in changed]
         http = [svc for svc in services if svc.spec.mode == "http"]
         if not self.ownership.same_stakes(http, settings.domain):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 
 import structlog
@@ -46,7 +46,7 @@ class FactFinder:
         self._watched: set[int] = set()  # the ports the kept hosts were judged against
         # service -> (its object, its host names, its IPs on a watched port)
         self._hosts: dict[str, tuple[Service, frozenset[str], frozenset[str]]] = {}
-        self._seen: Mapping[str, Service] = {}  # the services `_hosts` was made from
+        self._seen: Snapshot | None = None  # what `_hosts` was made from
         self._union: tuple[frozenset[str], frozenset[str]] | None = None  # of `_hosts`
         self._tcp: tuple[Snapshot, set[int]] | None = None  # the TCP ports of a layout
 
@@ -67,10 +67,10 @@ class FactFinder:
         # when one service's differ: the cost follows the change.
         if watched != self._watched:
             self._hosts.clear()
-            self._seen = {}
+            self._seen = None
             self._watched = watched
         moved = self._union is None
-        for name in changed_services(self._seen, snapshot.services):
+        for name in changed_services(self._seen, snapshot):
             old = self._hosts.pop(name, None)
             svc = snapshot.services.get(name)
             if svc is not None:
@@ -78,7 +78,7 @@ class FactFinder:
                 moved = moved or old is None or old[1:] != kept[1:]
             else:
                 moved = moved or old is None or bool(old[1] or old[2])
-        self._seen = snapshot.services
+        self._seen = snapshot
         if moved:
             all_names = set().union(*(h[1] for h in self._hosts.values()))
             all_ips = set().union(*(h[2] for h in self._hosts.values()))
@@ -129,7 +129,7 @@ class Reporter:
         self.fallbacks: dict[str, str] = {}  # service -> the version served in its place
         self.counts: dict[str, int] = {}  # skip kind -> times something was left out
         self.recheck_at: float | None = None
-        self._seen: Mapping[str, Service] = {}  # the services `_fallback` was judged on
+        self._seen: Snapshot | None = None  # what `_fallback` was judged on
         self._fallback: dict[str, str] = {}  # service -> the version served in its place
 
     def report(self, model: Model, snapshot: Snapshot, resolver: Resolver) -> None:
@@ -155,14 +155,14 @@ class Reporter:
         self.skips = now
         # The policy is looked at again only for services whose object changed (the
         # catalog keeps an unchanged service's object): the cost follows the change.
-        for name in changed_services(self._seen, snapshot.services):
+        for name in changed_services(self._seen, snapshot):
             svc = snapshot.services.get(name)
             fallback = routing.routing(svc).fallback if svc is not None else None
             if fallback is None:
                 self._fallback.pop(name, None)
             else:
                 self._fallback[name] = fallback
-        self._seen = snapshot.services
+        self._seen = snapshot
         fallbacks = dict(self._fallback)
         for name, version in sorted(fallbacks.items()):
             if self.fallbacks.get(name) != version:

@@ -135,7 +135,7 @@ class RemovalGuard:
         # A service whose object is the one applied (the catalog keeps an unchanged
         # service's object) has nothing removed: only the changed ones are looked at, so
         # the cost follows the change, not the catalog (issue 15).
-        changed = changed_services(applied.services, snapshot.services)
+        changed = changed_services(applied, snapshot)
         for name in sorted(changed | {k[0] for k in self.held}):
             before, after = applied.services.get(name), snapshot.services.get(name)
             if before is not None and after is not None and _promoted(before, after):
@@ -241,7 +241,10 @@ class RemovalGuard:
         self._patched = patched
         if layout == 0:
             services = dict(sorted(services.items()))
-        return replace(snapshot, services=MappingProxyType(services), layout=layout)
+        # Not the catalog's snapshot any more: its change log does not describe this one.
+        return replace(
+            snapshot, services=MappingProxyType(services), layout=layout, seq=0, changes=None
+        )
 
 
 def _draining(svc: Service | None) -> int:

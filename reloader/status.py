@@ -317,7 +317,7 @@ def describe_change(before: Snapshot | None, after: Snapshot) -> str:
     """What differs between two snapshots, per service, in a few words."""
     old = before.services if before is not None else {}
     parts: list[str] = []
-    for name in sorted(changed_services(old, after.services)):
+    for name in sorted(changed_services(before, after)):
         a, b = old.get(name), after.services.get(name)
         if a is None:
             parts.append(f"{name}: new")
