@@ -1,6 +1,6 @@
 """Where a running reloader's CPU goes per membership change, by py-spy.
 
-    python -m bench.profile_change [--services 500] [--changes 300] [--rate 250]
+    python -m bench.profile_change [--services 500] [--changes 300] [--rate 250] [--raw FILE]
 
 Starts a private etcd, seeds N services of 2 instances, starts `reloader run` (its
 console defaults, its own HAProxy), then adds and removes one instance of one service
@@ -101,6 +101,7 @@ def main() -> int:
     parser.add_argument("--services", type=int, default=500)
     parser.add_argument("--changes", type=int, default=300)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--raw", type=Path, help="also keep py-spy's raw stacks here")
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
@@ -132,6 +133,8 @@ def main() -> int:
             asyncio.run(churn(etcd.endpoint_list, sock, args.changes))
             spy_proc.wait(seconds + 30)
             counts, total = categorise(raw)
+            if args.raw:
+                shutil.copyfile(raw, args.raw)
         finally:
             edge.stop()
             etcd.stop()
