@@ -47,14 +47,23 @@ class Service:
     # etcd create revisions: who claimed a host or port first (see fluster.routing).
     spec_created: int = 0  # of the spec key; 0 without a spec
     created: Mapping[str, int] = field(default_factory=dict)  # instance name -> revision
+    # routed(), made once: a change asks it of its service from the model's build, the
+    # removal guard and the status line, each a walk of every instance.
+    _routed: Mapping[str, Instance] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
-    def routed(self) -> dict[str, Instance]:
+    def routed(self) -> Mapping[str, Instance]:
         """Instances that should take traffic: `up` and of a version the spec routes."""
-        return {
-            name: inst
-            for name, inst in self.instances.items()
-            if inst.state == "up" and self.spec.routes_version(inst.version)
-        }
+        if self._routed is None:
+            routed = {
+                name: inst
+                for name, inst in self.instances.items()
+                if inst.state == "up" and self.spec.routes_version(inst.version)
+            }
+            object.__setattr__(self, "_routed", MappingProxyType(routed))
+        assert self._routed is not None
+        return self._routed
 
     def versions(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -151,7 +160,7 @@ _last_changed: tuple[Mapping[str, Service], Mapping[str, Service], frozenset[str
 class _Building:
     """Mutable per-service state, frozen into a Service only when it changed."""
 
-    __slots__ = ("created", "instances", "spec", "spec_created", "spec_revision")
+    __slots__ = ("created", "in_order", "instances", "spec", "spec_created", "spec_revision")
 
     def __init__(self) -> None:
         self.spec: ServiceSpec | None = None
@@ -159,13 +168,23 @@ class _Building:
         self.spec_created = 0
         self.instances: dict[str, Instance] = {}
         self.created: dict[str, int] = {}
+        self.in_order = True  # `instances` is sorted by name (a new name breaks that)
+
+    def put(self, name: str, instance: Instance, created: int) -> None:
+        if self.in_order and name not in self.instances and self.instances:
+            self.in_order = name > next(reversed(self.instances))
+        self.instances[name] = instance  # an existing name keeps its place
+        self.created[name] = created
 
     def freeze(self, name: str) -> Service:
+        if not self.in_order:
+            self.instances = dict(sorted(self.instances.items()))
+            self.in_order = True
         return Service(
             name=name,
             spec=self.spec or ServiceSpec(),
             has_spec=self.spec is not None,
-            instances=MappingProxyType(dict(sorted(self.instances.items()))),
+            instances=MappingProxyType(dict(self.instances)),
             spec_revision=self.spec_revision,
             spec_created=self.spec_created,
             created=MappingProxyType(dict(self.created)),
@@ -306,8 +325,7 @@ class Catalog:
             self._last_good[parsed.service] = spec
             svc.spec_created = kv.create_revision
         else:
-            svc.instances[parsed.instance] = instance
-            svc.created[parsed.instance] = kv.create_revision
+            svc.put(parsed.instance, instance, kv.create_revision)
         return parsed.service
 
     def _delete(self, key: str, *, keep_rejection: bool = False) -> str | None:

@@ -328,14 +328,15 @@ def describe_change(before: Snapshot | None, after: Snapshot) -> str:
         words: list[str] = []
         if a.spec != b.spec:
             words.append("spec")
-        added = len(b.instances.keys() - a.instances.keys())
-        removed = len(a.instances.keys() - b.instances.keys())
         before_, after_ = a.instances, b.instances
-        changed = sum(  # the catalog keeps an unchanged instance's object
-            1
-            for i in before_.keys() & after_.keys()
-            if before_[i] is not after_[i] and before_[i] != after_[i]
-        )
+        kept = changed = 0
+        for i, inst in after_.items():  # one walk: a service may have thousands
+            old_inst = before_.get(i)
+            if old_inst is not None:
+                kept += 1
+                # The catalog keeps an unchanged instance's object.
+                changed += old_inst is not inst and old_inst != inst
+        added, removed = len(after_) - kept, len(before_) - kept
         counts = " ".join(
             f"{sign}{n}" for sign, n in (("+", added), ("-", removed), ("~", changed)) if n
         )

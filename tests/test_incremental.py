@@ -91,6 +91,13 @@ def test_models_made_from_the_last_one_equal_whole_builds(events: list[tuple]) -
     before = Snapshot()
     for event in events:
         snap = feed(*event)
+        for svc in snap.services.values():  # kept in order without a sort at every change
+            assert list(svc.instances) == sorted(svc.instances)
+            assert svc.routed() == {
+                n: i
+                for n, i in svc.instances.items()
+                if i.state == "up" and svc.spec.routes_version(i.version)
+            }
         if snap.same_layout(before):
             assert snap.services.keys() == before.services.keys()
             for name, svc in snap.services.items():
