@@ -1,8 +1,9 @@
 """Where a running reloader's CPU goes per membership change, by py-spy.
 
-    python -m bench.profile_change [--services 500] [--changes 300] [--rate 250] [--raw FILE]
+    python -m bench.profile_change [--services 500] [--instances 2] [--changes 300]
+                                   [--rate 250] [--raw FILE]
 
-Starts a private etcd, seeds N services of 2 instances, starts `reloader run` (its
+Starts a private etcd, seeds N services of M instances (P1: 1 of 1,000), starts `reloader run` (its
 console defaults, its own HAProxy), then adds and removes one instance of one service
 `--changes` times (each waits until HAProxy's admin socket shows it, then 0.1 s, as P10
 does), twice: first unobserved, for the reloader's own CPU per change (/proc, HAProxy
@@ -87,18 +88,20 @@ async def churn(store_endpoint: tuple[str, ...], sock: Path, changes: int) -> li
     return latencies
 
 
-async def seed(endpoints: tuple[str, ...], services: int) -> None:
+async def seed(endpoints: tuple[str, ...], services: int, instances: int) -> None:
     async with open_store(EtcdSettings(endpoints=endpoints)) as store:
         for i in range(services):
-            for j in range(2):
+            for j in range(instances):
                 await store.put(
-                    keys.instance_key("/fluster", f"s{i:03d}", f"i{j}"), f"127.0.0.1:{20000 + j}"
+                    keys.instance_key("/fluster", f"s{i:03d}", f"i{j}"),
+                    f"127.0.0.1:{20000 + j % 2}",
                 )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--services", type=int, default=500)
+    parser.add_argument("--instances", type=int, default=2, help="per service")
     parser.add_argument("--changes", type=int, default=300)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--raw", type=Path, help="also keep py-spy's raw stacks here")
@@ -112,7 +115,7 @@ def main() -> int:
         etcd = Etcd(work / "etcd").start()
         edge = ReloaderProcess(etcd, work / "edge", "--log-level", "warning")
         try:
-            asyncio.run(seed(etcd.endpoint_list, args.services))
+            asyncio.run(seed(etcd.endpoint_list, args.services, args.instances))
             edge.start()
             time.sleep(15)  # past the start's own work (checks, pool refill)
             assert edge.proc is not None
@@ -140,7 +143,8 @@ def main() -> int:
             etcd.stop()
     latencies.sort()
     print(
-        f"{args.changes} changes with {args.services} services: reloader CPU "
+        f"{args.changes} changes with {args.services} services of {args.instances} "
+        "instances: reloader CPU "
         f"{per_change * 1000:.2f} ms per change; put -> in HAProxy p50 "
         f"{latencies[len(latencies) // 2] * 1000:.1f} ms; {total} busy samples"
     )
