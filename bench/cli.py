@@ -331,7 +331,8 @@ def latency_row(
             "What is on the path: a lone change is applied on the leading edge of the "
             "debounce; the reloader looks at the changed service only (the model, the "
             "placement and the plan are made from the last ones, a server kept is the same "
-            "object and is stepped over), sends the runtime commands over the admin socket, "
+            "object and is stepped over), sends the runtime commands over a kept admin "
+            "connection in one write (two round trips: additions, then removals), "
             "and writes and checks the files later, off the path. What is left is etcd watch "
             "delivery, the work for the changed backend's 1,000 instances, the admin socket "
             "round trips and the probe (see P10 for the CPU per change). HAProxy itself needs "
@@ -757,9 +758,12 @@ def f3_row(args: argparse.Namespace, r: fleet.FleetRun) -> Row:
             "agent could; the real fleet's etcd load is the keepalives (next note).",
             "Every lease gone: the agents' leases revoked at once, which is what etcd "
             "restored from a snapshot without its leases leaves. Each agent notices at its "
-            "next keepalive, so the re-registrations spread over one keepalive interval "
-            "(TTL/3) by themselves; the edges' removal guard holds the mass removal in the "
-            "meantime (the served count above).",
+            "next keepalive (within TTL/3) and grants again after a random hold-off of up "
+            "to TTL/3 (fluster.lease, the sidekick's `--reregister-spread`), so a fleet's "
+            "re-registrations are spread over two keepalive intervals: on top of the "
+            "keepalives, at most a grant and a put per lease per TTL/3, i.e. twice the "
+            "steady keepalive rate of a sidekick fleet. The edges' removal guard holds the "
+            "mass removal in the meantime (the served count above).",
             "Noticed, not changed: with a lease per registration the steady etcd load is "
             "one keepalive per instance per TTL/3 (10,000 instances: 3,000 a second at TTL "
             "10 s); one lease per host agent would make it one per host (30 a second for "
