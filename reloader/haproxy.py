@@ -70,10 +70,10 @@ async def cli(socket: Path, command: str, limit: float = CLI_TIMEOUT) -> str:
 
 
 class CliSession:
-    """One interactive (`prompt` mode) connection to the stats socket: a storm of runtime
-    changes then costs a round trip per command instead of a connection per command.
-    `open()` / `close()`, or `async with`. The runtime API keeps one across batches
-    (reloader/runtime_api.py says when it lets it go)."""
+    """One interactive (`prompt` mode) connection to the stats socket: a batch of runtime
+    changes costs one round trip (`exchange`), not a connection or a round trip per
+    command. `open()` / `close()`, or `async with`. The runtime API keeps one across
+    batches (reloader/runtime_api.py says when it lets it go)."""
 
     PROMPT = b"\n> "
     SLICE = 100  # commands per write in `exchange`

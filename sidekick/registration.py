@@ -264,6 +264,8 @@ class Registration:
                 if self.wanted and self.spec_seen.is_set():
                     if wait := self.holdoff:
                         # Not a sleep: what is wanted may change meanwhile.
+                        if self._holdoff_timer is not None:
+                            self._holdoff_timer.cancel()
                         self._holdoff_timer = asyncio.get_running_loop().call_later(
                             wait, self._poke
                         )
